@@ -1,0 +1,52 @@
+"""The attention-backend interface and the registry that picks one at start-up."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+
+from tokencake.models.attention.reference import reference_paged_attention
+
+log = logging.getLogger(__name__)
+
+# Signature shared by every backend (see reference.py for the semantics):
+#   fn(q[S,Q,Hq,D], k_pages[N,page,Hkv,D], v_pages[N,page,Hkv,D], block_tables[S,P],
+#      q_lens[S], kv_lens[S], *, scale) -> [S,Q,Hq,D]
+AttentionFn = Callable[..., jax.Array]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """A named paged-attention implementation over the engine's KV layout."""
+
+    name: str
+    fn: AttentionFn
+
+
+BACKENDS = ("reference", "pallas-gpu", "pallas-tpu")
+
+
+def default_backend_name(platform: str | None = None) -> str:
+    """The backend chosen for ``platform`` (``jax.default_backend()`` when None)."""
+    platform = platform or jax.default_backend()
+    return {"gpu": "pallas-gpu", "cuda": "pallas-gpu", "tpu": "pallas-tpu"}.get(platform, "reference")
+
+
+def get_backend(name: str | None = None) -> AttentionBackend:
+    """Resolve a backend by name ("auto"/None picks from the platform); errors name the choices."""
+    if name in (None, "auto"):
+        name = default_backend_name()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+    if name == "reference":
+        return AttentionBackend("reference", reference_paged_attention)
+    if name == "pallas-gpu":
+        from tokencake.models.attention import pallas_gpu
+
+        return pallas_gpu.make_backend()
+    from tokencake.models.attention import pallas_tpu
+
+    return pallas_tpu.make_backend()
