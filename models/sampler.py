@@ -1,0 +1,64 @@
+"""Token sampling inside the jitted step (so only ``[S]`` ints leave the device, not logits)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+TOP_LOGPROBS = 20  # alternatives always computed; the engine keeps what a request asked for
+
+
+class SamplingInputs(NamedTuple):
+    """Per-row sampling controls, padded to the batch's row bucket."""
+
+    temperature: jax.Array  # [S] f32, 0 = greedy
+    top_k: jax.Array  # [S] i32, 0 = off
+    top_p: jax.Array  # [S] f32, 1 = off
+    seeds: jax.Array  # [S] i32
+    counters: jax.Array  # [S] i32: tokens generated so far, folded into the key
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array  # [S] i32
+    logprob: jax.Array  # [S] f32, log-probability of the chosen token
+    top_ids: jax.Array  # [S, TOP_LOGPROBS] i32
+    top_logprobs: jax.Array  # [S, TOP_LOGPROBS] f32
+
+
+def _filtered_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Mask everything outside each row's top-k / nucleus (full sort; only runs when needed)."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    rank = jnp.arange(logits.shape[-1])[None, :]
+    k = jnp.where(top_k > 0, top_k, logits.shape[-1])[:, None]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = (rank < k) & (mass_before < top_p[:, None])
+    keep_sorted = keep_sorted.at[:, 0].set(True)
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, inputs: SamplingInputs) -> SampleOutput:
+    """Sample one token per row of float32 ``logits[S, V]``."""
+    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    needs_filter = jnp.any((inputs.top_k > 0) | (inputs.top_p < 1.0))
+    filtered = jax.lax.cond(
+        needs_filter,
+        lambda: _filtered_logits(logits, inputs.top_k, inputs.top_p),
+        lambda: logits,
+    )
+    temp = jnp.where(inputs.temperature > 0, inputs.temperature, 1.0)[:, None]
+
+    def draw(seed, counter, row):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), counter)
+        return jax.random.categorical(key, row)
+
+    sampled = jax.vmap(draw)(inputs.seeds, inputs.counters, filtered / temp).astype(jnp.int32)
+    tokens = jnp.where(inputs.temperature > 0, sampled, greedy_tok)
+    chosen = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs_all, TOP_LOGPROBS)
+    return SampleOutput(tokens, chosen, top_ids.astype(jnp.int32), top_lp)

@@ -1,0 +1,46 @@
+"""What one engine step will do: the ``StepPlan`` a scheduler hands to an executor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokencake.scheduler.request import Request
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Compute ``num_tokens`` tokens of ``request`` starting at ``start`` (its computed count)."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the known tokens, so its last logit is sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class BlockCopy:
+    """Copy KV pages between device blocks and host blocks (memory hierarchy)."""
+
+    direction: str  # "d2h" or "h2d"
+    device_blocks: tuple[int, ...]
+    host_blocks: tuple[int, ...]
+    tag: str = ""
+
+
+@dataclass
+class StepPlan:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    copies: list[BlockCopy] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks and not self.copies

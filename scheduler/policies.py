@@ -1,0 +1,20 @@
+"""Policy registry: name -> policy instance. Every compared policy runs on the same core."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tokencake.scheduler.policy import Policy, VLLMPolicy
+
+_REGISTRY: dict[str, Callable[[], Policy]] = {"vllm": VLLMPolicy}
+
+
+def register_policy(name: str, factory: Callable[[], Policy]) -> None:
+    _REGISTRY[name] = factory
+
+
+def make_policy(name: str) -> Policy:
+    """Instantiate the named policy; unknown names raise a ValueError listing the choices."""
+    if name not in _REGISTRY:
+        raise ValueError(f"policy {name!r} is not available; choose one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()

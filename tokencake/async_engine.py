@@ -1,0 +1,158 @@
+"""Asyncio front of the engine: one thread owns the engine (and so every JAX call); coroutines
+submit requests and stream deltas back through per-request asyncio queues."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from tokencake.engine import LLMEngine
+from tokencake.outputs import RequestOutput
+from tokencake.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no more requests can be served."""
+
+
+class AsyncEngine:
+    """Runs :class:`LLMEngine` on a background thread and exposes ``stream()``."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="tokencake-engine", daemon=True)
+        self._thread.start()
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as exc:  # the thread must report, not vanish
+            log.exception("engine loop crashed")
+            self.error = exc
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"engine stopped: {exc!r}"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            cmd()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, q = target
+        if isinstance(item, BaseException) or item.finished:
+            self._streams.pop(request_id, None)
+        with contextlib.suppress(RuntimeError):  # loop closed: the consumer is gone
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _submit(self, fn: Callable[[], Any]) -> None:
+        if self.error is not None or not self._thread.is_alive():
+            raise EngineDeadError("the engine is not running")
+        self._commands.put(fn)
+        self._wake.set()
+
+    # ---- public API --------------------------------------------------------------------------
+    async def stream(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        metadata: Any = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield a :class:`RequestOutput` per new token; the last one has ``finished=True``.
+
+        Bad input raises ValueError/TypeError before anything is queued. Leaving the loop early
+        (or the task being cancelled) aborts the request and frees its blocks.
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        done = loop.create_future()
+
+        def add() -> None:
+            try:
+                rid = self.engine.add_request(prompt, params, request_id, metadata)
+                self._streams[rid] = (loop, q)
+                loop.call_soon_threadsafe(_set_result, done, rid)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_set_exception, done, exc)
+
+        self._submit(add)
+        rid = await done
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._streams.pop(rid, None)
+                with contextlib.suppress(EngineDeadError):
+                    self._submit(lambda: self.engine.abort_request(rid))
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None, **kw: Any) -> RequestOutput:
+        """Run one request to completion and return its final output."""
+        last = None
+        async for out in self.stream(prompt, params, **kw):
+            last = out
+        assert last is not None
+        return last
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread (for state reads and lifecycle events)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def run() -> None:
+            try:
+                res = fn(self.engine)
+                loop.call_soon_threadsafe(_set_result, fut, res)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_set_exception, fut, exc)
+
+        self._submit(run)
+        return await fut
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,230 @@
+"""The synchronous engine: a pure-Python loop of schedule -> execute -> postprocess.
+
+``LLMEngine`` owns the scheduler (pure Python), the runner (all JAX calls) and the
+per-request text state (detokenization, stop strings). It is single-threaded; the asyncio
+front (``async_engine.py``) drives it from one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tokencake.config import EngineConfig
+from tokencake.memory.block_pool import BlockPool
+from tokencake.memory.kv_cache import KVCacheSpec
+from tokencake.models.config import ModelConfig
+from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
+from tokencake.outputs import RequestOutput, TokenLogprob
+from tokencake.runner import ModelRunner, RunnerConfig, rows_from_chunks
+from tokencake.sampling_params import SamplingParams
+from tokencake.scheduler.core import Scheduler, SchedulerConfig
+from tokencake.scheduler.policies import make_policy
+from tokencake.scheduler.request import Request, RequestStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _TextState:
+    """Per-request detokenization and stop-string state kept by the engine."""
+
+    params: SamplingParams
+    seed: int
+    detok: IncrementalDetokenizer
+    text: str = ""
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model. Not thread-safe: one caller drives ``step``."""
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        model_config: ModelConfig | None = None,
+        params: dict[str, np.ndarray] | None = None,
+        tokenizer: Tokenizer | None = None,
+        model_name: str | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        if model_config is None:
+            from tokencake.models.hub import resolve_model
+
+            model_config, params, tokenizer, model_name = resolve_model(self.config.model)
+        if params is None or tokenizer is None:
+            raise ValueError("model_config, params and tokenizer must be given together")
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.model_name = model_name or model_config.name or "model"
+        cfg = self.config
+        max_len = min(cfg.max_model_len, model_config.max_position_embeddings)
+        num_pages = cfg.num_pages or KVCacheSpec.pages_for_bytes(
+            int(cfg.kv_cache_gib * 2**30), model_config.num_layers, cfg.page_size,
+            model_config.num_kv_heads, model_config.head_dim, cfg.dtype,
+        )  # fmt: skip
+        self.runner = ModelRunner(
+            model_config,
+            params,
+            RunnerConfig(
+                num_pages=num_pages, page_size=cfg.page_size, max_model_len=max_len,
+                max_num_seqs=cfg.max_num_seqs, max_prefill_chunk=cfg.max_prefill_chunk,
+                max_prefill_seqs=cfg.max_prefill_seqs, dtype=cfg.dtype,
+                attention_backend=cfg.attention_backend,
+            ),  # fmt: skip
+        )
+        self.pool = BlockPool(num_pages, cfg.page_size, cfg.enable_prefix_cache)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_prefill_chunk=cfg.max_prefill_chunk, max_prefill_seqs=cfg.max_prefill_seqs,
+                max_model_len=max_len,
+            ),  # fmt: skip
+            self.pool,
+            make_policy(cfg.policy),
+        )
+        self.eos_ids = frozenset(model_config.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
+        self._text: dict[str, _TextState] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random(cfg.seed)
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
+        if cfg.warmup:
+            self.runner.warmup()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.config.max_model_len
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        metadata: Any = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises ValueError for bad input (nothing queued)."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be a SamplingParams")
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            token_ids = list(prompt)
+        else:
+            raise TypeError("prompt must be a string or a list of token ids")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._text:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        eos = frozenset() if params.ignore_eos else self.eos_ids
+        req = Request(
+            request_id, token_ids, params.max_tokens, time.monotonic(),
+            eos_token_ids=eos | frozenset(params.stop_token_ids), metadata=metadata,
+        )  # fmt: skip
+        self.scheduler.add_request(req)  # validates lengths; raises before any state changes
+        seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
+        self._text[request_id] = _TextState(params, seed, IncrementalDetokenizer(self.tokenizer))
+        self.stats["prompt_tokens"] += len(token_ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a request; its blocks are freed. False if it is unknown or already done."""
+        self._text.pop(request_id, None)
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns outputs for every request that progressed or ended."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        rows = rows_from_chunks(plan.chunks, self._sampling_of)
+        sampled = self.runner.execute(rows)
+        produced = self.scheduler.update(plan, {k: v.token for k, v in sampled.items()})
+        self.stats["steps"] += 1
+        outputs = []
+        for req in produced:
+            state = self._text.get(req.request_id)
+            if state is None:
+                continue
+            tok = req.output_token_ids[-1]
+            self.stats["generation_tokens"] += 1
+            if state.params.logprobs is not None:
+                s = sampled[req.request_id]
+                top = tuple(zip(s.top_ids[: state.params.logprobs].tolist(), s.top_logprobs[: state.params.logprobs].tolist(), strict=True))
+                state.logprobs.append(TokenLogprob(tok, s.logprob, top))
+            outputs.append(self._postprocess(req, state, tok))
+        return outputs
+
+    def _sampling_of(self, req: Request) -> tuple[float, int, float, int]:
+        state = self._text[req.request_id]
+        p = state.params
+        return p.temperature, p.top_k, p.top_p, state.seed
+
+    def _postprocess(self, req: Request, state: _TextState, tok: int) -> RequestOutput:
+        params = state.params
+        if tok in req.eos_token_ids:
+            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        else:
+            state.text += state.detok.feed(tok)
+            for stop in params.stop:
+                idx = state.text.find(stop, max(0, state.emitted_chars - len(stop)))
+                if idx >= 0:
+                    state.text = state.text[: idx + (len(stop) if params.include_stop_str_in_output else 0)]
+                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                    break
+            if not req.status.finished and req.num_tokens >= self.max_model_len:
+                self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
+        finished = req.status.finished
+        if finished:
+            state.text += "" if req.status is RequestStatus.FINISHED_STOPPED else state.detok.flush()
+        # Hold back a possible stop-string prefix so a stream never shows text it must retract.
+        hold = 0 if finished or not params.stop else max(len(s) for s in params.stop) - 1
+        visible = max(state.emitted_chars, len(state.text) - hold)
+        delta = state.text[state.emitted_chars : visible]
+        state.emitted_chars = visible
+        delta_ids = req.output_token_ids[state.emitted_tokens :]
+        state.emitted_tokens = len(req.output_token_ids)
+        if finished:
+            self._text.pop(req.request_id, None)
+            self.stats["cached_tokens"] += req.num_cached_tokens
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            text=state.text[:visible],
+            token_ids=list(req.output_token_ids),
+            delta_text=delta,
+            delta_token_ids=list(delta_ids),
+            finished=finished,
+            finish_reason=req.status.value if finished else None,
+            logprobs=list(state.logprobs) if params.logprobs is not None else None,
+            num_cached_tokens=req.num_cached_tokens,
+            metrics=_metrics(req) if finished else {},
+        )
+
+
+def _metrics(req: Request) -> dict[str, float]:
+    out = {"num_preemptions": float(req.num_preemptions), "recomputed_tokens": float(req.num_recomputed_tokens)}
+    if req.first_token_time is not None:
+        out["ttft_s"] = req.first_token_time - req.arrival_time
+    if req.finish_time is not None:
+        out["e2e_s"] = req.finish_time - req.arrival_time
+    return out

@@ -1,0 +1,246 @@
+"""The real executor: runs a scheduler's chunks through the jitted step over the paged KV.
+
+It owns the device KV arrays. Shapes are padded to buckets so that every step reuses an
+executable compiled at warm-up (ahead of time, with ``jit.lower().compile()``); an unbucketed
+shape is a bug and raises instead of compiling mid-serving. Decode rows (one token) and prefill
+chunks run as two calls of the same step function with different bucket shapes, so a long
+prompt chunk does not pad every decode row to its length.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tokencake.memory.kv_cache import DUMMY_PAGE, KVCacheSpec, allocate_kv_cache
+from tokencake.models.attention.backend import get_backend
+from tokencake.models.config import ModelConfig
+from tokencake.models.llama import Batch, DecoderLM
+from tokencake.models.sampler import SampleOutput, SamplingInputs, sample
+from tokencake.scheduler.plan import ScheduledChunk
+
+log = logging.getLogger(__name__)
+
+
+def pow2_buckets(limit: int, start: int = 1, factor: int = 2) -> tuple[int, ...]:
+    """``start, start*factor, ...`` capped by and always including ``limit``."""
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= factor
+    out.append(limit)
+    return tuple(out)
+
+
+def pick_bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest compiled bucket {buckets[-1]}")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Static shapes of the executor. Bucket tuples are ascending; the last is the maximum."""
+
+    num_pages: int
+    page_size: int = 16
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    max_prefill_chunk: int = 512
+    max_prefill_seqs: int = 4
+    dtype: str = "float32"
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.num_pages < 2:
+            raise ValueError("RunnerConfig needs page_size >= 1 and num_pages >= 2")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return math.ceil(self.max_model_len / self.page_size)
+
+    @property
+    def decode_row_buckets(self) -> tuple[int, ...]:
+        return pow2_buckets(self.max_num_seqs)
+
+    @property
+    def prefill_row_buckets(self) -> tuple[int, ...]:
+        return tuple(sorted({1, self.max_prefill_seqs}))
+
+    @property
+    def prefill_token_buckets(self) -> tuple[int, ...]:
+        return pow2_buckets(self.max_prefill_chunk, start=min(32, self.max_prefill_chunk), factor=4)
+
+    @property
+    def page_buckets(self) -> tuple[int, ...]:
+        return pow2_buckets(self.max_pages_per_seq, start=min(8, self.max_pages_per_seq), factor=4)
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Every (rows, tokens per row, pages per row) the runner compiles."""
+        out = [(s, 1, p) for s in self.decode_row_buckets for p in self.page_buckets]
+        for q in self.prefill_token_buckets:
+            min_pages = math.ceil(q / self.page_size)
+            out += [(s, q, p) for s in self.prefill_row_buckets for p in self.page_buckets if p >= min_pages]
+        return out
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """What the runner needs of one scheduled chunk: tokens, context, blocks, sampling."""
+
+    request_id: str
+    token_ids: Sequence[int]  # the chunk's tokens
+    start: int  # position of the first chunk token
+    block_ids: Sequence[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    counter: int
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token: int
+    logprob: float
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+class ModelRunner:
+    """Owns the model state and the KV cache; executes batches with precompiled steps."""
+
+    def __init__(self, model_cfg: ModelConfig, params: dict[str, np.ndarray], cfg: RunnerConfig) -> None:
+        self.model_cfg = model_cfg
+        self.cfg = cfg
+        self.backend = get_backend(cfg.attention_backend)
+        self.kv_spec = KVCacheSpec(
+            model_cfg.num_layers, cfg.num_pages, cfg.page_size, model_cfg.num_kv_heads,
+            model_cfg.head_dim, cfg.dtype,
+        )  # fmt: skip
+        model = DecoderLM(model_cfg, params, cfg.dtype)
+        # Split once: the graph definition is static, the state is the only weight argument.
+        self.graphdef, self.state = nnx.split(model)
+        self.k, self.v = allocate_kv_cache(self.kv_spec)
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
+        self._compiled: dict[tuple[int, int, int], jax.stages.Compiled] = {}
+        self.compile_seconds = 0.0
+        self.strict = False  # after warm-up, a missing shape is an error
+
+    # ---- the jitted step ---------------------------------------------------------------------
+    def _step_fn(self, state, k, v, batch: Batch, sampling: SamplingInputs):
+        model = nnx.merge(self.graphdef, state)
+        hidden, k, v = model(batch, k, v, self.backend.fn)
+        rows = jnp.arange(hidden.shape[0])
+        last = hidden[rows, jnp.maximum(batch.q_lens - 1, 0)]
+        out = sample(model.logits(last), sampling)
+        return out, k, v
+
+    def _abstract_inputs(self, rows: int, q: int, pages: int) -> tuple[Batch, SamplingInputs]:
+        i32 = jax.ShapeDtypeStruct
+        batch = Batch(
+            i32((rows, q), jnp.int32), i32((rows, q), jnp.int32), i32((rows,), jnp.int32),
+            i32((rows,), jnp.int32), i32((rows, pages), jnp.int32),
+        )  # fmt: skip
+        samp = SamplingInputs(
+            i32((rows,), jnp.float32), i32((rows,), jnp.int32), i32((rows,), jnp.float32),
+            i32((rows,), jnp.int32), i32((rows,), jnp.int32),
+        )  # fmt: skip
+        return batch, samp
+
+    def _compile(self, shape: tuple[int, int, int]) -> jax.stages.Compiled:
+        if shape in self._compiled:
+            return self._compiled[shape]
+        if self.strict:
+            raise RuntimeError(f"step shape {shape} was not compiled at warm-up (bucketing bug)")
+        t0 = time.perf_counter()
+        batch, samp = self._abstract_inputs(*shape)
+        compiled = self._step.lower(self.state, self.k, self.v, batch, samp).compile()
+        self.compile_seconds += time.perf_counter() - t0
+        self._compiled[shape] = compiled
+        return compiled
+
+    def warmup(self, progress: bool = False) -> None:
+        """Compile every bucketed shape now; afterwards an unknown shape raises."""
+        shapes = self.cfg.shapes()
+        it = shapes
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(shapes, desc="compiling step buckets", unit="shape")
+        for shape in it:
+            self._compile(shape)
+        self.strict = True
+        log.info("warm-up compiled %d step shapes in %.1fs", len(shapes), self.compile_seconds)
+
+    # ---- execution ------------------------------------------------------------------------
+    def execute(self, rows: Sequence[RowRequest]) -> dict[str, SampledToken]:
+        """Run all rows (decode and prefill chunks); return one sampled token per row."""
+        decode = [r for r in rows if len(r.token_ids) == 1]
+        prefill = [r for r in rows if len(r.token_ids) > 1]
+        out: dict[str, SampledToken] = {}
+        rb = self.cfg.prefill_row_buckets[-1]
+        for i in range(0, len(prefill), rb):
+            out.update(self._run_group(prefill[i : i + rb], self.cfg.prefill_row_buckets, self.cfg.prefill_token_buckets))
+        db = self.cfg.decode_row_buckets[-1]
+        for i in range(0, len(decode), db):
+            out.update(self._run_group(decode[i : i + db], self.cfg.decode_row_buckets, (1,)))
+        return out
+
+    def _run_group(self, rows: Sequence[RowRequest], row_buckets, token_buckets) -> dict[str, SampledToken]:
+        s = pick_bucket(len(rows), row_buckets)
+        q = pick_bucket(max(len(r.token_ids) for r in rows), token_buckets)
+        max_pages = max(math.ceil((r.start + len(r.token_ids)) / self.cfg.page_size) for r in rows)
+        p = pick_bucket(max(max_pages, math.ceil(q / self.cfg.page_size)), self.cfg.page_buckets)
+        ids = np.zeros((s, q), np.int32)
+        pos = np.zeros((s, q), np.int32)
+        q_lens = np.zeros((s,), np.int32)
+        kv_lens = np.zeros((s,), np.int32)
+        tables = np.full((s, p), DUMMY_PAGE, np.int32)
+        temp = np.zeros((s,), np.float32)
+        top_k = np.zeros((s,), np.int32)
+        top_p = np.ones((s,), np.float32)
+        seeds = np.zeros((s,), np.int32)
+        counters = np.zeros((s,), np.int32)
+        for i, r in enumerate(rows):
+            n = len(r.token_ids)
+            ids[i, :n] = r.token_ids
+            pos[i, :n] = np.arange(r.start, r.start + n)
+            q_lens[i] = n
+            kv_lens[i] = r.start + n
+            nb = math.ceil((r.start + n) / self.cfg.page_size)
+            tables[i, :nb] = r.block_ids[:nb]
+            temp[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
+            seeds[i], counters[i] = r.seed, r.counter
+        compiled = self._compile((s, q, p))
+        batch = Batch(*(jnp.asarray(a) for a in (ids, pos, q_lens, kv_lens, tables)))
+        samp = SamplingInputs(*(jnp.asarray(a) for a in (temp, top_k, top_p, seeds, counters)))
+        res, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp)
+        res = SampleOutput(*jax.device_get(tuple(res)))
+        return {
+            r.request_id: SampledToken(int(res.tokens[i]), float(res.logprob[i]), res.top_ids[i], res.top_logprobs[i])
+            for i, r in enumerate(rows)
+        }
+
+
+def rows_from_chunks(chunks: Sequence[ScheduledChunk], sampling_of) -> list[RowRequest]:
+    """Build runner rows from scheduler chunks; ``sampling_of(request)`` gives
+    ``(temperature, top_k, top_p, seed)``."""
+    rows = []
+    for c in chunks:
+        req = c.request
+        tokens = req.all_token_ids[c.start : c.start + c.num_tokens]
+        t, k, p, seed = sampling_of(req)
+        rows.append(RowRequest(req.request_id, tokens, c.start, req.block_ids, t, k, p, seed, len(req.output_token_ids)))
+    return rows
