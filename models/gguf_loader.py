@@ -137,12 +137,16 @@ def _dequant(t: Any) -> np.ndarray:
 
 
 def load_gguf(
-    path: str | os.PathLike[str], reader: Any = None, name: str | None = None
+    path: str | os.PathLike[str],
+    reader: Any = None,
+    name: str | None = None,
+    progress: bool = False,
 ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Load ``path`` into ``(config, params)`` in the canonical float32 format.
 
     ``reader`` may be an already-open ``gguf.GGUFReader`` of the same file (opening parses the
     whole tokenizer and takes seconds, so callers that also build the tokenizer share it).
+    ``progress`` shows a tqdm bar over the dequantized tensors.
     """
     if reader is None:
         reader = open_gguf(path)
@@ -151,7 +155,15 @@ def load_gguf(
     cfg = config_from_gguf(reader, name=name)
     tensors = {t.name: t for t in reader.tensors}
 
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tensors), desc="dequantizing GGUF", unit="tensor")
+
     def get(tname: str) -> np.ndarray:
+        if bar is not None:
+            bar.update(1)
         t = tensors.get(tname)
         if t is None:
             raise ValueError(f"GGUF file {path} is missing tensor {tname!r}")
@@ -187,5 +199,7 @@ def load_gguf(
             out[i] = w
         stacked[key] = out  # type: ignore[assignment]
     params.update(stacked)
+    if bar is not None:
+        bar.close()
     validate_params(cfg, params)
     return cfg, params
