@@ -187,7 +187,9 @@ class BlockPool:
         used = {b for b in range(1, self.num_blocks) if self._ref[b] > 0}
         assert len(free) == len(self._free), "duplicate ids on the free list"
         assert DUMMY_PAGE not in free | cached | used, "dummy page handed out"
-        assert not (free & cached) and not (free & used) and not (cached & used), "block in two states"
+        assert not (free & cached) and not (free & used) and not (cached & used), (
+            "block in two states"
+        )
         assert len(free) + len(cached) + len(used) == self.capacity, (
             f"free {len(free)} + cached {len(cached)} + used {len(used)} != {self.capacity}"
         )

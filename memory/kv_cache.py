@@ -51,7 +51,11 @@ class KVCacheSpec:
 
     @staticmethod
     def pages_for_bytes(
-        budget_bytes: int, num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
+        budget_bytes: int,
+        num_layers: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
         dtype: str = "float32",
     ) -> int:
         """How many pages (including the dummy page) fit in ``budget_bytes``."""

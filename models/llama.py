@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from tokencake.memory.kv_cache import DUMMY_PAGE
 from tokencake.models.attention.backend import AttentionFn
 from tokencake.models.config import ModelConfig
@@ -69,16 +68,20 @@ class DecoderLM(nnx.Module):
         self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.embed = nnx.Param(jnp.asarray(params["embed"], self.dtype))
         self.final_norm = nnx.Param(jnp.asarray(params["final_norm"], self.dtype))
-        self.lm_head = nnx.Param(jnp.asarray(params["lm_head"], self.dtype)) if "lm_head" in params else None
+        self.lm_head = (
+            nnx.Param(jnp.asarray(params["lm_head"], self.dtype)) if "lm_head" in params else None
+        )
         self.layer_keys = tuple(k for k in LAYER_KEYS if k in params)
-        self.layers = nnx.Dict({k: nnx.Param(jnp.asarray(params[k], self.dtype)) for k in self.layer_keys})
+        self.layers = nnx.Dict(
+            {k: nnx.Param(jnp.asarray(params[k], self.dtype)) for k in self.layer_keys}
+        )
 
     def layer_params(self) -> dict[str, jax.Array]:
-        return {k: self.layers[k].value for k in self.layer_keys}
+        return {k: self.layers[k][...] for k in self.layer_keys}
 
     def head_weight(self) -> jax.Array:
         """``[H, V]`` LM-head matrix (the transposed embedding when tied)."""
-        return self.lm_head.value if self.lm_head is not None else self.embed.value.T
+        return self.lm_head[...] if self.lm_head is not None else self.embed[...].T
 
     def __call__(
         self,
@@ -94,7 +97,7 @@ class DecoderLM(nnx.Module):
         page_size = k_cache.shape[2]
         pages, offsets = slot_indices(batch, page_size)
         scale = 1.0 / float(np.sqrt(d))
-        x = self.embed.value[batch.input_ids]
+        x = self.embed[...][batch.input_ids]
 
         def layer(carry, w):
             x, kc, vc, li = carry
@@ -114,7 +117,9 @@ class DecoderLM(nnx.Module):
             # reads the whole context (cached prefix + this chunk) from one place.
             kc = kc.at[li, pages, offsets].set(kx.astype(kc.dtype))
             vc = vc.at[li, pages, offsets].set(vx.astype(vc.dtype))
-            attn = attention(qx, kc[li], vc[li], batch.block_tables, batch.q_lens, batch.kv_lens, scale=scale)
+            attn = attention(
+                qx, kc[li], vc[li], batch.block_tables, batch.q_lens, batch.kv_lens, scale=scale
+            )
             x = x + attn.reshape(s, q, hq * d) @ w["wo"]
             h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
             x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
@@ -123,7 +128,7 @@ class DecoderLM(nnx.Module):
         (x, k_cache, v_cache, _), _ = jax.lax.scan(
             layer, (x, k_cache, v_cache, jnp.int32(0)), self.layer_params()
         )
-        return rms_norm(x, self.final_norm.value, cfg.rms_norm_eps), k_cache, v_cache
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), k_cache, v_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits for hidden states ``[..., H]``."""

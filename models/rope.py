@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
+def inv_frequencies(
+    head_dim: int, theta: float, scaling: dict[str, Any] | None = None
+) -> np.ndarray:
     """Per-pair inverse frequencies ``[head_dim // 2]`` in float64, scaled per ``scaling``."""
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if not scaling:

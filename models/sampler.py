@@ -37,7 +37,9 @@ def _filtered_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> j
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep_sorted = (rank < k) & (mass_before < top_p[:, None])
     keep_sorted = keep_sorted.at[:, 0].set(True)
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    keep = (
+        jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    )
     return jnp.where(keep, logits, -jnp.inf)
 
 

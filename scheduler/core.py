@@ -31,7 +31,13 @@ class SchedulerConfig:
     max_model_len: int = 2048
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk", "max_prefill_seqs", "max_model_len"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_prefill_chunk",
+            "max_prefill_seqs",
+            "max_model_len",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1")
 
@@ -179,12 +185,18 @@ class Scheduler:
         # 2. Admit waiting requests in policy order while budget, rows and blocks allow.
         if not plan.preempted:
             for req in self.policy.order_waiting(self.waiting, now):
-                if budget <= 0 or len(self.running) >= cfg.max_num_seqs or prefill_rows >= cfg.max_prefill_seqs:
+                if (
+                    budget <= 0
+                    or len(self.running) >= cfg.max_num_seqs
+                    or prefill_rows >= cfg.max_prefill_seqs
+                ):
                     break
                 self._apply_prefix_hit(req)
                 n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget)
                 need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-                if need > self.pool.num_free or not self.policy.can_admit(req, need, self.pool, self.running):
+                if need > self.pool.num_free or not self.policy.can_admit(
+                    req, need, self.pool, self.running
+                ):
                     self._release(req)
                     req.num_computed_tokens = 0
                     break  # strict order: do not let later requests jump the head
@@ -230,7 +242,9 @@ class Scheduler:
             return
         tokens = req.all_token_ids
         if len(req._block_hashes) < full:
-            req._block_hashes = block_hashes(tokens[: full * self.pool.block_size], self.pool.block_size)
+            req._block_hashes = block_hashes(
+                tokens[: full * self.pool.block_size], self.pool.block_size
+            )
         for i in range(req._hashed_blocks, full):
             self.pool.register(req.block_ids[i], req._block_hashes[i])
         req._hashed_blocks = full

@@ -16,5 +16,7 @@ def register_policy(name: str, factory: Callable[[], Policy]) -> None:
 def make_policy(name: str) -> Policy:
     """Instantiate the named policy; unknown names raise a ValueError listing the choices."""
     if name not in _REGISTRY:
-        raise ValueError(f"policy {name!r} is not available; choose one of {', '.join(sorted(_REGISTRY))}")
+        raise ValueError(
+            f"policy {name!r} is not available; choose one of {', '.join(sorted(_REGISTRY))}"
+        )
     return _REGISTRY[name]()

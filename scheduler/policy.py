@@ -32,7 +32,9 @@ class Policy:
         """Waiting requests in the order they should be considered for admission."""
         return sorted(waiting, key=lambda r: r.arrival_time)
 
-    def can_admit(self, request: Request, blocks_needed: int, pool: PoolView, running: Sequence[Request]) -> bool:
+    def can_admit(
+        self, request: Request, blocks_needed: int, pool: PoolView, running: Sequence[Request]
+    ) -> bool:
         """Extra admission gate on top of 'the blocks for this step are available'."""
         return True
 
@@ -43,7 +45,9 @@ class Policy:
             return None
         return max(candidates, key=lambda r: r.arrival_time)
 
-    def on_step(self, now: float, running: Sequence[Request], waiting: Sequence[Request], pool: PoolView) -> None:
+    def on_step(
+        self, now: float, running: Sequence[Request], waiting: Sequence[Request], pool: PoolView
+    ) -> None:
         """Called once per schedule() before any decision (periodic housekeeping)."""
 
     def on_finished(self, request: Request) -> None:

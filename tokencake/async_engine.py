@@ -119,7 +119,9 @@ class AsyncEngine:
                 with contextlib.suppress(EngineDeadError):
                     self._submit(lambda: self.engine.abort_request(rid))
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None, **kw: Any) -> RequestOutput:
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, **kw: Any
+    ) -> RequestOutput:
         """Run one request to completion and return its final output."""
         last = None
         async for out in self.stream(prompt, params, **kw):

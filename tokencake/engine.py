@@ -76,17 +76,23 @@ class LLMEngine:
             model_config,
             params,
             RunnerConfig(
-                num_pages=num_pages, page_size=cfg.page_size, max_model_len=max_len,
-                max_num_seqs=cfg.max_num_seqs, max_prefill_chunk=cfg.max_prefill_chunk,
-                max_prefill_seqs=cfg.max_prefill_seqs, dtype=cfg.dtype,
+                num_pages=num_pages,
+                page_size=cfg.page_size,
+                max_model_len=max_len,
+                max_num_seqs=cfg.max_num_seqs,
+                max_prefill_chunk=cfg.max_prefill_chunk,
+                max_prefill_seqs=cfg.max_prefill_seqs,
+                dtype=cfg.dtype,
                 attention_backend=cfg.attention_backend,
             ),  # fmt: skip
         )
         self.pool = BlockPool(num_pages, cfg.page_size, cfg.enable_prefix_cache)
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                max_prefill_chunk=cfg.max_prefill_chunk, max_prefill_seqs=cfg.max_prefill_seqs,
+                max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_prefill_chunk=cfg.max_prefill_chunk,
+                max_prefill_seqs=cfg.max_prefill_seqs,
                 max_model_len=max_len,
             ),  # fmt: skip
             self.pool,
@@ -118,7 +124,9 @@ class LLMEngine:
             raise TypeError("params must be a SamplingParams")
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
             token_ids = list(prompt)
         else:
             raise TypeError("prompt must be a string or a list of token ids")
@@ -169,7 +177,13 @@ class LLMEngine:
             self.stats["generation_tokens"] += 1
             if state.params.logprobs is not None:
                 s = sampled[req.request_id]
-                top = tuple(zip(s.top_ids[: state.params.logprobs].tolist(), s.top_logprobs[: state.params.logprobs].tolist(), strict=True))
+                top = tuple(
+                    zip(
+                        s.top_ids[: state.params.logprobs].tolist(),
+                        s.top_logprobs[: state.params.logprobs].tolist(),
+                        strict=True,
+                    )
+                )
                 state.logprobs.append(TokenLogprob(tok, s.logprob, top))
             outputs.append(self._postprocess(req, state, tok))
         return outputs
@@ -188,14 +202,18 @@ class LLMEngine:
             for stop in params.stop:
                 idx = state.text.find(stop, max(0, state.emitted_chars - len(stop)))
                 if idx >= 0:
-                    state.text = state.text[: idx + (len(stop) if params.include_stop_str_in_output else 0)]
+                    state.text = state.text[
+                        : idx + (len(stop) if params.include_stop_str_in_output else 0)
+                    ]
                     self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
                     break
             if not req.status.finished and req.num_tokens >= self.max_model_len:
                 self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
         finished = req.status.finished
         if finished:
-            state.text += "" if req.status is RequestStatus.FINISHED_STOPPED else state.detok.flush()
+            state.text += (
+                "" if req.status is RequestStatus.FINISHED_STOPPED else state.detok.flush()
+            )
         # Hold back a possible stop-string prefix so a stream never shows text it must retract.
         hold = 0 if finished or not params.stop else max(len(s) for s in params.stop) - 1
         visible = max(state.emitted_chars, len(state.text) - hold)
@@ -222,7 +240,10 @@ class LLMEngine:
 
 
 def _metrics(req: Request) -> dict[str, float]:
-    out = {"num_preemptions": float(req.num_preemptions), "recomputed_tokens": float(req.num_recomputed_tokens)}
+    out = {
+        "num_preemptions": float(req.num_preemptions),
+        "recomputed_tokens": float(req.num_recomputed_tokens),
+    }
     if req.first_token_time is not None:
         out["ttft_s"] = req.first_token_time - req.arrival_time
     if req.finish_time is not None:

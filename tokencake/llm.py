@@ -71,7 +71,10 @@ class LLM:
             conversations = [messages]
         else:
             conversations = list(messages)
-        prompts = [self.engine.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        prompts = [
+            self.engine.tokenizer.apply_chat_template(c, add_generation_prompt=True)
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:

@@ -30,6 +30,26 @@ from tokencake.scheduler.plan import ScheduledChunk
 log = logging.getLogger(__name__)
 
 
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache so restarts skip most of warm-up.
+
+    ``path`` defaults to ``$TOKENCAKE_XLA_CACHE`` or ``~/.cache/tokencake/xla``; an empty
+    ``TOKENCAKE_XLA_CACHE`` disables it. Returns the directory used (None when disabled).
+    """
+    import os
+
+    if path is None:
+        path = os.environ.get("TOKENCAKE_XLA_CACHE")
+        if path is None:
+            path = os.path.join(os.path.expanduser("~"), ".cache", "tokencake", "xla")
+    if not path:
+        return None
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return jax.config.jax_compilation_cache_dir
+
+
 def pow2_buckets(limit: int, start: int = 1, factor: int = 2) -> tuple[int, ...]:
     """``start, start*factor, ...`` capped by and always including ``limit``."""
     out, b = [], start
@@ -91,7 +111,12 @@ class RunnerConfig:
         out = [(s, 1, p) for s in self.decode_row_buckets for p in self.page_buckets]
         for q in self.prefill_token_buckets:
             min_pages = math.ceil(q / self.page_size)
-            out += [(s, q, p) for s in self.prefill_row_buckets for p in self.page_buckets if p >= min_pages]
+            out += [
+                (s, q, p)
+                for s in self.prefill_row_buckets
+                for p in self.page_buckets
+                if p >= min_pages
+            ]
         return out
 
 
@@ -121,9 +146,12 @@ class SampledToken:
 class ModelRunner:
     """Owns the model state and the KV cache; executes batches with precompiled steps."""
 
-    def __init__(self, model_cfg: ModelConfig, params: dict[str, np.ndarray], cfg: RunnerConfig) -> None:
+    def __init__(
+        self, model_cfg: ModelConfig, params: dict[str, np.ndarray], cfg: RunnerConfig
+    ) -> None:
         self.model_cfg = model_cfg
         self.cfg = cfg
+        enable_compilation_cache()
         self.backend = get_backend(cfg.attention_backend)
         self.kv_spec = KVCacheSpec(
             model_cfg.num_layers, cfg.num_pages, cfg.page_size, model_cfg.num_kv_heads,
@@ -192,13 +220,21 @@ class ModelRunner:
         out: dict[str, SampledToken] = {}
         rb = self.cfg.prefill_row_buckets[-1]
         for i in range(0, len(prefill), rb):
-            out.update(self._run_group(prefill[i : i + rb], self.cfg.prefill_row_buckets, self.cfg.prefill_token_buckets))
+            out.update(
+                self._run_group(
+                    prefill[i : i + rb],
+                    self.cfg.prefill_row_buckets,
+                    self.cfg.prefill_token_buckets,
+                )
+            )
         db = self.cfg.decode_row_buckets[-1]
         for i in range(0, len(decode), db):
             out.update(self._run_group(decode[i : i + db], self.cfg.decode_row_buckets, (1,)))
         return out
 
-    def _run_group(self, rows: Sequence[RowRequest], row_buckets, token_buckets) -> dict[str, SampledToken]:
+    def _run_group(
+        self, rows: Sequence[RowRequest], row_buckets, token_buckets
+    ) -> dict[str, SampledToken]:
         s = pick_bucket(len(rows), row_buckets)
         q = pick_bucket(max(len(r.token_ids) for r in rows), token_buckets)
         max_pages = max(math.ceil((r.start + len(r.token_ids)) / self.cfg.page_size) for r in rows)
@@ -224,12 +260,16 @@ class ModelRunner:
             temp[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
             seeds[i], counters[i] = r.seed, r.counter
         compiled = self._compile((s, q, p))
-        batch = Batch(*(jnp.asarray(a) for a in (ids, pos, q_lens, kv_lens, tables)))
-        samp = SamplingInputs(*(jnp.asarray(a) for a in (temp, top_k, top_p, seeds, counters)))
+        # numpy goes straight to the executable: jnp.asarray would compile a staging program per
+        # new shape, which breaks the no-compilation-after-warm-up rule.
+        batch = Batch(ids, pos, q_lens, kv_lens, tables)
+        samp = SamplingInputs(temp, top_k, top_p, seeds, counters)
         res, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp)
         res = SampleOutput(*jax.device_get(tuple(res)))
         return {
-            r.request_id: SampledToken(int(res.tokens[i]), float(res.logprob[i]), res.top_ids[i], res.top_logprobs[i])
+            r.request_id: SampledToken(
+                int(res.tokens[i]), float(res.logprob[i]), res.top_ids[i], res.top_logprobs[i]
+            )
             for i, r in enumerate(rows)
         }
 
@@ -242,5 +282,17 @@ def rows_from_chunks(chunks: Sequence[ScheduledChunk], sampling_of) -> list[RowR
         req = c.request
         tokens = req.all_token_ids[c.start : c.start + c.num_tokens]
         t, k, p, seed = sampling_of(req)
-        rows.append(RowRequest(req.request_id, tokens, c.start, req.block_ids, t, k, p, seed, len(req.output_token_ids)))
+        rows.append(
+            RowRequest(
+                req.request_id,
+                tokens,
+                c.start,
+                req.block_ids,
+                t,
+                k,
+                p,
+                seed,
+                len(req.output_token_ids),
+            )
+        )
     return rows

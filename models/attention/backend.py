@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
-
 from tokencake.models.attention.reference import reference_paged_attention
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,9 @@ BACKENDS = ("reference", "pallas-gpu", "pallas-tpu")
 def default_backend_name(platform: str | None = None) -> str:
     """The backend chosen for ``platform`` (``jax.default_backend()`` when None)."""
     platform = platform or jax.default_backend()
-    return {"gpu": "pallas-gpu", "cuda": "pallas-gpu", "tpu": "pallas-tpu"}.get(platform, "reference")
+    return {"gpu": "pallas-gpu", "cuda": "pallas-gpu", "tpu": "pallas-tpu"}.get(
+        platform, "reference"
+    )
 
 
 def get_backend(name: str | None = None) -> AttentionBackend:
@@ -40,7 +41,9 @@ def get_backend(name: str | None = None) -> AttentionBackend:
     if name in (None, "auto"):
         name = default_backend_name()
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
+        )
     if name == "reference":
         return AttentionBackend("reference", reference_paged_attention)
     if name == "pallas-gpu":

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny random model engine factory and the default model (slow tests)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault(
+    "TOKENCAKE_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tokencake", "xla-tests")
+)
+
+from tokencake.models.config import tiny_config  # noqa: E402
+from tokencake.models.tokenizer import Tokenizer  # noqa: E402
+from tokencake.models.weights import NORM_KEYS, random_params  # noqa: E402
+
+from tokencake.config import EngineConfig  # noqa: E402
+from tokencake.engine import LLMEngine  # noqa: E402
+
+TINY_ENGINE = dict(
+    num_pages=96,
+    page_size=16,
+    max_model_len=256,
+    max_num_seqs=8,
+    max_num_batched_tokens=64,
+    max_prefill_chunk=64,
+    max_prefill_seqs=2,
+    warmup=False,
+)
+
+
+def lively_params(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights scaled up so greedy outputs vary with context (0.02 std gives constant
+    outputs, which would make output-equality tests vacuous)."""
+    params = random_params(cfg, seed)
+    return {k: (v if k in NORM_KEYS else v * 8.0) for k, v in params.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    cfg = tiny_config()
+    return cfg, lively_params(cfg), Tokenizer.byte_level_for_tests()
+
+
+@pytest.fixture
+def make_engine(tiny_model):
+    """Factory: ``make_engine(**EngineConfig overrides)`` over the tiny model; checks the block
+    pool's integrity at teardown."""
+    engines: list[LLMEngine] = []
+
+    def make(**overrides) -> LLMEngine:
+        cfg, params, tok = tiny_model
+        engine = LLMEngine(
+            EngineConfig(**{**TINY_ENGINE, **overrides}),
+            model_config=cfg,
+            params=params,
+            tokenizer=tok,
+        )
+        engines.append(engine)
+        return engine
+
+    yield make
+    for e in engines:
+        e.pool.check_integrity()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(config, params, tokenizer, name) of SmolLM2-135M-Instruct, fetched on first use."""
+    from tokencake.models.hub import resolve_model
+
+    return resolve_model(None)
