@@ -1,0 +1,137 @@
+"""Transfer and recompute cost model (paper §5.7). Pure Python at evaluation time, so the
+scheduler and the simulated executor can call it; only :meth:`CostModel.profile_recompute`
+touches a real runner.
+
+``copy_time(n, dir) = base_dir + n * bytes_per_block / bw_dir + n * 3 µs`` with ``bw_dir``
+starting at a prior (12 GB/s) and learned as an EWMA (α = 0.5) of completed copies' measured
+``bytes / seconds``, one estimate per direction.
+
+``recompute_time(tokens, context) = a + b * tokens + c * tokens * context``: prefill cost is
+linear in new tokens plus an attention term over the context they attend to; fitted by least
+squares on a few prefill shapes timed at warm-up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+DIRECTIONS = ("d2h", "h2d")
+DEFAULT_BANDWIDTH = 12e9  # bytes/s, the paper's prior for both directions
+PER_BLOCK_OVERHEAD_S = 3e-6  # submission cost per block (paper §6.6)
+
+
+@dataclass
+class BandwidthEstimator:
+    """Per-direction bandwidth: a prior, replaced by an EWMA of observed samples."""
+
+    prior: float = DEFAULT_BANDWIDTH
+    alpha: float = 0.5
+    value: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prior <= 0 or not 0 < self.alpha <= 1:
+            raise ValueError("BandwidthEstimator needs prior > 0 and 0 < alpha <= 1")
+        for d in DIRECTIONS:
+            self.value.setdefault(d, self.prior)
+            self.samples.setdefault(d, 0)
+
+    def observe(self, direction: str, nbytes: int, seconds: float) -> None:
+        """Fold one completed copy into the estimate (ignores degenerate samples)."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"unknown direction {direction!r}")
+        if nbytes <= 0 or seconds <= 0:
+            return
+        sample = nbytes / seconds
+        if self.samples[direction] == 0:
+            self.value[direction] = sample  # the first real sample beats any prior
+        else:
+            self.value[direction] = self.alpha * sample + (1 - self.alpha) * self.value[direction]
+        self.samples[direction] += 1
+
+    def __getitem__(self, direction: str) -> float:
+        return self.value[direction]
+
+
+@dataclass
+class CostModel:
+    """Seconds to copy blocks between tiers and to recompute tokens."""
+
+    bytes_per_block: int
+    bandwidth: BandwidthEstimator = field(default_factory=BandwidthEstimator)
+    base_s: dict[str, float] = field(default_factory=lambda: {d: 0.0 for d in DIRECTIONS})
+    per_block_s: float = PER_BLOCK_OVERHEAD_S
+    # recompute_time = a + b*tokens + c*tokens*context (seconds)
+    recompute_a: float = 1e-3
+    recompute_b: float = 1e-4
+    recompute_c: float = 0.0
+
+    @classmethod
+    def fixed(
+        cls,
+        bytes_per_block: int,
+        bandwidth: float = DEFAULT_BANDWIDTH,
+        base_s: float = 0.0,
+        recompute: tuple[float, float, float] = (1e-3, 1e-4, 0.0),
+    ) -> CostModel:
+        """A model from fixed numbers (the simulator); ``recompute`` is ``(a, b, c)``."""
+        return cls(
+            bytes_per_block, BandwidthEstimator(prior=bandwidth), {d: base_s for d in DIRECTIONS},
+            PER_BLOCK_OVERHEAD_S, *recompute,
+        )  # fmt: skip
+
+    def copy_time(self, n_blocks: int, direction: str) -> float:
+        """Predicted seconds to copy ``n_blocks`` blocks in ``direction`` ("d2h" / "h2d")."""
+        if n_blocks <= 0:
+            return 0.0
+        return (
+            self.base_s[direction]
+            + n_blocks * self.bytes_per_block / self.bandwidth[direction]
+            + n_blocks * self.per_block_s
+        )
+
+    def recompute_time(self, n_tokens: int, context: int = 0) -> float:
+        """Predicted seconds to prefill ``n_tokens`` new tokens after ``context`` cached ones."""
+        if n_tokens <= 0:
+            return 0.0
+        t = self.recompute_a + self.recompute_b * n_tokens + self.recompute_c * n_tokens * context
+        return max(t, 0.0)
+
+    def fit_recompute(self, samples: Sequence[tuple[int, int, float]]) -> None:
+        """Least-squares fit of ``(a, b, c)`` from ``(tokens, context, seconds)`` samples;
+        negative coefficients are clipped (a noisy fit must not predict free work)."""
+        import numpy as np
+
+        x = np.array([[1.0, n, n * ctx] for n, ctx, _ in samples])
+        y = np.array([s for _, _, s in samples])
+        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+        self.recompute_a, self.recompute_b, self.recompute_c = (max(float(c), 0.0) for c in coef)
+
+    def profile_recompute(self, runner, repeats: int = 2) -> list[tuple[int, int, float]]:
+        """Time prefill chunks of a few bucketed shapes on ``runner`` (a warmed-up
+        ``ModelRunner``) and fit :meth:`fit_recompute`. Rows point every page at the dummy
+        page, so no real KV is touched. Returns the samples."""
+        from tokencake.memory.kv_cache import DUMMY_PAGE
+
+        from tokencake.runner import RowRequest
+
+        cfg = runner.cfg
+        token_sizes = sorted(
+            {min(t, cfg.max_prefill_chunk) for t in (32, 128, cfg.max_prefill_chunk)}
+        )
+        samples = []
+        for n in token_sizes:
+            for ctx in sorted({0, min(4 * n, cfg.max_model_len - n)}):
+                pages = -(-(ctx + n) // cfg.page_size)
+                row = RowRequest("_profile", [0] * n, ctx, [DUMMY_PAGE] * pages, 0.0, 0, 1.0, 0, 0)
+                runner.execute([row])  # first call pays any lazy work; not timed
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    runner.execute([row])
+                    best = min(best, time.perf_counter() - t0)
+                samples.append((n, ctx, best))
+        self.fit_recompute(samples)
+        return samples
