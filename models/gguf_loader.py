@@ -91,7 +91,7 @@ def config_from_gguf(reader: Any, name: str = "") -> ModelConfig:
     if scaling_type == "linear":
         rope_scaling = {
             "rope_type": "linear",
-            "factor": float(field_value(reader, f"{arch}.rope.scaling.factor")),
+            "factor": _f32(field_value(reader, f"{arch}.rope.scaling.factor")),
         }
     elif scaling_type not in (None, "none"):
         raise ValueError(f"unsupported GGUF rope scaling type {scaling_type!r}")
@@ -116,9 +116,9 @@ def config_from_gguf(reader: Any, name: str = "") -> ModelConfig:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rope_theta=float(field_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_theta=_f32(field_value(reader, f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
-        rms_norm_eps=float(req("attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=_f32(req("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensor_names,
         max_position_embeddings=int(field_value(reader, f"{arch}.context_length", 2048)),
         attention_bias="blk.0.attn_q.bias" in tensor_names,
@@ -127,6 +127,11 @@ def config_from_gguf(reader: Any, name: str = "") -> ModelConfig:
         eos_token_ids=tuple(eos_ids),
         name=name,
     )
+
+
+def _f32(v: Any) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-5, not 9.9999997e-06)."""
+    return float(np.format_float_positional(np.float32(v), unique=True, trim="0"))
 
 
 def _dequant(t: Any) -> np.ndarray:

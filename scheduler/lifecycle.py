@@ -1,0 +1,317 @@
+"""Tool-call lifecycle state machine (paper digest §5.3, §8.2).
+
+One record per annotated request (keyed by its lifecycle id, which is the request id):
+
+``generating`` -> ``awaiting_start`` (generation finished) -> ``active`` (stall started)
+-> ``released`` (the predicted return is near: host ownership handed to the upload) -> terminal
+(``finished | aborted | error | expired | reset``).
+
+Every event gets a named :class:`Disposition` that the server maps to an HTTP status. Expiry is
+lazy (no timer thread): every call first runs :meth:`Lifecycle.expire` with the injected clock.
+Subscribers (the Time Scheduler) hear every transition through ``listeners``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tokencake.scheduler.metadata import AgentMetadata
+from tokencake.scheduler.predictor import DurationPredictor
+from tokencake.scheduler.tokencake_config import TimeConfig
+
+
+class Disposition(enum.Enum):
+    """Outcome of one lifecycle event, with the HTTP status the server answers."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    LATE_FINISH = "late_finish"
+    UNKNOWN = "unknown"
+    CONFLICT = "conflict"
+    UNAVAILABLE = "unavailable"
+    INVALID = "invalid"
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP[self]
+
+
+_HTTP = {
+    Disposition.APPLIED: 200,
+    Disposition.DUPLICATE: 200,
+    Disposition.LATE_FINISH: 200,
+    Disposition.UNKNOWN: 404,
+    Disposition.CONFLICT: 409,
+    Disposition.UNAVAILABLE: 503,
+    Disposition.INVALID: 400,
+}
+
+
+class LifecycleState(enum.Enum):
+    GENERATING = "generating"
+    AWAITING_START = "awaiting_start"
+    ACTIVE = "active"
+    RELEASED = "released"
+    TERMINAL = "terminal"
+
+
+class DuplicateLifecycleError(ValueError):
+    """A lifecycle id was reused (every attempt, retries included, needs a fresh id)."""
+
+
+@dataclass
+class LifecycleRecord:
+    """Everything known about one agent's LLM call and the tool call that follows it."""
+
+    lifecycle_id: str
+    metadata: AgentMetadata
+    created_at: float
+    state: LifecycleState = LifecycleState.GENERATING
+    cause: str = ""
+    completed_at: float | None = None
+    started_at: float | None = None
+    kind: str | None = None
+    estimate: float | None = None
+    predicted: float = 0.0
+    safety_deadline: float = math.inf
+    release_deadline: float = math.inf
+    terminal_at: float | None = None
+    finish_seen: bool = False
+    h2d_estimate: float = 0.0
+    snapshot: Any = None  # the finished request's (device block, hash) prefix; see time_sched
+
+    @property
+    def terminal(self) -> bool:
+        return self.state is LifecycleState.TERMINAL
+
+    @property
+    def stalled(self) -> bool:
+        """Generation done and the tool is running: the window the Time Scheduler works in."""
+        return self.state in (LifecycleState.ACTIVE, LifecycleState.RELEASED) and self.completed_at is not None
+
+    @property
+    def predicted_end(self) -> float:
+        return (self.started_at or 0.0) + self.predicted
+
+    def body(self, event: str, disposition: Disposition) -> dict[str, Any]:
+        return {"lifecycle_id": self.lifecycle_id, "event": event, "state": self.state.value,
+                "disposition": disposition.value}  # fmt: skip
+
+
+Listener = Callable[[LifecycleRecord, str], None]
+
+_START_KEYS = {"event", "lifecycle_id", "kind", "estimated_duration_s"}
+_FINISH_KEYS = {"event", "lifecycle_id"}
+
+
+class Lifecycle:
+    """All lifecycle records of one engine, driven by request events and client events."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        config: TimeConfig | None = None,
+        predictor: DurationPredictor | None = None,
+    ) -> None:
+        self.clock = clock
+        self.config = config or TimeConfig()
+        self.predictor = predictor or DurationPredictor(self.config.ewma_alpha, self.config.default_stall_s)
+        self.records: dict[str, LifecycleRecord] = {}
+        self.listeners: list[Listener] = []
+        self.available = True  # False -> every event answers 503 (engine dead / disabled)
+        self.counters: dict[str, int] = {}
+        self._next_deadline = math.inf
+
+    # ---- internals --------------------------------------------------------------------------
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def _notify(self, rec: LifecycleRecord, transition: str) -> None:
+        for fn in self.listeners:
+            fn(rec, transition)
+
+    def _deadline_of(self, rec: LifecycleRecord) -> float:
+        cfg = self.config
+        if rec.state is LifecycleState.TERMINAL:
+            return (rec.terminal_at or 0.0) + cfg.tombstone_seconds
+        if rec.state is LifecycleState.AWAITING_START:
+            return (rec.completed_at or 0.0) + cfg.attach_seconds
+        if rec.state is LifecycleState.ACTIVE:
+            return min(rec.safety_deadline, rec.release_deadline)
+        if rec.state is LifecycleState.RELEASED:
+            return rec.safety_deadline
+        return math.inf
+
+    def _touch(self, rec: LifecycleRecord) -> None:
+        self._next_deadline = min(self._next_deadline, self._deadline_of(rec))
+
+    def _terminate(self, rec: LifecycleRecord, cause: str, now: float) -> None:
+        rec.state = LifecycleState.TERMINAL
+        rec.cause = cause
+        rec.terminal_at = now
+        self._count(cause)
+        self._touch(rec)
+        self._notify(rec, cause)
+
+    # ---- request-side events ----------------------------------------------------------------
+    def associate(self, lifecycle_id: str, metadata: AgentMetadata) -> LifecycleRecord:
+        """Open a record when an annotated request arrives."""
+        self.expire()
+        if lifecycle_id in self.records:
+            self._count("conflict")
+            raise DuplicateLifecycleError(f"lifecycle id {lifecycle_id!r} is already in use")
+        rec = LifecycleRecord(lifecycle_id, metadata, self.clock())
+        self.records[lifecycle_id] = rec
+        self._count("associated")
+        return rec
+
+    def generation_finished(self, lifecycle_id: str, ok: bool = True, snapshot: Any = None) -> None:
+        """The request's generation ended; ``ok=False`` (abort/error) ends the lifecycle."""
+        self.expire()
+        rec = self.records.get(lifecycle_id)
+        if rec is None or rec.terminal:
+            return
+        now = self.clock()
+        if not ok:
+            self._terminate(rec, "aborted", now)
+            return
+        rec.completed_at = now
+        rec.snapshot = snapshot
+        self._count("completed")
+        if rec.state is LifecycleState.GENERATING:
+            rec.state = LifecycleState.AWAITING_START
+        self._touch(rec)
+        self._notify(rec, "completed")
+
+    def set_h2d_estimate(self, rec: LifecycleRecord, seconds: float) -> None:
+        """Move the release deadline so the upload has ``1.25 x`` its estimated time."""
+        rec.h2d_estimate = seconds
+        if rec.started_at is not None:
+            lead = max(self.config.release_lead_s, 1.25 * seconds)
+            rec.release_deadline = rec.started_at + rec.predicted - lead
+            self._touch(rec)
+
+    # ---- client events ----------------------------------------------------------------------
+    def handle(self, event: Any) -> tuple[Disposition, dict[str, Any]]:
+        """Validate and apply one ``POST /v1/tokencake/events`` body."""
+        if not isinstance(event, dict):
+            return Disposition.INVALID, {"error": "event body must be a JSON object", "disposition": "invalid"}
+        name = event.get("event")
+        lid = event.get("lifecycle_id")
+        err = None
+        if name not in ("stall_started", "stall_finished"):
+            err = "field 'event' must be 'stall_started' or 'stall_finished'"
+        elif not isinstance(lid, str) or not lid:
+            err = "field 'lifecycle_id' must be a non-empty string"
+        else:
+            extra = sorted(set(event) - (_START_KEYS if name == "stall_started" else _FINISH_KEYS))
+            if extra:
+                err = f"unexpected field {extra[0]!r} for event {name!r}"
+        kind, estimate = "stall", None
+        if err is None and name == "stall_started":
+            kind = event.get("kind", "stall")
+            if not isinstance(kind, str) or not kind:
+                err = "field 'kind' must be a non-empty string"
+            elif "estimated_duration_s" in event:
+                estimate = event["estimated_duration_s"]
+                if (not isinstance(estimate, (int, float)) or isinstance(estimate, bool)
+                        or not math.isfinite(estimate) or estimate <= 0):  # fmt: skip
+                    err = "field 'estimated_duration_s' must be a finite number > 0 (omit it if unknown)"
+        if err is not None:
+            return Disposition.INVALID, {"lifecycle_id": lid, "event": name, "disposition": "invalid", "error": err}
+        if not self.available:
+            return Disposition.UNAVAILABLE, {"lifecycle_id": lid, "event": name, "disposition": "unavailable"}
+        if name == "stall_started":
+            disp = self.stall_started(lid, kind, None if estimate is None else float(estimate))
+        else:
+            disp = self.stall_finished(lid)
+        rec = self.records.get(lid)
+        if rec is None:
+            return disp, {"lifecycle_id": lid, "event": name, "state": "unknown", "disposition": disp.value}
+        return disp, rec.body(name, disp)
+
+    def stall_started(self, lifecycle_id: str, kind: str = "stall", estimate: float | None = None) -> Disposition:
+        self.expire()
+        rec = self.records.get(lifecycle_id)
+        if rec is None:
+            self._count("unknown")
+            return Disposition.UNKNOWN
+        if rec.started_at is not None:
+            same = rec.kind == kind and rec.estimate == estimate
+            self._count("duplicate" if same else "conflict")
+            return Disposition.DUPLICATE if same else Disposition.CONFLICT
+        if rec.terminal:
+            self._count("conflict")
+            return Disposition.CONFLICT
+        now = self.clock()
+        m = rec.metadata
+        cfg = self.config
+        rec.started_at, rec.kind, rec.estimate = now, kind, estimate
+        rec.predicted = self.predictor.predict(m.agent_type, m.agent_name, kind, estimate)
+        rec.safety_deadline = now + min(max(cfg.safety_factor * rec.predicted, cfg.safety_min_s), cfg.safety_max_s)
+        rec.state = LifecycleState.ACTIVE
+        self.set_h2d_estimate(rec, rec.h2d_estimate)
+        self._count("started")
+        self._touch(rec)
+        self._notify(rec, "started")
+        return Disposition.APPLIED
+
+    def stall_finished(self, lifecycle_id: str) -> Disposition:
+        self.expire()
+        rec = self.records.get(lifecycle_id)
+        if rec is None:
+            self._count("unknown")
+            return Disposition.UNKNOWN
+        if rec.started_at is None:
+            self._count("conflict")
+            return Disposition.CONFLICT
+        if rec.terminal:
+            disp = Disposition.DUPLICATE if rec.finish_seen else Disposition.LATE_FINISH
+            self._count(disp.value)
+            return disp
+        now = self.clock()
+        m = rec.metadata
+        self.predictor.learn(m.agent_type, m.agent_name, rec.kind or "stall", now - rec.started_at)
+        rec.finish_seen = True
+        self._terminate(rec, "finished", now)
+        return Disposition.APPLIED
+
+    def reset(self) -> None:
+        """Host-tier reset: every live lifecycle ends as ``reset`` (history is kept)."""
+        now = self.clock()
+        for rec in list(self.records.values()):
+            if not rec.terminal:
+                self._terminate(rec, "reset", now)
+
+    # ---- lazy expiry ------------------------------------------------------------------------
+    def expire(self) -> None:
+        """Apply every deadline that has passed; cheap when none has (a cached minimum)."""
+        now = self.clock()
+        if now < self._next_deadline:
+            return
+        nxt = math.inf
+        for lid, rec in list(self.records.items()):
+            st = rec.state
+            if st is LifecycleState.TERMINAL:
+                if now >= (rec.terminal_at or 0.0) + self.config.tombstone_seconds:
+                    del self.records[lid]
+                    continue
+            elif st is LifecycleState.AWAITING_START:
+                if now >= (rec.completed_at or 0.0) + self.config.attach_seconds:
+                    self._terminate(rec, "expired", now)
+            elif st in (LifecycleState.ACTIVE, LifecycleState.RELEASED):
+                if now >= rec.safety_deadline:
+                    self._terminate(rec, "expired", now)
+                elif st is LifecycleState.ACTIVE and now >= rec.release_deadline:
+                    rec.state = LifecycleState.RELEASED
+                    self._count("released")
+                    self._notify(rec, "released")
+            nxt = min(nxt, self._deadline_of(rec))
+        self._next_deadline = nxt
+
+    def live(self) -> list[LifecycleRecord]:
+        return [r for r in self.records.values() if not r.terminal]

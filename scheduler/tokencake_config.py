@@ -1,0 +1,161 @@
+"""One validated configuration object for Tokencake's Space and Time Schedulers.
+
+Defaults are the published ones (paper digest §8.3 and the hard-coded constants table); the
+few knobs that exist only because this engine implements the paper's *predictive upload* and
+the keep-with-TTL alternative are marked as ours. ``TokencakeConfig.from_dict`` is strict:
+an unknown key is an error naming the key (with its section), so a typo never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _check(cond: bool, name: str, why: str) -> None:
+    if not cond:
+        raise ValueError(f"tokencake config: {name} {why}")
+
+
+def _unit(name: str, v: float) -> None:
+    _check(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, name, f"must be in [0, 1], got {v!r}")
+
+
+def _nonneg(name: str, v: float) -> None:
+    _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, name, f"must be >= 0, got {v!r}")
+
+
+def _pos(name: str, v: float) -> None:
+    _check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, name, f"must be > 0, got {v!r}")
+
+
+def _int(name: str, v: int, lo: int) -> None:
+    _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, name, f"must be an integer >= {lo}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """Space Scheduler knobs (§4). ``adjustment_window`` .. ``near_finish_fraction`` are the
+    repository's hard-coded constants, exposed so tests can shrink them."""
+
+    enabled: bool = True
+    reserve_generation_tokens: bool = True
+    cache_affinity_score_band: int = 500
+    inherit_join_priority: bool = True
+    priority_borrow_score_margin: int = 500
+    critical_ratio: float = 0.75
+    reserve_ratio_min: float = 0.05
+    reserve_ratio_max: float = 0.30
+    gpu_usage_low: float = 0.40
+    gpu_usage_high: float = 0.75
+    reserve_adjustment_step: float = 0.05
+    adjustment_window: int = 500
+    preemption_score_band: int = 3000
+    near_finish_fraction: float = 0.9
+    history_limit: int = 4096
+
+    def __post_init__(self) -> None:
+        _int("scheduling.cache_affinity_score_band", self.cache_affinity_score_band, 0)
+        _int("scheduling.priority_borrow_score_margin", self.priority_borrow_score_margin, 0)
+        _check(0 < self.critical_ratio <= 1, "scheduling.critical_ratio", f"must be in (0, 1], got {self.critical_ratio!r}")
+        for n in ("reserve_ratio_min", "reserve_ratio_max", "gpu_usage_low", "gpu_usage_high", "near_finish_fraction"):
+            _unit(f"scheduling.{n}", getattr(self, n))
+        _check(self.reserve_ratio_min <= self.reserve_ratio_max, "scheduling.reserve_ratio_min", "must be <= reserve_ratio_max")
+        _check(self.gpu_usage_low < self.gpu_usage_high, "scheduling.gpu_usage_low", "must be < gpu_usage_high")
+        _check(0 < self.reserve_adjustment_step <= 1, "scheduling.reserve_adjustment_step", "must be in (0, 1]")
+        _int("scheduling.adjustment_window", self.adjustment_window, 1)
+        _int("scheduling.preemption_score_band", self.preemption_score_band, 0)
+        _int("scheduling.history_limit", self.history_limit, 1)
+
+
+@dataclass(frozen=True)
+class TimeConfig:
+    """Time Scheduler knobs (§5). The ``keep_*``, ``upload_*``, ``reservation_ramp_s`` and
+    ``handoff_grace_s`` knobs are ours (predictive upload and TTL keep are not in the
+    repository); the rest are the published defaults."""
+
+    enabled: bool = True
+    min_gpu_usage: float = 0.60
+    high_pressure_gpu_usage: float = 0.85
+    score_threshold: float = 1.0
+    backoff_steps: int = 8
+    eviction_window_blocks: int = 128
+    max_relief_blocks: int = 0
+    default_stall_s: float = 1.0
+    release_lead_s: float = 0.10
+    ewma_alpha: float = 0.5
+    attach_seconds: float = 60.0
+    tombstone_seconds: float = 60.0
+    safety_factor: float = 4.0
+    safety_min_s: float = 60.0
+    safety_max_s: float = 3600.0
+    churn_window_steps: int = 4
+    churn_budget_stores: int = 64
+    # ours: keep-on-device with a TTL (Continuum-style safety valve)
+    keep_ttl_factor: float = 1.5
+    keep_ttl_min_s: float = 0.5
+    keep_ttl_max_s: float = 60.0
+    # ours: predictive upload with progressive reservation
+    predictive_upload: bool = True
+    reservation_ramp_s: float = 1.0
+    overrun_grace_s: float = 1.0
+    handoff_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _unit("offload.min_gpu_usage", self.min_gpu_usage)
+        _unit("offload.high_pressure_gpu_usage", self.high_pressure_gpu_usage)
+        _check(self.min_gpu_usage < self.high_pressure_gpu_usage, "offload.min_gpu_usage", "must be < high_pressure_gpu_usage")
+        _nonneg("offload.score_threshold", self.score_threshold)
+        _int("offload.backoff_steps", self.backoff_steps, 0)
+        _int("offload.eviction_window_blocks", self.eviction_window_blocks, 1)
+        _int("offload.max_relief_blocks", self.max_relief_blocks, 0)
+        _pos("offload.default_stall_s", self.default_stall_s)
+        _nonneg("offload.release_lead_s", self.release_lead_s)
+        _check(0 < self.ewma_alpha <= 1, "offload.ewma_alpha", f"must be in (0, 1], got {self.ewma_alpha!r}")
+        for n in ("attach_seconds", "tombstone_seconds", "safety_min_s", "keep_ttl_min_s", "reservation_ramp_s",
+                  "overrun_grace_s", "handoff_grace_s"):  # fmt: skip
+            _nonneg(f"offload.{n}", getattr(self, n))
+        _pos("offload.safety_factor", self.safety_factor)
+        _check(self.safety_min_s <= self.safety_max_s, "offload.safety_min_s", "must be <= safety_max_s")
+        _pos("offload.keep_ttl_factor", self.keep_ttl_factor)
+        _check(self.keep_ttl_min_s <= self.keep_ttl_max_s, "offload.keep_ttl_min_s", "must be <= keep_ttl_max_s")
+        _int("offload.churn_window_steps", self.churn_window_steps, 1)
+        _int("offload.churn_budget_stores", self.churn_budget_stores, 0)
+
+
+@dataclass(frozen=True)
+class TokencakeConfig:
+    """Both schedulers' settings. ``scheduling`` / ``offload`` mirror the paper's sections."""
+
+    scheduling: SpaceConfig = field(default_factory=SpaceConfig)
+    offload: TimeConfig = field(default_factory=TimeConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> TokencakeConfig:
+        """Strict parse of ``{"scheduling": {...}, "offload": {...}}``.
+
+        Unknown keys, and tuning keys under a section with ``enabled: false``, are errors
+        naming the key (the paper's server refuses to start on either).
+        """
+        data = dict(data or {})
+        sections = {"scheduling": SpaceConfig, "offload": TimeConfig}
+        unknown = sorted(set(data) - set(sections))
+        if unknown:
+            raise ValueError(f"tokencake config: unknown key {unknown[0]!r} (expected one of: scheduling, offload)")
+        built: dict[str, Any] = {}
+        for name, klass in sections.items():
+            sec = data.get(name) or {}
+            if not isinstance(sec, dict):
+                raise ValueError(f"tokencake config: {name} must be an object, got {type(sec).__name__}")
+            names = {f.name for f in dataclasses.fields(klass)}
+            bad = sorted(set(sec) - names)
+            if bad:
+                raise ValueError(f"tokencake config: unknown key {name}.{bad[0]!r}")
+            if sec.get("enabled", True) is False and set(sec) - {"enabled"}:
+                extra = sorted(set(sec) - {"enabled"})[0]
+                raise ValueError(f"tokencake config: {name}.{extra} given while {name}.enabled is false")
+            built[name] = klass(**sec)
+        return cls(**built)
