@@ -91,7 +91,10 @@ class LifecycleRecord:
     @property
     def stalled(self) -> bool:
         """Generation done and the tool is running: the window the Time Scheduler works in."""
-        return self.state in (LifecycleState.ACTIVE, LifecycleState.RELEASED) and self.completed_at is not None
+        return (
+            self.state in (LifecycleState.ACTIVE, LifecycleState.RELEASED)
+            and self.completed_at is not None
+        )
 
     @property
     def predicted_end(self) -> float:
@@ -119,7 +122,9 @@ class Lifecycle:
     ) -> None:
         self.clock = clock
         self.config = config or TimeConfig()
-        self.predictor = predictor or DurationPredictor(self.config.ewma_alpha, self.config.default_stall_s)
+        self.predictor = predictor or DurationPredictor(
+            self.config.ewma_alpha, self.config.default_stall_s
+        )
         self.records: dict[str, LifecycleRecord] = {}
         self.listeners: list[Listener] = []
         self.available = True  # False -> every event answers 503 (engine dead / disabled)
@@ -199,7 +204,10 @@ class Lifecycle:
     def handle(self, event: Any) -> tuple[Disposition, dict[str, Any]]:
         """Validate and apply one ``POST /v1/tokencake/events`` body."""
         if not isinstance(event, dict):
-            return Disposition.INVALID, {"error": "event body must be a JSON object", "disposition": "invalid"}
+            return Disposition.INVALID, {
+                "error": "event body must be a JSON object",
+                "disposition": "invalid",
+            }
         name = event.get("event")
         lid = event.get("lifecycle_id")
         err = None
@@ -222,19 +230,35 @@ class Lifecycle:
                         or not math.isfinite(estimate) or estimate <= 0):  # fmt: skip
                     err = "field 'estimated_duration_s' must be a finite number > 0 (omit it if unknown)"
         if err is not None:
-            return Disposition.INVALID, {"lifecycle_id": lid, "event": name, "disposition": "invalid", "error": err}
+            return Disposition.INVALID, {
+                "lifecycle_id": lid,
+                "event": name,
+                "disposition": "invalid",
+                "error": err,
+            }
         if not self.available:
-            return Disposition.UNAVAILABLE, {"lifecycle_id": lid, "event": name, "disposition": "unavailable"}
+            return Disposition.UNAVAILABLE, {
+                "lifecycle_id": lid,
+                "event": name,
+                "disposition": "unavailable",
+            }
         if name == "stall_started":
             disp = self.stall_started(lid, kind, None if estimate is None else float(estimate))
         else:
             disp = self.stall_finished(lid)
         rec = self.records.get(lid)
         if rec is None:
-            return disp, {"lifecycle_id": lid, "event": name, "state": "unknown", "disposition": disp.value}
+            return disp, {
+                "lifecycle_id": lid,
+                "event": name,
+                "state": "unknown",
+                "disposition": disp.value,
+            }
         return disp, rec.body(name, disp)
 
-    def stall_started(self, lifecycle_id: str, kind: str = "stall", estimate: float | None = None) -> Disposition:
+    def stall_started(
+        self, lifecycle_id: str, kind: str = "stall", estimate: float | None = None
+    ) -> Disposition:
         self.expire()
         rec = self.records.get(lifecycle_id)
         if rec is None:
@@ -252,7 +276,9 @@ class Lifecycle:
         cfg = self.config
         rec.started_at, rec.kind, rec.estimate = now, kind, estimate
         rec.predicted = self.predictor.predict(m.agent_type, m.agent_name, kind, estimate)
-        rec.safety_deadline = now + min(max(cfg.safety_factor * rec.predicted, cfg.safety_min_s), cfg.safety_max_s)
+        rec.safety_deadline = now + min(
+            max(cfg.safety_factor * rec.predicted, cfg.safety_min_s), cfg.safety_max_s
+        )
         rec.state = LifecycleState.ACTIVE
         self.set_h2d_estimate(rec, rec.h2d_estimate)
         self._count("started")

@@ -60,29 +60,41 @@ class AgentMetadata:
             v = getattr(self, f.name)
             if f.type == "str":
                 if not isinstance(v, str):
-                    raise ValueError(f"metadata field {f.name!r} must be a string, got {type(v).__name__}")
+                    raise ValueError(
+                        f"metadata field {f.name!r} must be a string, got {type(v).__name__}"
+                    )
             elif f.type == "bool":
                 if not isinstance(v, bool):
-                    raise ValueError(f"metadata field {f.name!r} must be a boolean, got {type(v).__name__}")
+                    raise ValueError(
+                        f"metadata field {f.name!r} must be a boolean, got {type(v).__name__}"
+                    )
             elif f.type == "int":
                 if not isinstance(v, int) or isinstance(v, bool):
-                    raise ValueError(f"metadata field {f.name!r} must be an integer, got {type(v).__name__}")
+                    raise ValueError(
+                        f"metadata field {f.name!r} must be an integer, got {type(v).__name__}"
+                    )
                 if v < 0:
                     raise ValueError(f"metadata field {f.name!r} must be >= 0, got {v}")
             elif f.type == "float":
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                    raise ValueError(f"metadata field {f.name!r} must be a finite number, got {v!r}")
+                    raise ValueError(
+                        f"metadata field {f.name!r} must be a finite number, got {v!r}"
+                    )
                 if v < 0:
                     raise ValueError(f"metadata field {f.name!r} must be >= 0, got {v}")
         if self.similarity > 1:
-            raise ValueError(f"metadata field 'similarity' must be in [0, 1], got {self.similarity}")
+            raise ValueError(
+                f"metadata field 'similarity' must be in [0, 1], got {self.similarity}"
+            )
         if self.fanout_width < 1:
             raise ValueError(f"metadata field 'fanout_width' must be >= 1, got {self.fanout_width}")
         if self.application_max_depth:
             if self.depth > self.application_max_depth:
                 raise ValueError("metadata field 'depth' must be <= application_max_depth")
             if self.remaining_depth > self.application_max_depth:
-                raise ValueError("metadata field 'remaining_depth' must be <= application_max_depth")
+                raise ValueError(
+                    "metadata field 'remaining_depth' must be <= application_max_depth"
+                )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, strict_lifecycle_id: bool = False) -> AgentMetadata:
@@ -97,7 +109,9 @@ class AgentMetadata:
         if strict_lifecycle_id:
             lid = known.get("lifecycle_id")
             if not isinstance(lid, str) or not is_canonical_lifecycle_id(lid):
-                raise ValueError("metadata field 'lifecycle_id' must be 'tc-' followed by a lowercase UUID4 hex")
+                raise ValueError(
+                    "metadata field 'lifecycle_id' must be 'tc-' followed by a lowercase UUID4 hex"
+                )
         return cls(**known, extra=extra)
 
     # ---- derived views used by both schedulers ----------------------------------------------

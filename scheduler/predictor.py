@@ -54,7 +54,9 @@ class DurationPredictor:
         if key is None or sample_s < 0:
             return
         prev = self._history.get(key)
-        self._history[key] = sample_s if prev is None else self.alpha * sample_s + (1 - self.alpha) * prev
+        self._history[key] = (
+            sample_s if prev is None else self.alpha * sample_s + (1 - self.alpha) * prev
+        )
         self._history.move_to_end(key)
         while len(self._history) > self.limit:
             self._history.popitem(last=False)

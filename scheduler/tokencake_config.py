@@ -25,15 +25,25 @@ def _unit(name: str, v: float) -> None:
 
 
 def _nonneg(name: str, v: float) -> None:
-    _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, name, f"must be >= 0, got {v!r}")
+    _check(
+        isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+        name,
+        f"must be >= 0, got {v!r}",
+    )
 
 
 def _pos(name: str, v: float) -> None:
-    _check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, name, f"must be > 0, got {v!r}")
+    _check(
+        isinstance(v, (int, float)) and math.isfinite(v) and v > 0, name, f"must be > 0, got {v!r}"
+    )
 
 
 def _int(name: str, v: int, lo: int) -> None:
-    _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, name, f"must be an integer >= {lo}, got {v!r}")
+    _check(
+        isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+        name,
+        f"must be an integer >= {lo}, got {v!r}",
+    )
 
 
 @dataclass(frozen=True)
@@ -60,12 +70,34 @@ class SpaceConfig:
     def __post_init__(self) -> None:
         _int("scheduling.cache_affinity_score_band", self.cache_affinity_score_band, 0)
         _int("scheduling.priority_borrow_score_margin", self.priority_borrow_score_margin, 0)
-        _check(0 < self.critical_ratio <= 1, "scheduling.critical_ratio", f"must be in (0, 1], got {self.critical_ratio!r}")
-        for n in ("reserve_ratio_min", "reserve_ratio_max", "gpu_usage_low", "gpu_usage_high", "near_finish_fraction"):
+        _check(
+            0 < self.critical_ratio <= 1,
+            "scheduling.critical_ratio",
+            f"must be in (0, 1], got {self.critical_ratio!r}",
+        )
+        for n in (
+            "reserve_ratio_min",
+            "reserve_ratio_max",
+            "gpu_usage_low",
+            "gpu_usage_high",
+            "near_finish_fraction",
+        ):
             _unit(f"scheduling.{n}", getattr(self, n))
-        _check(self.reserve_ratio_min <= self.reserve_ratio_max, "scheduling.reserve_ratio_min", "must be <= reserve_ratio_max")
-        _check(self.gpu_usage_low < self.gpu_usage_high, "scheduling.gpu_usage_low", "must be < gpu_usage_high")
-        _check(0 < self.reserve_adjustment_step <= 1, "scheduling.reserve_adjustment_step", "must be in (0, 1]")
+        _check(
+            self.reserve_ratio_min <= self.reserve_ratio_max,
+            "scheduling.reserve_ratio_min",
+            "must be <= reserve_ratio_max",
+        )
+        _check(
+            self.gpu_usage_low < self.gpu_usage_high,
+            "scheduling.gpu_usage_low",
+            "must be < gpu_usage_high",
+        )
+        _check(
+            0 < self.reserve_adjustment_step <= 1,
+            "scheduling.reserve_adjustment_step",
+            "must be in (0, 1]",
+        )
         _int("scheduling.adjustment_window", self.adjustment_window, 1)
         _int("scheduling.preemption_score_band", self.preemption_score_band, 0)
         _int("scheduling.history_limit", self.history_limit, 1)
@@ -107,21 +139,37 @@ class TimeConfig:
     def __post_init__(self) -> None:
         _unit("offload.min_gpu_usage", self.min_gpu_usage)
         _unit("offload.high_pressure_gpu_usage", self.high_pressure_gpu_usage)
-        _check(self.min_gpu_usage < self.high_pressure_gpu_usage, "offload.min_gpu_usage", "must be < high_pressure_gpu_usage")
+        _check(
+            self.min_gpu_usage < self.high_pressure_gpu_usage,
+            "offload.min_gpu_usage",
+            "must be < high_pressure_gpu_usage",
+        )
         _nonneg("offload.score_threshold", self.score_threshold)
         _int("offload.backoff_steps", self.backoff_steps, 0)
         _int("offload.eviction_window_blocks", self.eviction_window_blocks, 1)
         _int("offload.max_relief_blocks", self.max_relief_blocks, 0)
         _pos("offload.default_stall_s", self.default_stall_s)
         _nonneg("offload.release_lead_s", self.release_lead_s)
-        _check(0 < self.ewma_alpha <= 1, "offload.ewma_alpha", f"must be in (0, 1], got {self.ewma_alpha!r}")
+        _check(
+            0 < self.ewma_alpha <= 1,
+            "offload.ewma_alpha",
+            f"must be in (0, 1], got {self.ewma_alpha!r}",
+        )
         for n in ("attach_seconds", "tombstone_seconds", "safety_min_s", "keep_ttl_min_s", "reservation_ramp_s",
                   "overrun_grace_s", "handoff_grace_s"):  # fmt: skip
             _nonneg(f"offload.{n}", getattr(self, n))
         _pos("offload.safety_factor", self.safety_factor)
-        _check(self.safety_min_s <= self.safety_max_s, "offload.safety_min_s", "must be <= safety_max_s")
+        _check(
+            self.safety_min_s <= self.safety_max_s,
+            "offload.safety_min_s",
+            "must be <= safety_max_s",
+        )
         _pos("offload.keep_ttl_factor", self.keep_ttl_factor)
-        _check(self.keep_ttl_min_s <= self.keep_ttl_max_s, "offload.keep_ttl_min_s", "must be <= keep_ttl_max_s")
+        _check(
+            self.keep_ttl_min_s <= self.keep_ttl_max_s,
+            "offload.keep_ttl_min_s",
+            "must be <= keep_ttl_max_s",
+        )
         _int("offload.churn_window_steps", self.churn_window_steps, 1)
         _int("offload.churn_budget_stores", self.churn_budget_stores, 0)
 
@@ -144,18 +192,24 @@ class TokencakeConfig:
         sections = {"scheduling": SpaceConfig, "offload": TimeConfig}
         unknown = sorted(set(data) - set(sections))
         if unknown:
-            raise ValueError(f"tokencake config: unknown key {unknown[0]!r} (expected one of: scheduling, offload)")
+            raise ValueError(
+                f"tokencake config: unknown key {unknown[0]!r} (expected one of: scheduling, offload)"
+            )
         built: dict[str, Any] = {}
         for name, klass in sections.items():
             sec = data.get(name) or {}
             if not isinstance(sec, dict):
-                raise ValueError(f"tokencake config: {name} must be an object, got {type(sec).__name__}")
+                raise ValueError(
+                    f"tokencake config: {name} must be an object, got {type(sec).__name__}"
+                )
             names = {f.name for f in dataclasses.fields(klass)}
             bad = sorted(set(sec) - names)
             if bad:
                 raise ValueError(f"tokencake config: unknown key {name}.{bad[0]!r}")
             if sec.get("enabled", True) is False and set(sec) - {"enabled"}:
                 extra = sorted(set(sec) - {"enabled"})[0]
-                raise ValueError(f"tokencake config: {name}.{extra} given while {name}.enabled is false")
+                raise ValueError(
+                    f"tokencake config: {name}.{extra} given while {name}.enabled is false"
+                )
             built[name] = klass(**sec)
         return cls(**built)
