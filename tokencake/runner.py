@@ -212,6 +212,31 @@ class ModelRunner:
         self.strict = True
         log.info("warm-up compiled %d step shapes in %.1fs", len(shapes), self.compile_seconds)
 
+    # ---- diagnostics -----------------------------------------------------------------------
+    def prompt_logits(self, token_ids: Sequence[int], block_ids: Sequence[int]) -> np.ndarray:
+        """Float32 logits ``[len(token_ids), V]`` for every position of one prompt.
+
+        For correctness checks against reference implementations, not for serving: it compiles
+        its own program for the prompt's shape and writes the prompt's KV into ``block_ids``.
+        """
+        n = len(token_ids)
+        pages = math.ceil(n / self.cfg.page_size)
+        if len(block_ids) < pages:
+            raise ValueError(f"need {pages} blocks for {n} tokens, got {len(block_ids)}")
+
+        def run(state, k, v, batch):
+            model = nnx.merge(self.graphdef, state)
+            hidden, k, v = model(batch, k, v, self.backend.fn)
+            return model.logits(hidden[0]), k, v
+
+        batch = Batch(
+            np.asarray([token_ids], np.int32), np.arange(n, dtype=np.int32)[None],
+            np.asarray([n], np.int32), np.asarray([n], np.int32),
+            np.asarray([list(block_ids[:pages])], np.int32),
+        )  # fmt: skip
+        logits, self.k, self.v = jax.jit(run, donate_argnums=(1, 2))(self.state, self.k, self.v, batch)
+        return np.asarray(logits)
+
     # ---- execution ------------------------------------------------------------------------
     def execute(self, rows: Sequence[RowRequest]) -> dict[str, SampledToken]:
         """Run all rows (decode and prefill chunks); return one sampled token per row."""
