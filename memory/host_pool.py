@@ -186,14 +186,10 @@ class HostBlockPool:
             self._pending.discard(b)
 
     def discard(self, blocks: Sequence[int]) -> None:
-        """A copy into ``blocks`` failed: forget their hashes and drop the writer's reference.
-
-        The caller must have released any retention on these hashes first.
-        """
+        """A copy into ``blocks`` failed: forget their hashes (and any retention on them: the
+        data never arrived) and drop the writer's reference. Later :meth:`release` calls for
+        those hashes are no-ops."""
         for b in blocks:
-            h = self._hash_of.get(b)
-            if h is not None and self._retain.get(h, 0) > 0:
-                raise ValueError(f"cannot discard retained host block {b}")
             self._pending.discard(b)
             self._drop_hash(b)
         self.free(blocks)
@@ -243,8 +239,11 @@ class HostBlockPool:
         return out
 
     def release(self, hashes: Sequence[bytes]) -> None:
-        """Undo one :meth:`retain` per hash; fully released idle blocks rejoin the LRU."""
+        """Undo one :meth:`retain` per hash; fully released idle blocks rejoin the LRU. Hashes
+        whose block was discarded (failed copy) are skipped."""
         for h in hashes:
+            if h not in self._block_of:
+                continue
             count = self._retain.get(h, 0)
             if count <= 0:
                 raise ValueError("release of a host hash that is not retained")
