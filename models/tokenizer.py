@@ -14,11 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Quiet the "PyTorch was not found" banner transformers logs on import; we never need torch.
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-from tokenizers import AddedToken, decoders, models, pre_tokenizers  # noqa: E402
-from tokenizers import Tokenizer as RawTokenizer  # noqa: E402
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as RawTokenizer
 
 EXTRA_FILE = "tokencake_tokenizer.json"
 
@@ -45,6 +42,8 @@ def _fast_tokenizer_cls() -> Any:
     import transformers
     from transformers.utils import logging as hf_logging
 
+    # transformers warns about missing torch and tokenizer-class guesses on every load; none of
+    # it is actionable for a torch-free serving engine.
     hf_logging.set_verbosity_error()
     return transformers.PreTrainedTokenizerFast
 

@@ -95,6 +95,18 @@ def test_from_hf_config_architectures():
         },
     }
     assert ModelConfig.from_hf_config(llama3).rope_scaling["factor"] == 8.0
+    # transformers 5 style: theta and scaling live in rope_parameters.
+    v5 = {
+        **hf_config_dict(tiny_config()),
+        "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
+    }
+    v5.pop("rope_theta")
+    v5.pop("rope_scaling")
+    v5_cfg = ModelConfig.from_hf_config(v5)
+    assert v5_cfg.rope_theta == 5e5 and v5_cfg.rope_scaling == {
+        "rope_type": "linear",
+        "factor": 4.0,
+    }
     # Qwen2 always has q/k/v biases even though its config.json has no flag for it.
     qwen2 = {**hf_config_dict(tiny_config()), "architectures": ["Qwen2ForCausalLM"]}
     qwen2.pop("attention_bias")
