@@ -8,12 +8,14 @@ is accounted for in the pool (``check_integrity``).
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tokencake.memory.block_pool import BlockPool, block_hashes
-from tokencake.scheduler.plan import ScheduledChunk, StepPlan
+from tokencake.memory.host_pool import HostBlockPool
+from tokencake.scheduler.plan import BlockCopy, ScheduledChunk, StepPlan
 from tokencake.scheduler.policy import Policy
 from tokencake.scheduler.request import Request, RequestStatus
 
@@ -29,8 +31,15 @@ class SchedulerConfig:
     max_prefill_chunk: int = 512
     max_prefill_seqs: int = 4
     max_model_len: int = 2048
+    # "swap": a preempted request's full blocks are copied to the host tier (needs a host
+    # pool; falls back to recompute when it is full). A policy may override per victim.
+    preemption_mode: str = "recompute"
 
     def __post_init__(self) -> None:
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(
+                f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
+            )
         for name in (
             "max_num_seqs",
             "max_num_batched_tokens",
@@ -42,6 +51,17 @@ class SchedulerConfig:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1")
 
 
+@dataclass
+class _InflightCopy:
+    """Scheduler-side record of one issued copy. It holds its own reference on every device
+    block and host block it touches, so finishing or preempting the owner cannot recycle a
+    block under a copy in flight (the fence); the references drop in ``on_copies_done``."""
+
+    copy: BlockCopy
+    request_id: str
+    computed_after: int = 0  # h2d: the owner's computed tokens once the pages have landed
+
+
 class Scheduler:
     """Decides each step's batch. Call ``schedule()``, run the plan, then ``update()``."""
 
@@ -51,11 +71,22 @@ class Scheduler:
         pool: BlockPool,
         policy: Policy | None = None,
         clock: Callable[[], float] | None = None,
+        host_pool: HostBlockPool | None = None,
     ) -> None:
         import time
 
         self.config = config
         self.pool = pool
+        self.host_pool = host_pool
+        self._copy_ids = itertools.count()
+        self._new_copies: list[BlockCopy] = []  # emitted into the next StepPlan
+        self._inflight: dict[str, _InflightCopy] = {}  # tag -> record
+        self._awaiting: dict[str, str] = {}  # request id -> tag of the copy-in it waits for
+        self._host_hit: dict[str, tuple[int, list[int]]] = {}  # id -> (first block, host ids)
+        self._swapped: dict[str, list[bytes]] = {}  # request id -> host hashes retained for it
+        self.num_swap_outs = 0
+        self.num_swap_fallbacks = 0
+        self.num_failed_copies = 0
         self.policy = policy or Policy()
         self.clock = clock or time.monotonic
         self.waiting: list[Request] = []
@@ -98,6 +129,7 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         self._release(req)
+        self._release_swap(req)
         req.status = status
         req.finish_time = self.clock()
         self.requests.pop(req.request_id, None)
@@ -107,11 +139,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def copies_in_flight(self) -> int:
+        """Copies issued to the executor whose completion has not been reported yet."""
+        return len(self._inflight)
+
     # ---- block accounting -------------------------------------------------------------------
     def _blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.pool.block_size)
 
     def _release(self, req: Request) -> None:
+        self._awaiting.pop(req.request_id, None)
+        self._host_hit.pop(req.request_id, None)
         if req.block_ids:
             self.pool.free(req.block_ids)
         req.block_ids = []
@@ -128,10 +167,12 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request) -> None:
-        """Recompute preemption: drop the KV (cached blocks stay revivable) and requeue."""
+        """Recompute preemption: drop the KV (cached blocks stay revivable) and requeue. In
+        swap mode the full blocks are first copied to the host tier (see ``_swap_out``)."""
         self.running.remove(req)
+        swapped = self._swap_out(req)
         self._release(req)
-        req.num_recomputed_tokens += req.num_computed_tokens
+        req.num_recomputed_tokens += req.num_computed_tokens - swapped
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
@@ -149,6 +190,7 @@ class Scheduler:
         req.block_ids = list(hits)
         req._hashed_blocks = len(hits)
         req.num_computed_tokens = len(hits) * self.pool.block_size
+        self._lookup_host_hit(req, len(hits), usable)
 
     # ---- the step ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -162,12 +204,16 @@ class Scheduler:
 
         # 1. Running requests, oldest first; preempt per policy when blocks run out.
         for req in sorted(self.running, key=lambda r: r.arrival_time):
-            if req not in self.running or budget <= 0:
-                continue
+            if req not in self.running or budget <= 0 or req.request_id in self._awaiting:
+                continue  # (awaiting: its prefix pages are still being copied in)
             n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget) if req.is_prefill else 1
             if n > 1 and prefill_rows >= cfg.max_prefill_seqs:
                 continue
+            grown = True
             while not self._grow(req, req.num_computed_tokens + n):
+                if self._swap_out_will_cover(req, n):
+                    grown = False  # victims' pages free up once their copy-out lands
+                    break
                 victim = self.policy.choose_victim(self.running, req)
                 if victim is None or victim is req:
                     self._preempt(req)
@@ -176,7 +222,7 @@ class Scheduler:
                 self._preempt(victim)
                 plan.preempted.append(victim)
                 plan.chunks = [c for c in plan.chunks if c.request is not victim]
-            if req.status is not RequestStatus.RUNNING:
+            if not grown or req.status is not RequestStatus.RUNNING:
                 continue
             plan.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget -= n
@@ -192,6 +238,8 @@ class Scheduler:
                 ):
                     break
                 self._apply_prefix_hit(req)
+                if self._admit_with_copy_in(req, now):
+                    continue  # admitted; its first chunk runs once the host pages have landed
                 n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget)
                 need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
                 if need > self.pool.num_free or not self.policy.can_admit(
@@ -206,11 +254,14 @@ class Scheduler:
                 self.waiting.remove(req)
                 self.running.append(req)
                 req.status = RequestStatus.RUNNING
+                self._release_swap(req)
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
                 plan.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
                 budget -= n
                 prefill_rows += n > 1
+        plan.copies.extend(self._new_copies)
+        self._new_copies = []
         return plan
 
     def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Request]:
@@ -248,3 +299,143 @@ class Scheduler:
         for i in range(req._hashed_blocks, full):
             self.pool.register(req.block_ids[i], req._block_hashes[i])
         req._hashed_blocks = full
+
+    # ---- memory hierarchy: host prefix tier and swap preemption (issue #4) -------------------
+    def _preemption_mode(self, req: Request) -> str:
+        """``"recompute"`` or ``"swap"`` for this victim: the policy's optional
+        ``preemption_mode(victim)`` hook wins over the config when it returns a mode."""
+        hook = getattr(self.policy, "preemption_mode", None)
+        mode = hook(req) if hook is not None else None
+        return mode or self.config.preemption_mode
+
+    def _next_tag(self, direction: str, req: Request) -> str:
+        return f"{direction}:{req.request_id}:{next(self._copy_ids)}"
+
+    def _lookup_host_hit(self, req: Request, first: int, usable: int) -> None:
+        """Note the host blocks that continue ``req``'s device prefix hit (not taken yet)."""
+        self._host_hit.pop(req.request_id, None)
+        host = self.host_pool
+        if host is None or first >= usable:
+            return
+        # With the prefix cache off, the host tier only gives a request back its own swap.
+        if not (self.pool.enable_prefix_cache or req.request_id in self._swapped):
+            return
+        blocks = host.lookup_prefix(req._block_hashes[first:usable])
+        if blocks:
+            self._host_hit[req.request_id] = (first, blocks)
+
+    def _admit_with_copy_in(self, req: Request, now: float) -> bool:
+        """Admit ``req`` whose prefix continues in the host tier: allocate device blocks for
+        those pages and emit an h2d copy. The request computes nothing until the copy lands
+        (``on_copies_done``), so it can never attend pages still in flight. False, with
+        nothing changed, when there is no host hit or no room for it."""
+        hit = self._host_hit.pop(req.request_id, None)
+        if hit is None or self.host_pool is None:
+            return False
+        first, host_blocks = hit
+        m = min(len(host_blocks), self.pool.num_free)
+        if m == 0 or not self.policy.can_admit(req, m, self.pool, self.running):
+            return False
+        host_blocks = host_blocks[:m]
+        dev = self.pool.allocate(m)
+        req.block_ids.extend(dev)
+        self.pool.fork(dev)  # the copy's own reference: the fence against reuse
+        self.host_pool.acquire(host_blocks)
+        tag = self._next_tag("h2d", req)
+        copy = BlockCopy("h2d", tuple(dev), tuple(host_blocks), tag)
+        bs = self.pool.block_size
+        self._inflight[tag] = _InflightCopy(copy, req.request_id, (first + m) * bs)
+        self._new_copies.append(copy)
+        self._awaiting[req.request_id] = tag
+        if req.num_preemptions == 0 and req.first_scheduled_time is None:
+            req.num_cached_tokens = (first + m) * bs
+        self.waiting.remove(req)
+        self.running.append(req)
+        req.status = RequestStatus.RUNNING
+        self._release_swap(req)  # the copy holds the host blocks from here on
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = now
+        return True
+
+    def _swap_out(self, req: Request) -> int:
+        """Swap preemption: copy ``req``'s full computed blocks to the host tier and retain
+        them until it resumes (its resume finds them through the prefix lookup). Returns the
+        tokens preserved; 0 means plain recompute (no host tier, recompute mode, host full)."""
+        host = self.host_pool
+        if host is None or self._preemption_mode(req) != "swap":
+            return 0
+        bs = self.pool.block_size
+        full = min(req.num_computed_tokens // bs, len(req.block_ids))
+        if len(req._block_hashes) < full:
+            req._block_hashes = block_hashes(req.all_token_ids[: full * bs], bs)
+        kept: list[bytes] = []
+        dev: list[int] = []
+        dst: list[int] = []
+        for i, h in enumerate(req._block_hashes[:full]):
+            if host.block_of(h) is None:
+                got = host.try_allocate(1)
+                if got is None:
+                    break  # host tier full: keep the contiguous prefix that fits
+                host.register(got[0], h, pending=True)
+                dev.append(req.block_ids[i])
+                dst.append(got[0])
+            # Retain as we go, so a later allocation cannot evict an earlier kept block.
+            kept += host.retain([h])
+        if not kept:
+            self.num_swap_fallbacks += 1
+            return 0
+        self._swapped.setdefault(req.request_id, []).extend(kept)
+        if dev:
+            self.pool.fork(dev)  # freed only when the copy-out has landed (fence)
+            tag = self._next_tag("d2h", req)
+            copy = BlockCopy("d2h", tuple(dev), tuple(dst), tag)
+            self._inflight[tag] = _InflightCopy(copy, req.request_id)
+            self._new_copies.append(copy)
+        self.num_swap_outs += 1
+        return len(kept) * bs
+
+    def _swap_out_will_cover(self, req: Request, n: int) -> bool:
+        """True when pages held only by in-flight copy-outs cover ``req``'s shortfall, so it
+        should wait a step for them rather than preempt yet another request."""
+        short = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
+        short -= self.pool.num_free
+        held = {
+            b
+            for rec in self._inflight.values()
+            if rec.copy.direction == "d2h"
+            for b in rec.copy.device_blocks
+            if self.pool.ref_count(b) == 1
+        }
+        return 0 < short <= len(held)
+
+    def _release_swap(self, req: Request) -> None:
+        hashes = self._swapped.pop(req.request_id, None)
+        if hashes and self.host_pool is not None:
+            self.host_pool.release(hashes)
+
+    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy] = ()) -> None:
+        """The executor finished (``done``) or gave up on (``failed``) these copies: drop
+        their fences, publish or discard host pages, and let a request waiting on a copy-in
+        continue (after a failed copy-in it simply recomputes those tokens)."""
+        host = self.host_pool
+        for copy, ok in [(c, True) for c in done] + [(c, False) for c in failed]:
+            rec = self._inflight.pop(copy.tag, None)
+            if rec is None or host is None:
+                raise ValueError(f"completion of unknown copy {copy.tag!r}")
+            c = rec.copy
+            if c.direction == "d2h":
+                if ok:
+                    host.complete_write(c.host_blocks)
+                    host.free(c.host_blocks)
+                else:
+                    host.discard(c.host_blocks)
+            else:
+                host.free(c.host_blocks)
+                req = self.requests.get(rec.request_id)
+                if req is not None and self._awaiting.get(req.request_id) == c.tag:
+                    del self._awaiting[req.request_id]
+                    if ok:
+                        req.num_computed_tokens = rec.computed_after
+                        self._register_full_blocks(req)
+            self.pool.free(c.device_blocks)
+            self.num_failed_copies += not ok
