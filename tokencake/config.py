@@ -22,6 +22,7 @@ class EngineConfig:
     kv_cache_gib: float = 0.25
     num_pages: int | None = None
     host_kv_gib: float = 0.0
+    preemption_mode: str = "recompute"
     max_model_len: int = 2048
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
@@ -48,6 +49,10 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
         if self.host_kv_gib < 0:
             raise ValueError(f"host_kv_gib must be >= 0, got {self.host_kv_gib}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(
+                f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
+            )
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.max_prefill_chunk > self.max_num_batched_tokens:

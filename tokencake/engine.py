@@ -18,6 +18,9 @@ import numpy as np
 
 from tokencake.config import EngineConfig
 from tokencake.memory.block_pool import BlockPool
+from tokencake.memory.cost_model import CostModel
+from tokencake.memory.host_kv import allocate_host_kv
+from tokencake.memory.host_pool import HostBlockPool
 from tokencake.memory.kv_cache import KVCacheSpec
 from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -25,6 +28,7 @@ from tokencake.outputs import RequestOutput, TokenLogprob
 from tokencake.runner import ModelRunner, RunnerConfig, rows_from_chunks
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
+from tokencake.scheduler.plan import BlockCopy
 from tokencake.scheduler.policies import make_policy
 from tokencake.scheduler.request import Request, RequestStatus
 
@@ -87,6 +91,12 @@ class LLMEngine:
             ),  # fmt: skip
         )
         self.pool = BlockPool(num_pages, cfg.page_size, cfg.enable_prefix_cache)
+        self.cost_model = CostModel(self.runner.kv_spec.bytes_per_page)
+        self.host_pool: HostBlockPool | None = None
+        self.transfer = None  # TransferEngine when the host tier is on
+        self._copy_of: dict[int, BlockCopy] = {}  # transfer handle id -> the plan's copy
+        if cfg.host_kv_gib > 0:
+            self._build_host_tier()
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=cfg.max_num_seqs,
@@ -94,9 +104,11 @@ class LLMEngine:
                 max_prefill_chunk=cfg.max_prefill_chunk,
                 max_prefill_seqs=cfg.max_prefill_seqs,
                 max_model_len=max_len,
+                preemption_mode=cfg.preemption_mode,
             ),  # fmt: skip
             self.pool,
             make_policy(cfg.policy),
+            host_pool=self.host_pool,
         )
         self.eos_ids = frozenset(model_config.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
         self._text: dict[str, _TextState] = {}
@@ -105,6 +117,23 @@ class LLMEngine:
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
         if cfg.warmup:
             self.runner.warmup()
+            if self.transfer is not None:
+                self.transfer.warmup()
+            self.cost_model.profile_recompute(self.runner)
+
+    def _build_host_tier(self) -> None:
+        """Host block pool, host KV arrays (allocated once) and the transfer engine."""
+        from tokencake.memory.transfer import TransferEngine
+
+        cfg = self.config
+        if cfg.tensor_parallel_size > 1:
+            raise NotImplementedError("the host KV tier supports tensor_parallel_size=1 only")
+        spec = self.runner.kv_spec
+        self.host_pool = HostBlockPool.for_budget(
+            int(cfg.host_kv_gib * 2**30), spec.bytes_per_page, cfg.page_size
+        )
+        host_kv = allocate_host_kv(spec, self.host_pool.num_blocks)
+        self.transfer = TransferEngine(self.runner, host_kv, self.cost_model.bandwidth)
 
     @property
     def max_model_len(self) -> int:
@@ -156,15 +185,23 @@ class LLMEngine:
         return self.scheduler.abort(request_id) is not None
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self.scheduler.copies_in_flight > 0
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns outputs for every request that progressed or ended."""
+        self._poll_transfers()
         plan = self.scheduler.schedule()
+        # Copies go first: a copy-out must read pages before this step's writes, and JAX's
+        # dataflow then orders them; the scheduler's fences make that order not matter.
+        self._issue_copies(plan.copies)
         if not plan.chunks:
+            if self.scheduler.copies_in_flight:
+                self.sync_transfers()  # nothing runnable until a copy lands: do not spin
             return []
         rows = rows_from_chunks(plan.chunks, self._sampling_of)
+        if self.transfer is not None:
+            self._check_fences(plan)
         sampled = self.runner.execute(rows)
         produced = self.scheduler.update(plan, {k: v.token for k, v in sampled.items()})
         self.stats["steps"] += 1
@@ -187,6 +224,39 @@ class LLMEngine:
                 state.logprobs.append(TokenLogprob(tok, s.logprob, top))
             outputs.append(self._postprocess(req, state, tok))
         return outputs
+
+    # ---- the memory hierarchy -------------------------------------------------------------
+    def _issue_copies(self, copies: list[BlockCopy]) -> None:
+        if not copies:
+            return
+        if self.transfer is None:
+            raise RuntimeError("the scheduler emitted KV copies but the host tier is off")
+        for c in copies:
+            h = self.transfer.issue(c.direction, c.device_blocks, c.host_blocks, c.tag)
+            self._copy_of[h.id] = c
+
+    def _poll_transfers(self, handles=None) -> None:
+        if self.transfer is None:
+            return
+        finished = self.transfer.poll() if handles is None else handles
+        if finished:
+            done = [self._copy_of.pop(h.id) for h in finished if h.error is None]
+            failed = [self._copy_of.pop(h.id) for h in finished if h.error is not None]
+            self.scheduler.on_copies_done(done, failed)
+
+    def sync_transfers(self) -> None:
+        """Wait for every KV copy in flight and report it to the scheduler."""
+        if self.transfer is not None:
+            self._poll_transfers(self.transfer.wait())
+
+    def _check_fences(self, plan) -> None:
+        bs = self.pool.block_size
+        attended, written = [], []
+        for c in plan.chunks:
+            end = -(-(c.start + c.num_tokens) // bs)
+            attended.append(c.request.block_ids[:end])
+            written.append(c.request.block_ids[c.start // bs : end])
+        self.transfer.check_step(attended, written)
 
     def _sampling_of(self, req: Request) -> tuple[float, int, float, int]:
         state = self._text[req.request_id]
