@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from tokencake.memory.kv_cache import DUMMY_PAGE, KVCacheSpec, allocate_kv_cache
+from tokencake.models import sharding
 from tokencake.models.attention.backend import get_backend
 from tokencake.models.config import ModelConfig
 from tokencake.models.llama import Batch, DecoderLM
@@ -79,6 +80,7 @@ class RunnerConfig:
     max_prefill_seqs: int = 4
     dtype: str = "float32"
     attention_backend: str = "auto"
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.num_pages < 2:
@@ -157,10 +159,19 @@ class ModelRunner:
             model_cfg.num_layers, cfg.num_pages, cfg.page_size, model_cfg.num_kv_heads,
             model_cfg.head_dim, cfg.dtype,
         )  # fmt: skip
+        self.mesh = None
+        self.attention_fn = self.backend.fn
+        kv_sharding = None
+        if cfg.tensor_parallel_size > 1:
+            sharding.check_divisible(model_cfg, cfg.tensor_parallel_size)
+            self.mesh = sharding.make_mesh(cfg.tensor_parallel_size)
+            params = sharding.shard_params(params, self.mesh, cfg.dtype)
+            self.attention_fn = sharding.shard_attention(self.backend.fn, self.mesh)
+            kv_sharding = sharding.kv_sharding(self.mesh)
         model = DecoderLM(model_cfg, params, cfg.dtype)
         # Split once: the graph definition is static, the state is the only weight argument.
         self.graphdef, self.state = nnx.split(model)
-        self.k, self.v = allocate_kv_cache(self.kv_spec)
+        self.k, self.v = allocate_kv_cache(self.kv_spec, kv_sharding)
         self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
         self._compiled: dict[tuple[int, int, int], jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
@@ -169,7 +180,7 @@ class ModelRunner:
     # ---- the jitted step ---------------------------------------------------------------------
     def _step_fn(self, state, k, v, batch: Batch, sampling: SamplingInputs):
         model = nnx.merge(self.graphdef, state)
-        hidden, k, v = model(batch, k, v, self.backend.fn)
+        hidden, k, v = model(batch, k, v, self.attention_fn)
         rows = jnp.arange(hidden.shape[0])
         last = hidden[rows, jnp.maximum(batch.q_lens - 1, 0)]
         out = sample(model.logits(last), sampling)
@@ -226,7 +237,7 @@ class ModelRunner:
 
         def run(state, k, v, batch):
             model = nnx.merge(self.graphdef, state)
-            hidden, k, v = model(batch, k, v, self.backend.fn)
+            hidden, k, v = model(batch, k, v, self.attention_fn)
             return model.logits(hidden[0]), k, v
 
         batch = Batch(
@@ -234,7 +245,9 @@ class ModelRunner:
             np.asarray([n], np.int32), np.asarray([n], np.int32),
             np.asarray([list(block_ids[:pages])], np.int32),
         )  # fmt: skip
-        logits, self.k, self.v = jax.jit(run, donate_argnums=(1, 2))(self.state, self.k, self.v, batch)
+        logits, self.k, self.v = jax.jit(run, donate_argnums=(1, 2))(
+            self.state, self.k, self.v, batch
+        )
         return np.asarray(logits)
 
     # ---- execution ------------------------------------------------------------------------
