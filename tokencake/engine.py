@@ -88,6 +88,7 @@ class LLMEngine:
                 max_prefill_seqs=cfg.max_prefill_seqs,
                 dtype=cfg.dtype,
                 attention_backend=cfg.attention_backend,
+                tensor_parallel_size=cfg.tensor_parallel_size,
             ),  # fmt: skip
         )
         self.pool = BlockPool(num_pages, cfg.page_size, cfg.enable_prefix_cache)
