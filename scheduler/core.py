@@ -361,38 +361,59 @@ class Scheduler:
         """Swap preemption: copy ``req``'s full computed blocks to the host tier and retain
         them until it resumes (its resume finds them through the prefix lookup). Returns the
         tokens preserved; 0 means plain recompute (no host tier, recompute mode, host full)."""
-        host = self.host_pool
-        if host is None or self._preemption_mode(req) != "swap":
+        if self.host_pool is None or self._preemption_mode(req) != "swap":
             return 0
         bs = self.pool.block_size
         full = min(req.num_computed_tokens // bs, len(req.block_ids))
         if len(req._block_hashes) < full:
             req._block_hashes = block_hashes(req.all_token_ids[: full * bs], bs)
+        kept = self.offload_blocks(req.block_ids[:full], req._block_hashes[:full], req.request_id)
+        if not kept:
+            self.num_swap_fallbacks += 1
+            return 0
+        self._swapped.setdefault(req.request_id, []).extend(kept)
+        self.num_swap_outs += 1
+        return len(kept) * bs
+
+    def offload_blocks(
+        self,
+        device_blocks: Sequence[int],
+        hashes: Sequence[bytes],
+        owner: str = "",
+        retain: bool = True,
+    ) -> list[bytes]:
+        """Copy the device blocks holding the chained ``hashes`` (a prefix, in order) to the
+        host tier; blocks already there are not copied again. Stops at the first block the
+        host cannot take (a gapped prefix is useless). Device blocks may be in use or cached;
+        the copy holds them until it lands. Returns the hashes on (or headed to) the host;
+        with ``retain`` they are retained and the caller must ``host_pool.release`` them."""
+        host = self.host_pool
+        if host is None:
+            return []
         kept: list[bytes] = []
         dev: list[int] = []
         dst: list[int] = []
-        for i, h in enumerate(req._block_hashes[:full]):
+        for b, h in zip(device_blocks, hashes, strict=False):
             if host.block_of(h) is None:
                 got = host.try_allocate(1)
                 if got is None:
                     break  # host tier full: keep the contiguous prefix that fits
                 host.register(got[0], h, pending=True)
-                dev.append(req.block_ids[i])
+                dev.append(b)
                 dst.append(got[0])
             # Retain as we go, so a later allocation cannot evict an earlier kept block.
-            kept += host.retain([h])
-        if not kept:
-            self.num_swap_fallbacks += 1
-            return 0
-        self._swapped.setdefault(req.request_id, []).extend(kept)
+            kept += host.retain([h]) if retain else [h]
+        for b in dev:  # the copy's own reference: freed only when the copy-out has landed
+            if self.pool.ref_count(b) == 0:
+                self.pool.take_cached([b])
+            else:
+                self.pool.fork([b])
         if dev:
-            self.pool.fork(dev)  # freed only when the copy-out has landed (fence)
-            tag = self._next_tag("d2h", req)
+            tag = f"d2h:{owner}:{next(self._copy_ids)}"
             copy = BlockCopy("d2h", tuple(dev), tuple(dst), tag)
-            self._inflight[tag] = _InflightCopy(copy, req.request_id)
+            self._inflight[tag] = _InflightCopy(copy, owner)
             self._new_copies.append(copy)
-        self.num_swap_outs += 1
-        return len(kept) * bs
+        return kept
 
     def _swap_out_will_cover(self, req: Request, n: int) -> bool:
         """True when pages held only by in-flight copy-outs cover ``req``'s shortfall, so it
