@@ -26,6 +26,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--attention-backend", default="auto", help="auto, reference, pallas-gpu or pallas-tpu"
     )
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument(
+        "--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()"
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace, **extra: Any):
@@ -35,6 +38,7 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any):
         model=args.model, policy=args.policy, kv_cache_gib=args.kv_cache_gib, host_kv_gib=args.host_kv_gib,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
         attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
+        distributed=args.distributed,
     )  # fmt: skip
     return EngineConfig(**{**options, **extra})
 

@@ -32,6 +32,7 @@ class EngineConfig:
     policy: str = "vllm"
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host SPMD)
     warmup: bool = True
     seed: int = 0
 

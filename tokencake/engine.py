@@ -61,6 +61,8 @@ class LLMEngine:
         model_name: str | None = None,
     ) -> None:
         self.config = config or EngineConfig()
+        if self.config.distributed:
+            _init_distributed()
         if model_config is None:
             from tokencake.models.hub import resolve_model
 
@@ -320,3 +322,12 @@ def _metrics(req: Request) -> dict[str, float]:
     if req.finish_time is not None:
         out["e2e_s"] = req.finish_time - req.arrival_time
     return out
+
+
+def _init_distributed() -> None:
+    """Join JAX's multi-process runtime once (coordinator from JAX_* env vars or auto-detected)."""
+    import jax
+
+    if jax.process_count() == 1 and not getattr(_init_distributed, "done", False):
+        jax.distributed.initialize()
+        _init_distributed.done = True  # type: ignore[attr-defined]
