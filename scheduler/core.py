@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from tokencake.memory.block_pool import BlockPool, block_hashes
 from tokencake.memory.host_pool import HostBlockPool
+from tokencake.scheduler.lifecycle import Disposition, Lifecycle
+from tokencake.scheduler.metadata import coerce_metadata
 from tokencake.scheduler.plan import BlockCopy, ScheduledChunk, StepPlan
 from tokencake.scheduler.policy import Policy
 from tokencake.scheduler.request import Request, RequestStatus
@@ -93,6 +95,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Agent-aware hooks (issue #5): tool-call lifecycles live here for every policy (the
+        # baseline only tracks them); the policy may replace the lifecycle in ``bind``.
+        self.lifecycle = Lifecycle(self.clock)
+        self.policy.bind(self)
 
     # ---- queue management -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -110,6 +116,7 @@ class Scheduler:
             raise ValueError(
                 f"request needs up to {blocks_needed} KV blocks but the pool holds {self.pool.capacity}"
             )
+        self._associate(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -128,6 +135,7 @@ class Scheduler:
             self.running.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
+        self._on_generation_finished(req, status)
         self._release(req)
         self._release_swap(req)
         req.status = status
@@ -142,7 +150,7 @@ class Scheduler:
     @property
     def copies_in_flight(self) -> int:
         """Copies issued to the executor whose completion has not been reported yet."""
-        return len(self._inflight)
+        return len(self._inflight) + self.policy.copies_in_flight
 
     # ---- block accounting -------------------------------------------------------------------
     def _blocks_for(self, num_tokens: int) -> int:
@@ -177,6 +185,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
+        self.policy.on_preempted(req)
         self.waiting.append(req)
 
     def _apply_prefix_hit(self, req: Request) -> None:
@@ -197,6 +206,7 @@ class Scheduler:
         """Choose this step's chunks (decode tokens first, then prefill chunks)."""
         now = self.clock()
         cfg = self.config
+        self.lifecycle.expire()
         self.policy.on_step(now, self.running, self.waiting, self.pool)
         plan = StepPlan()
         budget = cfg.max_num_batched_tokens
@@ -204,7 +214,11 @@ class Scheduler:
 
         # 1. Running requests, oldest first; preempt per policy when blocks run out.
         for req in sorted(self.running, key=lambda r: r.arrival_time):
-            if req not in self.running or budget <= 0 or req.request_id in self._awaiting:
+            if (
+                req.status is not RequestStatus.RUNNING  # preempted as a victim this step
+                or budget <= 0
+                or req.request_id in self._awaiting
+            ):
                 continue  # (awaiting: its prefix pages are still being copied in)
             n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget) if req.is_prefill else 1
             if n > 1 and prefill_rows >= cfg.max_prefill_seqs:
@@ -230,36 +244,55 @@ class Scheduler:
 
         # 2. Admit waiting requests in policy order while budget, rows and blocks allow.
         if not plan.preempted:
-            for req in self.policy.order_waiting(self.waiting, now):
-                if (
-                    budget <= 0
-                    or len(self.running) >= cfg.max_num_seqs
-                    or prefill_rows >= cfg.max_prefill_seqs
-                ):
-                    break
-                self._apply_prefix_hit(req)
-                if self._admit_with_copy_in(req, now):
-                    continue  # admitted; its first chunk runs once the host pages have landed
-                n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget)
-                need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-                if need > self.pool.num_free or not self.policy.can_admit(
-                    req, need, self.pool, self.running
-                ):
-                    self._release(req)
-                    req.num_computed_tokens = 0
-                    break  # strict order: do not let later requests jump the head
-                if req.num_preemptions == 0 and req.first_scheduled_time is None:
-                    req.num_cached_tokens = req.num_computed_tokens
-                self._grow(req, req.num_computed_tokens + n)
-                self.waiting.remove(req)
-                self.running.append(req)
-                req.status = RequestStatus.RUNNING
-                self._release_swap(req)
-                if req.first_scheduled_time is None:
-                    req.first_scheduled_time = now
-                plan.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
-                budget -= n
-                prefill_rows += n > 1
+            # Capacity promised to restores in progress (§10): never handed to new admissions.
+            committed = self.policy.committed_blocks(now)
+            for pass_index in range(self.policy.admission_passes):
+                if pass_index == 0:
+                    candidates = self.policy.order_waiting(self.waiting, now)
+                else:
+                    candidates = self.policy.retry_candidates()
+                self.policy.begin_admission_pass(pass_index)
+                for req in candidates:
+                    if req.status is not RequestStatus.WAITING:
+                        continue
+                    if (
+                        budget <= 0
+                        or len(self.running) >= cfg.max_num_seqs
+                        or prefill_rows >= cfg.max_prefill_seqs
+                    ):
+                        break
+                    self._apply_prefix_hit(req)
+                    if self._admit_with_copy_in(req, now):
+                        self.policy.on_admitted(req, now)
+                        continue  # admitted; its first chunk runs once the host pages have landed
+                    n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget)
+                    need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
+                    if need > self.pool.num_free - committed or not self.policy.can_admit(
+                        req, need, self.pool, self.running
+                    ):
+                        self._release(req)
+                        req.num_computed_tokens = 0
+                        if self.policy.skip_denied(req):
+                            continue  # the policy defers only this one (e.g. its reservation)
+                        break  # strict order: do not let later requests jump the head
+                    if req.num_preemptions == 0 and req.first_scheduled_time is None:
+                        req.num_cached_tokens = req.num_computed_tokens
+                    self._grow(req, req.num_computed_tokens + n)
+                    self.waiting.remove(req)
+                    self.running.append(req)
+                    req.status = RequestStatus.RUNNING
+                    self._release_swap(req)
+                    if req.first_scheduled_time is None:
+                        req.first_scheduled_time = now
+                    self.policy.on_admitted(req, now)
+                    plan.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+                    budget -= n
+                    prefill_rows += n > 1
+        if not self.running and self.waiting and not plan.preempted:
+            # Nothing runs and nothing could start: let the policy give back held capacity
+            # (pins, restore reservations) so the next step can admit the head.
+            self.policy.on_admission_stalled()
+        self.policy.finalize_plan(plan, now)
         plan.copies.extend(self._new_copies)
         self._new_copies = []
         return plan
@@ -439,6 +472,15 @@ class Scheduler:
         their fences, publish or discard host pages, and let a request waiting on a copy-in
         continue (after a failed copy-in it simply recomputes those tokens)."""
         host = self.host_pool
+        mine = [c for c in done if c.tag in self._inflight]
+        mine_failed = [c for c in failed if c.tag in self._inflight]
+        if len(mine) + len(mine_failed) < len(done) + len(failed):
+            # Copies the policy issued (Time Scheduler offload/upload) report to the policy.
+            self.policy.on_copies_done(
+                [c for c in done if c.tag not in self._inflight],
+                [c for c in failed if c.tag not in self._inflight],
+            )
+            done, failed = mine, mine_failed
         for copy, ok in [(c, True) for c in done] + [(c, False) for c in failed]:
             rec = self._inflight.pop(copy.tag, None)
             if rec is None or host is None:
@@ -460,3 +502,34 @@ class Scheduler:
                         self._register_full_blocks(req)
             self.pool.free(c.device_blocks)
             self.num_failed_copies += not ok
+
+    # ---- agent-aware hooks (issue #5) ---------------------------------------------------------
+    def _associate(self, request: Request) -> None:
+        """Validate agent metadata (ValueError naming the field) and open its lifecycle."""
+        request.metadata = coerce_metadata(request.metadata)
+        m = request.metadata
+        if m is None:
+            return
+        if m.lifecycle_id and m.lifecycle_id != request.request_id:
+            raise ValueError(
+                f"metadata field 'lifecycle_id' ({m.lifecycle_id!r}) must equal the request id "
+                f"({request.request_id!r})"
+            )
+        self.lifecycle.associate(request.request_id, m)
+
+    def _on_generation_finished(self, req: Request, status: RequestStatus) -> None:
+        """Before a finished request's blocks are released: snapshot its hashed prefix for its
+        lifecycle (the successor's prefix) and let the policy act on the live blocks."""
+        if req.metadata is None:
+            return
+        ok = status is not RequestStatus.FINISHED_ABORTED
+        if ok:
+            self.policy.on_generation_finished(req, self.pool)
+        snapshot = tuple(req._block_hashes[: req._hashed_blocks]) if ok else None
+        self.lifecycle.generation_finished(req.request_id, ok, snapshot)
+
+    def lifecycle_event(self, event: object) -> tuple[Disposition, dict]:
+        """Apply one client tool-lifecycle event; the server maps the disposition to HTTP."""
+        disp, body = self.lifecycle.handle(event)
+        self.policy.on_lifecycle_event(disp, body)
+        return disp, body

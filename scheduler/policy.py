@@ -9,8 +9,9 @@ every policy runs on identical machinery and a comparison measures the policy al
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
+from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.request import Request
 
 
@@ -52,6 +53,59 @@ class Policy:
 
     def on_finished(self, request: Request) -> None:
         """Called when a request leaves the engine (finished or aborted)."""
+
+    # ---- agent-aware hooks (issue #5); the defaults keep the baseline's behaviour -----------
+    admission_passes: int = 1  # a second pass retries requests from ``retry_candidates``
+
+    def bind(self, scheduler: Any) -> None:
+        """Called once by the scheduler that owns this policy (read its pool, clock, tiers)."""
+
+    def begin_admission_pass(self, pass_index: int) -> None:
+        """Admission pass ``pass_index`` (0-based) is about to start."""
+
+    def retry_candidates(self) -> list[Request]:
+        """Requests for the next admission pass (after pass 0)."""
+        return []
+
+    def skip_denied(self, request: Request) -> bool:
+        """After ``request`` was refused: True lets later requests still be considered this
+        pass (the refusal concerned only this request), False stops admission (strict order)."""
+        return False
+
+    def on_admitted(self, request: Request, now: float) -> None:
+        """``request`` moved from waiting to running this step."""
+
+    def on_preempted(self, request: Request) -> None:
+        """``request`` was preempted (its KV released or swapped) and requeued."""
+
+    def on_generation_finished(self, request: Request, pool: PoolView) -> None:
+        """A metadata-carrying request finished normally; its blocks are still held (a policy
+        may take its own references here to retain them)."""
+
+    def committed_blocks(self, now: float) -> int:
+        """Free blocks promised to restores in progress: admission may not use them."""
+        return 0
+
+    def finalize_plan(self, plan: StepPlan, now: float) -> None:
+        """Last word on this step's plan (e.g. append the policy's own block copies)."""
+
+    @property
+    def copies_in_flight(self) -> int:
+        """Policy-issued copies not yet reported done."""
+        return 0
+
+    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy]) -> None:
+        """Completion of copies this policy issued."""
+        if done or failed:
+            raise ValueError(f"completion of unknown copy {(list(done) + list(failed))[0].tag!r}")
+
+    def on_admission_stalled(self) -> bool:
+        """Nothing is running and no waiting request could start: release held capacity.
+        Returns True if anything was released."""
+        return False
+
+    def on_lifecycle_event(self, disposition: Any, body: dict) -> None:
+        """A client lifecycle event was applied (the lifecycle listeners already ran)."""
 
 
 class VLLMPolicy(Policy):
