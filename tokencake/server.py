@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import math
+import re
 import signal
 import threading
 import time
@@ -48,6 +50,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 MAX_STOP_SEQUENCES = 16
 _ENGINE_KEY = web.AppKey("engine", AsyncEngine)
 _STATE_KEY = web.AppKey("state", object)
+_REQUEST_ID_KEY = web.RequestKey("tc_request_id", str)
 
 # Event dispositions (see scheduler/lifecycle) -> HTTP status, as in the paper's protocol (§8.2).
 DISPOSITION_STATUS = {
@@ -339,11 +342,15 @@ def _metadata_parser() -> Callable[[dict[str, Any]], Any] | None:
         from tokencake.scheduler.metadata import AgentMetadata
     except ImportError:  # metadata support not installed: pass the dict through untouched
         return None
-    return AgentMetadata.from_dict
+    # Over HTTP the wire format is enforced: lifecycle_id = "tc-" + UUID4 hex (paper §8.1).
+    return functools.partial(AgentMetadata.from_dict, strict_lifecycle_id=True)
 
 
 def _metadata_param(param: str, message: str, body: dict[str, Any]) -> str:
-    """Name the metadata field an error is about when the message mentions one."""
+    """Name the metadata field an error is about (messages say ``field 'name'``)."""
+    m = re.search(r"field '(\w+)'", message)
+    if m:
+        return f"{param}.{m.group(1)}"
     for key in sorted(body, key=len, reverse=True):
         if key in message:
             return f"{param}.{key}"
@@ -602,7 +609,7 @@ async def _errors_and_logs(request: web.Request, handler: Handler) -> web.Stream
         log.info(json.dumps({
             "event": "request", "method": request.method, "path": request.path, "status": status,
             "duration_ms": round((time.perf_counter() - start) * 1000, 2),
-            "request_id": request.get("tc_request_id"),
+            "request_id": request.get(_REQUEST_ID_KEY),
         }))  # fmt: skip
 
 
@@ -711,7 +718,7 @@ async def events(request: web.Request) -> web.Response:
                 "estimated_duration_s must be a finite number > 0 (omit it rather than send null)",
                 "estimated_duration_s",
             )
-    request["tc_request_id"] = body["lifecycle_id"]
+    request[_REQUEST_ID_KEY] = body["lifecycle_id"]
 
     def apply(engine: Any) -> tuple[str, dict[str, Any]]:
         fn = getattr(engine, "lifecycle_event", None)
@@ -804,7 +811,7 @@ async def _generate(request: web.Request, st: _State, p: _Parsed) -> web.StreamR
         raise APIError(503, "the server is shutting down", None)
     if not st.engine_alive():
         raise EngineDeadError("engine stopped")
-    request["tc_request_id"] = p.request_id
+    request[_REQUEST_ID_KEY] = p.request_id
     st.begin()
     outputs: AsyncIterator[RequestOutput] | None = None
     try:
@@ -888,7 +895,10 @@ def _completion_logprobs(st: _State, lps: list[TokenLogprob], text_offset: int) 
         t = _token_text(st, lp.token_id)
         tokens.append(t)
         token_lps.append(lp.logprob)
-        tops.append({_token_text(st, i): v for i, v in lp.top} if lp.top else None)
+        top: dict[str, float] = {}
+        for i, v in lp.top:  # distinct ids can share a text; keep the likelier (listed first)
+            top.setdefault(_token_text(st, i), v)
+        tops.append(top or None)
         offsets.append(off)
         off += len(t)
     return {
