@@ -263,7 +263,13 @@ def test_stop_and_seed(served, client):
     )
     sampled = [
         client.completions.create(
-            model=MODEL, prompt="abc", max_tokens=12, temperature=1.0, top_p=0.9, extra_body={"top_k": 50}, seed=7
+            model=MODEL,
+            prompt="abc",
+            max_tokens=12,
+            temperature=1.0,
+            top_p=0.9,
+            extra_body={"top_k": 50},
+            seed=7,
         )
         .choices[0]
         .text
