@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
+
 from tokencake.memory.cost_model import BandwidthEstimator
 from tokencake.memory.host_kv import HostKV
 from tokencake.memory.host_pool import DUMMY_HOST_BLOCK
@@ -295,7 +296,8 @@ class TransferEngine:
     def wait(
         self, handles: Sequence[TransferHandle] | None = None, timeout: float = 60.0
     ) -> list[TransferHandle]:
-        """Block until ``handles`` (default: all in flight) are done; returns what finished."""
+        """Block until ``handles`` (default: all in flight) are done or ``timeout`` seconds
+        pass (a deferred copy); returns what finished."""
         want = {h.id for h in handles} if handles is not None else set(self.in_flight)
         out: list[TransferHandle] = []
         deadline = time.perf_counter() + timeout
@@ -310,8 +312,8 @@ class TransferEngine:
             out += self.poll()
             if want & set(self.in_flight):
                 if time.perf_counter() > deadline:
-                    raise TimeoutError("KV transfers did not complete")
-                time.sleep(1e-4)  # a deferred (non-jax) marker: let the test release it
+                    break
+                time.sleep(1e-4)  # a deferred (non-jax) marker
         return out
 
     def _complete(self, h: TransferHandle) -> None:

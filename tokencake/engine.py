@@ -199,8 +199,9 @@ class LLMEngine:
         # dataflow then orders them; the scheduler's fences make that order not matter.
         self._issue_copies(plan.copies)
         if not plan.chunks:
-            if self.scheduler.copies_in_flight:
-                self.sync_transfers()  # nothing runnable until a copy lands: do not spin
+            if self.scheduler.copies_in_flight and self.transfer is not None:
+                # Nothing runnable until a copy lands: wait a little instead of spinning.
+                self._poll_transfers(self.transfer.wait(timeout=0.01))
             return []
         rows = rows_from_chunks(plan.chunks, self._sampling_of)
         if self.transfer is not None:
