@@ -20,3 +20,15 @@ def make_policy(name: str) -> Policy:
             f"policy {name!r} is not available; choose one of {', '.join(sorted(_REGISTRY))}"
         )
     return _REGISTRY[name]()
+
+
+def _register_agent_policies() -> None:
+    """The agent-aware policies (issue #5); imported lazily to keep this module light."""
+    from tokencake.scheduler import tokencake_policy as tp
+
+    for cls in (tp.TokencakePolicy, tp.TokencakeSpacePolicy, tp.TokencakeTimePolicy,
+                tp.InferCeptPolicy, tp.ContinuumPolicy):  # fmt: skip
+        register_policy(cls.name, cls)
+
+
+_register_agent_policies()

@@ -1,0 +1,563 @@
+"""Tokencake's Space Scheduler (paper digest §4.2-§4.8).
+
+Two scores, kept apart: the per-*request* hybrid score (graph + runtime) orders the waiting
+queue, picks victims and decides early borrowing; the per-*agent-type* score (history +
+importance) chooses the critical types and sizes their reservations.
+
+Capacity is accounted in *committed* blocks: admission counts each request's full future KV
+(prompt + ``max_tokens``), so ``uncommitted = free - sum(remaining growth of admitted) -
+restore reservations`` gates new work. Reservations split that capacity into a shared pool and
+per-critical-type pools; a request is charged its full demand at admission, pool by pool
+(shared first, its own reservation, then donors), and the charge is dropped when it leaves.
+(The repository charges physical blocks one by one; charging the committed demand is
+equivalent under full-future admission and O(1) per request.)
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tokencake.memory.block_pool import BlockPool, block_hashes
+from tokencake.scheduler.metadata import AgentMetadata
+from tokencake.scheduler.request import Request
+from tokencake.scheduler.tokencake_config import SpaceConfig
+
+Charge = list[tuple[str | None, int]]
+
+
+# ---- the per-request score (§4.2.1) ----------------------------------------------------------
+def _static_parts(m: AgentMetadata) -> tuple[float, float, float]:
+    """(time-independent score part, remaining-depth ratio, progress) of one request."""
+    d = m.depth
+    max_depth = max(d, m.application_max_depth, 1)
+    rem_ratio = min(1.0, m.remaining_depth / max_depth)
+    progress = min(1.0, d / max_depth)
+    s = m.similarity
+    par_width = 1.0 / s if 0 < s < 1 else 1.0
+    static = (
+        100 * m.importance
+        + 15 * d + 45 * m.out_degree + 10 * m.in_degree
+        + 20 * s + 20 * m.remaining_depth
+        + 120 * (par_width - 1)
+        + 6 * min(m.application_start_offset_s, 60)
+        + 180 * m.critical_path + 90 * m.near_completion
+        + 20 * bool(m.join_group)
+        + 4 * (m.dependency_depth or d)
+        + 12 * max(m.fanout_width - 1, 0)
+        - 8 * max(m.memory_weight - 1, 0)
+    )  # fmt: skip
+    return static, rem_ratio, progress
+
+
+def _time_parts(
+    m: AgentMetadata, arrival: float, now: float, rem_ratio: float, progress: float
+) -> float:
+    elapsed = m.application_elapsed_s
+    if m.application_started_at_s > 0:
+        elapsed = max(elapsed, now - m.application_started_at_s)
+    wait = max(0.0, now - arrival)
+    age = min(elapsed, 300) * (1 + 0.75 * rem_ratio)
+    queue = min(wait, 180) * (1 + 0.5 * rem_ratio)
+    completion = min(elapsed, 240) * progress
+    return 5 * age + 8 * queue + 5 * completion
+
+
+def request_score(m: AgentMetadata, arrival_time: float, now: float) -> int:
+    """The hybrid per-request score, exactly as the repository's ``request_score``."""
+    static, rr, pg = _static_parts(m)
+    return int(static + _time_parts(m, arrival_time, now, rr, pg))
+
+
+# ---- the per-agent-type history and score (§4.2.3) -------------------------------------------
+@dataclass
+class TypeStats:
+    samples: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    depth: float = 0.0
+    out_degree: float = 0.0
+    in_degree: float = 0.0
+    elapsed: float = 0.0
+    remaining: float = 0.0
+    completed: int = 0
+    duration: float = 0.0
+    deferrals: int = 0
+    preemptions: int = 0
+    importance: float = 0.0
+
+
+class AgentHistory:
+    """LRU of per-agent-type statistics (4096 types by default)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self.stats: OrderedDict[str, TypeStats] = OrderedDict()
+
+    def get(self, key: str) -> TypeStats:
+        st = self.stats.get(key)
+        if st is None:
+            st = self.stats[key] = TypeStats()
+            while len(self.stats) > self.limit:
+                self.stats.popitem(last=False)
+        else:
+            self.stats.move_to_end(key)
+        return st
+
+    def on_admit(self, key: str, req: Request, m: AgentMetadata, now: float) -> None:
+        st = self.get(key)
+        st.samples += 1
+        st.input_tokens += req.num_prompt_tokens
+        st.depth += m.depth
+        st.out_degree += m.out_degree
+        st.in_degree += m.in_degree
+        st.elapsed += m.application_elapsed_s
+        st.remaining += m.remaining_depth
+        st.importance = max(st.importance, m.importance)
+        st.deferrals = max(0, st.deferrals - 1)
+
+    def on_finish(self, key: str, req: Request, now: float) -> None:
+        st = self.get(key)
+        st.output_tokens += len(req.output_token_ids)
+        st.completed += 1
+        st.duration += max(0.0, now - req.arrival_time)
+
+    def on_defer(self, key: str) -> None:
+        self.get(key).deferrals += 1
+
+    def on_preempt(self, key: str) -> None:
+        self.get(key).preemptions += 1
+
+    def score(self, key: str, importance: float, avg_wait: float, n_waiting: int) -> float:
+        st = self.get(key)
+        urgency = (math.log1p(avg_wait) + math.log1p(n_waiting) + math.log1p(st.deferrals)
+                   + 1.5 * math.log1p(st.preemptions))  # fmt: skip
+        n = max(1, st.samples)
+        tokens = (st.input_tokens + st.output_tokens) / n
+        dur = st.duration / max(1, st.completed)
+        cost = math.log1p(tokens)
+        if dur > 0 and tokens > 0:
+            cost += math.log1p(dur) + math.log1p(tokens / dur)
+        graph = (0.7 * st.depth / n + 0.5 * st.out_degree / n + 0.25 * st.in_degree / n
+                 + 0.20 * st.remaining / n + 0.10 * min(st.elapsed / n, 180))  # fmt: skip
+        return max(1.0, 2 * importance + urgency + 0.5 * cost + graph)
+
+
+# ---- partitioning (§4.3) -----------------------------------------------------------------------
+@dataclass
+class PartitionPlan:
+    ratio: float
+    shared: int
+    reserved: dict[str, int] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def critical(self) -> set[str]:
+        return set(self.reserved)
+
+
+def largest_remainder(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split ``total`` by ``weights``: floors first, leftovers to the largest fractions (ties by
+    key), so the parts always sum to ``total``."""
+    if not weights:
+        return {}
+    wsum = sum(weights.values())
+    exact = {k: total * w / wsum for k, w in weights.items()}
+    out = {k: int(math.floor(v)) for k, v in exact.items()}
+    left = total - sum(out.values())
+    for k in sorted(exact, key=lambda k: (-(exact[k] - out[k]), k))[:left]:
+        out[k] += 1
+    return out
+
+
+def partition(
+    cfg: SpaceConfig,
+    total_blocks: int,
+    usage: float,
+    prev_ratio: float | None,
+    type_scores: dict[str, float],
+    importance: dict[str, float],
+    used_blocks: dict[str, int],
+) -> PartitionPlan:
+    """One repartition: adapt the ratio at the watermarks, pick critical types, split."""
+    ratio = cfg.reserve_ratio_min if prev_ratio is None else prev_ratio
+    if prev_ratio is not None:
+        if usage >= cfg.gpu_usage_high:
+            ratio += cfg.reserve_adjustment_step
+        elif usage <= cfg.gpu_usage_low:
+            ratio -= cfg.reserve_adjustment_step
+    ratio = round(min(cfg.reserve_ratio_max, max(cfg.reserve_ratio_min, ratio)), 10)
+    if not type_scores:
+        return PartitionPlan(ratio, total_blocks)
+    order = sorted(
+        type_scores, key=lambda k: (type_scores[k], importance.get(k, 0.0), k), reverse=True
+    )
+    critical = order[: max(1, int(len(order) * cfg.critical_ratio))]
+    reserved_total = int(total_blocks * ratio)
+    ssum = sum(type_scores[k] for k in critical)
+    usum = sum(used_blocks.get(k, 0) for k in critical)
+    weights = {}
+    for k in critical:
+        score_share = type_scores[k] / ssum
+        mem_share = used_blocks.get(k, 0) / usum if usum else 0.0
+        weights[k] = max(score_share, (mem_share + score_share) / 2, 1e-6)
+    return PartitionPlan(ratio, total_blocks - reserved_total, largest_remainder(reserved_total, weights),
+                         dict(type_scores))  # fmt: skip
+
+
+class Denial(enum.Enum):
+    """Why a waiting request was not admitted this step."""
+
+    GENERATION_CAPACITY = "generation_capacity_denied"
+    RESERVATION = "reservation_denied"
+    RESUME_GUARD = "resume_deferred"
+
+
+@dataclass
+class _Scored:
+    own: int
+    eff: int
+
+
+class SpaceScheduler:
+    """Scores, partitions, admission accounting and victim choice for one engine."""
+
+    def __init__(self, config: SpaceConfig, pool: BlockPool, max_model_len: int) -> None:
+        self.cfg = config
+        self.pool = pool
+        self.max_model_len = max_model_len
+        self.history = AgentHistory(config.history_limit)
+        self.plan: PartitionPlan | None = None
+        self.step = 0
+        self.scores: dict[str, _Scored] = {}
+        self._static: dict[str, tuple[float, float, float]] = {}
+        self.charges: dict[str, Charge] = {}
+        self.used: dict[str | None, int] = {}
+        self.uncommitted = 0
+        self.best_waiting: dict[str, int] = {}  # critical type -> highest waiting effective score
+        self.guard: dict[str, tuple[int, int]] = {}  # resume guard: free at preemption, epoch
+        self.epoch = 0  # bumps on every finish
+        self.counters: dict[str, int] = {}
+        self._hashes: dict[str, list[bytes]] = {}
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    # ---- demand -------------------------------------------------------------------------------
+    def admission_tokens(self, r: Request) -> int:
+        if not self.cfg.reserve_generation_tokens:
+            return r.num_tokens
+        return min(max(r.num_tokens, r.num_prompt_tokens + r.max_tokens), self.max_model_len)
+
+    def remaining_growth(self, r: Request) -> int:
+        """Blocks ``r`` may still allocate before it finishes."""
+        need = -(-self.admission_tokens(r) // self.pool.block_size) - len(r.block_ids)
+        return need if need > 0 else 0
+
+    # ---- scores -------------------------------------------------------------------------------
+    def own_score(self, r: Request, now: float) -> int:
+        m = r.metadata
+        if m is None:
+            return 0
+        parts = self._static.get(r.request_id)
+        if parts is None:
+            parts = self._static[r.request_id] = _static_parts(m)
+        static, rr, pg = parts
+        return int(static + _time_parts(m, r.arrival_time, now, rr, pg))
+
+    def effective(self, r: Request) -> int:
+        s = self.scores.get(r.request_id)
+        return s.eff if s is not None else 0
+
+    # ---- per-step -----------------------------------------------------------------------------
+    def begin_step(
+        self,
+        now: float,
+        running: Sequence[Request],
+        waiting: Sequence[Request],
+        committed_extra: int,
+    ) -> None:
+        """Freeze this step's scores, repartition when due, recompute uncommitted capacity."""
+        self.step += 1
+        scores: dict[str, _Scored] = {}
+        groups: dict[tuple[float, str], int] = {}
+        grouped: list[tuple[Request, tuple[float, str]]] = []
+        for r in waiting:
+            m = r.metadata
+            if m is None:
+                continue
+            s = self.own_score(r, now)
+            scores[r.request_id] = _Scored(s, s)
+            if self.cfg.inherit_join_priority and m.join_group and m.application_started_at_s > 0:
+                g = (m.application_started_at_s, m.join_group)
+                groups[g] = max(groups.get(g, s), s)
+                grouped.append((r, g))
+        for r in running:
+            m = r.metadata
+            if m is None:
+                continue
+            # Running scores only matter for join groups and victims; compute them lazily for
+            # victims, eagerly only for group members.
+            if self.cfg.inherit_join_priority and m.join_group and m.application_started_at_s > 0:
+                s = self.own_score(r, now)
+                scores[r.request_id] = _Scored(s, s)
+                g = (m.application_started_at_s, m.join_group)
+                groups[g] = max(groups.get(g, s), s)
+                grouped.append((r, g))
+        for r, g in grouped:
+            scores[r.request_id].eff = groups[g]
+        self.scores = scores
+        if (
+            self.plan is None
+            or not self.plan.reserved
+            or self.step % self.cfg.adjustment_window == 0
+        ):
+            self.repartition(now, running, waiting)
+        best: dict[str, int] = {}
+        crit = self.plan.critical if self.plan else set()
+        for r in waiting:
+            m = r.metadata
+            if m is not None and m.agent_type in crit:
+                e = scores[r.request_id].eff
+                if e > best.get(m.agent_type, -(10**18)):
+                    best[m.agent_type] = e
+        self.best_waiting = best
+        growth = 0
+        for r in running:
+            growth += self.remaining_growth(r)
+        self.uncommitted = self.pool.num_free - growth - committed_extra
+
+    def repartition(
+        self, now: float, running: Sequence[Request], waiting: Sequence[Request]
+    ) -> None:
+        imp: dict[str, float] = {}
+        waits: dict[str, list[float]] = {}
+        used: dict[str, set[int]] = {}
+        for r in list(running) + list(waiting):
+            m = r.metadata
+            if m is None or not m.agent_type:
+                continue
+            k = m.agent_type
+            imp[k] = max(imp.get(k, 0.0), m.importance)
+            used.setdefault(k, set()).update(r.block_ids)
+            if r.status.value == "waiting":
+                waits.setdefault(k, []).append(max(0.0, now - r.arrival_time))
+        tscores = {}
+        for k in imp:
+            w = waits.get(k, [])
+            tscores[k] = self.history.score(k, imp[k], sum(w) / len(w) if w else 0.0, len(w))
+        usage = self.pool.num_used / max(1, self.pool.capacity)
+        self.plan = partition(self.cfg, self.pool.capacity, usage, self.plan.ratio if self.plan else None,
+                              tscores, imp, {k: len(v) for k, v in used.items()})  # fmt: skip
+
+    # ---- ordering (§4.6, §4.7) ----------------------------------------------------------------
+    def order(self, waiting: Sequence[Request]) -> list[Request]:
+        """Native FCFS order, with the annotated prefix before the first ordinary request
+        re-sorted by score (the ordinary-request barrier) and, under high committed pressure,
+        by active-prefix affinity within 500-point bands."""
+        native = sorted(waiting, key=lambda r: (r.arrival_time, r.request_id))
+        cut = next((i for i, r in enumerate(native) if r.metadata is None), len(native))
+        head = native[:cut]
+        sc = self.scores
+        head.sort(
+            key=lambda r: (
+                -sc[r.request_id].eff,
+                -sc[r.request_id].own,
+                r.arrival_time,
+                r.request_id,
+            )
+        )
+        band = self.cfg.cache_affinity_score_band
+        cap = self.pool.capacity
+        if (band > 0 and self.pool.enable_prefix_cache and head
+                and self.uncommitted <= cap * (1 - 0.75)):  # fmt: skip
+            head = self._affinity_bands(head, band)
+        return head + native[cut:]
+
+    def _affinity_bands(self, head: list[Request], band: int) -> list[Request]:
+        out: list[Request] = []
+        i = 0
+        while i < len(head):
+            top = self.scores[head[i].request_id].eff
+            j = i
+            while j < len(head) and self.scores[head[j].request_id].eff >= top - band:
+                j += 1
+            group = head[i:j]
+            group.sort(key=lambda r: self._affinity(r), reverse=True)  # stable: ties keep order
+            out.extend(group)
+            i = j
+        return out
+
+    def _affinity(self, r: Request) -> tuple[float, int]:
+        bs = self.pool.block_size
+        hashes = self._hashes.get(r.request_id)
+        if hashes is None:
+            hashes = self._hashes[r.request_id] = block_hashes(r.all_token_ids, bs)
+        hits = self.pool.lookup_prefix(hashes[: (r.num_tokens - 1) // bs])
+        shared = sum(1 for b in hits if self.pool.ref_count(b) > 0)
+        demand = max(0, -(-self.admission_tokens(r) // bs) - len(hits))
+        if shared < demand or shared == 0:
+            return (0.0, 0)
+        return (shared / (shared + demand), shared)
+
+    # ---- admission (§4.4, §4.5) ---------------------------------------------------------------
+    def _availability(self) -> tuple[int, dict[str, int]]:
+        plan = self.plan
+        assert plan is not None
+        shared = max(0, plan.shared - self.used.get(None, 0))
+        res = {k: max(0, v - self.used.get(k, 0)) for k, v in plan.reserved.items()}
+        excess = shared + sum(res.values()) - max(0, self.uncommitted)
+        if excess > 0:
+            take = min(shared, excess)
+            shared -= take
+            excess -= take
+            for k in sorted(res, key=lambda k: (plan.scores.get(k, 0.0), k)):
+                if excess <= 0:
+                    break
+                take = min(res[k], excess)
+                res[k] -= take
+                excess -= take
+        return shared, res
+
+    def consumption(self, r: Request, demand: int, second_pass: bool) -> Charge | None:
+        """Which pools pay for ``demand`` blocks of ``r`` (None: the reservations say no)."""
+        if demand <= 0:
+            return []
+        plan = self.plan
+        assert plan is not None
+        shared, res = self._availability()
+        m = r.metadata
+        key = m.type_key if m is not None else None
+        out: Charge = []
+        take = min(demand, shared)
+        if take:
+            out.append((None, take))
+        rem = demand - take
+        if rem and key is not None and key in res:
+            take = min(rem, res[key])
+            if take:
+                out.append((key, take))
+            rem -= take
+        if rem and key is not None:
+            eff = self.effective(r)
+            margin = self.cfg.priority_borrow_score_margin
+            donors = sorted((k for k in res if k != key and res[k] > 0),
+                            key=lambda k: (-res[k], -plan.scores.get(k, 0.0), k))  # fmt: skip
+            for d in donors:
+                # A critical donor with waiting requests lends only in the second pass, or
+                # early to a requester leading its best waiting score by the margin.
+                early = margin > 0 and eff >= self.best_waiting.get(d, 0) + margin
+                if d in self.best_waiting and not second_pass and not early:
+                    continue
+                take = min(rem, res[d])
+                out.append((d, take))
+                rem -= take
+                if not rem:
+                    break
+        return out if rem == 0 else None
+
+    def check(
+        self, r: Request, chunk_blocks: int, has_running: bool, second_pass: bool
+    ) -> Denial | None:
+        """Admission decision for ``r`` (its prefix hit already applied). On success the charge
+        is remembered for :meth:`commit`."""
+        g = self.guard.get(r.request_id)
+        if g is not None and has_running and self.pool.num_free <= g[0] and self.epoch == g[1]:
+            self._count(Denial.RESUME_GUARD.value)
+            return Denial.RESUME_GUARD
+        full = -(-self.admission_tokens(r) // self.pool.block_size) - len(r.block_ids)
+        demand = max(chunk_blocks, full)
+        if demand > self.uncommitted:
+            self._count(Denial.GENERATION_CAPACITY.value)
+            return Denial.GENERATION_CAPACITY
+        charge = self.consumption(r, demand, second_pass)
+        if charge is None:
+            self._count(Denial.RESERVATION.value)
+            m = r.metadata
+            if m is not None and m.type_key:
+                self.history.on_defer(m.type_key)
+            return Denial.RESERVATION
+        self._pending_charge = (r.request_id, charge, demand)
+        return None
+
+    def commit(self, r: Request, now: float, second_pass: bool) -> None:
+        """``r`` was admitted: book its charge and its whole remaining growth."""
+        rid, charge, demand = self._pending_charge
+        assert rid == r.request_id
+        self.charges[rid] = charge
+        for k, n in charge:
+            self.used[k] = self.used.get(k, 0) + n
+        self.uncommitted -= demand
+        self.guard.pop(rid, None)
+        self._count("admitted")
+        if second_pass:
+            self._count("work_conserving_admitted")
+        m = r.metadata
+        if m is not None and m.type_key:
+            self.history.on_admit(m.type_key, r, m, now)
+            if self.plan is not None and m.type_key in self.plan.reserved:
+                self._count("critical_admitted")
+
+    def release(self, r: Request) -> None:
+        """``r`` left the running set (finished or preempted): drop its charge."""
+        for k, n in self.charges.pop(r.request_id, []):
+            self.used[k] = self.used.get(k, 0) - n
+            if self.used[k] <= 0:
+                del self.used[k]
+
+    def on_finished(self, r: Request, now: float) -> None:
+        self.release(r)
+        self.epoch += 1
+        self.guard.pop(r.request_id, None)
+        self._static.pop(r.request_id, None)
+        self._hashes.pop(r.request_id, None)
+        m = r.metadata
+        if m is not None and m.type_key:
+            self.history.on_finish(m.type_key, r, now)
+
+    def on_preempted(self, r: Request) -> None:
+        self.release(r)
+        self.guard[r.request_id] = (self.pool.num_free, self.epoch)
+        self._count("preempted")
+        m = r.metadata
+        if m is not None and m.type_key:
+            self.history.on_preempt(m.type_key)
+
+    # ---- victims (§4.8) -----------------------------------------------------------------------
+    def victim(self, running: Sequence[Request], needy: Request, needed: int, now: float,
+               restorable_tokens: dict[str, int] | None = None) -> Request | None | bool:  # fmt: skip
+        """Tokencake's victim among annotated running requests; ``False`` means "no opinion,
+        use the native rule" (unannotated requester or no annotated candidate)."""
+        if needy.metadata is None:
+            return False
+        ann = [r for r in running if r.metadata is not None]
+        if not ann:
+            return False
+        sc = {r.request_id: self.scores[r.request_id].eff if r.request_id in self.scores
+              else self.own_score(r, now) for r in ann}  # fmt: skip
+        low = min(sc.values())
+        cands = [r for r in ann if sc[r.request_id] <= low + self.cfg.preemption_score_band]
+        released = {
+            r.request_id: sum(1 for b in r.block_ids if self.pool.ref_count(b) == 1) for r in cands
+        }
+        others = [r for r in cands if r is not needy]
+        narrowed = [r for r in others if released[r.request_id] >= needed]
+        if not narrowed:
+            narrowed = [r for r in cands if released[r.request_id] > 0]
+        if not narrowed:
+            return False
+        restorable = restorable_tokens or {}
+        nf = self.cfg.near_finish_fraction
+
+        def key(r: Request) -> tuple:
+            rel = released[r.request_id]
+            recompute = max(0, r.num_computed_tokens - restorable.get(r.request_id, 0))
+            near = len(r.output_token_ids) >= nf * r.max_tokens
+            return (near, recompute / rel, recompute, -rel,
+                    (sc[r.request_id], -r.arrival_time, r.request_id))  # fmt: skip
+
+        v = min(narrowed, key=key)
+        return None if v is needy else v

@@ -1,0 +1,638 @@
+"""Tokencake's Time Scheduler (paper digest §5.4-§5.9) and the per-tool-call KV actions.
+
+While an agent waits on a tool, the KV of its finished LLM call sits in the device prefix cache
+as evictable cached blocks. Per tool call (a lifecycle in ``active``) one of three actions:
+
+* **KEEP**: pin the blocks (hold a reference) until the successor takes them, or a TTL passes
+  (the safety valve: a wrong prediction costs at most the TTL of memory-time);
+* **OFFLOAD**: copy the contiguous valid prefix to the host tier (retained there), unpin the
+  device copies, then *predictively upload* it at ``start + predicted - max(lead, 1.25*h2d)``
+  into device blocks reserved progressively over the preceding ``reservation_ramp_s`` (counted
+  as committed capacity, §10, so restores never starve the queue head); hurry the upload if the
+  tool returns early, give the device blocks back if it runs long;
+* **DROP**: nothing; the successor hits whatever survived or recomputes.
+
+The paper's pressure model (§5.4) and benefit function (§5.6) gate OFFLOAD exactly; one cost
+model in seconds (transfer time, recompute time, memory-time held under queue pressure) chooses
+between KEEP and DROP. Pins and copies change only *when* tokens are computed, never which.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tokencake.memory.block_pool import BlockPool
+from tokencake.scheduler.lifecycle import Lifecycle, LifecycleRecord
+from tokencake.scheduler.metadata import AgentMetadata
+from tokencake.scheduler.plan import BlockCopy, StepPlan
+from tokencake.scheduler.request import Request
+from tokencake.scheduler.tokencake_config import TimeConfig
+
+
+class CostModel(Protocol):
+    """What the Time Scheduler needs of ``memory/cost_model.py``'s ``CostModel``."""
+
+    def copy_time(self, n_blocks: int, direction: str) -> float: ...
+    def recompute_time(self, n_tokens: int, context: int = 0) -> float: ...
+
+
+@dataclass
+class SimpleCostModel:
+    """Fallback cost model with the paper's constants (§5.7): 12 GB/s each way, 3 us per block;
+    recompute is linear in tokens. ``bytes_per_block`` defaults to the paper's Qwen2.5-14B
+    16-token block (3 MiB)."""
+
+    bytes_per_block: int = 3 * 2**20
+    d2h_gbps: float = 12.0
+    h2d_gbps: float = 12.0
+    per_block_s: float = 3e-6
+    recompute_per_token_s: float = 1e-4
+
+    def copy_time(self, n_blocks: int, direction: str) -> float:
+        if n_blocks <= 0:
+            return 0.0
+        bw = self.d2h_gbps if direction == "d2h" else self.h2d_gbps
+        return n_blocks * self.bytes_per_block / (bw * 1e9) + n_blocks * self.per_block_s
+
+    def recompute_time(self, n_tokens: int, context: int = 0) -> float:
+        return max(0, n_tokens) * self.recompute_per_token_s
+
+
+class Reason(enum.Enum):
+    """Outcome of the benefit cascade (§5.6) plus the evaluation-pass outcomes (§5.5)."""
+
+    NOT_ELIGIBLE = "not_eligible"
+    EMPTY = "empty"
+    NO_WAITING_DEMAND = "no_waiting_demand"
+    CPU_CAPACITY = "cpu_capacity"
+    UNPROFITABLE = "unprofitable"
+    LOW_PRESSURE = "low_pressure"
+    SELECTED = "selected"
+    BACKOFF = "backoff"
+
+
+class Action(enum.Enum):
+    KEEP = "keep"
+    OFFLOAD = "offload"
+    DROP = "drop"
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """Read-only forecast of who could be admitted now and overwrite free cached blocks."""
+
+    usage: float
+    free: int
+    waiting_count: int
+    waiting_demand: int
+    critical_demand: int
+    shared_available: int
+    fit_demand: int
+
+
+def waiting_pressure(
+    pool: BlockPool,
+    waiting: Sequence[Request],
+    uncommitted: int,
+    shared_available: int,
+    critical: set[str],
+    window: int,
+    chunk_tokens: int,
+    slots: int,
+    admission_blocks: Callable[[Request], int] | None = None,
+) -> Pressure:
+    """§5.4, first-fit: greedy-pack admissible waiting requests in queue order into the free
+    blocks, uncommitted capacity and free run slots; ``fit_demand`` is capped at ``window``."""
+    bs = pool.block_size
+    free = pool.num_free
+    wd = cd = fit = 0
+    free_left, unc_left = free, uncommitted
+    for r in waiting:
+        d = -(-r.remaining_tokens // bs)
+        wd += d
+        m = r.metadata
+        if m is not None and m.agent_type in critical:
+            cd += d
+        if slots <= 0 or fit >= window:
+            continue
+        chunk = -(-min(r.remaining_tokens, chunk_tokens) // bs)
+        adm = max(chunk, admission_blocks(r) if admission_blocks else chunk)
+        if 0 < chunk <= free_left and adm <= unc_left:
+            fit += chunk
+            free_left -= chunk
+            unc_left -= adm
+            slots -= 1
+    usage = pool.num_used / max(1, pool.capacity)
+    return Pressure(usage, free, len(waiting), wd, cd, shared_available, min(window, fit))
+
+
+def evaluate_benefit(
+    m: AgentMetadata,
+    agent_score: float,
+    duration: float,
+    transfer_s: float,
+    blocks: int,
+    cpu_needed: int,
+    cpu_available: int,
+    p: Pressure,
+    churn: float,
+    cfg: TimeConfig,
+) -> tuple[Reason, float]:
+    """The repository's ``evaluate_benefit``, term for term (§5.6). Returns (reason, score)."""
+    T = transfer_s
+    imp = min(10.0, max(m.importance, min(10.0, agent_score / 2)))
+    near = m.near_completion or (m.application_max_depth > 0 and m.remaining_depth <= 1)
+    margin = duration - T
+    pressure_s = max(0.0, (p.usage - cfg.min_gpu_usage) * 6) + min(
+        2.0, p.waiting_demand / (blocks + 1)
+    )
+    fit_s = min(2.0, p.fit_demand / max(1, blocks))
+    stall_s = min(6.0, margin / max(0.25, T))
+    upload_ok = 1 if duration >= 2 * T else -1
+    cpu_s = 1 if cpu_available >= cpu_needed else -4
+    score = stall_s + pressure_s + fit_s + upload_ok + cpu_s - 0.35 * imp - 2 * near - churn
+    emergency = (
+        p.usage >= cfg.high_pressure_gpu_usage and margin >= max(4 * T, 5.0) and p.waiting_count > 0
+    )
+    low_press = p.usage < cfg.min_gpu_usage
+    no_queue_p = p.waiting_demand <= p.free and p.critical_demand <= p.shared_available
+    if not m.preservable:
+        return Reason.NOT_ELIGIBLE, score
+    if blocks <= 0:
+        return Reason.EMPTY, score
+    if p.fit_demand <= 0:
+        return Reason.NO_WAITING_DEMAND, score
+    if cpu_available < cpu_needed:
+        return Reason.CPU_CAPACITY, score
+    if duration <= T or (margin < max(0.05, 2 * T) and not emergency):
+        return Reason.UNPROFITABLE, score
+    if low_press and (no_queue_p or p.fit_demand < blocks or p.waiting_count == 0):
+        return Reason.LOW_PRESSURE, score
+    if (imp >= 8 and not emergency and (near or margin < max(0.5, 8 * T) or upload_ok < 0)) or (
+        score < cfg.score_threshold and not emergency
+    ):
+        return Reason.UNPROFITABLE, score
+    return Reason.SELECTED, score
+
+
+# ---- preservation state per lifecycle --------------------------------------------------------
+class PState(enum.Enum):
+    KEPT = "kept"  # device blocks pinned
+    OFFLOADING = "offloading"  # d2h in flight (sources pinned as a fence)
+    OFFLOADED = "offloaded"  # on host, retained; waiting for the upload time
+    UPLOADING = "uploading"  # h2d in flight
+    RESTORED = "restored"  # back on device, pinned for the successor
+    DROPPED = "dropped"  # nothing held
+
+
+@dataclass
+class Preservation:
+    rec: LifecycleRecord
+    hashes: list[bytes]
+    state: PState = PState.DROPPED
+    pins: list[int] = field(default_factory=list)  # device blocks we hold one reference on
+    host_retained: list[bytes] = field(default_factory=list)
+    upload_at: float = math.inf
+    n_restore: int = 0
+    ttl: float = math.inf
+    next_eval_step: int = 0
+    last_sig: tuple | None = None
+    inflight: Any = None  # (direction, device blocks, host blocks, hashes)
+    decided: bool = False
+
+
+@dataclass
+class DecisionContext:
+    """Everything a decide function may look at for one tool call."""
+
+    rec: LifecycleRecord
+    now: float
+    remaining: float
+    device_blocks: int  # contiguous device-valid prefix
+    offload_blocks: int  # contiguous prefix preservable to host within the time window
+    new_blocks: int  # of those, not already on host
+    transfer_s: float
+    pressure: Pressure
+    reason: Reason
+    score: float
+    capacity: int
+    running_blocks: int
+    host_available: bool
+
+
+Decide = Callable[[DecisionContext, "TimeScheduler"], Action]
+
+
+def tokencake_decide(ctx: DecisionContext, ts: TimeScheduler) -> Action:
+    """OFFLOAD when the benefit function selects it; else KEEP when holding the blocks for the
+    rest of the stall costs less throughput than recomputing them later, else DROP."""
+    if ctx.reason is Reason.SELECTED:
+        return Action.OFFLOAD
+    if not ctx.rec.metadata.preservable or ctx.device_blocks == 0:
+        return Action.DROP
+    return Action.KEEP if ts.keep_cost(ctx) <= ts.recompute_cost(ctx) else Action.DROP
+
+
+def continuum_decide(ctx: DecisionContext, ts: TimeScheduler, threshold_s: float = 2.0) -> Action:
+    """Continuum: pin a tool-calling agent's KV for a TTL when the tool is predicted short."""
+    if ctx.device_blocks == 0:
+        return Action.DROP
+    return Action.KEEP if ctx.rec.predicted <= threshold_s else Action.DROP
+
+
+def infercept_decide(ctx: DecisionContext, ts: TimeScheduler) -> Action:
+    """InferCept's min-waste rule (simplified; memory x time in block-seconds):
+    preserve = M*T; discard = recompute(C) * (M + M_running); swap = (d2h+h2d)(M) * M_running."""
+    M = ctx.device_blocks
+    if M == 0:
+        return Action.DROP
+    C = M * ts.pool.block_size
+    waste_keep = M * ctx.remaining
+    waste_drop = ts.cost.recompute_time(C, 0) * (M + ctx.running_blocks)
+    options = [(waste_keep, 0, Action.KEEP), (waste_drop, 2, Action.DROP)]
+    if ctx.host_available:
+        t = ts.cost.copy_time(M, "d2h") + ts.cost.copy_time(M, "h2d")
+        if t < ctx.remaining:
+            options.append((t * ctx.running_blocks, 1, Action.OFFLOAD))
+    return min(options)[2]
+
+
+def _pin(pool: BlockPool, blocks: Sequence[int]) -> None:
+    """Hold one reference on valid (hashed) device blocks; keeps hit statistics untouched."""
+    q, h = pool.queries, pool.hits
+    pool.take_cached(blocks)
+    pool.queries, pool.hits = q, h
+
+
+class TimeScheduler:
+    """Per-tool-call KV actions, predictive upload and the copies they need."""
+
+    def __init__(
+        self,
+        config: TimeConfig,
+        pool: BlockPool,
+        lifecycle: Lifecycle,
+        host: Any = None,
+        cost: CostModel | None = None,
+        decide: Decide = tokencake_decide,
+        predictive_upload: bool | None = None,
+        reevaluate: bool = True,
+    ) -> None:
+        self.cfg = config
+        self.pool = pool
+        self.lifecycle = lifecycle
+        self.host = host
+        self.cost: CostModel = cost or SimpleCostModel()
+        self.decide = decide
+        self.predictive_upload = (
+            config.predictive_upload if predictive_upload is None else predictive_upload
+        )
+        self.reevaluate = reevaluate
+        self.items: dict[str, Preservation] = {}
+        self.step = 0
+        self._copies: list[BlockCopy] = []
+        self._inflight: dict[str, Preservation] = {}  # copy tag -> owner
+        self._seq = 0
+        self._stores: deque[int] = deque(maxlen=96)
+        self._last_store_step = -(10**9)
+        self.counters: dict[str, int] = {}
+        self.uploading: set[bytes] = set()
+        self.copy_blocks = {"d2h": 0, "h2d": 0}
+        lifecycle.listeners.append(self._on_lifecycle)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # ---- cost terms -------------------------------------------------------------------------
+    def keep_cost(self, ctx: DecisionContext) -> float:
+        """Throughput-seconds lost by holding the blocks for the rest of the stall: the share
+        of memory held, times the time, times how much the queue actually wants memory."""
+        p = ctx.pressure
+        q = min(1.0, p.waiting_demand / max(1, p.free))
+        return ctx.remaining * (ctx.device_blocks / max(1, ctx.capacity)) * q
+
+    def recompute_cost(self, ctx: DecisionContext) -> float:
+        return self.cost.recompute_time(ctx.device_blocks * self.pool.block_size, 0)
+
+    # ---- lifecycle events ---------------------------------------------------------------------
+    def _on_lifecycle(self, rec: LifecycleRecord, transition: str) -> None:
+        if transition == "completed" and rec.snapshot:
+            self.items.setdefault(rec.lifecycle_id, Preservation(rec, list(rec.snapshot)))
+        elif transition in ("started", "completed"):
+            p = self.items.get(rec.lifecycle_id)
+            if p is not None:
+                p.next_eval_step = 0  # evaluate at the next tick
+        elif transition == "finished":
+            p = self.items.get(rec.lifecycle_id)
+            if p is not None and p.state is PState.OFFLOADED:
+                p.upload_at = min(p.upload_at, self.lifecycle.clock())  # early return: hurry
+        # expired/aborted/reset: handled at the next tick (copies may be in flight)
+
+    # ---- capacity promised to restores ----------------------------------------------------------
+    def committed_blocks(self, now: float) -> int:
+        """Blocks reserved for upcoming uploads, ramping linearly to the full restore size over
+        ``reservation_ramp_s`` before the upload time (progressive reservation)."""
+        ramp = self.cfg.reservation_ramp_s
+        total = 0.0
+        for p in self.items.values():
+            if p.state is not PState.OFFLOADED or p.upload_at == math.inf:
+                continue
+            if ramp <= 0:
+                frac = 1.0 if now >= p.upload_at else 0.0
+            else:
+                frac = min(1.0, max(0.0, (now - (p.upload_at - ramp)) / ramp))
+            total += p.n_restore * frac
+        return math.ceil(total)
+
+    @property
+    def stalled_blocks(self) -> int:
+        """Device blocks pinned for agents that are waiting on a tool."""
+        return sum(len(p.pins) for p in self.items.values())
+
+    # ---- the tick ---------------------------------------------------------------------------
+    def tick(
+        self,
+        now: float,
+        waiting: Sequence[Request],
+        running: Sequence[Request],
+        pressure_fn: Callable[[], Pressure],
+        agent_score: Callable[[AgentMetadata], float],
+    ) -> None:
+        """Once per schedule(): settle ended lifecycles, run uploads that are due, decide."""
+        self.step += 1
+        pressure: Pressure | None = None
+        for lid, p in list(self.items.items()):
+            if p.inflight is not None:
+                continue  # wait for the copy to land
+            rec = p.rec
+            if rec.terminal:
+                if rec.cause == "finished":
+                    if p.state is PState.OFFLOADED and self.host is not None:
+                        self._upload(p, now)
+                        continue
+                    if (
+                        p.pins
+                        and now < (rec.terminal_at or now) + self.cfg.handoff_grace_s
+                        and not self._taken(p)
+                    ):
+                        continue
+                self._drop(p)
+                del self.items[lid]
+                continue
+            if p.state in (PState.KEPT, PState.RESTORED):
+                if self._taken(p):
+                    self._unpin(p)
+                    p.state = PState.DROPPED
+                elif p.state is PState.KEPT and now >= p.ttl:
+                    self._count("ttl_expired")
+                    self._unpin(p)
+                    p.state = PState.DROPPED
+                elif (
+                    p.state is PState.RESTORED
+                    and now >= rec.predicted_end + self.cfg.overrun_grace_s
+                ):
+                    # The tool runs long: give the device blocks back, keep the host copy and
+                    # upload again when it does return.
+                    self._count("overrun_released")
+                    self._unpin(p)
+                    p.state = PState.OFFLOADED
+                    p.upload_at = math.inf
+            if p.state is PState.OFFLOADED and now >= p.upload_at:
+                self._upload(p, now)
+                continue
+            if not rec.stalled or p.state not in (PState.KEPT, PState.DROPPED):
+                continue
+            if p.decided and (not self.reevaluate or self.step < p.next_eval_step):
+                continue
+            if pressure is None:
+                pressure = pressure_fn()
+            self._evaluate(p, now, pressure, agent_score(rec.metadata), running)
+
+    def _taken(self, p: Preservation) -> bool:
+        """The successor (or anyone) now holds a reference of its own on our blocks."""
+        pool = self.pool
+        return any(pool.ref_count(b) > 1 for b in p.pins)
+
+    def _churn(self) -> float:
+        w = self.cfg.churn_window_steps
+        c = 1.5 if self.step - self._last_store_step <= w else 0.0
+        recent = sum(1 for s in self._stores if self.step - s < w)
+        return c + min(4.0, max(0, recent - self.cfg.churn_budget_stores) / 8)
+
+    def _evaluate(
+        self,
+        p: Preservation,
+        now: float,
+        pressure: Pressure,
+        score: float,
+        running: Sequence[Request],
+    ) -> None:
+        rec = p.rec
+        pool, host = self.pool, self.host
+        cpu_available = host.num_free if host is not None else 0
+        sig = (pressure.free, pressure.waiting_count, pressure.waiting_demand, pressure.critical_demand,
+               pressure.shared_available, pressure.fit_demand, cpu_available)  # fmt: skip
+        if p.decided and sig == p.last_sig:
+            self._count(Reason.BACKOFF.value)
+            p.next_eval_step = self.step + self.cfg.backoff_steps
+            return
+        dev = pool.lookup_prefix(p.hashes)
+        remaining = max(0.0, rec.predicted_end - now)
+        # Contiguous preservable prefix: each block already written on host or valid on device;
+        # cut where the copy would not leave max(50 ms, 2x its own time) of the window.
+        count = new = 0
+        if host is not None:
+            for i, h in enumerate(p.hashes):
+                hb = host.block_of(h)
+                on_host = hb is not None and not host.is_pending(hb)
+                if not on_host and i >= len(dev):
+                    break
+                n_new = new + (0 if on_host else 1)
+                t = self.cost.copy_time(n_new, "d2h") + self.cost.copy_time(i + 1, "h2d")
+                if n_new > cpu_available or remaining - t < max(0.05, 2 * t):
+                    break
+                if self.cfg.max_relief_blocks and i + 1 > min(
+                    pressure.fit_demand, self.cfg.max_relief_blocks
+                ):
+                    break
+                count, new = i + 1, n_new
+        T = self.cost.copy_time(new, "d2h") + self.cost.copy_time(count, "h2d")
+        reason, bscore = evaluate_benefit(rec.metadata, score, remaining, T, count, new, cpu_available,
+                                          pressure, self._churn(), self.cfg)  # fmt: skip
+        if host is None and reason is Reason.SELECTED:
+            reason = Reason.CPU_CAPACITY
+        running_blocks = sum(len(r.block_ids) for r in running)
+        ctx = DecisionContext(rec, now, remaining, len(dev), count, new, T, pressure, reason, bscore,
+                              pool.capacity, running_blocks, host is not None)  # fmt: skip
+        action = self.decide(ctx, self)
+        if action is Action.OFFLOAD and (host is None or count == 0):
+            action = Action.KEEP if dev and rec.metadata.preservable else Action.DROP
+        self._count(reason.value)
+        self._count(f"action_{action.value}")
+        p.decided = True
+        p.last_sig = sig
+        p.next_eval_step = self.step + self.cfg.backoff_steps
+        if action is Action.OFFLOAD:
+            self._offload(p, dev, count, now)
+        elif action is Action.KEEP:
+            if p.state is not PState.KEPT:
+                _pin(pool, dev)
+                p.pins = list(dev)
+                p.state = PState.KEPT
+            ttl = min(
+                self.cfg.keep_ttl_max_s,
+                max(self.cfg.keep_ttl_min_s, self.cfg.keep_ttl_factor * remaining),
+            )
+            p.ttl = min(now + ttl, rec.safety_deadline)
+        else:
+            self._unpin(p)
+            p.state = PState.DROPPED
+
+    # ---- actions ------------------------------------------------------------------------------
+    def _unpin(self, p: Preservation) -> None:
+        if p.pins:
+            self.pool.free(p.pins)
+            p.pins = []
+
+    def _drop(self, p: Preservation) -> None:
+        self._unpin(p)
+        if p.host_retained and self.host is not None:
+            self.host.release(p.host_retained)
+        p.host_retained = []
+        p.state = PState.DROPPED
+
+    def _offload(self, p: Preservation, dev: list[int], count: int, now: float) -> None:
+        host = self.host
+        hashes = p.hashes[:count]
+        # Retain what the host already has first, so allocating the rest cannot evict it.
+        p.host_retained = host.retain(hashes)
+        src: list[int] = []
+        dst: list[int] = []
+        for i, h in enumerate(hashes):
+            if host.block_of(h) is not None:
+                continue
+            got = host.try_allocate(1) if i < len(dev) else None
+            if got is None:
+                count = i  # keep the contiguous prefix that fits
+                break
+            host.register(got[0], h, pending=True)
+            p.host_retained += host.retain([h])
+            src.append(dev[i])
+            dst.append(got[0])
+        if p.state is not PState.KEPT:
+            fence = [b for b in src]
+            _pin(self.pool, fence)
+            p.pins = fence
+        p.n_restore = count
+        h2d = self.cost.copy_time(count, "h2d")
+        self.lifecycle.set_h2d_estimate(p.rec, h2d)
+        p.upload_at = p.rec.release_deadline if self.predictive_upload else math.inf
+        self._stores.append(self.step)
+        self._last_store_step = self.step
+        self._count("offloads")
+        if dst:
+            self._issue(p, "d2h", src, dst, [])
+            p.state = PState.OFFLOADING
+        else:
+            self._unpin(p)
+            p.state = PState.OFFLOADED
+
+    def _upload(self, p: Preservation, now: float) -> None:
+        host, pool = self.host, self.pool
+        hits = pool.lookup_prefix(p.hashes[: p.n_restore])
+        _pin(pool, hits)
+        rest = p.hashes[len(hits) : p.n_restore]
+        hblocks = host.lookup_prefix(rest)
+        n = min(len(hblocks), pool.num_free)
+        dev = pool.allocate(n)
+        host.acquire(hblocks[:n])
+        p.pins = list(hits)
+        p.upload_at = math.inf
+        self._count("uploads")
+        if n:
+            self._issue(p, "h2d", dev, hblocks[:n], rest[:n])
+            self.uploading.update(rest[:n])
+            p.state = PState.UPLOADING
+        else:
+            p.state = PState.RESTORED
+
+    # ---- plan plumbing ------------------------------------------------------------------------
+    def emit(self, plan: StepPlan) -> None:
+        """Hand this step's copies to the executor (they run before the step's compute)."""
+        if self._copies:
+            plan.copies.extend(self._copies)
+            self._copies = []
+
+    def _issue(self, p: Preservation, direction: str, dev: list[int], hblocks: list[int],
+               hashes: list[bytes]) -> None:  # fmt: skip
+        self._seq += 1
+        tag = f"tc-{direction}:{p.rec.lifecycle_id}:{self._seq}"
+        self._copies.append(BlockCopy(direction, tuple(dev), tuple(hblocks), tag))
+        self.copy_blocks[direction] += len(dev)
+        p.inflight = (direction, list(dev), list(hblocks), list(hashes))
+        self._inflight[tag] = p
+
+    def owns(self, tag: str) -> bool:
+        return tag in self._inflight
+
+    @property
+    def copies_in_flight(self) -> int:
+        return len(self._inflight)
+
+    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy] = ()) -> None:
+        """Copies this scheduler issued have landed (``done``) or failed: publish or discard
+        host pages, register uploaded device pages, drop the fences."""
+        for copy, ok in [(c, True) for c in done] + [(c, False) for c in failed]:
+            p = self._inflight.pop(copy.tag, None)
+            if p is None:
+                raise ValueError(f"completion of unknown copy {copy.tag!r}")
+            direction, dev, hblocks, hashes = p.inflight
+            p.inflight = None
+            host, pool = self.host, self.pool
+            if direction == "d2h":
+                self._unpin(p)  # the device copies become evictable cached blocks
+                if ok:
+                    host.complete_write(hblocks)
+                    host.free(hblocks)
+                    p.state = PState.OFFLOADED
+                else:
+                    self._count("failed_copies")
+                    host.discard(hblocks)
+                    self._drop(p)
+                continue
+            host.free(hblocks)
+            for h in hashes:
+                self.uploading.discard(h)
+            if not ok:
+                self._count("failed_copies")
+                pool.free(dev)  # never registered: back to the free list, no stale hash
+                p.state = PState.OFFLOADED
+                continue
+            for b, h in zip(dev, hashes, strict=True):
+                pool.register(b, h)
+                if pool.hash_of(b) == h:
+                    p.pins.append(b)
+                else:
+                    pool.free([b])  # an identical block got cached meanwhile: ours is moot
+            p.state = PState.RESTORED
+
+    def relieve(self) -> bool:
+        """Nothing runs and the queue head cannot start: give back every pin and reservation
+        (correctness never depends on them). True if anything was released."""
+        freed = False
+        for p in self.items.values():
+            if p.inflight is None and p.pins:
+                self._unpin(p)
+                p.state = PState.DROPPED if not p.host_retained else PState.OFFLOADED
+                freed = True
+            if p.state is PState.OFFLOADED and p.upload_at != math.inf:
+                p.upload_at = math.inf
+                freed = True
+        if freed:
+            self._count("relieved")
+        return freed

@@ -1,0 +1,268 @@
+"""Agent-aware policies on the shared scheduler core.
+
+* ``tokencake``: Space Scheduler (scores, reservations, full-future admission, victims) and
+  Time Scheduler (keep / offload with predictive upload / drop per tool call);
+* ``tokencake-space`` and ``tokencake-time``: one half each (the other half is the baseline);
+* ``infercept``: per tool call preserve / discard / swap by its min-waste rule, swap-in when the
+  tool returns (no prediction), FCFS;
+* ``continuum``: pin a tool-calling agent's KV for a TTL when the tool is predicted short,
+  program-level FCFS (a returning turn keeps its program's place).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from tokencake.scheduler.lifecycle import Lifecycle
+from tokencake.scheduler.metadata import AgentMetadata
+from tokencake.scheduler.plan import BlockCopy, StepPlan
+from tokencake.scheduler.policy import Policy, PoolView
+from tokencake.scheduler.request import Request
+from tokencake.scheduler.space import Denial, SpaceScheduler
+from tokencake.scheduler.time_sched import (
+    Decide,
+    Pressure,
+    TimeScheduler,
+    continuum_decide,
+    infercept_decide,
+    tokencake_decide,
+    waiting_pressure,
+)
+from tokencake.scheduler.tokencake_config import TokencakeConfig
+
+
+class TokencakePolicy(Policy):
+    """Tokencake's two schedulers behind the core's policy hooks."""
+
+    name = "tokencake"
+
+    def __init__(
+        self,
+        config: TokencakeConfig | None = None,
+        *,
+        space: bool = True,
+        time: bool = True,
+        decide: Decide = tokencake_decide,
+        predictive_upload: bool | None = None,
+        reevaluate: bool = True,
+    ) -> None:
+        self.config = config or TokencakeConfig()
+        self.use_space = space and self.config.scheduling.enabled
+        self.use_time = time and self.config.offload.enabled
+        self._decide = decide
+        self._predictive = predictive_upload
+        self._reevaluate = reevaluate
+        self.space: SpaceScheduler | None = None
+        self.time: TimeScheduler | None = None
+        self.sched: Any = None
+        self.admission_passes = 2 if self.use_space else 1
+        self._pass = 0
+        self._retry: list[Request] = []
+        self._denied: tuple[str, object] | None = None
+
+    def bind(self, scheduler: Any) -> None:
+        self.sched = scheduler
+        scheduler.lifecycle = Lifecycle(scheduler.clock, self.config.offload)
+        pool = scheduler.pool
+        if self.use_space:
+            self.space = SpaceScheduler(
+                self.config.scheduling, pool, scheduler.config.max_model_len
+            )
+        if self.use_time:
+            self.time = TimeScheduler(
+                self.config.offload, pool, scheduler.lifecycle,
+                host=getattr(scheduler, "host_pool", None), cost=getattr(scheduler, "cost_model", None),
+                decide=self._decide, predictive_upload=self._predictive, reevaluate=self._reevaluate,
+            )  # fmt: skip
+
+    # ---- per step -----------------------------------------------------------------------------
+    def on_step(
+        self, now: float, running: Sequence[Request], waiting: Sequence[Request], pool: PoolView
+    ) -> None:
+        if self.time is not None:
+            ts = self.time
+            # The engine may attach its tiers after construction; pick them up.
+            ts.host = getattr(self.sched, "host_pool", None)
+            cost = getattr(self.sched, "cost_model", None)
+            if cost is not None:
+                ts.cost = cost
+            ts.tick(now, waiting, running, lambda: self._pressure(now, waiting), self._agent_score)
+        if self.space is not None:
+            self.space.begin_step(now, running, waiting, self.committed_blocks(now))
+
+    def _agent_score(self, m: AgentMetadata) -> float:
+        if self.space is None or self.space.plan is None:
+            return 0.0
+        return self.space.plan.scores.get(m.agent_type, 0.0)
+
+    def _pressure(self, now: float, waiting: Sequence[Request]) -> Pressure:
+        pool = self.sched.pool
+        cfg = self.sched.config
+        sp = self.space
+        if sp is not None and sp.plan is not None:
+            uncommitted = sp.uncommitted
+            shared, _ = sp._availability()
+            critical = sp.plan.critical
+            adm = lambda r: -(-sp.admission_tokens(r) // pool.block_size) - len(r.block_ids)  # noqa: E731
+        else:
+            uncommitted = pool.num_free - self.committed_blocks(now)
+            shared, critical, adm = pool.num_free, set(), None
+        slots = cfg.max_num_seqs - len(self.sched.running)
+        return waiting_pressure(pool, waiting, uncommitted, shared, critical,
+                                self.config.offload.eviction_window_blocks, cfg.max_prefill_chunk,
+                                slots, adm)  # fmt: skip
+
+    # ---- ordering and admission -----------------------------------------------------------------
+    def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
+        if self.space is not None:
+            return self.space.order(waiting)
+        return super().order_waiting(waiting, now)
+
+    def begin_admission_pass(self, pass_index: int) -> None:
+        self._pass = pass_index
+        self._denied = None
+        if pass_index == 0:
+            self._retry = []
+
+    def retry_candidates(self) -> list[Request]:
+        return list(self._retry)
+
+    def can_admit(
+        self, request: Request, blocks_needed: int, pool: PoolView, running: Sequence[Request]
+    ) -> bool:
+        ts = self.time
+        if ts is not None and ts.uploading:
+            # Its next block is being uploaded right now: wait one step and hit it on device.
+            i = len(request.block_ids)
+            if i < len(request._block_hashes) and request._block_hashes[i] in ts.uploading:
+                self._denied = (request.request_id, "upload")
+                return False
+        if self.space is None:
+            return True
+        d = self.space.check(request, blocks_needed, bool(running), self._pass == 1)
+        if d is None:
+            return True
+        self._denied = (request.request_id, d)
+        if d is Denial.RESERVATION and self._pass == 0:
+            self._retry.append(request)
+        return False
+
+    def skip_denied(self, request: Request) -> bool:
+        d = self._denied
+        return (
+            d is not None and d[0] == request.request_id and d[1] in (Denial.RESERVATION, "upload")
+        )
+
+    def on_admitted(self, request: Request, now: float) -> None:
+        if self.space is not None:
+            self.space.commit(request, now, self._pass == 1)
+
+    # ---- preemption and exits -------------------------------------------------------------------
+    def choose_victim(self, running: Sequence[Request], needy: Request) -> Request | None:
+        if self.space is not None:
+            pool = self.sched.pool
+            cfg = self.sched.config
+            target = needy.num_computed_tokens + min(needy.remaining_tokens, cfg.max_prefill_chunk)
+            needed = max(1, -(-target // pool.block_size) - len(needy.block_ids) - pool.num_free)
+            v = self.space.victim(
+                running, needy, needed, self.sched.clock(), self._restorable(running)
+            )
+            if v is not False:
+                return v  # type: ignore[return-value]
+        return super().choose_victim(running, needy)
+
+    def _restorable(self, running: Sequence[Request]) -> dict[str, int]:
+        """Tokens of each running request's prefix currently restorable from the host tier."""
+        host = getattr(self.sched, "host_pool", None)
+        if host is None:
+            return {}
+        bs = self.sched.pool.block_size
+        return {r.request_id: len(host.lookup_prefix(r._block_hashes[: r.num_computed_tokens // bs])) * bs
+                for r in running}  # fmt: skip
+
+    def on_preempted(self, request: Request) -> None:
+        if self.space is not None:
+            self.space.on_preempted(request)
+
+    def on_finished(self, request: Request) -> None:
+        if self.space is not None:
+            self.space.on_finished(request, self.sched.clock())
+
+    # ---- the Time Scheduler's plumbing ----------------------------------------------------------
+    def committed_blocks(self, now: float) -> int:
+        return self.time.committed_blocks(now) if self.time is not None else 0
+
+    def finalize_plan(self, plan: StepPlan, now: float) -> None:
+        if self.time is not None:
+            self.time.emit(plan)
+
+    @property
+    def copies_in_flight(self) -> int:
+        return self.time.copies_in_flight if self.time is not None else 0
+
+    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy]) -> None:
+        if self.time is None:
+            super().on_copies_done(done, failed)
+            return
+        self.time.on_copies_done(done, failed)
+
+    def on_admission_stalled(self) -> bool:
+        return self.time.relieve() if self.time is not None else False
+
+    @property
+    def counters(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for part in (self.space, self.time):
+            if part is not None:
+                for k, v in part.counters.items():
+                    out[k] = out.get(k, 0) + v
+        return out
+
+
+class TokencakeSpacePolicy(TokencakePolicy):
+    name = "tokencake-space"
+
+    def __init__(self, config: TokencakeConfig | None = None) -> None:
+        super().__init__(config, space=True, time=False)
+
+
+class TokencakeTimePolicy(TokencakePolicy):
+    name = "tokencake-time"
+
+    def __init__(self, config: TokencakeConfig | None = None) -> None:
+        super().__init__(config, space=False, time=True)
+
+
+class InferCeptPolicy(TokencakePolicy):
+    """InferCept: min-waste preserve / discard / swap per tool call; swap-in on return."""
+
+    name = "infercept"
+
+    def __init__(self, config: TokencakeConfig | None = None) -> None:
+        super().__init__(config, space=False, time=True, decide=infercept_decide,
+                         predictive_upload=False, reevaluate=False)  # fmt: skip
+
+
+class ContinuumPolicy(TokencakePolicy):
+    """Continuum: TTL pins for short tool calls and program-level FCFS."""
+
+    name = "continuum"
+
+    def __init__(self, config: TokencakeConfig | None = None, pin_threshold_s: float = 2.0) -> None:
+        super().__init__(config, space=False, time=True,
+                         decide=lambda ctx, ts: continuum_decide(ctx, ts, pin_threshold_s),
+                         predictive_upload=False, reevaluate=False)  # fmt: skip
+
+    def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
+        def program_arrival(r: Request) -> tuple[float, float, str]:
+            m = r.metadata
+            start = (
+                m.application_started_at_s
+                if m is not None and m.application_started_at_s > 0
+                else math.inf
+            )
+            return (min(start, r.arrival_time), r.arrival_time, r.request_id)
+
+        return sorted(waiting, key=program_arrival)
