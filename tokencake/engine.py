@@ -28,6 +28,7 @@ from tokencake.outputs import RequestOutput, TokenLogprob
 from tokencake.runner import ModelRunner, RunnerConfig, rows_from_chunks
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
+from tokencake.scheduler.lifecycle import Disposition
 from tokencake.scheduler.plan import BlockCopy
 from tokencake.scheduler.policies import make_policy
 from tokencake.scheduler.request import Request, RequestStatus
@@ -186,6 +187,14 @@ class LLMEngine:
         """Abort a request; its blocks are freed. False if it is unknown or already done."""
         self._text.pop(request_id, None)
         return self.scheduler.abort(request_id) is not None
+
+    def lifecycle_event(self, event: dict) -> tuple[Disposition, dict]:
+        """Apply one tool-lifecycle event (``stall_started`` / ``stall_finished``, paper §8.2).
+
+        Returns the disposition (``.http_status`` is what the server answers) and the body
+        ``{lifecycle_id, event, state, disposition}``. Call from the engine's thread.
+        """
+        return self.scheduler.lifecycle_event(event)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work or self.scheduler.copies_in_flight > 0
