@@ -114,6 +114,7 @@ class LLMEngine:
             make_policy(cfg.policy),
             host_pool=self.host_pool,
         )
+        self.scheduler.cost_model = self.cost_model  # Time Scheduler transfer/recompute costs
         self.eos_ids = frozenset(model_config.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
