@@ -8,11 +8,11 @@ import asyncio
 import time
 
 import pytest
-from tokencake.scheduler.metadata import AgentMetadata, is_canonical_lifecycle_id
 
 from tokencake.app import App, FuncNode, Stage, compose
 from tokencake.async_engine import AsyncEngine
 from tokencake.runtime import EngineTarget, HTTPTarget, Runtime
+from tokencake.scheduler.metadata import AgentMetadata, is_canonical_lifecycle_id
 
 
 def diamond(tools: bool = True) -> App:
@@ -128,7 +128,7 @@ def _check_run(res, app):
     assert nodes["B"].submitted_at >= nodes["A"].finished_at
     assert nodes["D"].submitted_at >= max(nodes["B"].finished_at, nodes["C"].finished_at)
     for x in "ABC":
-        assert [e for e, _ in nodes[x].events] == ["stall_started", "stall_finished"]
+        assert nodes[x].events == [("stall_started", "applied"), ("stall_finished", "applied")]
     assert nodes["D"].events == []
     # Successor prompts reuse the predecessor's cached KV.
     assert nodes["B"].generation.cached_tokens > 0

@@ -91,12 +91,14 @@ class EngineTarget:
         )
 
     async def event(self, body: dict[str, Any]) -> str:
+        from tokencake.server import lifecycle_handler
+
         def apply(engine: Any) -> str:
-            fn = getattr(engine, "lifecycle_event", None)
+            fn = lifecycle_handler(engine)
             if fn is None:
                 return "unavailable"
             disposition, _ = fn(dict(body))
-            return str(disposition)
+            return str(getattr(disposition, "value", disposition))
 
         return await self.engine.call(apply)
 

@@ -721,10 +721,11 @@ async def events(request: web.Request) -> web.Response:
     request[_REQUEST_ID_KEY] = body["lifecycle_id"]
 
     def apply(engine: Any) -> tuple[str, dict[str, Any]]:
-        fn = getattr(engine, "lifecycle_event", None)
+        fn = lifecycle_handler(engine)
         if fn is None:
-            return "unavailable", {"message": "lifecycle events are not supported by this engine"}
-        return fn(dict(body))
+            return "unavailable", {"error": "lifecycle events are not supported by this engine"}
+        disposition, out = fn(dict(body))
+        return str(getattr(disposition, "value", disposition)), dict(out or {})
 
     try:
         disposition, out = await asyncio.wait_for(st.engine.call(apply), timeout=30.0)
@@ -733,23 +734,38 @@ async def events(request: web.Request) -> web.Response:
         raise _bad(str(exc), named[0] if named else "lifecycle_id") from None
     except TimeoutError:
         raise APIError(503, "the engine did not answer in time", None) from None
-    st.metrics.events.labels(ev, str(disposition)).inc()
-    status = DISPOSITION_STATUS.get(str(disposition))
+    st.metrics.events.labels(ev, disposition).inc()
+    status = DISPOSITION_STATUS.get(disposition)
     if status is None:
         raise RuntimeError(f"engine returned unknown disposition {disposition!r}")
-    payload = {
-        "lifecycle_id": body["lifecycle_id"],
-        "event": ev,
-        "disposition": disposition,
-        **(out or {}),
-    }
+    detail = out.pop("error", None) or out.pop("message", None)
+    payload = {**out, "lifecycle_id": body["lifecycle_id"], "event": ev, "disposition": disposition}
     if status >= 400:
-        message = str((out or {}).get("message") or f"{ev}: {disposition}")
+        message = str(detail or _EVENT_MESSAGES.get(disposition) or f"{ev}: {disposition}")
+        param = re.search(r"field '(\w+)'", message) if status == 400 else None
         err = APIError(
-            status, message, "lifecycle_id" if status in (404, 409) else None, code=str(disposition)
+            status,
+            message,
+            param.group(1) if param else "lifecycle_id" if status in (404, 409) else None,
+            code=disposition,
         )
-        return web.json_response({**err.body(), **payload}, status=status)
+        return web.json_response({**payload, **err.body()}, status=status)
     return web.json_response(payload, status=status)
+
+
+_EVENT_MESSAGES = {
+    "unknown": "unknown lifecycle_id (never seen, or its record expired)",
+    "conflict": "the event conflicts with the lifecycle's state (a different start, or a finish without a start)",
+    "unavailable": "lifecycle events are unavailable",
+}
+
+
+def lifecycle_handler(engine: Any) -> Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]] | None:
+    """The engine's lifecycle-event entry point (on the engine, else on its scheduler)."""
+    fn = getattr(engine, "lifecycle_event", None)
+    if fn is None:
+        fn = getattr(getattr(engine, "scheduler", None), "lifecycle_event", None)
+    return fn
 
 
 # ---- generation --------------------------------------------------------------------------------
