@@ -470,7 +470,10 @@ class SpaceScheduler:
             return Denial.RESUME_GUARD
         full = -(-self.admission_tokens(r) // self.pool.block_size) - len(r.block_ids)
         demand = max(chunk_blocks, full)
-        if demand > self.uncommitted:
+        # Cached blocks this request just revived by its prefix hit left the free count after
+        # ``uncommitted`` was computed; shared ones (held by running requests too) did not.
+        revived = sum(1 for b in r.block_ids if self.pool.ref_count(b) == 1)
+        if demand + revived > self.uncommitted:
             self._count(Denial.GENERATION_CAPACITY.value)
             return Denial.GENERATION_CAPACITY
         charge = self.consumption(r, demand, second_pass)
@@ -480,7 +483,7 @@ class SpaceScheduler:
             if m is not None and m.type_key:
                 self.history.on_defer(m.type_key)
             return Denial.RESERVATION
-        self._pending_charge = (r.request_id, charge, demand)
+        self._pending_charge = (r.request_id, charge, demand + revived)
         return None
 
     def commit(self, r: Request, now: float, second_pass: bool) -> None:

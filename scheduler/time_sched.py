@@ -93,6 +93,7 @@ class Pressure:
     critical_demand: int
     shared_available: int
     fit_demand: int
+    uncommitted: int = 0  # ours: free minus admitted requests' remaining growth and restores
 
 
 def waiting_pressure(
@@ -128,7 +129,9 @@ def waiting_pressure(
             unc_left -= adm
             slots -= 1
     usage = pool.num_used / max(1, pool.capacity)
-    return Pressure(usage, free, len(waiting), wd, cd, shared_available, min(window, fit))
+    return Pressure(
+        usage, free, len(waiting), wd, cd, shared_available, min(window, fit), uncommitted
+    )
 
 
 def evaluate_benefit(
@@ -472,6 +475,12 @@ class TimeScheduler:
         action = self.decide(ctx, self)
         if action is Action.OFFLOAD and (host is None or count == 0):
             action = Action.KEEP if dev and rec.metadata.preservable else Action.DROP
+        if action is Action.KEEP and p.state is not PState.KEPT:
+            # Pinning turns evictable cached blocks into held ones; admitted requests count on
+            # that capacity for their growth, so never pin into committed capacity.
+            cached = sum(1 for b in dev if pool.ref_count(b) == 0)
+            if cached > pressure.uncommitted:
+                action = Action.DROP
         self._count(reason.value)
         self._count(f"action_{action.value}")
         p.decided = True
