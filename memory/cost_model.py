@@ -114,7 +114,6 @@ class CostModel:
         ``ModelRunner``) and fit :meth:`fit_recompute`. Rows point every page at the dummy
         page, so no real KV is touched. Returns the samples."""
         from tokencake.memory.kv_cache import DUMMY_PAGE
-
         from tokencake.runner import RowRequest
 
         cfg = runner.cfg

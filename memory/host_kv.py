@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
+
 from tokencake.memory.kv_cache import KVCacheSpec
 
 
