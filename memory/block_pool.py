@@ -21,7 +21,9 @@ import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from tokencake.memory.kv_cache import DUMMY_PAGE
+# The dummy page id lives here (kv_cache re-exports it) so that importing the pool, and with
+# it the pure-Python scheduler, never loads JAX.
+DUMMY_PAGE = 0
 
 
 class PoolExhaustedError(RuntimeError):

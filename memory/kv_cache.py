@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DUMMY_PAGE = 0
+from tokencake.memory.block_pool import DUMMY_PAGE  # noqa: F401  (re-export; one definition)
 
 
 @dataclass(frozen=True)
