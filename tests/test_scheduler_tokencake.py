@@ -1,0 +1,505 @@
+"""Tokencake's Space and Time Schedulers, lifecycle, predictor and the compared policies.
+
+Hand-computed cases follow the paper digest (shared/research/tokencake-paper.md §4-§5).
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tokencake.memory.block_pool import BlockPool
+from tokencake.memory.host_pool import HostBlockPool
+from tokencake.scheduler.core import Scheduler, SchedulerConfig
+from tokencake.scheduler.lifecycle import Disposition, Lifecycle, LifecycleState
+from tokencake.scheduler.metadata import AgentMetadata, coerce_metadata
+from tokencake.scheduler.policies import make_policy
+from tokencake.scheduler.predictor import DurationPredictor
+from tokencake.scheduler.request import Request
+from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
+from tokencake.scheduler.space import (
+    Denial,
+    PartitionPlan,
+    SpaceScheduler,
+    _Scored,
+    largest_remainder,
+    partition,
+    request_score,
+)
+from tokencake.scheduler.time_sched import Pressure, Reason, evaluate_benefit
+from tokencake.scheduler.tokencake_config import SpaceConfig, TimeConfig, TokencakeConfig
+
+POLICIES = ["vllm", "tokencake", "tokencake-space", "tokencake-time", "infercept", "continuum"]
+
+
+def test_scheduler_is_pure_python():
+    code = (
+        "import sys\n"
+        "import tokencake.scheduler.core, tokencake.scheduler.tokencake_policy, "
+        "tokencake.scheduler.sim_executor, tokencake.scheduler.metrics, "
+        "tokencake.scheduler.lifecycle, tokencake.scheduler.space, tokencake.scheduler.time_sched\n"
+        "assert 'jax' not in sys.modules, 'scheduler imported jax'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- metadata, config ---------------------------------------------------------------------------
+def test_metadata_validation_names_the_field():
+    with pytest.raises(ValueError, match="'depth'"):
+        AgentMetadata.from_dict({"depth": -1})
+    with pytest.raises(ValueError, match="'critical_path'"):
+        AgentMetadata.from_dict({"critical_path": 1})
+    with pytest.raises(ValueError, match="'similarity'"):
+        AgentMetadata.from_dict({"similarity": 1.5})
+    with pytest.raises(ValueError, match="'lifecycle_id'"):
+        AgentMetadata.from_dict({"lifecycle_id": "x"}, strict_lifecycle_id=True)
+    m = AgentMetadata.from_dict({"agent_type": "coder", "unknown_key": 3})
+    assert m.extra == {"unknown_key": 3} and coerce_metadata(None) is None
+
+
+def test_config_unknown_key_is_named():
+    with pytest.raises(ValueError, match="offload.'bogus'"):
+        TokencakeConfig.from_dict({"offload": {"bogus": 1}})
+    with pytest.raises(ValueError, match="'nope'"):
+        TokencakeConfig.from_dict({"nope": {}})
+    with pytest.raises(ValueError, match="enabled is false"):
+        TokencakeConfig.from_dict({"offload": {"enabled": False, "score_threshold": 2}})
+    cfg = TokencakeConfig.from_dict({})
+    assert cfg.scheduling.reserve_ratio_max == 0.30 and cfg.offload.eviction_window_blocks == 128
+
+
+# ---- request score (§4.2.1) -----------------------------------------------------------------------
+def test_request_score_by_hand():
+    m = AgentMetadata(importance=2, depth=1, out_degree=1, critical_path=True)
+    # 100*2 + 15*1 + 45*1 + 180 + 4*depth(1) = 444; waiting 10 s adds 8*10*(1+0.5*0) = 80
+    assert request_score(m, arrival_time=0.0, now=0.0) == 444
+    assert request_score(m, arrival_time=0.0, now=10.0) == 524
+    # the dataset's programmer_1_validate_patch: static part ~= 1752 (digest §4.2.1)
+    p = AgentMetadata(importance=9, depth=9, out_degree=1, in_degree=1, similarity=1 / 3,
+                      remaining_depth=8, critical_path=True, join_group="g", dependency_depth=9,
+                      fanout_width=3, memory_weight=1.6)  # fmt: skip
+    assert request_score(p, 0.0, 0.0) == 1751  # 1751.87 truncated
+
+
+def test_join_priority_inheritance():
+    pool = BlockPool(101, 16)
+    sp = SpaceScheduler(SpaceConfig(), pool, 4096)
+    hi = Request("hi", [1] * 16, 16, 0.0, metadata=AgentMetadata(importance=9, join_group="j",
+                                                                  application_started_at_s=1.0))  # fmt: skip
+    lo = Request(
+        "lo",
+        [1] * 16,
+        16,
+        0.0,
+        metadata=AgentMetadata(join_group="j", application_started_at_s=1.0),
+    )
+    other = Request("o", [1] * 16, 16, 0.0, metadata=AgentMetadata(importance=5))
+    sp.begin_step(0.0, [], [lo, other, hi], 0)
+    assert sp.scores["lo"].eff == sp.scores["hi"].own > sp.scores["o"].eff
+    assert [r.request_id for r in sp.order([lo, other, hi])] == ["hi", "lo", "o"]
+
+
+def test_ordinary_request_barrier():
+    pool = BlockPool(101, 16)
+    sp = SpaceScheduler(SpaceConfig(), pool, 4096)
+    a = Request("a", [1], 4, 0.0, metadata=AgentMetadata(importance=1))
+    b = Request("b", [1], 4, 1.0, metadata=AgentMetadata(importance=5))
+    plain = Request("p", [1], 4, 2.0)
+    c = Request("c", [1], 4, 3.0, metadata=AgentMetadata(importance=9))
+    sp.begin_step(3.0, [], [a, b, plain, c], 0)
+    # only the annotated prefix before the first ordinary request is re-sorted
+    assert [r.request_id for r in sp.order([a, b, plain, c])] == ["b", "a", "p", "c"]
+
+
+# ---- admission (§4.5) ------------------------------------------------------------------------------
+def _two_requests(policy: str) -> list[str]:
+    pool = BlockPool(101, 16)  # 100 usable blocks
+    cfg = SchedulerConfig(
+        max_num_seqs=8, max_num_batched_tokens=1024, max_prefill_chunk=512, max_model_len=2048
+    )
+    s = Scheduler(cfg, pool, make_policy(policy), SimClock())
+    for rid in ("A", "B"):  # 20 blocks now (320 tokens), 70 in total (320 + 800)
+        s.add_request(
+            Request(rid, list(range(1, 321)) if rid == "A" else list(range(2, 322)), 800, 0.0)
+        )
+    plan = s.schedule()
+    return [c.request.request_id for c in plan.chunks]
+
+
+def test_full_future_admission_example():
+    assert _two_requests("vllm") == ["A", "B"]
+    assert _two_requests("tokencake") == ["A"]
+    assert _two_requests("tokencake-space") == ["A"]
+
+
+# ---- partitioning (§4.3) ---------------------------------------------------------------------------
+def test_partition_ratio_adapts_at_watermarks():
+    cfg = SpaceConfig()
+    ts = {"a": 3.0, "b": 1.0}
+    p = partition(cfg, 100, 0.5, None, ts, {}, {})
+    assert p.ratio == 0.05 and sum(p.reserved.values()) == 5 and p.shared == 95
+    assert partition(cfg, 100, 0.75, 0.05, ts, {}, {}).ratio == 0.10  # >= high: up one step
+    assert partition(cfg, 100, 0.74, 0.10, ts, {}, {}).ratio == 0.10  # between: unchanged
+    assert partition(cfg, 100, 0.40, 0.10, ts, {}, {}).ratio == 0.05  # <= low: down one step
+    assert partition(cfg, 100, 0.90, 0.30, ts, {}, {}).ratio == 0.30  # clamped at max
+    assert partition(cfg, 100, 0.10, 0.05, ts, {}, {}).ratio == 0.05  # clamped at min
+    # critical = top max(1, int(2 * 0.75)) = 1 type; it gets the whole reservation
+    assert partition(cfg, 100, 0.9, 0.25, ts, {}, {}).reserved == {"a": 30}
+
+
+def test_partition_weights_and_largest_remainder():
+    cfg = SpaceConfig(critical_ratio=1.0)
+    # score shares 0.75/0.25, mem shares 0/1 -> weights max(.75,.375)=.75, max(.25,.625)=.625
+    p = partition(cfg, 100, 0.5, 0.10, {"a": 3.0, "b": 1.0}, {}, {"b": 10})
+    assert p.reserved == {"a": 5, "b": 5}  # 10 * .75/1.375 = 5.45, 4.55 -> 5, 4 + 1 leftover
+    assert largest_remainder(10, {"x": 1, "y": 1, "z": 1}) == {"x": 4, "y": 3, "z": 3}
+
+
+# ---- borrowing (§4.4) ------------------------------------------------------------------------------
+def _space_with_plan() -> SpaceScheduler:
+    pool = BlockPool(101, 16)
+    sp = SpaceScheduler(SpaceConfig(), pool, 4096)
+    sp.plan = PartitionPlan(0.2, 60, {"A": 20, "B": 20}, {"A": 5.0, "B": 3.0})
+    sp.uncommitted = 100
+    sp.used = {None: 50}  # shared has 10 left
+    return sp
+
+
+def test_borrowing_is_two_pass():
+    sp = _space_with_plan()
+    ra = Request("ra", [1], 1, 0.0, metadata=AgentMetadata(agent_type="A"))
+    sp.scores = {"ra": _Scored(100, 100)}
+    sp.best_waiting = {"B": 200}  # critical type B has waiting requests
+    assert sp.consumption(ra, 35, second_pass=False) is None
+    assert sp.consumption(ra, 35, second_pass=True) == [(None, 10), ("A", 20), ("B", 5)]
+    sp.scores = {"ra": _Scored(700, 700)}  # leads B's best waiting by >= 500: early borrow
+    assert sp.consumption(ra, 35, second_pass=False) == [(None, 10), ("A", 20), ("B", 5)]
+    sp.best_waiting = {}  # no waiting B: borrowing is allowed in the first pass
+    sp.scores = {"ra": _Scored(0, 0)}
+    assert sp.consumption(ra, 35, second_pass=False) is not None
+    plain = Request("p", [1], 1, 0.0)  # ordinary requests only ever use shared capacity
+    assert sp.consumption(plain, 15, second_pass=True) is None
+    assert sp.consumption(plain, 10, second_pass=False) == [(None, 10)]
+
+
+def test_availability_capped_by_uncommitted():
+    sp = _space_with_plan()
+    sp.uncommitted = 25  # shared 10 + A 20 + B 20 = 50 > 25: take 25 from shared then low score
+    shared, res = sp._availability()
+    assert shared == 0 and res == {"A": 20, "B": 5}
+
+
+def test_resume_guard_and_denials():
+    sp = _space_with_plan()
+    r = Request("r", [1] * 32, 4000, 0.0, metadata=AgentMetadata(agent_type="A"))
+    sp.scores = {"r": _Scored(0, 0)}
+    assert sp.check(r, 1, True, False) is Denial.GENERATION_CAPACITY  # 251 blocks > 100
+    small = Request("s", [1] * 32, 16, 0.0, metadata=AgentMetadata(agent_type="A"))
+    sp.guard["s"] = (sp.pool.num_free, sp.epoch)
+    assert sp.check(small, 1, True, False) is Denial.RESUME_GUARD
+    assert sp.check(small, 1, False, False) is None  # nothing running: never blocks progress
+
+
+# ---- victims (§4.8) --------------------------------------------------------------------------------
+def test_victim_choice():
+    pool = BlockPool(101, 16)
+    sp = SpaceScheduler(SpaceConfig(), pool, 4096)
+
+    def running(
+        rid: str, imp: float, blocks: int, computed: int, out: int = 0, mt: int = 100
+    ) -> Request:
+        r = Request(rid, [1] * computed, mt, 0.0, metadata=AgentMetadata(importance=imp))
+        r.block_ids = pool.allocate(blocks)
+        r.num_computed_tokens = computed
+        r.output_token_ids = [1] * out
+        return r
+
+    cheap = running("cheap", 0, 4, 16)  # recompute/released = 4
+    costly = running("costly", 0, 4, 64)  # 16
+    vip = running("vip", 40, 4, 8)  # 4000 points: outside the 3000-point band
+    near = running("near", 0, 4, 8, out=95)  # >= 90% of max_tokens: protected
+    needy = running("needy", 0, 1, 16)
+    rs = [cheap, costly, vip, near, needy]
+    sp.begin_step(0.0, rs, [], 0)
+    assert sp.victim(rs, needy, 2, 0.0) is cheap
+    assert sp.victim(rs, needy, 2, 0.0, {"cheap": 16}) is cheap  # restorable: 0 recompute
+    assert sp.victim([costly, near, needy], needy, 2, 0.0) is costly
+    assert sp.victim(rs, Request("x", [1], 1, 0.0), 1, 0.0) is False  # unannotated: native rule
+
+
+# ---- benefit function (§5.6) -----------------------------------------------------------------------
+def _p(**kw) -> Pressure:
+    base = dict(usage=0.9, free=10, waiting_count=3, waiting_demand=100, critical_demand=0,
+                shared_available=50, fit_demand=40)  # fmt: skip
+    base.update(kw)
+    return Pressure(**base)
+
+
+ELIG = AgentMetadata(offload_eligible=True, reusable_prefix=True)
+
+
+def test_benefit_reason_cascade():
+    cfg = TimeConfig()
+
+    def ev(m=ELIG, dur=10.0, T=0.1, blocks=20, need=20, avail=100, score=0.0, churn=0.0, **kw):
+        return evaluate_benefit(m, score, dur, T, blocks, need, avail, _p(**kw), churn, cfg)
+
+    assert ev(m=AgentMetadata())[0] is Reason.NOT_ELIGIBLE
+    assert ev(blocks=0)[0] is Reason.EMPTY
+    assert ev(fit_demand=0)[0] is Reason.NO_WAITING_DEMAND
+    assert ev(avail=5)[0] is Reason.CPU_CAPACITY
+    assert ev(dur=0.1)[0] is Reason.UNPROFITABLE  # duration <= T
+    assert ev(dur=0.25)[0] is Reason.UNPROFITABLE  # margin .15 < 2T = .2, no emergency
+    assert ev(usage=0.5, waiting_demand=5)[0] is Reason.LOW_PRESSURE  # no queue pressure
+    # Selected: stall_s = min(6, 9.9/0.25) = 6; pressure_s = (0.9-0.6)*6 + min(2, 100/21) = 3.8;
+    # fit_s = min(2, 40/20) = 2; upload_ok 1; cpu_s 1 -> 13.8
+    reason, score = ev()
+    assert reason is Reason.SELECTED and score == pytest.approx(13.8)
+    # importance >= 8, near completion, no emergency (usage < .85) -> unprofitable
+    assert ev(m=AgentMetadata(offload_eligible=True, reusable_prefix=True, importance=9,
+                              near_completion=True), usage=0.8)[0] is Reason.UNPROFITABLE  # fmt: skip
+    # ... but the emergency override (usage >= .85, margin >= max(4T, 5)) selects it
+    assert ev(m=AgentMetadata(offload_eligible=True, reusable_prefix=True, importance=9,
+                              near_completion=True))[0] is Reason.SELECTED  # fmt: skip
+    # score below threshold: churn 14 pushes 13.8 under 1.0
+    assert ev(churn=14.0, usage=0.8)[0] is Reason.UNPROFITABLE
+
+
+# ---- lifecycle (§5.3) ------------------------------------------------------------------------------
+def test_lifecycle_every_disposition():
+    t = [0.0]
+    lc = Lifecycle(lambda: t[0])
+    lc.associate("a", AgentMetadata(agent_type="x"))
+    start = {
+        "event": "stall_started",
+        "lifecycle_id": "a",
+        "kind": "search",
+        "estimated_duration_s": 2.0,
+    }
+    finish = {"event": "stall_finished", "lifecycle_id": "a"}
+    assert lc.handle(finish)[0] is Disposition.CONFLICT  # finish without start: 409
+    lc.generation_finished("a")
+    d, body = lc.handle(start)
+    assert d is Disposition.APPLIED and body["state"] == "active" and d.http_status == 200
+    assert lc.handle(start)[0] is Disposition.DUPLICATE
+    assert lc.handle({**start, "kind": "other"})[0] is Disposition.CONFLICT
+    assert lc.records["a"].safety_deadline == 60.0  # clamp(4*2, 60, 3600)
+    t[0] = 1.0
+    assert lc.handle(finish)[0] is Disposition.APPLIED
+    assert lc.handle(finish)[0] is Disposition.DUPLICATE
+    assert lc.handle({"event": "stall_finished", "lifecycle_id": "zz"})[0].http_status == 404
+    assert (
+        lc.handle({"event": "stall_started", "lifecycle_id": "a", "estimated_duration_s": None})[0]
+        is Disposition.INVALID
+    )
+    assert lc.handle({"event": "nope", "lifecycle_id": "a"})[0].http_status == 400
+    assert lc.handle({**finish, "extra": 1})[0].http_status == 400
+    t[0] = 62.0  # tombstone gone after 60 s
+    assert lc.handle(finish)[0] is Disposition.UNKNOWN
+    lc.available = False
+    assert lc.handle(finish)[0].http_status == 503
+
+
+def test_lifecycle_expiry_and_late_finish():
+    t = [0.0]
+    lc = Lifecycle(lambda: t[0])
+    lc.associate("a", AgentMetadata())
+    lc.generation_finished("a")
+    t[0] = 61.0  # never started within the 60 s attach window
+    lc.expire()
+    assert lc.records["a"].cause == "expired"
+    lc.associate("b", AgentMetadata())
+    lc.generation_finished("b")
+    lc.stall_started("b", "t", 100.0)
+    rec = lc.records["b"]
+    assert rec.safety_deadline == 61.0 + 400.0
+    t[0] = 61.0 + 100.0 - 0.05  # inside the release lead: ownership released, not terminal
+    lc.expire()
+    assert rec.state is LifecycleState.RELEASED
+    t[0] = 61.0 + 401.0
+    lc.expire()
+    assert rec.cause == "expired"
+    assert lc.stall_finished("b") is Disposition.LATE_FINISH
+
+
+def test_predictor_blends():
+    p = DurationPredictor()
+    assert p.predict("t", "n", "k", None) == 1.0  # default
+    assert p.predict("t", "n", "k", 4.0) == 4.0  # estimate only
+    p.learn("t", "n", "k", 2.0)  # first sample stored raw
+    assert p.predict("t", "n", "k", None) == 2.0
+    assert p.predict("t", "n", "k", 4.0) == 3.0  # 50/50 blend
+    p.learn("t", "n", "k", 4.0)  # EWMA: 0.5*4 + 0.5*2
+    assert p.predict("t", "", "k", None) == 3.0
+    p.learn("", "name", "k", 8.0)  # falls back to the agent name
+    assert p.predict("", "name", "k", None) == 8.0 and p.predict("", "", "k", None) == 1.0
+
+
+# ---- whole-system properties on the simulator -----------------------------------------------------
+def _run_workload(policy: str, seed: int, n_agents: int, turns: int, blocks: int, host_blocks: int,
+                  durations: tuple[float, ...] = (0.02, 0.3, 3.0)) -> dict[str, list[int]]:  # fmt: skip
+    rng = random.Random(seed)
+    clock = SimClock()
+    pool = BlockPool(blocks, 16)
+    host = HostBlockPool(host_blocks, 16) if host_blocks else None
+    cfg = SchedulerConfig(
+        max_num_seqs=6, max_num_batched_tokens=96, max_prefill_chunk=64, max_model_len=400
+    )
+    s = Scheduler(cfg, pool, make_policy(policy), clock, host_pool=host)
+    ex = SimExecutor(clock)
+    agents = [dict(prompt=[rng.randrange(1, 500) for _ in range(rng.randrange(20, 90))], turn=0,
+                   due=rng.random() * 0.05, last=None, tool_end=None) for _ in range(n_agents)]  # fmt: skip
+    outs: dict[str, list[int]] = {}
+    for _ in range(100_000):
+        now = clock()
+        for i, ag in enumerate(agents):
+            if ag["tool_end"] is not None and now >= ag["tool_end"]:
+                assert (
+                    s.lifecycle_event({"event": "stall_finished", "lifecycle_id": ag["last"]})[
+                        0
+                    ].http_status
+                    == 200
+                )
+                ag["tool_end"], ag["due"] = None, now
+            if ag["due"] is not None and now >= ag["due"] and ag["turn"] < turns:
+                md = dict(agent_type=f"t{i % 3}", importance=float(i % 4), depth=ag["turn"],
+                          offload_eligible=True, reusable_prefix=True)  # fmt: skip
+                s.add_request(
+                    Request(
+                        f"a{i}-{ag['turn']}",
+                        list(ag["prompt"]),
+                        rng.randrange(4, 40),
+                        now,
+                        metadata=md,
+                    )
+                )
+                ag["due"] = None
+        if not s.has_work and s.copies_in_flight == 0 and all(a["turn"] >= turns for a in agents):
+            break
+        plan, finished = sim_step(s, ex)
+        pool.check_integrity()
+        if host is not None:
+            host.check_integrity()
+        assert len({b for r in s.running for b in r.block_ids}) <= pool.capacity
+        if policy == "tokencake-space":  # full-future admission never over-commits
+            assert pool.num_free - sum(s.policy.space.remaining_growth(r) for r in s.running) >= 0
+        for r in finished:
+            i = int(r.request_id[1:].split("-")[0])
+            ag = agents[i]
+            outs[r.request_id] = list(r.output_token_ids)
+            ag["prompt"] = (
+                ag["prompt"] + r.output_token_ids + [rng.randrange(1, 500) for _ in range(8)]
+            )
+            ag["turn"] += 1
+            ag["last"] = r.request_id
+            if ag["turn"] < turns:
+                d = rng.choice(durations)
+                ev = {
+                    "event": "stall_started",
+                    "lifecycle_id": r.request_id,
+                    "kind": "tool",
+                    "estimated_duration_s": d,
+                }
+                assert s.lifecycle_event(ev)[0].http_status == 200
+                ag["tool_end"] = clock() + d * rng.uniform(0.3, 2.0)
+            else:
+                ag["due"] = None
+    else:
+        raise AssertionError("workload did not finish")
+    assert len(outs) == n_agents * turns
+    return outs
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_sim_workload_outputs_identical_under_pressure(policy):
+    base = _run_workload("vllm", 1, 6, 3, 40, 64)
+    assert _run_workload(policy, 1, 6, 3, 40, 64) == base
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    policy=st.sampled_from(POLICIES),
+    seed=st.integers(0, 10_000),
+    n_agents=st.integers(1, 6),
+    blocks=st.integers(28, 80),
+    host_blocks=st.sampled_from([0, 8, 64]),
+)
+def test_property_random_workloads_keep_invariants(policy, seed, n_agents, blocks, host_blocks):
+    _run_workload(policy, seed, n_agents, 2, blocks, host_blocks)
+
+
+def test_time_scheduler_offloads_and_uploads_under_pressure():
+    """A long tool under pressure: the agent's KV goes to the host and comes back before the
+    predicted return (predictive upload), without changing any output."""
+    outs = {}
+    for policy in ("vllm", "tokencake"):
+        outs[policy] = _run_workload(policy, 3, 6, 3, 36, 128, durations=(4.0,))
+    assert outs["vllm"] == outs["tokencake"]
+
+
+# ---- engine on the tiny model ---------------------------------------------------------------------
+def test_engine_greedy_outputs_identical_under_every_policy():
+    from tokencake.config import EngineConfig
+    from tokencake.engine import LLMEngine
+    from tokencake.models.config import tiny_config
+    from tokencake.models.tokenizer import Tokenizer
+    from tokencake.models.weights import random_params
+    from tokencake.sampling_params import SamplingParams
+
+    cfg = tiny_config()
+    params = random_params(cfg, seed=0)
+    tok = Tokenizer.byte_level_for_tests()
+    rng = random.Random(0)
+    prompts = [
+        [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(20, 60))] for _ in range(5)
+    ]
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    results = {}
+    for policy in POLICIES:
+        eng = LLMEngine(EngineConfig(num_pages=12, page_size=16, max_model_len=128, max_num_seqs=4,
+                                     max_num_batched_tokens=64, max_prefill_chunk=64, max_prefill_seqs=2,
+                                     warmup=False, policy=policy),
+                        model_config=cfg, params=params, tokenizer=tok)  # fmt: skip
+        texts = {}
+        lids = []
+        for i, p in enumerate(prompts):
+            rid = f"r{i}"
+            md = {
+                "agent_type": f"t{i % 2}",
+                "importance": float(i),
+                "offload_eligible": True,
+                "reusable_prefix": True,
+            }
+            eng.add_request(p, sp, request_id=rid, metadata=md)
+            lids.append(rid)
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    texts[out.request_id] = out.token_ids
+                    d, body = eng.lifecycle_event({"event": "stall_started", "lifecycle_id": out.request_id,
+                                                   "kind": "tool", "estimated_duration_s": 0.5})  # fmt: skip
+                    assert d.http_status == 200, body
+        # successors extend their predecessors' prompts (append-only context)
+        for i, p in enumerate(prompts):
+            assert (
+                eng.lifecycle_event({"event": "stall_finished", "lifecycle_id": f"r{i}"})[
+                    0
+                ].http_status
+                == 200
+            )
+            eng.add_request(
+                p + texts[f"r{i}"] + [5, 6, 7], sp, request_id=f"s{i}", metadata={"agent_type": "t"}
+            )
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    texts[out.request_id] = out.token_ids
+        eng.pool.check_integrity()
+        results[policy] = texts
+    for policy in POLICIES:
+        assert results[policy] == results["vllm"], policy
