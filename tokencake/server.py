@@ -539,6 +539,9 @@ class _State:
         self.draining = False
         self.model_name = engine.engine.model_name
         self.max_model_len = engine.engine.max_model_len
+        pool = engine.engine.pool
+        # The most tokens one sequence can ever hold in KV: bounds the default max_tokens too.
+        self.max_seq_tokens = min(self.max_model_len, pool.capacity * pool.block_size)
         self.created = int(time.time())
 
     def begin(self) -> None:
@@ -663,7 +666,7 @@ async def metrics(request: web.Request) -> web.Response:
     st = _state(request)
     m = st.metrics
     m.engine_up.set(1 if st.engine_alive() else 0)
-    with contextlib.suppress(EngineDeadError):
+    with contextlib.suppress(EngineDeadError, TimeoutError):  # serve stale gauges, not an error
         snap = await asyncio.wait_for(st.engine.call(_kv_snapshot), timeout=5.0)
         m.kv_capacity.set(snap["capacity"])
         m.kv_used.set(snap["used"])
@@ -798,10 +801,10 @@ async def _tokenize(st: _State, p: _Parsed) -> list[int]:
 
 def _sampling(st: _State, p: _Parsed, n_prompt: int) -> SamplingParams:
     prompt_param = "messages" if p.chat else "prompt"
-    room = st.max_model_len - n_prompt
+    room = st.max_seq_tokens - n_prompt
     if room < 1:
         raise _bad(
-            f"this model's maximum context length is {st.max_model_len} tokens; the prompt has {n_prompt} tokens, leaving no room to generate",
+            f"this model's maximum context length is {st.max_seq_tokens} tokens; the prompt has {n_prompt} tokens, leaving no room to generate",
             prompt_param,
         )
     max_tokens = p.max_tokens if p.max_tokens is not None else room
@@ -813,7 +816,7 @@ def _sampling(st: _State, p: _Parsed, n_prompt: int) -> SamplingParams:
         max_tokens = min(max_tokens, st.max_tokens_limit)
     if max_tokens > room:
         raise _bad(
-            f"this model's maximum context length is {st.max_model_len} tokens; the prompt has {n_prompt} tokens and {p.max_tokens_param}={max_tokens} asks for more than the {room} left",
+            f"this model's maximum context length is {st.max_seq_tokens} tokens; the prompt has {n_prompt} tokens and {p.max_tokens_param}={max_tokens} asks for more than the {room} left",
             p.max_tokens_param,
         )
     try:
