@@ -242,6 +242,8 @@ class SpaceScheduler:
         self.epoch = 0  # bumps on every finish
         self.counters: dict[str, int] = {}
         self._hashes: dict[str, list[bytes]] = {}
+        self._groups: dict[tuple[float, str], int] = {}
+        self._scored_at = -math.inf
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -282,6 +284,42 @@ class SpaceScheduler:
     ) -> None:
         """Freeze this step's scores, repartition when due, recompute uncommitted capacity."""
         self.step += 1
+        if now - self._scored_at >= self.cfg.score_refresh_s or self._scored_at > now:
+            self._rescore(now, running, waiting)
+        else:
+            # Between refreshes only newcomers (new or requeued requests) need a score; they
+            # inherit their join group's frozen maximum.
+            scores = self.scores
+            for r in waiting:
+                if r.metadata is not None and r.request_id not in scores:
+                    s = self.own_score(r, now)
+                    g = self._group_of(r.metadata)
+                    eff = max(s, self._groups.get(g, s)) if g is not None else s
+                    if g is not None:
+                        self._groups[g] = eff
+                    scores[r.request_id] = _Scored(s, eff)
+                    k = r.metadata.agent_type
+                    if self.plan is not None and k in self.plan.reserved:
+                        self.best_waiting[k] = max(self.best_waiting.get(k, eff), eff)
+        if (
+            self.plan is None
+            or not self.plan.reserved
+            or self.step % self.cfg.adjustment_window == 0
+        ):
+            self.repartition(now, running, waiting)
+            self._best(waiting)
+        growth = 0
+        for r in running:
+            growth += self.remaining_growth(r)
+        self.uncommitted = self.pool.num_free - growth - committed_extra
+
+    def _group_of(self, m: AgentMetadata) -> tuple[float, str] | None:
+        if self.cfg.inherit_join_priority and m.join_group and m.application_started_at_s > 0:
+            return (m.application_started_at_s, m.join_group)
+        return None
+
+    def _rescore(self, now: float, running: Sequence[Request], waiting: Sequence[Request]) -> None:
+        self._scored_at = now
         scores: dict[str, _Scored] = {}
         groups: dict[tuple[float, str], int] = {}
         grouped: list[tuple[Request, tuple[float, str]]] = []
@@ -291,44 +329,35 @@ class SpaceScheduler:
                 continue
             s = self.own_score(r, now)
             scores[r.request_id] = _Scored(s, s)
-            if self.cfg.inherit_join_priority and m.join_group and m.application_started_at_s > 0:
-                g = (m.application_started_at_s, m.join_group)
+            g = self._group_of(m)
+            if g is not None:
                 groups[g] = max(groups.get(g, s), s)
                 grouped.append((r, g))
         for r in running:
             m = r.metadata
-            if m is None:
-                continue
-            # Running scores only matter for join groups and victims; compute them lazily for
-            # victims, eagerly only for group members.
-            if self.cfg.inherit_join_priority and m.join_group and m.application_started_at_s > 0:
+            # Running scores matter for join groups and victims; victims score lazily.
+            g = self._group_of(m) if m is not None else None
+            if g is not None:
                 s = self.own_score(r, now)
                 scores[r.request_id] = _Scored(s, s)
-                g = (m.application_started_at_s, m.join_group)
                 groups[g] = max(groups.get(g, s), s)
                 grouped.append((r, g))
         for r, g in grouped:
             scores[r.request_id].eff = groups[g]
         self.scores = scores
-        if (
-            self.plan is None
-            or not self.plan.reserved
-            or self.step % self.cfg.adjustment_window == 0
-        ):
-            self.repartition(now, running, waiting)
+        self._groups = groups
+        self._best(waiting)
+
+    def _best(self, waiting: Sequence[Request]) -> None:
         best: dict[str, int] = {}
         crit = self.plan.critical if self.plan else set()
         for r in waiting:
             m = r.metadata
             if m is not None and m.agent_type in crit:
-                e = scores[r.request_id].eff
+                e = self.scores[r.request_id].eff
                 if e > best.get(m.agent_type, -(10**18)):
                     best[m.agent_type] = e
         self.best_waiting = best
-        growth = 0
-        for r in running:
-            growth += self.remaining_growth(r)
-        self.uncommitted = self.pool.num_free - growth - committed_extra
 
     def repartition(
         self, now: float, running: Sequence[Request], waiting: Sequence[Request]

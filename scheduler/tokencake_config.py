@@ -66,8 +66,12 @@ class SpaceConfig:
     preemption_score_band: int = 3000
     near_finish_fraction: float = 0.9
     history_limit: int = 4096
+    # ours: scores are frozen for this long (the time terms move ~8 points/s, far below the
+    # 500-point bands), so a step only scores newcomers; 0 rescores every step as the paper does.
+    score_refresh_s: float = 0.1
 
     def __post_init__(self) -> None:
+        _nonneg("scheduling.score_refresh_s", self.score_refresh_s)
         _int("scheduling.cache_affinity_score_band", self.cache_affinity_score_band, 0)
         _int("scheduling.priority_borrow_score_margin", self.priority_borrow_score_margin, 0)
         _check(
