@@ -132,4 +132,8 @@ class DecoderLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits for hidden states ``[..., H]``."""
-        return (hidden @ self.head_weight()).astype(jnp.float32)
+        if self.lm_head is not None:
+            return (hidden @ self.lm_head[...]).astype(jnp.float32)
+        # Tied head: contract against the embedding's hidden axis directly; writing
+        # ``embed.T`` makes XLA:CPU materialise a [H, V] transpose on every step.
+        return jnp.einsum("...h,vh->...v", hidden, self.embed[...]).astype(jnp.float32)
