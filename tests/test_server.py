@@ -278,6 +278,16 @@ def test_stop_and_seed(served, client):
     assert sampled[0] == sampled[1]
 
 
+def test_huge_top_k_is_no_top_k(served, client):
+    # A top_k past the vocabulary keeps every token; it must not reach the int32 sampler.
+    for k in (2**40, 2**31, 257):
+        out = client.completions.create(
+            model=MODEL, prompt="x", max_tokens=2, temperature=1.0, extra_body={"top_k": k}
+        )
+        assert out.usage.completion_tokens >= 1
+    assert get(served[0].url + "/health").json() == {"status": "ok"}
+
+
 def test_agent_metadata_both_spellings(served, client):
     lid = lifecycle_id()
     meta = {"lifecycle_id": lid, "agent_type": "planner", "depth": 1, "critical_path": True}

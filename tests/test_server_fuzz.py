@@ -17,7 +17,9 @@ from tokencake.server import BackgroundServer, openapi_spec
 
 SPEC = openapi_spec("tiny-llama")
 # Keep generations short so each example is quick; the schema allows any max_tokens >= 1.
-SMALL_INT = st.integers(min_value=-3, max_value=300)
+SMALL_INT = st.integers(min_value=-3, max_value=300) | st.integers(
+    min_value=-(2**64), max_value=2**64
+)
 
 json_leaf = st.one_of(
     st.none(),

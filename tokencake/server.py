@@ -542,6 +542,7 @@ class _State:
         pool = engine.engine.pool
         # The most tokens one sequence can ever hold in KV: bounds the default max_tokens too.
         self.max_seq_tokens = min(self.max_model_len, pool.capacity * pool.block_size)
+        self.vocab_size = engine.engine.model_config.vocab_size
         self.created = int(time.time())
 
     def begin(self) -> None:
@@ -819,8 +820,13 @@ def _sampling(st: _State, p: _Parsed, n_prompt: int) -> SamplingParams:
             f"this model's maximum context length is {st.max_seq_tokens} tokens; the prompt has {n_prompt} tokens and {p.max_tokens_param}={max_tokens} asks for more than the {room} left",
             p.max_tokens_param,
         )
+    kw = dict(p.params)
+    if kw["top_k"] >= st.vocab_size:
+        # Keeping every token is "no top-k"; and the engine's int32 sampler must never see a
+        # client's 2**40 (it would take the engine thread down).
+        kw["top_k"] = 0
     try:
-        return SamplingParams(max_tokens=max_tokens, **p.params)
+        return SamplingParams(max_tokens=max_tokens, **kw)
     except ValueError as exc:
         raise _bad(str(exc), None) from None
 
