@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from tokencake.models.attention import pallas_gpu
 from tokencake.models.attention.reference import reference_paged_attention
 

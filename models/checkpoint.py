@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from tokencake.models.config import ModelConfig
 from tokencake.models.weights import validate_params
 
@@ -101,6 +102,7 @@ def load_orbax(
 ) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
     """Restore ``(config, params, tokenizer)`` from a folder written by :func:`save_orbax`."""
     import orbax.checkpoint as ocp
+
     from tokencake.models.tokenizer import Tokenizer
 
     d = Path(path).expanduser().absolute()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tokencake.models.config import ModelConfig
 from tokencake.models.weights import unpermute_qk, validate_params
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tokencake.models.config import ModelConfig
 from tokencake.models.weights import validate_params
 

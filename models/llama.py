@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
 from tokencake.memory.kv_cache import DUMMY_PAGE
 from tokencake.models.attention.backend import AttentionFn
 from tokencake.models.config import ModelConfig

@@ -32,6 +32,7 @@ with :func:`unpermute_qk`.
 from __future__ import annotations
 
 import numpy as np
+
 from tokencake.models.config import ModelConfig
 
 NORM_KEYS = ("final_norm", "attn_norm", "mlp_norm", "q_norm", "k_norm")

@@ -11,12 +11,11 @@ os.environ.setdefault(
     "TOKENCAKE_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tokencake", "xla-tests")
 )
 
+from tokencake.config import EngineConfig  # noqa: E402
+from tokencake.engine import LLMEngine  # noqa: E402
 from tokencake.models.config import tiny_config  # noqa: E402
 from tokencake.models.tokenizer import Tokenizer  # noqa: E402
 from tokencake.models.weights import NORM_KEYS, random_params  # noqa: E402
-
-from tokencake.config import EngineConfig  # noqa: E402
-from tokencake.engine import LLMEngine  # noqa: E402
 
 TINY_ENGINE = dict(
     num_pages=96,

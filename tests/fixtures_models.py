@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from tokencake.models.config import ModelConfig
 from tokencake.models.hf_loader import hf_state_from_params
 from tokencake.models.tokenizer import Tokenizer

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from tokencake.models.attention import pallas_gpu, pallas_tpu
 from tokencake.models.attention.backend import get_backend
 from tokencake.models.attention.reference import dense_causal_attention

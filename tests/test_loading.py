@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures_models import hf_config_dict, write_gguf, write_hf_checkpoint
+
 from tokencake.models.checkpoint import convert, load_orbax, save_orbax
 from tokencake.models.config import ModelConfig, tiny_config
 from tokencake.models.gguf_loader import load_gguf

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_models import FRANCE_IDS, TRICKY_TEXTS
+
 from tokencake.models import hub
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
+
 from tokencake.models.attention.reference import reference_paged_attention
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
 from tokencake.models.attention.backend import AttentionBackend
 
 # --- Block sizes -------------------------------------------------------------------------------

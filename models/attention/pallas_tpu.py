@@ -30,6 +30,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from tokencake.models.attention.backend import AttentionBackend
 from tokencake.models.attention.reference import reference_paged_attention
 
