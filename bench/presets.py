@@ -1,0 +1,270 @@
+"""Simulator presets: pool geometry, scheduler limits, step-time and transfer models.
+
+Two presets:
+
+* ``local`` — this engine with the default model (SmolLM2-135M, float32) on this machine's
+  CPUs. Its step-time coefficients come from ``python -m bench.calibrate``, which times real
+  engine steps and writes ``bench/local_preset.json`` (committed). The same file fixes the
+  engine configuration the real-engine runs use (``local_engine_kwargs``), so the simulator
+  and the engine see the same pool, block size and batch limits.
+* ``a800-qwen2.5-14b`` — the authors' setting (paper digest §7.2) with step times derived
+  from public hardware and model figures; see :func:`a800_qwen25_14b` for every assumption.
+
+A step costs (seconds)::
+
+    mem     = m0 + d * decode_context_tokens
+    compute = b * decode_rows + c * prefill_tokens + e * sum(prefill_tokens * attended_ctx)
+    step    = a + (max(mem, compute) if roofline else mem + compute)
+
+``attended_ctx`` of a prefill chunk is ``start + n / 2`` (causal attention). Copies either
+overlap the step (an async copy stream: ``step = max(step, copies)``) or add to it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokencake.memory.cost_model import CostModel
+from tokencake.scheduler.core import SchedulerConfig
+from tokencake.scheduler.plan import StepPlan
+from tokencake.scheduler.sim_executor import SimClock, SimExecutor, fake_token
+
+LOCAL_PRESET_PATH = Path(__file__).with_name("local_preset.json")
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """Step-time coefficients (see the module docstring)."""
+
+    a: float  # fixed per-step overhead, s
+    b: float  # per decode row, s
+    c: float  # per prefill token, s
+    d: float  # per context token read by a decode row, s
+    e: float  # per prefill token x attended context token, s
+    m0: float = 0.0  # weight read per step (roofline only), s
+    roofline: bool = False
+    idle: float = 1e-3  # an empty step still lets time pass
+
+    def step_time(self, plan: StepPlan) -> float:
+        if not plan.chunks:
+            return self.idle
+        rows = prefill = ctx = 0
+        pctx = 0.0
+        for ch in plan.chunks:
+            if ch.num_tokens == 1 and ch.start == ch.request.num_tokens - 1:
+                rows += 1
+                ctx += ch.start + 1
+            else:
+                prefill += ch.num_tokens
+                pctx += ch.num_tokens * (ch.start + ch.num_tokens / 2)
+        mem = self.m0 + self.d * ctx
+        compute = self.b * rows + self.c * prefill + self.e * pctx
+        return self.a + (max(mem, compute) if self.roofline else mem + compute)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything the simulator needs to stand in for one engine + hardware."""
+
+    name: str
+    block_size: int
+    num_blocks: int  # usable device KV blocks (the dummy page is extra)
+    host_blocks: int
+    bytes_per_token: int
+    bandwidth: float  # bytes/s per direction
+    step: StepModel
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_prefill_chunk: int
+    max_prefill_seqs: int
+    max_model_len: int
+    overlap_copies: bool = True
+    vocab_size: int = 32000
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_prefill_chunk=self.max_prefill_chunk,
+            max_prefill_seqs=self.max_prefill_seqs,
+            max_model_len=self.max_model_len,
+        )
+
+    def cost_model(self) -> CostModel:
+        """The cost model the policies see: transfers at ``bandwidth``, recompute from the
+        step model's prefill terms (what a profile of this hardware would fit)."""
+        s = self.step
+        return CostModel.fixed(self.bytes_per_block, self.bandwidth, 0.0, (s.a, s.c, s.e))
+
+    def executor(self, clock: SimClock, cost: CostModel, vocab_size: int) -> PresetExecutor:
+        return PresetExecutor(clock, self, cost, vocab_size)
+
+
+class PresetExecutor(SimExecutor):
+    """:class:`SimExecutor` with a preset's step model and copy overlap."""
+
+    def __init__(self, clock: SimClock, preset: Preset, cost: CostModel, vocab_size: int) -> None:
+        super().__init__(clock, cost, vocab_size=vocab_size)
+        self.preset = preset
+
+    def execute(self, plan: StepPlan) -> dict[str, int]:
+        out = {
+            ch.request.request_id: fake_token(ch.request.all_token_ids, self.vocab_size)
+            for ch in plan.chunks
+            if ch.samples
+        }
+        dt = self.preset.step.step_time(plan)
+        copy_s = sum(self.cost.copy_time(len(c.device_blocks), c.direction) for c in plan.copies)
+        dt = max(dt, copy_s) if self.preset.overlap_copies else dt + copy_s
+        self.completed.extend(plan.copies)
+        self.last_step_s = dt
+        self.clock.advance(dt)
+        return out
+
+
+def a800_qwen25_14b() -> Preset:
+    """The authors' A800 / Qwen2.5-14B-Instruct setting (paper digest §7.2).
+
+    Given by the authors: 3,050 GPU KV blocks of 16 tokens (one is vLLM's null block, so
+    3,049 usable), 196,608 bytes of KV per token (48 layers x 8 KV heads x 128 dims x 2 (K, V)
+    x 2 bytes), a 12 GB/s transfer prior, an 8,192-token batch budget with chunked prefill,
+    32,768-token context, 100 GiB of CPU KV.
+
+    Derived from public figures (assumptions, none fitted to the authors' results):
+
+    1. A800-SXM4-80GB = A100 silicon: 2,039 GB/s HBM2e, 312 TFLOP/s dense BF16.
+    2. Qwen2.5-14B: 14.7 B parameters = 29.5 GB of BF16 weights read once per step; 13.1 B
+       non-embedding parameters -> 26.2 GFLOP per token (2 x params; logits only for
+       sampled rows, ignored).
+    3. Achieved fractions: 80 % of peak HBM bandwidth for weight and KV reads (typical of
+       vLLM decode kernels), 50 % of peak tensor throughput (156 TFLOP/s) for GEMMs and
+       flash attention.
+    4. Hence ``m0`` = 29.5 GB / 1.63 TB/s = 18.1 ms (weight read), ``d`` = 196,608 B / 1.63
+       TB/s = 0.12 µs per context token a decode row reads, ``b = c`` = 26.2 GFLOP / 156
+       TFLOP/s = 0.168 ms per token of compute, ``e`` = 4 x 48 layers x 5,120 (40 heads x
+       128) FLOP / 156 TFLOP/s = 6.3 ns per token x attended-context token.
+    5. Roofline per step: ``max(memory, compute)`` (decode hides in the weight read,
+       prefill is compute bound) plus ``a`` = 2 ms of per-step overhead (scheduling,
+       sampling, launches; vLLM V1 with CUDA graphs and async scheduling).
+    6. Transfers: the 12 GB/s prior both ways with 3 µs per block, on a separate stream
+       (overlapping compute), as the authors' engine does.
+    7. vLLM's default ``max_num_seqs`` 256; no per-step cap on prefill rows (64 here);
+       one request may use the whole 8,192-token budget.
+    8. Tokens of the authors' texts: 3.85 characters per token (their own counts; see
+       ``bench.driver.SIM_CHARS_PER_TOKEN``).
+    """
+    hbm = 2.039e12 * 0.80
+    flops = 312e12 * 0.50
+    return Preset(
+        name="a800-qwen2.5-14b",
+        block_size=16,
+        num_blocks=3049,
+        host_blocks=int(100 * 2**30 // (16 * 196_608)),
+        bytes_per_token=196_608,
+        bandwidth=12e9,
+        step=StepModel(
+            a=2e-3,
+            b=26.2e9 / flops,
+            c=26.2e9 / flops,
+            d=196_608 / hbm,
+            e=4 * 48 * 5120 / flops,
+            m0=29.5e9 / hbm,
+            roofline=True,
+            idle=2e-3,
+        ),
+        max_num_seqs=256,
+        max_num_batched_tokens=8192,
+        max_prefill_chunk=8192,
+        max_prefill_seqs=64,
+        max_model_len=32768,
+        overlap_copies=True,
+        vocab_size=152_064,
+        notes={"source": "public figures; see a800_qwen25_14b.__doc__"},
+    )
+
+
+#: Engine settings of the real-engine runs when ``bench/local_preset.json`` is absent.
+DEFAULT_LOCAL = {
+    "engine": {
+        "page_size": 16,
+        "num_pages": 161,  # 160 usable blocks = 2,560 tokens (see bench/run.py for sizing)
+        "host_kv_gib": 0.25,
+        "max_model_len": 2048,
+        "max_num_seqs": 16,
+        "max_num_batched_tokens": 256,
+        "max_prefill_chunk": 256,
+        "max_prefill_seqs": 2,
+    },
+    "bytes_per_token": 46_080,  # SmolLM2-135M f32: 30 layers x 3 KV heads x 64 x 2 x 4 B
+    "bandwidth": 5e9,
+    "step": {"a": 0.03, "b": 0.002, "c": 0.003, "d": 1e-6, "e": 0.0, "idle": 1e-3},
+    "vocab_size": 49152,
+}
+
+
+def load_local(path: Path = LOCAL_PRESET_PATH) -> dict[str, Any]:
+    """The calibrated local settings (or :data:`DEFAULT_LOCAL` before calibration)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    return json.loads(json.dumps(DEFAULT_LOCAL))
+
+
+def local_engine_kwargs(path: Path = LOCAL_PRESET_PATH) -> dict[str, Any]:
+    """EngineConfig keyword arguments of the real-engine runs (shared with the preset)."""
+    return dict(load_local(path)["engine"])
+
+
+def local(path: Path = LOCAL_PRESET_PATH) -> Preset:
+    """This engine on this machine, from ``bench/local_preset.json`` (``bench.calibrate``).
+
+    Assumptions: step time is linear in the plan's features (no roofline; a CPU runs the
+    model's matmuls one after another), copies take ``bytes / bandwidth`` and overlap the
+    step only partly, so they are added to it; the KV pool, block size and batch limits are
+    the real engine's.
+    """
+    cfg = load_local(path)
+    eng = cfg["engine"]
+    bpt = int(cfg["bytes_per_token"])
+    host_blocks = int(eng.get("host_kv_gib", 0) * 2**30 // (bpt * eng["page_size"]))
+    return Preset(
+        name="local",
+        block_size=eng["page_size"],
+        num_blocks=eng["num_pages"] - 1,
+        host_blocks=host_blocks,
+        bytes_per_token=bpt,
+        bandwidth=float(cfg["bandwidth"]),
+        step=StepModel(roofline=False, **cfg["step"]),
+        max_num_seqs=eng["max_num_seqs"],
+        max_num_batched_tokens=eng["max_num_batched_tokens"],
+        max_prefill_chunk=eng["max_prefill_chunk"],
+        max_prefill_seqs=eng["max_prefill_seqs"],
+        max_model_len=eng["max_model_len"],
+        overlap_copies=False,
+        vocab_size=int(cfg.get("vocab_size", 49152)),
+        notes={k: v for k, v in cfg.items() if k not in ("engine", "step")},
+    )
+
+
+PRESETS = {"local": local, "a800-qwen2.5-14b": a800_qwen25_14b}
+
+
+def make_preset(name: str) -> Preset:
+    """Build a preset by name; unknown names list the choices."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def describe(p: Preset) -> dict[str, Any]:
+    """A JSON-ready description of a preset (written next to every report)."""
+    d = asdict(p)
+    d["bytes_per_block"] = p.bytes_per_block
+    return d

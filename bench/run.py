@@ -1,0 +1,319 @@
+"""Compare scheduling policies on one multi-agent workload.
+
+    python -m bench.run --workload code-writer --apps 24 --rate 0.05,0.1,0.2,0.5,1.0 \\
+        --policies vllm,tokencake --executor sim --preset a800-qwen2.5-14b --out runs/a800
+    python -m bench.run --workload code-writer --apps 4 --rate 0.5 --context-scale 0.06 \\
+        --output-scale 0.08 --tool-time-scale 0.25 --policies vllm,tokencake \\
+        --executor real,sim --preset local --out runs/local
+    python -m bench.run --workload authors --apps 2 --max-context-chars 400 --executor http \\
+        --url http://localhost:8000 --policies tokencake
+
+``--workload`` is a generator (``code-writer``, ``deep-research``, ``multi-turn``), ``authors``
+(the authors' file, scaled with ``--apps/--max-context-chars/--max-tokens-cap/
+--tool-time-scale``) or a path to a workload JSON (``bench/WORKLOAD_FORMAT.md``). Every policy
+runs the same workload with the same seed (identical prompts, tool durations and noise).
+Several rates make a sweep. Executors:
+
+* ``sim`` — the scheduler core on a virtual clock with ``--preset`` step times;
+* ``real`` — the in-process engine with the default model on the wall clock, configured by
+  the ``local`` preset (``bench/local_preset.json``: KV pool, batch limits);
+* ``http`` — a running server (``--url``) through :mod:`tokencake.runtime` (client-side
+  latencies only; the server's policy is whatever it was started with);
+* ``real,sim`` — both, plus the simulator's error against the engine per policy (how the
+  ``local`` preset is validated).
+
+Writes ``results.json``, ``report.md`` and PNG plots to ``--out``.
+
+Real-engine sizing: the local preset's pool (``num_pages``) is set from the workload so that
+about two and a half of the largest application contexts fit at once (the authors' pool holds
+about five 9k-token contexts of 24 applications arriving together; ours runs 4-6 applications),
+so concurrent applications contend for KV while no single call exceeds the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.driver import Driver, EngineBackend, RunResult, SimBackend
+from bench.presets import describe, local_engine_kwargs, make_preset
+from bench.report import Collector, summarize, write_reports
+from bench.workload import Workload
+
+#: The authors' native vLLM and combined (agent_offload) total E2E per rate (digest §7.2).
+AUTHORS_BASE_E2E = {0.05: 875.74, 0.1: 940.76, 0.2: 938.79, 0.5: 938.99, 1.0: 960.44}
+AUTHORS_COMBINED_E2E = {0.05: 676.86, 0.1: 671.28, 0.2: 640.45, 0.5: 648.05, 1.0: 631.77}
+
+GENERATOR_NAMES = {
+    "code-writer": "code_writer",
+    "deep-research": "deep_research",
+    "multi-turn": "multi_turn",
+}
+
+
+def build_workload(args: argparse.Namespace, rate: float | None) -> Workload:
+    """The workload for one rate (same seed for every policy)."""
+    from bench.generators import make_workload
+
+    name = args.workload
+    if name == "authors":
+        kw: dict[str, Any] = {"tool_time_scale": args.tool_time_scale}
+        if args.apps:
+            kw["num_apps"] = args.apps
+        if args.max_context_chars:
+            kw["max_context_chars"] = args.max_context_chars
+        if args.max_tokens_cap:
+            kw["max_tokens_cap"] = args.max_tokens_cap
+        kw["arrival_spacing_s"] = None if not rate else 1.0 / rate
+        return make_workload("authors", **kw)
+    if name in GENERATOR_NAMES or name in GENERATOR_NAMES.values():
+        gen = GENERATOR_NAMES.get(name, name)
+        kw = {
+            "seed": args.seed,
+            "poisson": args.poisson,
+            "context_scale": args.context_scale,
+            "output_scale": args.output_scale,
+            "tool_time_scale": args.tool_time_scale,
+            "tool_noise": args.tool_noise,
+        }
+        if args.apps:
+            kw["num_apps"] = args.apps
+        if rate:
+            kw["arrival_rate"] = rate
+        return make_workload(gen, **kw)
+    wl = Workload.from_json(name)
+    if args.apps:
+        wl = Workload(
+            name=wl.name, seed=wl.seed, description=wl.description, metadata=wl.metadata,
+            applications=wl.sorted_by_arrival()[: args.apps],
+        )  # fmt: skip
+    return wl
+
+
+# ---- one policy ---------------------------------------------------------------------------------
+def run_sim(
+    wl: Workload, policy: str, preset: Any, *, seed: int = 0, progress: Any = None,
+    sample_s: float | None = None,
+) -> tuple[dict[str, Any], RunResult, Collector]:  # fmt: skip
+    """One policy on the simulator; returns (metrics, raw result, collector)."""
+    be = SimBackend(policy, preset, vocab_size=preset.vocab_size)
+    horizon = max(a.arrival_s for a in wl.applications) + 60.0
+    col = Collector(be, sample_s=sample_s or max(0.05, horizon / 400))
+    drv = Driver(
+        wl, be, seed=seed, observe=col.observe,
+        on_progress=None if progress is None else progress.update,
+        idle_quantum_s=max(preset.step.idle, 1e-3),
+    )  # fmt: skip
+    col.start(be.now())
+    res = drv.run()
+    col.observe(be.now())
+    return summarize(res, col), res, col
+
+
+def make_real_engine(policy: str, model: Any = None, engine_kwargs: dict | None = None) -> Any:
+    """An in-process engine for ``policy`` with the local preset's configuration; ``model`` is
+    ``(model_config, params, tokenizer)`` to reuse loaded weights (default: the default model)."""
+    from tokencake.config import EngineConfig
+    from tokencake.engine import LLMEngine
+
+    cfg = EngineConfig(**{**(engine_kwargs or local_engine_kwargs()), "policy": policy})
+    if model is None:
+        return LLMEngine(cfg)
+    mc, params, tok = model
+    return LLMEngine(cfg, model_config=mc, params=params, tokenizer=tok)
+
+
+def run_real(
+    wl: Workload, policy: str, *, model: Any = None, engine_kwargs: dict | None = None,
+    seed: int = 0, progress: Any = None, max_wall_s: float | None = None,
+    sample_s: float = 0.25,
+) -> tuple[dict[str, Any], RunResult, Collector]:  # fmt: skip
+    """One policy on the real in-process engine (wall clock)."""
+    engine = make_real_engine(policy, model, engine_kwargs)
+    be = EngineBackend(engine, policy)
+    col = Collector(be, sample_s=sample_s)
+    drv = Driver(
+        wl, be, seed=seed, observe=col.observe,
+        on_progress=None if progress is None else progress.update,
+        idle_quantum_s=0.002, max_wall_s=max_wall_s,
+    )  # fmt: skip
+    col.start(be.now())
+    res = drv.run()
+    col.observe(be.now())
+    engine.sync_transfers()
+    return summarize(res, col), res, col
+
+
+def run_http(wl: Workload, url: str, *, seed: int = 0, progress: Any = None) -> dict[str, Any]:
+    """Run the workload against a server through :mod:`tokencake.runtime` (client metrics)."""
+    from bench.http_apps import workload_apps
+    from tokencake.runtime import HTTPTarget, Runtime
+
+    async def main() -> list[tuple[float, float, float]]:
+        async with HTTPTarget(url) as target:
+            rt = Runtime(target)
+            t0 = time.time()
+
+            async def one(app: Any, arrival: float) -> tuple[float, float, float]:
+                await asyncio.sleep(max(0.0, t0 + arrival - time.time()))
+                r = await rt.run(app, start_offset_s=arrival)
+                if progress is not None:
+                    progress.update(len(r.nodes))
+                return arrival, r.started_at - t0, r.finished_at - t0
+
+            return await asyncio.gather(*(one(a, t) for a, t in workload_apps(wl, seed)))
+
+    spans = asyncio.run(main())
+    lat = sorted(f - a for a, _, f in spans)
+    return {
+        "policy": "server",
+        "apps": len(spans),
+        "total_e2e_s": max(f for _, _, f in spans) - min(a for a, _, _ in spans),
+        "app_latency_mean_s": sum(lat) / len(lat),
+        "app_latency_p50_s": lat[len(lat) // 2],
+        "app_latency_p95_s": lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)],
+    }
+
+
+# ---- main ------------------------------------------------------------------------------------------
+def _rates(s: str | None) -> list[float | None]:
+    return [None] if not s else [float(x) for x in s.split(",")]
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--workload", default="code-writer")
+    ap.add_argument("--apps", type=int, default=None)
+    ap.add_argument("--rate", default=None, help="apps/s; comma-separated for a sweep")
+    ap.add_argument("--poisson", action="store_true")
+    ap.add_argument("--context-scale", type=float, default=1.0)
+    ap.add_argument("--output-scale", type=float, default=1.0)
+    ap.add_argument("--tool-time-scale", type=float, default=1.0)
+    ap.add_argument("--tool-noise", type=float, default=0.0)
+    ap.add_argument("--max-context-chars", type=int, default=None, help="authors only")
+    ap.add_argument("--max-tokens-cap", type=int, default=None, help="authors only")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policies", default="vllm,tokencake")
+    ap.add_argument("--executor", default="sim", help="sim, real, http or real,sim")
+    ap.add_argument("--preset", default="a800-qwen2.5-14b")
+    ap.add_argument("--url", default="http://localhost:8000")
+    ap.add_argument("--max-wall-s", type=float, default=600.0, help="per real-engine run")
+    ap.add_argument("--out", default="runs/latest")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    from tqdm import tqdm
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    executors = [e.strip() for e in args.executor.split(",")]
+    rates = _rates(args.rate)
+    workloads = {r: build_workload(args, r) for r in rates}
+    n_calls = sum(w.num_llm_calls for w in workloads.values())
+    total = n_calls * (1 if executors == ["http"] else len(policies) * len(executors))
+    bar = tqdm(total=total, unit="call", disable=args.no_progress, dynamic_ncols=True)
+    preset = make_preset("local" if "real" in executors else args.preset)
+    model = None
+    rows: list[dict[str, Any]] = []
+    timelines: dict[str, list[dict[str, float]]] = {}
+    for rate, wl in workloads.items():
+        if executors == ["http"]:
+            bar.set_description(f"rate={rate} http")
+            row = run_http(wl, args.url, seed=args.seed, progress=bar)
+            rows.append({"rate": rate, "executor": "http", **row})
+            continue
+        for policy in policies:
+            for ex in executors:
+                bar.set_description(f"rate={rate} {policy} {ex}")
+                if ex == "sim":
+                    row, _, col = run_sim(wl, policy, preset, seed=args.seed, progress=bar)
+                elif ex == "real":
+                    if model is None:
+                        from tokencake.models.hub import resolve_model
+
+                        mc, params, tok, _ = resolve_model(None)
+                        model = (mc, params, tok)
+                    row, _, col = run_real(wl, policy, model=model, seed=args.seed,
+                                           progress=bar, max_wall_s=args.max_wall_s)  # fmt: skip
+                else:
+                    raise SystemExit(f"unknown executor {ex!r}; use sim, real, http or real,sim")
+                rows.append({"rate": rate, "executor": ex, **row})
+                timelines[f"rate={rate} {policy} {ex}"] = col.timeline
+                bar.write(
+                    f"rate={rate} {policy:16s} {ex:4s} total E2E {row['total_e2e_s']:8.1f} s  "
+                    f"app mean {row['app_latency_mean_s']:7.1f} s  "
+                    f"eff. KV util {row['effective_kv_utilization']:.1%}  "
+                    f"wall {row['wall_s']:.0f} s"
+                )
+    bar.close()
+    extra = comparison_notes(rows, executors, preset.name, args)
+    meta = {
+        "title": f"{args.workload} on {'/'.join(executors)} ({preset.name})",
+        "args": vars(args),
+        "preset": describe(preset),
+        "workload": {
+            str(r): {"name": w.name, "apps": len(w.applications), "llm_calls": w.num_llm_calls}
+            for r, w in workloads.items()
+        },  # fmt: skip
+    }
+    write_reports(Path(args.out), rows, timelines, meta, extra)
+    print(extra)
+    print(f"reports written to {args.out}")
+    return rows
+
+
+def comparison_notes(
+    rows: list[dict[str, Any]], executors: list[str], preset: str, args: argparse.Namespace
+) -> str:
+    """Markdown: tokencake vs vllm per rate; sim error vs real; vllm vs the authors' totals."""
+    out = []
+    by = {(r["rate"], r["policy"], r["executor"]): r for r in rows}
+    lines = []
+    for (rate, pol, ex), r in by.items():
+        b = by.get((rate, "vllm", ex))
+        if b and pol != "vllm":
+            red = 1 - r["total_e2e_s"] / b["total_e2e_s"]
+            du = r["effective_kv_utilization"] - b["effective_kv_utilization"]
+            lines.append(f"| {rate} | {ex} | {pol} | {red:+.1%} | {du * 100:+.1f} pp |")
+    if lines:
+        out += ["## E2E reduction vs vllm", "",
+                "| rate | executor | policy | total E2E reduction | eff. KV util change |",
+                "|---|---|---|---|---|", *lines, ""]  # fmt: skip
+    if "real" in executors and "sim" in executors:
+        out += ["## Simulator (local preset) vs real engine", "",
+                "| rate | policy | real E2E (s) | sim E2E (s) | error | real app mean | sim app mean |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for (rate, pol, ex), r in by.items():
+            s = by.get((rate, pol, "sim"))
+            if ex == "real" and s:
+                err = (s["total_e2e_s"] - r["total_e2e_s"]) / r["total_e2e_s"]
+                out.append(
+                    f"| {rate} | {pol} | {r['total_e2e_s']:.1f} | {s['total_e2e_s']:.1f} | "
+                    f"{err:+.1%} | {r['app_latency_mean_s']:.1f} | {s['app_latency_mean_s']:.1f} |"
+                )
+        out.append("")
+    if preset == "a800-qwen2.5-14b" and "sim" in executors and args.apps in (None, 24):
+        out += ["## vllm on the a800 preset vs the authors' native vLLM (digest §7.2)", "",
+                "| rate | authors base (s) | sim vllm (s) | error | authors combined (s) |"
+                " sim tokencake (s) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for rate, ref in AUTHORS_BASE_E2E.items():
+            v = by.get((rate, "vllm", "sim"))
+            t = by.get((rate, "tokencake", "sim"))
+            if v:
+                tc = f"{t['total_e2e_s']:.1f}" if t else "—"
+                out.append(
+                    f"| {rate} | {ref:.1f} | {v['total_e2e_s']:.1f} | "
+                    f"{(v['total_e2e_s'] - ref) / ref:+.1%} | {AUTHORS_COMBINED_E2E[rate]:.1f} | "
+                    f"{tc} |"
+                )
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
