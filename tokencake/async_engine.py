@@ -44,13 +44,28 @@ class AsyncEngine:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:
+                    # A failed step must not take the server down: fail the requests that were
+                    # in flight (their blocks are freed by abort) and keep serving new ones.
+                    log.exception("engine step failed; aborting in-flight requests")
+                    self._fail_all(exc)
+                    continue
+                for out in outputs:
                     self._deliver(out.request_id, out)
         except BaseException as exc:  # the thread must report, not vanish
             log.exception("engine loop crashed")
             self.error = exc
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"engine stopped: {exc!r}"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for rid in list(self._streams):
+            self.engine.abort_request(rid)
+            self._deliver(
+                rid, RuntimeError(f"internal error while generating: {type(exc).__name__}")
+            )
 
     def _drain_commands(self) -> None:
         while True:
@@ -102,7 +117,19 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_set_exception, done, exc)
 
         self._submit(add)
-        rid = await done
+        try:
+            rid = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # Cancelled while the add was in flight: abort the request once it has an id.
+            def abort_later(fut: asyncio.Future) -> None:
+                if not fut.cancelled() and fut.exception() is None:
+                    rid = fut.result()
+                    self._streams.pop(rid, None)
+                    with contextlib.suppress(EngineDeadError):
+                        self._submit(lambda: self.engine.abort_request(rid))
+
+            done.add_done_callback(abort_later)
+            raise
         finished = False
         try:
             while True:

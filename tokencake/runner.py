@@ -295,7 +295,11 @@ class ModelRunner:
             kv_lens[i] = r.start + n
             nb = math.ceil((r.start + n) / self.cfg.page_size)
             tables[i, :nb] = r.block_ids[:nb]
-            temp[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
+            temp[i], top_k[i], top_p[i] = (
+                r.temperature,
+                min(r.top_k, self.model_cfg.vocab_size),
+                r.top_p,
+            )
             seeds[i], counters[i] = r.seed, r.counter
         compiled = self._compile((s, q, p))
         # numpy goes straight to the executable: jnp.asarray would compile a staging program per
