@@ -54,7 +54,7 @@ class StepModel:
         rows = prefill = ctx = 0
         pctx = 0.0
         for ch in plan.chunks:
-            if ch.num_tokens == 1 and ch.start == ch.request.num_tokens - 1:
+            if ch.num_tokens == 1 and ch.start >= ch.request.num_prompt_tokens:  # a decode row
                 rows += 1
                 ctx += ch.start + 1
             else:

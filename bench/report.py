@@ -104,7 +104,7 @@ class Collector:
             for c in plan.copies:
                 self.copy_bytes[c.direction] += len(c.device_blocks) * self._bytes_per_block()
             for ch in plan.chunks:
-                if ch.num_tokens == 1 and ch.start == ch.request.num_tokens - 1:
+                if ch.num_tokens == 1 and ch.start >= ch.request.num_prompt_tokens:  # a decode row
                     self.executed["decode"] += 1
                 else:
                     self.executed["prefill"] += ch.num_tokens
