@@ -288,11 +288,16 @@ class Driver:
     def tool_duration(self, app_id: str, node: Node) -> float:
         """True duration with the workload's multiplicative noise, seeded per (app, node) so
         every policy waits exactly as long on the same tool."""
+        return self.tool_duration_of(self.seed, app_id, node, self.tool_time_scale)
+
+    @staticmethod
+    def tool_duration_of(seed: int, app_id: str, node: Node, scale: float = 1.0) -> float:
+        """See :meth:`tool_duration`."""
         tool = node.tool
         assert tool is not None
-        d = tool.true_duration_s * self.tool_time_scale
+        d = tool.true_duration_s * scale
         if tool.duration_noise > 0:
-            key = f"{self.seed}/{app_id}/{node.id}/noise"
+            key = f"{seed}/{app_id}/{node.id}/noise"
             s = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
             d *= max(0.0, 1.0 + tool.duration_noise * float(np.random.default_rng(s).normal()))
         return d

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.driver import Driver, EngineBackend, RunResult, SimBackend
+from bench.driver import Driver, EngineBackend, RunResult, SimBackend, filler_tokens
 from bench.presets import describe, local_engine_kwargs, make_preset
 from bench.report import Collector, summarize, write_reports
 from bench.workload import Workload
@@ -148,9 +148,64 @@ def run_real(
     return summarize(res, col), res, col
 
 
+def _filler_text(n: int, key: str) -> str:
+    """About ``n`` tokens of deterministic text (one short word per token)."""
+    return "".join(f" w{t % 997}" for t in filler_tokens(n, key, 10**6))
+
+
+def workload_apps(wl: Workload, seed: int = 0) -> list[tuple[Any, float]]:
+    """Convert a workload to runtime :class:`~tokencake.app.App` s (for the HTTP path).
+
+    Input nodes become the application's system prompt, collect sinks are dropped (the
+    application ends with its last agent), synthetic lengths become filler words, and tools
+    sleep their true duration (with the driver's seeded noise) before returning the result.
+    The runtime derives the wire metadata from the graph itself.
+    """
+    from tokencake.app import App, FuncNode
+
+    out = []
+    for a in wl.sorted_by_arrival():
+        inputs = [n for n in a.nodes if n.kind == "input"]
+        system = "".join(
+            n.prompt_text or _filler_text(n.prompt_tokens or 0, f"{seed}/{a.app_id}/{n.id}")
+            for n in inputs
+        )
+        app = App(f"app-{a.app_id}", system_prompt=system)
+        skip = {n.id for n in inputs}
+        for nid in a.topological_order():
+            n = a.node(nid)
+            if n.kind == "input":
+                continue
+            if n.kind == "collect":
+                if a.out_degree(nid):
+                    raise NotImplementedError("collect nodes with successors (HTTP path)")
+                continue
+            own = n.prompt_text or _filler_text(n.prompt_tokens or 0, f"{seed}/{a.app_id}/{nid}")
+            tool = None
+            if n.tool is not None:
+                t = n.tool
+                res = t.result_text or _filler_text(
+                    t.result_tokens or 0, f"{seed}/{a.app_id}/{nid}/t"
+                )
+                dur = Driver.tool_duration_of(seed, a.app_id, n)
+
+                async def fn(call: Any, dur: float = dur, res: str = res) -> str:
+                    await asyncio.sleep(dur)
+                    return res
+
+                est = t.estimate_s if t.estimate_s else None
+                tool = FuncNode(t.kind, fn, predict_time=est)
+            app.agent(
+                nid, n.agent_type, own, max_tokens=n.max_tokens, importance=n.importance,
+                tool=tool, after=[d for d in n.deps if d not in skip],
+                memory_weight=float(n.metadata.get("memory_weight", 1.0)),
+            )  # fmt: skip
+        out.append((app, a.arrival_s))
+    return out
+
+
 def run_http(wl: Workload, url: str, *, seed: int = 0, progress: Any = None) -> dict[str, Any]:
     """Run the workload against a server through :mod:`tokencake.runtime` (client metrics)."""
-    from bench.http_apps import workload_apps
     from tokencake.runtime import HTTPTarget, Runtime
 
     async def main() -> list[tuple[float, float, float]]:
