@@ -18,6 +18,7 @@ class SamplingInputs(NamedTuple):
     top_p: jax.Array  # [S] f32, 1 = off
     seeds: jax.Array  # [S] i32
     counters: jax.Array  # [S] i32: tokens generated so far, folded into the key
+    want_top: jax.Array  # [S] i32: 1 where the request asked for top logprobs
 
 
 class SampleOutput(NamedTuple):
@@ -44,23 +45,42 @@ def _filtered_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> j
 
 
 def sample(logits: jax.Array, inputs: SamplingInputs) -> SampleOutput:
-    """Sample one token per row of float32 ``logits[S, V]``."""
-    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    """Sample one token per row of float32 ``logits[S, V]``.
+
+    The expensive parts (random draws over the vocabulary, sorting for top-k/top-p, the top-20
+    alternatives) sit behind ``lax.cond`` so an all-greedy batch without logprobs pays only for
+    an argmax and a log-sum-exp: at B=32 the unconditional version cost more than the model.
+    """
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    needs_filter = jnp.any((inputs.top_k > 0) | (inputs.top_p < 1.0))
-    filtered = jax.lax.cond(
-        needs_filter,
-        lambda: _filtered_logits(logits, inputs.top_k, inputs.top_p),
-        lambda: logits,
-    )
-    temp = jnp.where(inputs.temperature > 0, inputs.temperature, 1.0)[:, None]
+    random_rows = inputs.temperature > 0
 
-    def draw(seed, counter, row):
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), counter)
-        return jax.random.categorical(key, row)
+    def draw_all() -> jax.Array:
+        needs_filter = jnp.any(random_rows & ((inputs.top_k > 0) | (inputs.top_p < 1.0)))
+        filtered = jax.lax.cond(
+            needs_filter,
+            lambda: _filtered_logits(logits, inputs.top_k, inputs.top_p),
+            lambda: logits,
+        )
+        temp = jnp.where(random_rows, inputs.temperature, 1.0)[:, None]
 
-    sampled = jax.vmap(draw)(inputs.seeds, inputs.counters, filtered / temp).astype(jnp.int32)
-    tokens = jnp.where(inputs.temperature > 0, sampled, greedy_tok)
-    chosen = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(logprobs_all, TOP_LOGPROBS)
-    return SampleOutput(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
+        def draw(seed, counter, row):
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), counter)
+            return jax.random.categorical(key, row)
+
+        sampled = jax.vmap(draw)(inputs.seeds, inputs.counters, filtered / temp).astype(jnp.int32)
+        return jnp.where(random_rows, sampled, greedy_tok)
+
+    tokens = jax.lax.cond(jnp.any(random_rows), draw_all, lambda: greedy_tok)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+    s = logits.shape[0]
+
+    def top() -> tuple[jax.Array, jax.Array]:
+        vals, ids = jax.lax.top_k(logits, TOP_LOGPROBS)
+        return vals - lse[:, None], ids.astype(jnp.int32)
+
+    def no_top() -> tuple[jax.Array, jax.Array]:
+        return jnp.zeros((s, TOP_LOGPROBS), jnp.float32), jnp.zeros((s, TOP_LOGPROBS), jnp.int32)
+
+    top_lp, top_ids = jax.lax.cond(jnp.any(inputs.want_top > 0), top, no_top)
+    return SampleOutput(tokens, chosen, top_ids, top_lp)

@@ -272,10 +272,10 @@ class LLMEngine:
             written.append(c.request.block_ids[c.start // bs : end])
         self.transfer.check_step(attended, written)
 
-    def _sampling_of(self, req: Request) -> tuple[float, int, float, int]:
+    def _sampling_of(self, req: Request) -> tuple[float, int, float, int, bool]:
         state = self._text[req.request_id]
         p = state.params
-        return p.temperature, p.top_k, p.top_p, state.seed
+        return p.temperature, p.top_k, p.top_p, state.seed, bool(p.logprobs)
 
     def _postprocess(self, req: Request, state: _TextState, tok: int) -> RequestOutput:
         params = state.params

@@ -135,6 +135,7 @@ class RowRequest:
     top_p: float
     seed: int
     counter: int
+    want_top: bool = False  # compute the top-20 logprobs for this row
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class ModelRunner:
         )  # fmt: skip
         samp = SamplingInputs(
             i32((rows,), jnp.float32), i32((rows,), jnp.int32), i32((rows,), jnp.float32),
-            i32((rows,), jnp.int32), i32((rows,), jnp.int32),
+            i32((rows,), jnp.int32), i32((rows,), jnp.int32), i32((rows,), jnp.int32),
         )  # fmt: skip
         return batch, samp
 
@@ -287,6 +288,7 @@ class ModelRunner:
         top_p = np.ones((s,), np.float32)
         seeds = np.zeros((s,), np.int32)
         counters = np.zeros((s,), np.int32)
+        want_top = np.zeros((s,), np.int32)
         for i, r in enumerate(rows):
             n = len(r.token_ids)
             ids[i, :n] = r.token_ids
@@ -300,12 +302,12 @@ class ModelRunner:
                 min(r.top_k, self.model_cfg.vocab_size),
                 r.top_p,
             )
-            seeds[i], counters[i] = r.seed, r.counter
+            seeds[i], counters[i], want_top[i] = r.seed, r.counter, r.want_top
         compiled = self._compile((s, q, p))
         # numpy goes straight to the executable: jnp.asarray would compile a staging program per
         # new shape, which breaks the no-compilation-after-warm-up rule.
         batch = Batch(ids, pos, q_lens, kv_lens, tables)
-        samp = SamplingInputs(temp, top_k, top_p, seeds, counters)
+        samp = SamplingInputs(temp, top_k, top_p, seeds, counters, want_top)
         res, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp)
         res = SampleOutput(*jax.device_get(tuple(res)))
         return {
@@ -318,12 +320,12 @@ class ModelRunner:
 
 def rows_from_chunks(chunks: Sequence[ScheduledChunk], sampling_of) -> list[RowRequest]:
     """Build runner rows from scheduler chunks; ``sampling_of(request)`` gives
-    ``(temperature, top_k, top_p, seed)``."""
+    ``(temperature, top_k, top_p, seed, want_top_logprobs)``."""
     rows = []
     for c in chunks:
         req = c.request
         tokens = req.all_token_ids[c.start : c.start + c.num_tokens]
-        t, k, p, seed = sampling_of(req)
+        t, k, p, seed, want_top = sampling_of(req)
         rows.append(
             RowRequest(
                 req.request_id,
@@ -335,6 +337,7 @@ def rows_from_chunks(chunks: Sequence[ScheduledChunk], sampling_of) -> list[RowR
                 p,
                 seed,
                 len(req.output_token_ids),
+                want_top,
             )
         )
     return rows
