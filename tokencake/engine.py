@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.lifecycle import Disposition
 from tokencake.scheduler.plan import BlockCopy
 from tokencake.scheduler.policies import make_policy
+from tokencake.scheduler.policy import Policy
 from tokencake.scheduler.request import Request, RequestStatus
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,13 @@ class LLMEngine:
         params: dict[str, np.ndarray] | None = None,
         tokenizer: Tokenizer | None = None,
         model_name: str | None = None,
+        clock: Callable[[], float] | None = None,
+        policy: Policy | None = None,
     ) -> None:
+        """``clock`` (default ``time.monotonic``) drives the scheduler, the tool lifecycles and
+        request arrival times, so tests can step the Time Scheduler deterministically;
+        ``policy`` replaces ``make_policy(config.policy)`` (e.g. a TokencakePolicy with a
+        non-default TokencakeConfig)."""
         self.config = config or EngineConfig()
         if self.config.distributed:
             _init_distributed()
@@ -111,7 +118,8 @@ class LLMEngine:
                 preemption_mode=cfg.preemption_mode,
             ),  # fmt: skip
             self.pool,
-            make_policy(cfg.policy),
+            policy if policy is not None else make_policy(cfg.policy),
+            clock=clock,
             host_pool=self.host_pool,
         )
         self.scheduler.cost_model = self.cost_model  # Time Scheduler transfer/recompute costs
@@ -175,7 +183,7 @@ class LLMEngine:
             raise ValueError(f"duplicate request id {request_id!r}")
         eos = frozenset() if params.ignore_eos else self.eos_ids
         req = Request(
-            request_id, token_ids, params.max_tokens, time.monotonic(),
+            request_id, token_ids, params.max_tokens, self.scheduler.clock(),
             eos_token_ids=eos | frozenset(params.stop_token_ids), metadata=metadata,
         )  # fmt: skip
         self.scheduler.add_request(req)  # validates lengths; raises before any state changes
