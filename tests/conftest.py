@@ -70,3 +70,16 @@ def default_model():
     from tokencake.models.hub import resolve_model
 
     return resolve_model(None)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    """A tiny-model AsyncEngine behind a BackgroundServer on 127.0.0.1, per test module."""
+    from tests.test_server import make_async_engine
+    from tokencake.server import BackgroundServer
+
+    engine = make_async_engine(tiny_model)
+    server = BackgroundServer(engine)
+    yield server, engine
+    server.stop()
+    engine.shutdown()

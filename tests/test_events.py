@@ -7,17 +7,8 @@ import uuid
 
 import pytest
 
-from tests.test_server import MODEL, get, make_async_engine, post, stream, wait_pool_idle
+from tests.test_server import MODEL, get, post, stream, wait_pool_idle
 from tokencake.server import BackgroundServer, lifecycle_handler
-
-
-@pytest.fixture(scope="module")
-def served(tiny_model):
-    engine = make_async_engine(tiny_model)
-    server = BackgroundServer(engine)
-    yield server, engine
-    server.stop()
-    engine.shutdown()
 
 
 @pytest.fixture

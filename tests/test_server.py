@@ -44,15 +44,6 @@ def make_async_engine(tiny_model) -> AsyncEngine:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model):
-    engine = make_async_engine(tiny_model)
-    server = BackgroundServer(engine)
-    yield server, engine
-    server.stop()
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
 def client(served):
     return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0)
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_server import get, make_async_engine, request, wait_pool_idle
+from tests.test_server import get, request, wait_pool_idle
 from tokencake.server import BackgroundServer, openapi_spec
 
 SPEC = openapi_spec("tiny-llama")
@@ -114,15 +114,6 @@ OPERATIONS = [
     for op in item.values()
     if "requestBody" in op
 ]
-
-
-@pytest.fixture(scope="module")
-def served(tiny_model):
-    engine = make_async_engine(tiny_model)
-    server = BackgroundServer(engine)
-    yield server, engine
-    server.stop()
-    engine.shutdown()
 
 
 def check(server: BackgroundServer, path: str, body: Any) -> None:

@@ -9,23 +9,12 @@ import json
 import random
 
 import aiohttp
-import pytest
 
-from tests.test_server import get, make_async_engine, post, wait_pool_idle
-from tokencake.server import BackgroundServer
+from tests.test_server import get, post, wait_pool_idle
 
 PROMPTS = [f"agent {i} asks about topic {i * 7}: " + "context " * (i % 4 * 5) for i in range(8)]
 MAX_TOKENS = 16
 CLIENTS = 64
-
-
-@pytest.fixture(scope="module")
-def served(tiny_model):
-    engine = make_async_engine(tiny_model)
-    server = BackgroundServer(engine)
-    yield server, engine
-    server.stop()
-    engine.shutdown()
 
 
 def body(prompt: str, stream: bool) -> dict:
