@@ -308,6 +308,12 @@ class SpaceScheduler:
         ):
             self.repartition(now, running, waiting)
             self._best(waiting)
+        self.refresh_uncommitted(running, committed_extra)
+
+    def refresh_uncommitted(self, running: Sequence[Request], committed_extra: int) -> None:
+        """Recompute the capacity no admitted request or restore has claimed: free blocks minus
+        running requests' remaining growth minus ``committed_extra`` (restores). Called again
+        after the Time Scheduler's tick, whose pins and uploads move free blocks."""
         growth = 0
         for r in running:
             growth += self.remaining_growth(r)

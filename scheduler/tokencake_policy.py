@@ -81,6 +81,11 @@ class TokencakePolicy(Policy):
     def on_step(
         self, now: float, running: Sequence[Request], waiting: Sequence[Request], pool: PoolView
     ) -> None:
+        # Space first: the Time Scheduler's pressure forecast reads this step's plan (scores,
+        # uncommitted capacity). Run after the tick, it read the previous step's plan, which
+        # still counted a just-finished agent's growth and hid the queue's real fit demand.
+        if self.space is not None:
+            self.space.begin_step(now, running, waiting, self.committed_blocks(now))
         if self.time is not None:
             ts = self.time
             # The engine may attach its tiers after construction; pick them up.
@@ -89,8 +94,8 @@ class TokencakePolicy(Policy):
             if cost is not None:
                 ts.cost = cost
             ts.tick(now, waiting, running, lambda: self._pressure(now, waiting), self._agent_score)
-        if self.space is not None:
-            self.space.begin_step(now, running, waiting, self.committed_blocks(now))
+            if self.space is not None:  # the tick's pins, uploads and releases moved capacity
+                self.space.refresh_uncommitted(running, self.committed_blocks(now))
 
     def _agent_score(self, m: AgentMetadata) -> float:
         if self.space is None or self.space.plan is None:
