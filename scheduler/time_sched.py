@@ -207,6 +207,7 @@ class Preservation:
     last_sig: tuple | None = None
     inflight: Any = None  # (direction, device blocks, host blocks, hashes)
     decided: bool = False
+    ttl_spent: bool = False  # a keep already ran out its TTL: never pin this call again
 
 
 @dataclass
@@ -395,6 +396,7 @@ class TimeScheduler:
                     self._count("ttl_expired")
                     self._unpin(p)
                     p.state = PState.DROPPED
+                    p.ttl_spent = True
                 elif (
                     p.state is PState.RESTORED
                     and now >= rec.predicted_end + self.cfg.overrun_grace_s
@@ -475,6 +477,11 @@ class TimeScheduler:
         action = self.decide(ctx, self)
         if action is Action.OFFLOAD and (host is None or count == 0):
             action = Action.KEEP if dev and rec.metadata.preservable else Action.DROP
+        if action is Action.KEEP and p.ttl_spent:
+            # The TTL bounds what a wrong prediction may cost. Past the predicted end the keep
+            # cost (remaining stall x share held) is 0, so without this the next evaluation
+            # re-pinned at once and the blocks stayed held until the safety deadline.
+            action = Action.DROP
         if action is Action.KEEP and p.state is not PState.KEPT:
             # Pinning turns evictable cached blocks into held ones; admitted requests count on
             # that capacity for their growth, so never pin into committed capacity.
