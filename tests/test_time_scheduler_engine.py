@@ -1,0 +1,353 @@
+"""The Time Scheduler end to end on the real engine (tiny random model, real KV copies).
+
+One agent's LLM call finishes, its tool call starts (``stall_started`` with an estimate) while
+the pool is under pressure; the policy offloads the agent's prefix to the host tier, uploads it
+before the predicted return and the successor (previous prompt + output + tool result) hits it
+on the device. Also: the keep (TTL pin) path, and mispredicted tools (early return, return while
+the copy-out is in flight, overrun, safety expiry). Every run checks greedy outputs against an
+unpressured ``vllm`` run, both pools' integrity, and that nothing is held once all is done.
+
+A :class:`SimClock` drives the scheduler and the lifecycles, so the tool durations are simulated
+seconds and the tests do not sleep; the KV copies themselves are real.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.conftest import TINY_ENGINE, lively_params
+from tokencake.config import EngineConfig
+from tokencake.engine import LLMEngine
+from tokencake.models.config import tiny_config
+from tokencake.models.tokenizer import Tokenizer
+from tokencake.outputs import RequestOutput
+from tokencake.sampling_params import SamplingParams
+from tokencake.scheduler.sim_executor import SimClock
+from tokencake.scheduler.time_sched import PState
+
+DT = 0.02  # simulated seconds per engine step
+BS = TINY_ENGINE["page_size"]
+AGENT = dict(agent_type="planner", offload_eligible=True, reusable_prefix=True)
+TOOL_RESULT = [5, 6, 7, 8, 9, 10]
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+_rng = random.Random(0)
+PROMPT_A = [_rng.randrange(3, 256) for _ in range(100)]  # the agent: 6 full blocks + 8 tokens
+PROMPT_B = [_rng.randrange(3, 256) for _ in range(100)]  # the request that wants A's memory
+PROMPT_D = [_rng.randrange(3, 256) for _ in range(216)]  # background load: usage >= 60%
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_config()
+    return cfg, lively_params(cfg), Tokenizer.byte_level_for_tests()
+
+
+@dataclass
+class Run:
+    """One scripted agent turn on one engine, with everything the assertions look at."""
+
+    engine: LLMEngine
+    clock: SimClock
+    outs: dict[str, RequestOutput] = field(default_factory=dict)
+    copies: list[tuple[str, int, str]] = field(default_factory=list)  # (direction, blocks, tag)
+    states: list[tuple[float, str]] = field(default_factory=list)  # A's preservation states
+    t_start: float = 0.0
+
+    @property
+    def ts(self):
+        return self.engine.scheduler.policy.time
+
+    def step(self) -> None:
+        for o in self.engine.step():
+            if o.finished:
+                self.outs[o.request_id] = o
+        ts = getattr(self.engine.scheduler.policy, "time", None)
+        p = ts.items.get("A") if ts is not None else None
+        if p is not None and (not self.states or self.states[-1][1] != p.state.value):
+            self.states.append((self.clock(), p.state.value))
+        self.clock.advance(DT)
+
+    def step_until(self, cond: Callable[[], bool], limit: int = 10_000) -> None:
+        for _ in range(limit):
+            if cond():
+                return
+            self.step()
+        raise AssertionError("condition not reached")
+
+    def event(self, name: str, **kw) -> dict:
+        disp, body = self.engine.lifecycle_event({"event": name, "lifecycle_id": "A", **kw})
+        assert disp.http_status == 200, body
+        return body
+
+    def successor(self) -> None:
+        prompt = PROMPT_A + self.outs["A"].token_ids + TOOL_RESULT
+        self.engine.add_request(prompt, _greedy(8), "A2", dict(agent_type="planner"))
+
+    def drain(self) -> None:
+        self.step_until(lambda: not self.engine.has_unfinished_requests())
+        for _ in range(3):  # let the Time Scheduler settle the finished lifecycle
+            self.step()
+
+
+def _engine(model, policy: str, pressure: bool = True) -> tuple[LLMEngine, SimClock]:
+    cfg, params, tok = model
+    clock = SimClock(100.0)
+    over = dict(policy=policy)
+    if pressure:  # 22 usable blocks: D (14) + A (7) fill the pool; B needs A's 7
+        over.update(num_pages=23, host_kv_gib=0.001)
+    eng = LLMEngine(EngineConfig(**{**TINY_ENGINE, **over}), model_config=cfg, params=params,
+                    tokenizer=tok, clock=clock)  # fmt: skip
+    return eng, clock
+
+
+def _record_copies(run: Run) -> None:
+    tr = run.engine.transfer
+    if tr is None:
+        return
+    issue = tr.issue
+
+    def logged(direction, device_blocks, host_blocks, tag=""):
+        run.copies.append((direction, len(device_blocks), tag))
+        return issue(direction, device_blocks, host_blocks, tag)
+
+    tr.issue = logged
+
+
+def _start_turn(model, policy: str, estimate: float, pressure: bool = True) -> Run:
+    """D (background) and agent A run; A finishes and starts a tool; B arrives and wants the
+    memory A's cached blocks occupy."""
+    eng, clock = _engine(model, policy, pressure)
+    run = Run(eng, clock)
+    _record_copies(run)
+    eng.add_request(PROMPT_D, _greedy(20), "D")
+    eng.add_request(PROMPT_A, _greedy(8), "A", AGENT)
+    run.step_until(lambda: "A" in run.outs)
+    run.t_start = clock()
+    body = run.event("stall_started", kind="tool", estimated_duration_s=estimate)
+    assert body["state"] == "active"
+    eng.add_request(PROMPT_B, _greedy(8), "B")
+    return run
+
+
+def _finish_turn(run: Run) -> None:
+    run.successor()
+    run.drain()
+
+
+def _check_clean(run: Run) -> None:
+    """Both pools intact; no pin, retention, copy or fence left once every request ended."""
+    eng = run.engine
+    eng.pool.check_integrity()
+    assert not eng.has_unfinished_requests()
+    assert eng.scheduler.copies_in_flight == 0
+    ts = getattr(eng.scheduler.policy, "time", None)
+    if ts is not None:
+        assert ts.stalled_blocks == 0
+        assert all(not p.pins and not p.host_retained for p in ts.items.values())
+        assert "A" not in ts.items  # the finished lifecycle was settled and forgotten
+    if eng.host_pool is not None:
+        eng.host_pool.check_integrity()
+        assert eng.host_pool.num_retained == 0
+        assert eng.host_pool.num_pending == 0
+        assert not eng.transfer.in_flight and not eng.transfer.pending_in
+        assert not eng.transfer.pending_out
+        assert eng.transfer.failed == 0
+    eng.pool.evict_cached()
+    assert eng.pool.num_free == eng.pool.capacity and eng.pool.num_cached == 0
+
+
+@pytest.fixture(scope="module")
+def reference(model) -> dict[str, list[int]]:
+    """Greedy outputs with no memory pressure, no host tier and the vllm policy."""
+    run = _start_turn(model, "vllm", 3.0, pressure=False)
+    run.step_until(lambda: "B" in run.outs and "D" in run.outs)
+    run.event("stall_finished")
+    _finish_turn(run)
+    _check_clean(run)
+    assert run.outs["A2"].num_cached_tokens == 6 * BS  # ample pool: A's prefix survived
+    return {k: o.token_ids for k, o in run.outs.items()}
+
+
+def _outputs(run: Run) -> dict[str, list[int]]:
+    return {k: o.token_ids for k, o in run.outs.items()}
+
+
+def _tc_copies(run: Run, direction: str) -> int:
+    return sum(n for d, n, tag in run.copies if d == direction and tag.startswith("tc-"))
+
+
+# ---- the paper's path: offload under pressure, predictive upload, device hit ------------------------
+def test_offload_and_predictive_upload_on_real_engine(model, reference):
+    run = _start_turn(model, "tokencake", 3.0)
+    ts = run.ts
+    run.step_until(lambda: ts.items["A"].state is PState.OFFLOADED)
+    p = ts.items["A"]
+    assert ts.counters.get("selected") == 1 and ts.counters.get("offloads") == 1
+    assert p.n_restore == 6 and len(p.host_retained) == 6  # A's whole computed prefix
+    assert _tc_copies(run, "d2h") == 6 and ts.copy_blocks["d2h"] == 6
+    assert run.engine.host_pool.num_retained == 6
+    predicted_end = p.rec.predicted_end
+    # Tool runs exactly as long as predicted; keep stepping (the engine ticks while idle).
+    run.step_until(lambda: run.clock() >= run.t_start + 3.0)
+    restored = [t for t, s in run.states if s == "restored"]
+    assert restored and restored[0] < predicted_end, run.states  # back before the return
+    assert ts.counters.get("uploads") == 1 and ts.copy_blocks["h2d"] >= 1
+    assert ts.items["A"].state is PState.RESTORED and len(ts.items["A"].pins) == 6
+    run.event("stall_finished")
+    n_copies = len(run.copies)
+    _finish_turn(run)
+    # The successor hit all six blocks on the device: no copy-in of its own was needed.
+    assert run.outs["A2"].num_cached_tokens == 6 * BS
+    assert len(run.copies) == n_copies
+    assert _outputs(run) == reference
+    _check_clean(run)
+
+    # The same schedule under vllm: B overwrote A's cached blocks, A2 recomputes its prefix.
+    base = _start_turn(model, "vllm", 3.0)
+    base.step_until(lambda: base.clock() >= base.t_start + 3.0)
+    base.event("stall_finished")
+    _finish_turn(base)
+    assert _outputs(base) == reference
+    assert base.outs["A2"].num_cached_tokens < run.outs["A2"].num_cached_tokens
+    _check_clean(base)
+
+
+# ---- keep (TTL pin) ---------------------------------------------------------------------------------
+def _alone(model, estimate: float) -> Run:
+    """Agent A alone with a host tier and no queue: no pressure, so the policy keeps."""
+    eng, clock = _engine(model, "tokencake")
+    run = Run(eng, clock)
+    _record_copies(run)
+    eng.add_request(PROMPT_A, _greedy(8), "A", AGENT)
+    run.step_until(lambda: "A" in run.outs)
+    run.t_start = clock()
+    run.event("stall_started", kind="tool", estimated_duration_s=estimate)
+    return run
+
+
+def test_keep_pins_until_the_successor_takes_them(model, reference):
+    run = _alone(model, 1.0)
+    ts = run.ts
+    run.step()
+    p = ts.items["A"]
+    assert p.state is PState.KEPT and ts.counters.get("action_keep") == 1
+    assert ts.stalled_blocks == 6 and all(run.engine.pool.ref_count(b) == 1 for b in p.pins)
+    assert p.ttl == pytest.approx(run.t_start + 1.5 * 1.0, abs=3 * DT)  # keep_ttl_factor
+    run.step_until(lambda: run.clock() >= run.t_start + 0.5)
+    assert ts.items["A"].state is PState.KEPT
+    run.event("stall_finished")
+    _finish_turn(run)
+    assert run.outs["A2"].num_cached_tokens == 6 * BS
+    assert run.outs["A2"].token_ids == reference["A2"]
+    assert not run.copies  # keeping needs no copies
+    _check_clean(run)
+
+
+def test_keep_ttl_releases_an_overrunning_tool(model, reference):
+    run = _alone(model, 1.0)
+    ts = run.ts
+    run.step()
+    assert ts.items["A"].state is PState.KEPT
+    ttl = ts.items["A"].ttl
+    # The tool runs far longer than predicted: the pin goes at the TTL and stays gone.
+    run.step_until(lambda: run.clock() >= ttl + 2.0)
+    assert ts.counters.get("ttl_expired") == 1
+    assert ts.items["A"].state is PState.DROPPED and ts.stalled_blocks == 0
+    run.step_until(lambda: run.clock() >= ttl + 10.0)
+    assert ts.stalled_blocks == 0, "re-pinned after the TTL expired"
+    run.event("stall_finished")
+    _finish_turn(run)
+    assert run.outs["A2"].token_ids == reference["A2"]
+    _check_clean(run)
+
+
+# ---- mispredicted tools -----------------------------------------------------------------------------
+def test_early_return_hurries_the_upload(model, reference):
+    run = _start_turn(model, "tokencake", 3.0)
+    ts = run.ts
+    run.step_until(lambda: ts.items["A"].state is PState.OFFLOADED)
+    run.step_until(lambda: run.clock() >= run.t_start + 0.8)
+    assert ts.items["A"].state is PState.OFFLOADED  # the planned upload is ~2 s away
+    run.event("stall_finished")  # the tool returns 2.2 s early
+    run.successor()
+    run.step()  # the tick uploads at once; the successor waits for the landing
+    assert ts.counters.get("uploads") == 1
+    run.drain()
+    assert run.outs["A2"].num_cached_tokens == 6 * BS
+    assert _outputs(run) == reference
+    _check_clean(run)
+
+
+def test_return_while_the_copy_out_is_in_flight(model, reference):
+    run = _start_turn(model, "tokencake", 3.0)
+    ts = run.ts
+    run.step_until(lambda: ts.items["A"].state is PState.OFFLOADING)
+    run.event("stall_finished")  # before the d2h has been reported
+    run.successor()
+    run.drain()
+    assert ts.counters.get("offloads") == 1
+    assert run.outs["A2"].num_cached_tokens == 6 * BS
+    assert _outputs(run) == reference
+    _check_clean(run)
+
+
+def test_finish_without_successor_gives_everything_back(model, reference):
+    run = _start_turn(model, "tokencake", 3.0)
+    ts = run.ts
+    run.step_until(lambda: ts.items.get("A") is not None and ts.items["A"].state is PState.RESTORED)
+    run.event("stall_finished")
+    # No successor comes: the pins last the hand-off grace, then pins and retention go.
+    run.step_until(lambda: "A" not in ts.items)
+    assert run.clock() >= run.t_start + 3.0 + ts.cfg.handoff_grace_s - 1.0
+    assert ts.stalled_blocks == 0 and run.engine.host_pool.num_retained == 0
+    run.drain()
+    run.successor()  # late: it still hits whatever survived, with identical outputs
+    run.drain()
+    assert _outputs(run) == reference
+    _check_clean(run)
+
+
+def test_overrun_releases_the_restore_then_uploads_again(model, reference):
+    run = _start_turn(model, "tokencake", 3.0)
+    ts = run.ts
+    run.step_until(lambda: ts.items["A"].state is PState.RESTORED)
+    end = ts.items["A"].rec.predicted_end
+    run.step_until(lambda: run.clock() >= end + ts.cfg.overrun_grace_s + 0.1)
+    assert ts.counters.get("overrun_released") == 1
+    p = ts.items["A"]
+    assert p.state is PState.OFFLOADED and not p.pins and len(p.host_retained) == 6
+    run.step_until(lambda: run.clock() >= end + 3.0)
+    run.event("stall_finished")
+    run.successor()
+    run.drain()
+    assert ts.counters.get("uploads") == 2
+    assert run.outs["A2"].num_cached_tokens == 6 * BS
+    assert _outputs(run) == reference
+    _check_clean(run)
+
+
+def test_safety_deadline_expires_the_lifecycle(model, reference):
+    run = _start_turn(model, "tokencake", 3.0)
+    ts = run.ts
+    run.step_until(lambda: ts.items["A"].state is PState.OFFLOADED)
+    run.step_until(lambda: "B" in run.outs and "D" in run.outs)
+    run.clock.advance(61.0)  # past clamp(4 x 3 s, 60 s, 1 h) from the start
+    run.step()
+    assert "A" not in ts.items and run.engine.host_pool.num_retained == 0
+    assert ts.stalled_blocks == 0
+    assert run.event("stall_finished")["disposition"] == "late_finish"
+    run.successor()
+    run.drain()
+    # Unretained host blocks stay in the host LRU: the successor still restores from there.
+    assert run.outs["A2"].num_cached_tokens == 6 * BS
+    assert _outputs(run) == reference
+    _check_clean(run)
