@@ -147,6 +147,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def next_timer(self) -> float:
+        """Clock time at which an idle scheduler should run ``schedule()`` anyway: the
+        policy's timed work (Time Scheduler uploads, TTLs) and lifecycle deadlines."""
+        return min(self.policy.next_due(), self.lifecycle.next_deadline)
+
     @property
     def copies_in_flight(self) -> int:
         """Copies issued to the executor whose completion has not been reported yet."""

@@ -339,5 +339,10 @@ class Lifecycle:
             nxt = min(nxt, self._deadline_of(rec))
         self._next_deadline = nxt
 
+    @property
+    def next_deadline(self) -> float:
+        """Earliest time :meth:`expire` has something to apply (``math.inf``: none)."""
+        return self._next_deadline
+
     def live(self) -> list[LifecycleRecord]:
         return [r for r in self.records.values() if not r.terminal]

@@ -8,6 +8,7 @@ every policy runs on identical machinery and a comparison measures the policy al
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -106,6 +107,11 @@ class Policy:
 
     def on_lifecycle_event(self, disposition: Any, body: dict) -> None:
         """A client lifecycle event was applied (the lifecycle listeners already ran)."""
+
+    def next_due(self) -> float:
+        """Clock time at which this policy has timed work (an upload, a TTL) even if no
+        request runs; ``math.inf`` when none. An idle engine steps once it is reached."""
+        return math.inf
 
 
 class VLLMPolicy(Policy):

@@ -353,6 +353,30 @@ class TimeScheduler:
             total += p.n_restore * frac
         return math.ceil(total)
 
+    def next_due(self) -> float:
+        """Earliest clock time at which :meth:`tick` has work even with no request running:
+        a new stall to evaluate, a due upload, a TTL, an overrun, a hand-off grace, an ended
+        lifecycle to settle. Without it an idle engine (every agent in a tool) never ticks and
+        the predictive upload waits for the successor's arrival. ``math.inf``: nothing timed."""
+        due = math.inf
+        for p in self.items.values():
+            rec = p.rec
+            if p.inflight is not None:
+                continue  # its completion wakes the engine (a copy in flight is work)
+            if rec.terminal:
+                held = p.pins and p.state in (PState.KEPT, PState.RESTORED)
+                grace = self.cfg.handoff_grace_s if held and rec.cause == "finished" else 0.0
+                due = min(due, (rec.terminal_at or 0.0) + grace)
+            elif p.state is PState.OFFLOADED:
+                due = min(due, p.upload_at)
+            elif p.state is PState.KEPT:
+                due = min(due, p.ttl)
+            elif p.state is PState.RESTORED:
+                due = min(due, rec.predicted_end + self.cfg.overrun_grace_s)
+            elif rec.stalled and not p.decided:
+                due = min(due, rec.started_at or 0.0)
+        return due
+
     @property
     def stalled_blocks(self) -> int:
         """Device blocks pinned for agents that are waiting on a tool."""

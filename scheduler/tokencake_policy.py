@@ -216,6 +216,9 @@ class TokencakePolicy(Policy):
     def on_admission_stalled(self) -> bool:
         return self.time.relieve() if self.time is not None else False
 
+    def next_due(self) -> float:
+        return self.time.next_due() if self.time is not None else math.inf
+
     @property
     def counters(self) -> dict[str, int]:
         out: dict[str, int] = {}

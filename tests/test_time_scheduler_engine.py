@@ -351,3 +351,31 @@ def test_safety_deadline_expires_the_lifecycle(model, reference):
     assert run.outs["A2"].num_cached_tokens == 6 * BS
     assert _outputs(run) == reference
     _check_clean(run)
+
+
+def test_idle_engine_steps_for_the_predictive_upload(model, reference):
+    """A driver that steps only while requests are unfinished (as ``AsyncEngine`` does) must
+    still step when the upload is due, while every agent waits on its tool."""
+    run = _start_turn(model, "tokencake", 3.0)
+    ts = run.ts
+    eng = run.engine
+    run.step_until(lambda: ts.items["A"].state is PState.OFFLOADED)
+    run.step_until(lambda: not eng.has_unfinished_requests())
+    upload_at = ts.items["A"].upload_at
+    assert eng.seconds_until_timer() == pytest.approx(upload_at - run.clock())
+    idle_steps = 0
+    while run.clock() < run.t_start + 3.0:  # the AsyncEngine loop, on the simulated clock
+        due = eng.seconds_until_timer()
+        if not eng.has_unfinished_requests() and due > 0:
+            run.clock.advance(min(0.05, due))
+            continue
+        idle_steps += 1
+        run.step()
+    assert ts.items["A"].state is PState.RESTORED
+    assert idle_steps <= 5  # woke for the upload and its landing, no busy loop
+    run.event("stall_finished")
+    _finish_turn(run)
+    assert run.outs["A2"].num_cached_tokens == 6 * BS
+    assert _outputs(run) == reference
+    _check_clean(run)
+    assert eng.seconds_until_timer() > 30  # only lifecycle tombstones remain

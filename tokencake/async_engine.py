@@ -41,9 +41,13 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests():
-                    self._wake.wait(0.05)
-                    self._wake.clear()
-                    continue
+                    # Idle, but the Time Scheduler may have an upload or a TTL due while every
+                    # agent waits on a tool: step (schedule only, no compute) when it is.
+                    due = self.engine.seconds_until_timer()
+                    if due > 0:
+                        self._wake.wait(min(0.05, due))
+                        self._wake.clear()
+                        continue
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:

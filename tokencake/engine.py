@@ -208,6 +208,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work or self.scheduler.copies_in_flight > 0
 
+    def seconds_until_timer(self) -> float:
+        """Seconds until the scheduler has timed work with no request running (a predictive
+        upload, a keep's TTL, a lifecycle deadline); <= 0 means step now, ``inf`` never. A
+        driver that idles while ``has_unfinished_requests()`` is False must still call
+        :meth:`step` by then, or tool-call KV is uploaded only when the successor arrives."""
+        return self.scheduler.next_timer() - self.scheduler.clock()
+
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns outputs for every request that progressed or ended."""
