@@ -132,7 +132,10 @@ class LLMEngine:
             self.runner.warmup()
             if self.transfer is not None:
                 self.transfer.warmup()
-            self.cost_model.profile_recompute(self.runner)
+            if cfg.policy != "vllm" or self.transfer is not None:
+                # Only the agent-aware policies and the host tier consult recompute costs;
+                # profiling costs seconds of start-up, so the FCFS baseline skips it.
+                self.cost_model.profile_recompute(self.runner)
 
     def _build_host_tier(self) -> None:
         """Host block pool, host KV arrays (allocated once) and the transfer engine."""
