@@ -435,6 +435,14 @@ class Driver:
         )
 
 
+def running_blocks(scheduler: Any) -> int:
+    """Distinct device blocks owned by the scheduler's running (admitted) requests."""
+    held: set[int] = set()
+    for r in scheduler.running:
+        held.update(r.block_ids)
+    return len(held)
+
+
 # ---- simulator backend ------------------------------------------------------------------
 class SimBackend:
     """The scheduler core and a policy on a virtual clock, with a preset's step costs.
@@ -463,6 +471,7 @@ class SimBackend:
         self.scheduler.cost_model = self.cost_model
         self.executor = preset.executor(self.clock, self.cost_model, vocab_size)
         self.last_plan: StepPlan | None = None
+        self.plan_running_blocks: tuple[float, int] | None = None
 
     def now(self) -> float:
         return self.clock()
@@ -488,8 +497,10 @@ class SimBackend:
 
     def step(self) -> tuple[list[Completion], bool]:
         s = self.scheduler
+        t_plan = self.clock()
         plan = s.schedule()
         self.last_plan = plan
+        self.plan_running_blocks = (t_plan, running_blocks(s))
         if plan.empty:
             return [], False
         sampled = self.executor.execute(plan)
@@ -527,13 +538,16 @@ class EngineBackend:
         self.vocab_size = engine.model_config.vocab_size
         self.cost_model = engine.cost_model
         self.last_plan: StepPlan | None = None
+        self.plan_running_blocks: tuple[float, int] | None = None
         self._reqs: dict[str, Any] = {}
         sched = engine.scheduler
         inner = sched.schedule
 
         def schedule() -> StepPlan:  # keep the plan for the metrics collector
+            t_plan = time.monotonic()
             plan = inner()
             self.last_plan = plan
+            self.plan_running_blocks = (t_plan, running_blocks(sched))
             return plan
 
         sched.schedule = schedule  # type: ignore[method-assign]

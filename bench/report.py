@@ -5,7 +5,10 @@ before every idle wait) and integrates KV occupancy over time by state:
 
 * ``running`` — device blocks owned by running (admitted) requests; its time average over the
   capacity is the **effective KV utilization** (KV idle behind a tool call, cached or free
-  does not count);
+  does not count). While a step executes, the count is the one at the moment the step was
+  planned (the backends record it as ``plan_running_blocks``), so a request counts from the
+  step that admits it through the step that finishes it; between steps, the state after the
+  last step is held;
 * ``stalled_pinned`` — blocks a policy pins for agents waiting on a tool (Time Scheduler keep
   / Continuum TTL);
 * ``stalled_resident`` — device blocks holding a stalled agent's prefix, pinned or merely
@@ -93,12 +96,25 @@ class Collector:
         """Account for the time since the last call, then take the new state."""
         if self.last_t is None:
             self.start(now)
-        dt = now - self.last_t
-        for k, v in self._state.items():
-            self.integral[k] += v * dt
-        self.last_t = now
         plan = getattr(self.backend, "last_plan", None)
-        if plan is not None and plan is not self._seen_plan:
+        new_plan = plan is not None and plan is not self._seen_plan
+        snap = getattr(self.backend, "plan_running_blocks", None) if new_plan else None
+        if snap is not None:
+            # A step ran since the last observation: until it was planned the held state
+            # applies; while it executed, the requests it ran (including the ones it admitted
+            # and the ones it finished) held their blocks: the running count at plan time.
+            t_plan = min(max(snap[0], self.last_t), now)
+            for k, v in self._state.items():
+                self.integral[k] += v * (t_plan - self.last_t)
+                if k != "running":
+                    self.integral[k] += v * (now - t_plan)
+            self.integral["running"] += snap[1] * (now - t_plan)
+        else:
+            dt = now - self.last_t
+            for k, v in self._state.items():
+                self.integral[k] += v * dt
+        self.last_t = now
+        if new_plan:
             self._seen_plan = plan
             self.steps += 1
             for c in plan.copies:

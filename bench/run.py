@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     model = None
     rows: list[dict[str, Any]] = []
     timelines: dict[str, list[dict[str, float]]] = {}
+    timed_out: list[str] = []
     for rate, wl in workloads.items():
         if executors == ["http"]:
             bar.set_description(f"rate={rate} http")
@@ -293,8 +294,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
                         mc, params, tok, _ = resolve_model(None)
                         model = (mc, params, tok)
-                    row, _, col = run_real(wl, policy, model=model, seed=args.seed,
-                                           progress=bar, max_wall_s=args.max_wall_s)  # fmt: skip
+                    try:
+                        row, _, col = run_real(wl, policy, model=model, seed=args.seed,
+                                               progress=bar, max_wall_s=args.max_wall_s)  # fmt: skip
+                    except TimeoutError as e:  # report it and go on with the other policies
+                        bar.write(f"rate={rate} {policy:16s} {ex:4s} TIMED OUT: {e}")
+                        timed_out.append(f"rate={rate} {policy} {ex}: {e}")
+                        continue
                 else:
                     raise SystemExit(f"unknown executor {ex!r}; use sim, real, http or real,sim")
                 rows.append({"rate": rate, "executor": ex, **row})
@@ -307,6 +313,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 )
     bar.close()
     extra = comparison_notes(rows, executors, preset.name, args)
+    if timed_out:
+        extra += "\n## Timed out (no row)\n\n" + "\n".join(f"- {t}" for t in timed_out) + "\n"
     meta = {
         "title": f"{args.workload} on {'/'.join(executors)} ({preset.name})",
         "args": vars(args),
