@@ -539,6 +539,9 @@ class EngineBackend:
         self.cost_model = engine.cost_model
         self.last_plan: StepPlan | None = None
         self.plan_running_blocks: tuple[float, int] | None = None
+        self.step_model: Any = None  # a preset StepModel: compare real steps with it
+        self.step_wall_s = 0.0
+        self.step_pred_s = 0.0
         self._reqs: dict[str, Any] = {}
         sched = engine.scheduler
         inner = sched.schedule
@@ -574,9 +577,14 @@ class EngineBackend:
 
     def step(self) -> tuple[list[Completion], bool]:
         self.last_plan = None
+        t0 = time.monotonic()
         outs = self.engine.step()
         plan = self.last_plan
         worked = plan is not None and not plan.empty
+        if worked and self.step_model is not None:
+            # measured step wall time vs the calibrated model's prediction for the same plan
+            self.step_wall_s += time.monotonic() - t0
+            self.step_pred_s += self.step_model.step_time(plan)
         done = []
         for o in outs:
             if o.finished:

@@ -135,6 +135,10 @@ def run_real(
     """One policy on the real in-process engine (wall clock)."""
     engine = make_real_engine(policy, model, engine_kwargs)
     be = EngineBackend(engine, policy)
+    try:
+        be.step_model = make_preset("local").step
+    except Exception:  # no calibrated preset: skip the step-model check
+        be.step_model = None
     col = Collector(be, sample_s=sample_s)
     drv = Driver(
         wl, be, seed=seed, observe=col.observe,
@@ -145,7 +149,10 @@ def run_real(
     res = drv.run()
     col.observe(be.now())
     engine.sync_transfers()
-    return summarize(res, col), res, col
+    row = summarize(res, col)
+    row["step_wall_s"] = be.step_wall_s  # time inside engine.step() for non-empty steps
+    row["step_pred_s"] = be.step_pred_s  # the local preset's prediction for the same plans
+    return row, res, col
 
 
 def _filler_text(n: int, key: str) -> str:
@@ -349,15 +356,17 @@ def comparison_notes(
                 "|---|---|---|---|---|", *lines, ""]  # fmt: skip
     if "real" in executors and "sim" in executors:
         out += ["## Simulator (local preset) vs real engine", "",
-                "| rate | policy | real E2E (s) | sim E2E (s) | error | real app mean | sim app mean |",
-                "|---|---|---|---|---|---|---|"]  # fmt: skip
+                "| rate | policy | real E2E (s) | sim E2E (s) | error | real app mean | sim app mean |"
+                " real steps (s) | model for them (s) |",
+                "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for (rate, pol, ex), r in by.items():
             s = by.get((rate, pol, "sim"))
             if ex == "real" and s:
                 err = (s["total_e2e_s"] - r["total_e2e_s"]) / r["total_e2e_s"]
                 out.append(
                     f"| {rate} | {pol} | {r['total_e2e_s']:.1f} | {s['total_e2e_s']:.1f} | "
-                    f"{err:+.1%} | {r['app_latency_mean_s']:.1f} | {s['app_latency_mean_s']:.1f} |"
+                    f"{err:+.1%} | {r['app_latency_mean_s']:.1f} | {s['app_latency_mean_s']:.1f} | "
+                    f"{r.get('step_wall_s', math.nan):.1f} | {r.get('step_pred_s', math.nan):.1f} |"
                 )
         out.append("")
     if preset == "a800-qwen2.5-14b" and "sim" in executors and args.apps in (None, 24):
