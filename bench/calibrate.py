@@ -2,13 +2,19 @@
 
     python -m bench.calibrate [--out bench/local_preset.json] [--num-pages 161]
 
-Runs a fixed mix of requests (single and batched decodes at several context lengths, cold
-prefills, prefix-hit continuations) through the real engine with the default model and the
-real-engine run settings, times every ``step()`` and fits the preset's linear step model
+Prices every compiled step shape of the real-engine run settings on its own
+(``Runner.time_shape``), then runs a fixed mix of requests (single and batched decodes at
+several context lengths, cold prefills, prefix-hit continuations) through the real engine
+with the default model, times every ``step()`` and fits, by non-negative least squares on
+the second of two passes (the first pays JIT compilation):
 
-    step = a + b * decode_rows + c * prefill_tokens + d * decode_context + e * prefill x ctx
+* the step model: ``step = overhead + overhead_row * rows + overhead_ctx * live context
+  tokens + sum of its calls' shape prices`` (the calls grouped and padded as the runner
+  does, ``tokencake.buckets``; a shape's price is timed on dummy pages, so gathering live
+  pages is the ``overhead_ctx`` term);
+* a linear model ``a + b * decode_rows + c * prefill_tokens + d * decode_context +
+  e * prefill x ctx``, whose prefill terms give the policies' recompute-cost estimate.
 
-by non-negative least squares on the second of two passes (the first pays JIT compilation).
 It also times a few host copies for the transfer bandwidth. Writes the preset JSON
 (engine settings + coefficients + fit quality) that ``bench.presets.local`` reads.
 """
@@ -24,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.presets import DEFAULT_LOCAL, LOCAL_PRESET_PATH, load_local
+from bench.presets import DEFAULT_LOCAL, LOCAL_PRESET_PATH, load_local, shape_key
 
 
 def features(plan: Any) -> list[float]:
@@ -71,8 +77,14 @@ def _phases(rng: random.Random, vocab: int) -> list[list[tuple[list[int], int]]]
     ]
 
 
-def run_pass(engine: Any, rng: random.Random) -> list[tuple[list[float], float]]:
-    """Run every phase to completion; returns (features, step seconds) per executed step."""
+def spans(plan: Any) -> list[tuple[int, int]]:
+    """``(start, num_tokens)`` of every chunk: what the runner's call shapes follow."""
+    return [(ch.start, ch.num_tokens) for ch in plan.chunks]
+
+
+def run_pass(engine: Any, rng: random.Random) -> list[tuple[list[float], list, float]]:
+    """Run every phase to completion; returns (features, chunk spans, step seconds) per
+    executed step."""
     from tokencake.sampling_params import SamplingParams
 
     sched = engine.scheduler
@@ -82,6 +94,7 @@ def run_pass(engine: Any, rng: random.Random) -> list[tuple[list[float], float]]
     def schedule() -> Any:  # features before the step (it appends the sampled tokens)
         box["plan"] = plan = inner()
         box["features"] = features(plan)
+        box["spans"] = spans(plan)
         return plan
 
     sched.schedule = schedule
@@ -97,7 +110,7 @@ def run_pass(engine: Any, rng: random.Random) -> list[tuple[list[float], float]]
             dt = time.perf_counter() - t0
             plan = box.get("plan")
             if plan is not None and plan.chunks:
-                samples.append((box["features"], dt))
+                samples.append((box["features"], box["spans"], dt))
     sched.schedule = inner
     return samples
 
@@ -137,11 +150,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rng = random.Random(0)
     t0 = time.time()
     run_pass(engine, rng)  # compiles every bucket this mix reaches
+    # A serving pool hands out pages in no particular order after a while (prefix caching,
+    # frees at random times); a fresh one hands them out in sequence, which gathers faster.
+    # Scramble the free list once so the timed pass reads pages the way a busy engine does.
+    pool = engine.pool
+    pool.evict_cached()
+    held = pool.allocate(pool.num_free)
+    rng.shuffle(held)
+    pool.free(held)
     samples = run_pass(engine, rng)
-    x = np.array([f for f, _ in samples])
-    y = np.array([t for _, t in samples])
-    coef = nnls(x, y)
-    pred = x @ coef
+    x = np.array([f for f, _, _ in samples])
+    y = np.array([t for _, _, t in samples])
+    coef = nnls(x, y)  # the linear model: kept for the recompute-cost terms
+    # The step model proper: every compiled call shape priced on its own, then the per-step
+    # and per-row overhead fitted to what the real steps took beyond their calls.
+    buckets = engine.runner.cfg.buckets
+    shape_s = {shape_key(sh): engine.runner.time_shape(sh) for sh in buckets.shapes()}
+    calls = np.array([sum(shape_s[shape_key(c)] for c in buckets.call_shapes(sp))
+                      for _, sp, _ in samples])  # fmt: skip
+    rows = np.array([[1.0, len(sp), sum(a + n for a, n in sp)] for _, sp, _ in samples])
+    over = nnls(rows, y - calls)
+    pred = calls + rows @ over
     rel = np.abs(pred - y) / y
     bw = time_copies(engine)
     kv = engine.runner.kv_spec
@@ -156,6 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "d": float(coef[3]),
             "e": float(coef[4]),
             "idle": 1e-3,
+            "overhead": float(over[0]),
+            "overhead_row": float(over[1]),
+            "overhead_ctx": float(over[2]),
+            "shape_s": shape_s,
         },
         "vocab_size": mc.vocab_size,
         "calibration": {
@@ -163,8 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "samples": len(samples),
             "median_rel_error": float(np.median(rel)),
             "total_time_pred_vs_meas": float(pred.sum() / y.sum()),
-            "decode_b1_step_s": float(np.median([t for f, t in samples if f[1] == 1 and not f[2]]))
-            if any(f[1] == 1 and not f[2] for f, _ in samples)
+            "linear_median_rel_error": float(np.median(np.abs(x @ coef - y) / y)),
+            "decode_b1_step_s": float(
+                np.median([t for f, _, t in samples if f[1] == 1 and not f[2]])
+            )
+            if any(f[1] == 1 and not f[2] for f, _, _ in samples)
             else None,
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "wall_s": time.time() - t0,

@@ -27,12 +27,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokencake.buckets import Shape, StepBuckets
 from tokencake.memory.cost_model import CostModel
 from tokencake.scheduler.core import SchedulerConfig
 from tokencake.scheduler.plan import StepPlan
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, fake_token
 
 LOCAL_PRESET_PATH = Path(__file__).with_name("local_preset.json")
+
+
+def shape_key(shape: Shape) -> str:
+    """JSON key of a call shape in a preset's ``shape_s`` table."""
+    return ",".join(map(str, shape))
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,28 @@ class StepModel:
     m0: float = 0.0  # weight read per step (roofline only), s
     roofline: bool = False
     idle: float = 1e-3  # an empty step still lets time pass
+    # Measured price of each compiled call shape ("rows,tokens,pages" -> s). When present (the
+    # calibrated local preset), a step costs its calls, grouped and padded exactly as the
+    # runner does, plus a per-step and per-row overhead; the linear terms above then serve
+    # only the recompute-cost model.
+    shape_s: dict[str, float] = field(default_factory=dict)
+    buckets: StepBuckets | None = None
+    overhead: float = 0.0  # per non-empty step, beyond its calls (scheduling, batch building)
+    overhead_row: float = 0.0  # per scheduled row
+    overhead_ctx: float = 0.0  # per live context token a row's attention gathers (cache misses)
 
     def step_time(self, plan: StepPlan) -> float:
         if not plan.chunks:
             return self.idle
+        if self.shape_s and self.buckets is not None:
+            spans = [(ch.start, ch.num_tokens) for ch in plan.chunks]
+            calls = self.buckets.call_shapes(spans)
+            return (
+                self.overhead
+                + self.overhead_row * len(spans)
+                + self.overhead_ctx * sum(start + n for start, n in spans)
+                + sum(self.shape_s[shape_key(c)] for c in calls)
+            )
         rows = prefill = ctx = 0
         pctx = 0.0
         for ch in plan.chunks:
@@ -225,13 +249,16 @@ def local_engine_kwargs(path: Path = LOCAL_PRESET_PATH) -> dict[str, Any]:
 def local(path: Path = LOCAL_PRESET_PATH) -> Preset:
     """This engine on this machine, from ``bench/local_preset.json`` (``bench.calibrate``).
 
-    Assumptions: step time is linear in the plan's features (no roofline; a CPU runs the
-    model's matmuls one after another), copies take ``bytes / bandwidth`` and overlap the
+    Assumptions: a step costs the measured price of each padded call shape the runner makes
+    for it plus a fitted per-step and per-row overhead (older preset files without a shape
+    table fall back to the linear model); copies take ``bytes / bandwidth`` and overlap the
     step only partly, so they are added to it; the KV pool, block size and batch limits are
     the real engine's.
     """
     cfg = load_local(path)
     eng = cfg["engine"]
+    buckets = StepBuckets(eng["page_size"], eng["max_model_len"], eng["max_num_seqs"],
+                          eng["max_prefill_chunk"], eng["max_prefill_seqs"])  # fmt: skip
     bpt = int(cfg["bytes_per_token"])
     host_blocks = int(eng.get("host_kv_gib", 0) * 2**30 // (bpt * eng["page_size"]))
     return Preset(
@@ -241,7 +268,7 @@ def local(path: Path = LOCAL_PRESET_PATH) -> Preset:
         host_blocks=host_blocks,
         bytes_per_token=bpt,
         bandwidth=float(cfg["bandwidth"]),
-        step=StepModel(roofline=False, **cfg["step"]),
+        step=StepModel(roofline=False, buckets=buckets, **cfg["step"]),
         max_num_seqs=eng["max_num_seqs"],
         max_num_batched_tokens=eng["max_num_batched_tokens"],
         max_prefill_chunk=eng["max_prefill_chunk"],

@@ -87,6 +87,36 @@ def test_presets_build():
         make_preset("nope")
 
 
+def test_shape_priced_step_time_follows_the_runners_calls():
+    """The local preset prices a step as the runner executes it: prefill chunks and decode
+    rows in separate calls, each padded to its bucket, plus the fitted overheads."""
+    from types import SimpleNamespace as NS
+
+    from bench.presets import StepModel
+    from tokencake.buckets import StepBuckets
+
+    b = StepBuckets(page_size=16, max_model_len=2048, max_num_seqs=16, max_prefill_chunk=256,
+                    max_prefill_seqs=2)  # fmt: skip
+    table = {",".join(map(str, sh)): 0.001 * (i + 1) for i, sh in enumerate(b.shapes())}
+    m = StepModel(a=9, b=9, c=9, d=9, e=9, shape_s=table, buckets=b, overhead=0.5,
+                  overhead_row=0.25, overhead_ctx=1e-3)  # fmt: skip
+
+    def chunk(start: int, n: int, prompt: int) -> NS:
+        return NS(start=start, num_tokens=n, request=NS(num_prompt_tokens=prompt))
+
+    # three decode rows (longest context 601 tokens -> 38 pages -> the 128-page bucket) and a
+    # 200-token prompt chunk (-> 256 tokens, 32 pages)
+    plan = NS(chunks=[chunk(100, 1, 50), chunk(600, 1, 50), chunk(20, 1, 10), chunk(0, 200, 300)])
+    assert b.call_shapes([(c.start, c.num_tokens) for c in plan.chunks]) == [(1, 256, 32),
+                                                                            (4, 1, 128)]  # fmt: skip
+    want = 0.5 + 0.25 * 4 + 1e-3 * (101 + 601 + 21 + 200) + table["1,256,32"] + table["4,1,128"]
+    assert m.step_time(plan) == pytest.approx(want)
+    # 20 decode rows need two calls (16 + 4 rows); an empty plan costs the idle quantum
+    rows = [chunk(10, 1, 5)] * 20
+    assert b.call_shapes([(c.start, c.num_tokens) for c in rows]) == [(16, 1, 8), (4, 1, 8)]
+    assert m.step_time(NS(chunks=[])) == m.idle
+
+
 def test_real_engine_run_two_small_apps(tiny_model):
     cfg, params, tok = tiny_model
     wl = make_workload(

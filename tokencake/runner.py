@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tokencake.buckets import Shape, StepBuckets
 from tokencake.memory.kv_cache import DUMMY_PAGE, KVCacheSpec, allocate_kv_cache
 from tokencake.models import sharding
 from tokencake.models.attention.backend import get_backend
@@ -51,23 +52,6 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     return jax.config.jax_compilation_cache_dir
 
 
-def pow2_buckets(limit: int, start: int = 1, factor: int = 2) -> tuple[int, ...]:
-    """``start, start*factor, ...`` capped by and always including ``limit``."""
-    out, b = [], start
-    while b < limit:
-        out.append(b)
-        b *= factor
-    out.append(limit)
-    return tuple(out)
-
-
-def pick_bucket(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"{n} exceeds the largest compiled bucket {buckets[-1]}")
-
-
 @dataclass(frozen=True)
 class RunnerConfig:
     """Static shapes of the executor. Bucket tuples are ascending; the last is the maximum."""
@@ -89,37 +73,34 @@ class RunnerConfig:
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
     @property
+    def buckets(self) -> StepBuckets:
+        """The step shape buckets of this configuration (shared with the simulator)."""
+        return StepBuckets(self.page_size, self.max_model_len, self.max_num_seqs,
+                           self.max_prefill_chunk, self.max_prefill_seqs)  # fmt: skip
+
+    @property
     def max_pages_per_seq(self) -> int:
-        return math.ceil(self.max_model_len / self.page_size)
+        return self.buckets.max_pages_per_seq
 
     @property
     def decode_row_buckets(self) -> tuple[int, ...]:
-        return pow2_buckets(self.max_num_seqs)
+        return self.buckets.decode_row_buckets
 
     @property
     def prefill_row_buckets(self) -> tuple[int, ...]:
-        return tuple(sorted({1, self.max_prefill_seqs}))
+        return self.buckets.prefill_row_buckets
 
     @property
     def prefill_token_buckets(self) -> tuple[int, ...]:
-        return pow2_buckets(self.max_prefill_chunk, start=min(32, self.max_prefill_chunk), factor=4)
+        return self.buckets.prefill_token_buckets
 
     @property
     def page_buckets(self) -> tuple[int, ...]:
-        return pow2_buckets(self.max_pages_per_seq, start=min(8, self.max_pages_per_seq), factor=4)
+        return self.buckets.page_buckets
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens per row, pages per row) the runner compiles."""
-        out = [(s, 1, p) for s in self.decode_row_buckets for p in self.page_buckets]
-        for q in self.prefill_token_buckets:
-            min_pages = math.ceil(q / self.page_size)
-            out += [
-                (s, q, p)
-                for s in self.prefill_row_buckets
-                for p in self.page_buckets
-                if p >= min_pages
-            ]
-        return out
+        return self.buckets.shapes()
 
 
 @dataclass(frozen=True)
@@ -225,6 +206,26 @@ class ModelRunner:
         log.info("warm-up compiled %d step shapes in %.1fs", len(shapes), self.compile_seconds)
 
     # ---- diagnostics -----------------------------------------------------------------------
+    def time_shape(self, shape: Shape, repeats: int = 3) -> float:
+        """Median seconds of one call of the compiled ``shape`` on padding input: every row
+        has one token and every page-table entry is the dummy page, so no live KV is touched.
+        On XLA:CPU a call costs what its padded shape costs, less the cache misses of
+        gathering live pages, which the simulator prices separately (per context token)."""
+        s, q, p = shape
+        zi, zf, one = np.zeros((s,), np.int32), np.zeros((s,), np.float32), np.ones((s,), np.int32)
+        batch = Batch(np.zeros((s, q), np.int32), np.zeros((s, q), np.int32), one, one,
+                      np.full((s, p), DUMMY_PAGE, np.int32))  # fmt: skip
+        samp = SamplingInputs(zf, zi, np.ones((s,), np.float32), zi, zi, zi)
+        compiled = self._compile(shape)
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            res, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp)
+            jax.block_until_ready(res)
+            if i:  # the first call pays one-off allocation
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
     def prompt_logits(self, token_ids: Sequence[int], block_ids: Sequence[int]) -> np.ndarray:
         """Float32 logits ``[len(token_ids), V]`` for every position of one prompt.
 
@@ -254,30 +255,17 @@ class ModelRunner:
     # ---- execution ------------------------------------------------------------------------
     def execute(self, rows: Sequence[RowRequest]) -> dict[str, SampledToken]:
         """Run all rows (decode and prefill chunks); return one sampled token per row."""
-        decode = [r for r in rows if len(r.token_ids) == 1]
-        prefill = [r for r in rows if len(r.token_ids) > 1]
         out: dict[str, SampledToken] = {}
-        rb = self.cfg.prefill_row_buckets[-1]
-        for i in range(0, len(prefill), rb):
-            out.update(
-                self._run_group(
-                    prefill[i : i + rb],
-                    self.cfg.prefill_row_buckets,
-                    self.cfg.prefill_token_buckets,
-                )
-            )
-        db = self.cfg.decode_row_buckets[-1]
-        for i in range(0, len(decode), db):
-            out.update(self._run_group(decode[i : i + db], self.cfg.decode_row_buckets, (1,)))
+        buckets = self.cfg.buckets
+        spans = [(r.start, len(r.token_ids)) for r in rows]
+        for prefill, idx in buckets.split(spans):
+            group = [rows[i] for i in idx]
+            shape = buckets.group_shape([spans[i] for i in idx], prefill)
+            out.update(self._run_group(group, shape))
         return out
 
-    def _run_group(
-        self, rows: Sequence[RowRequest], row_buckets, token_buckets
-    ) -> dict[str, SampledToken]:
-        s = pick_bucket(len(rows), row_buckets)
-        q = pick_bucket(max(len(r.token_ids) for r in rows), token_buckets)
-        max_pages = max(math.ceil((r.start + len(r.token_ids)) / self.cfg.page_size) for r in rows)
-        p = pick_bucket(max(max_pages, math.ceil(q / self.cfg.page_size)), self.cfg.page_buckets)
+    def _run_group(self, rows: Sequence[RowRequest], shape: Shape) -> dict[str, SampledToken]:
+        s, q, p = shape
         ids = np.zeros((s, q), np.int32)
         pos = np.zeros((s, q), np.int32)
         q_lens = np.zeros((s,), np.int32)
