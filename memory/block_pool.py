@@ -3,12 +3,19 @@
 Every block id in ``1 .. num_blocks-1`` is in exactly one of three states:
 
 * **free**: on ``_free`` (never hashed, or hash dropped), ref count 0;
-* **cached**: ref count 0 but its full-block hash is still registered, kept on an LRU list so a
-  later request with the same prefix can revive it; evicted (hash dropped) only when the pool
-  needs a block and the free list is empty;
+* **cached**: ref count 0 but its full-block hash is still registered, so a later request with
+  the same prefix can revive it; evicted (hash dropped) only when the pool needs a block and
+  the free list is empty;
 * **in use**: ref count >= 1 (shared prefix blocks have several owners).
 
 Block 0 is the dummy page (see ``kv_cache.py``) and is never handed out.
+
+Cached blocks are evicted in order of expected reuse, not by recency alone. A caller that
+knows better than LRU ranks them: :meth:`demote` marks blocks nobody is expected to reuse (a
+finished leaf agent's own tokens: evicted first), :meth:`expect_reuse` marks blocks a known
+future request will want at a given time (an agent waiting on a tool: evicted last, latest
+expected reuse first, Belady-style). Unranked blocks sit in between in LRU order; a block's
+rank is forgotten when it is taken again or evicted.
 
 Prefix hashes are chained: the hash of block ``i`` covers the hash of block ``i-1`` plus this
 block's token ids, so equal hashes mean equal whole prefixes, not just equal blocks.
@@ -17,6 +24,7 @@ block's token ids, so equal hashes mean equal whole prefixes, not just equal blo
 from __future__ import annotations
 
 import hashlib
+import heapq
 import struct
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -61,7 +69,12 @@ class BlockPool:
         self.enable_prefix_cache = enable_prefix_cache
         self._ref = [0] * num_blocks
         self._free: list[int] = list(range(num_blocks - 1, DUMMY_PAGE, -1))  # pop() gives 1 first
-        self._cached: OrderedDict[int, None] = OrderedDict()  # LRU order: oldest first
+        # The cached blocks, in three disjoint eviction classes (see the module docstring).
+        self._doomed: OrderedDict[int, None] = OrderedDict()  # no expected reuse: evict first
+        self._cached: OrderedDict[int, None] = OrderedDict()  # unranked, LRU: oldest first
+        self._awaited: dict[int, tuple[float, int]] = {}  # block -> (expected reuse time, seq)
+        self._awaited_heap: list[tuple[float, int, int]] = []  # (-time, seq, block), lazy
+        self._seq = 0
         self._hash_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
         self.hits = 0  # prefix-cache hit blocks since start
@@ -76,11 +89,11 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         """Blocks obtainable right now: truly free plus evictable cached ones."""
-        return len(self._free) + len(self._cached)
+        return len(self._free) + self.num_cached
 
     @property
     def num_cached(self) -> int:
-        return len(self._cached)
+        return len(self._doomed) + len(self._cached) + len(self._awaited)
 
     @property
     def num_used(self) -> int:
@@ -101,7 +114,7 @@ class BlockPool:
             if self._free:
                 b = self._free.pop()
             else:
-                b, _ = self._cached.popitem(last=False)
+                b = self._pop_victim()
                 self._drop_hash(b)
             self._ref[b] = 1
             out.append(b)
@@ -148,7 +161,7 @@ class BlockPool:
         self.queries += 1
         for b in blocks:
             if self._ref[b] == 0:
-                del self._cached[b]
+                self._unrank(b)
             self._ref[b] += 1
         self.hits += len(blocks)
 
@@ -169,12 +182,64 @@ class BlockPool:
     def evict_cached(self, n: int | None = None) -> int:
         """Drop up to ``n`` (all if None) cached blocks to the free list; returns how many."""
         count = 0
-        while self._cached and (n is None or count < n):
-            b, _ = self._cached.popitem(last=False)
+        while self.num_cached and (n is None or count < n):
+            b = self._pop_victim()
             self._drop_hash(b)
             self._free.append(b)
             count += 1
         return count
+
+    # ---- eviction order -----------------------------------------------------------------
+    def demote(self, blocks: Sequence[int]) -> int:
+        """Evict these cached blocks before any other (no reuse expected); blocks in use or
+        not cached are ignored. Returns how many were demoted."""
+        n = 0
+        for b in blocks:
+            if self._ref[b] == 0 and b in self._hash_of and b not in self._doomed:
+                self._unrank(b)
+                self._doomed[b] = None
+                n += 1
+        return n
+
+    def expect_reuse(self, blocks: Sequence[int], at: float) -> int:
+        """These cached blocks will be wanted at clock time ``at``: evict them only after
+        every unranked block, the latest ``at`` first. Blocks in use or not cached are
+        ignored. Returns how many were ranked."""
+        n = 0
+        for b in blocks:
+            if self._ref[b] == 0 and b in self._hash_of:
+                self._unrank(b)
+                self._seq += 1
+                self._awaited[b] = (at, self._seq)
+                heapq.heappush(self._awaited_heap, (-at, self._seq, b))
+                n += 1
+        return n
+
+    def _unrank(self, b: int) -> None:
+        """Remove cached block ``b`` from whichever eviction class holds it (heap entries
+        are dropped lazily)."""
+        if b in self._cached:
+            del self._cached[b]
+        elif b in self._doomed:
+            del self._doomed[b]
+        elif self._awaited.pop(b, None) is not None and (
+            len(self._awaited_heap) > 2 * len(self._awaited) + 64
+        ):
+            # compact the stale entries so a long run's heap stays proportional to the class
+            self._awaited_heap = [(-at, q, k) for k, (at, q) in self._awaited.items()]
+            heapq.heapify(self._awaited_heap)
+
+    def _pop_victim(self) -> int:
+        """Remove and return the cached block to evict next."""
+        if self._doomed:
+            return self._doomed.popitem(last=False)[0]
+        if self._cached:
+            return self._cached.popitem(last=False)[0]
+        while True:
+            neg_at, seq, b = heapq.heappop(self._awaited_heap)
+            if self._awaited.get(b) == (-neg_at, seq):
+                del self._awaited[b]
+                return b
 
     def _drop_hash(self, b: int) -> None:
         h = self._hash_of.pop(b, None)
@@ -185,7 +250,8 @@ class BlockPool:
     def check_integrity(self) -> None:
         """Assert the pool's invariants; raises AssertionError with the broken one."""
         free = set(self._free)
-        cached = set(self._cached)
+        cached = set(self._cached) | set(self._doomed) | set(self._awaited)
+        assert len(cached) == self.num_cached, "block in two eviction classes"
         used = {b for b in range(1, self.num_blocks) if self._ref[b] > 0}
         assert len(free) == len(self._free), "duplicate ids on the free list"
         assert DUMMY_PAGE not in free | cached | used, "dummy page handed out"

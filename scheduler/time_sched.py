@@ -208,6 +208,7 @@ class Preservation:
     inflight: Any = None  # (direction, device blocks, host blocks, hashes)
     decided: bool = False
     ttl_spent: bool = False  # a keep already ran out its TTL: never pin this call again
+    ranked_for: float = math.nan  # predicted return its cached blocks were last ranked for
 
 
 @dataclass
@@ -286,6 +287,7 @@ class TimeScheduler:
         decide: Decide = tokencake_decide,
         predictive_upload: bool | None = None,
         reevaluate: bool = True,
+        reuse_eviction: bool | None = None,
     ) -> None:
         self.cfg = config
         self.pool = pool
@@ -297,6 +299,9 @@ class TimeScheduler:
             config.predictive_upload if predictive_upload is None else predictive_upload
         )
         self.reevaluate = reevaluate
+        self.reuse_eviction = (
+            config.reuse_aware_eviction if reuse_eviction is None else reuse_eviction
+        )
         self.items: dict[str, Preservation] = {}
         self.step = 0
         self._copies: list[BlockCopy] = []
@@ -441,6 +446,22 @@ class TimeScheduler:
             if pressure is None:
                 pressure = pressure_fn()
             self._evaluate(p, now, pressure, agent_score(rec.metadata), running)
+        if self.reuse_eviction:
+            for p in self.items.values():
+                self._rank_for_eviction(p)
+
+    def _rank_for_eviction(self, p: Preservation) -> None:
+        """A dropped agent's blocks stay cached on device until evicted; tell the pool when
+        they will be wanted (the tool's predicted return), so it evicts blocks with no known
+        reuse, and those wanted later, before them. Re-ranked when the prediction moves."""
+        rec = p.rec
+        if p.state is not PState.DROPPED or p.inflight is not None or rec.terminal:
+            return
+        if not rec.stalled or p.ranked_for == rec.predicted_end:
+            return
+        p.ranked_for = rec.predicted_end
+        n = self.pool.expect_reuse(self.pool.lookup_prefix(p.hashes), rec.predicted_end)
+        self._count("eviction_ranked_blocks", n)
 
     def _taken(self, p: Preservation) -> bool:
         """The successor (or anyone) now holds a reference of its own on our blocks."""

@@ -139,6 +139,9 @@ class TimeConfig:
     reservation_ramp_s: float = 1.0
     overrun_grace_s: float = 1.0
     handoff_grace_s: float = 5.0
+    # ours: cached-block eviction ranked by expected reuse (a tool-waiting agent's dropped
+    # blocks by predicted return, a finished leaf agent's own blocks first)
+    reuse_aware_eviction: bool = True
 
     def __post_init__(self) -> None:
         _unit("offload.min_gpu_usage", self.min_gpu_usage)

@@ -47,6 +47,7 @@ class TokencakePolicy(Policy):
         decide: Decide = tokencake_decide,
         predictive_upload: bool | None = None,
         reevaluate: bool = True,
+        reuse_eviction: bool | None = None,
     ) -> None:
         self.config = config or TokencakeConfig()
         self.use_space = space and self.config.scheduling.enabled
@@ -54,6 +55,8 @@ class TokencakePolicy(Policy):
         self._decide = decide
         self._predictive = predictive_upload
         self._reevaluate = reevaluate
+        self._reuse_eviction = reuse_eviction
+        self._leaf_blocks: dict[str, list[int]] = {}  # finished leaf agent -> blocks to demote
         self.space: SpaceScheduler | None = None
         self.time: TimeScheduler | None = None
         self.sched: Any = None
@@ -75,6 +78,7 @@ class TokencakePolicy(Policy):
                 self.config.offload, pool, scheduler.lifecycle,
                 host=getattr(scheduler, "host_pool", None), cost=getattr(scheduler, "cost_model", None),
                 decide=self._decide, predictive_upload=self._predictive, reevaluate=self._reevaluate,
+                reuse_eviction=self._reuse_eviction,
             )  # fmt: skip
 
     # ---- per step -----------------------------------------------------------------------------
@@ -191,9 +195,25 @@ class TokencakePolicy(Policy):
         if self.space is not None:
             self.space.on_preempted(request)
 
+    def on_generation_finished(self, request: Request, pool: PoolView) -> None:
+        m = request.metadata
+        if (
+            self.time is not None
+            and self.time.reuse_eviction
+            and m.application_max_depth > 0  # the client described its DAG ...
+            and m.out_degree == 0  # ... and nothing in it follows this agent
+            and not m.reusable_prefix
+        ):
+            # Its own tokens (past the prefix it found cached) have no expected reader.
+            first = request.num_cached_tokens // self.sched.pool.block_size
+            self._leaf_blocks[request.request_id] = list(request.block_ids[first:])
+
     def on_finished(self, request: Request) -> None:
         if self.space is not None:
             self.space.on_finished(request, self.sched.clock())
+        leaf = self._leaf_blocks.pop(request.request_id, None)
+        if leaf and self.time is not None:  # released by now: evict these first
+            self.time._count("eviction_demoted_blocks", self.sched.pool.demote(leaf))
 
     # ---- the Time Scheduler's plumbing ----------------------------------------------------------
     def committed_blocks(self, now: float) -> int:
@@ -250,7 +270,7 @@ class InferCeptPolicy(TokencakePolicy):
 
     def __init__(self, config: TokencakeConfig | None = None) -> None:
         super().__init__(config, space=False, time=True, decide=infercept_decide,
-                         predictive_upload=False, reevaluate=False)  # fmt: skip
+                         predictive_upload=False, reevaluate=False, reuse_eviction=False)  # fmt: skip
 
 
 class ContinuumPolicy(TokencakePolicy):
@@ -261,7 +281,7 @@ class ContinuumPolicy(TokencakePolicy):
     def __init__(self, config: TokencakeConfig | None = None, pin_threshold_s: float = 2.0) -> None:
         super().__init__(config, space=False, time=True,
                          decide=lambda ctx, ts: continuum_decide(ctx, ts, pin_threshold_s),
-                         predictive_upload=False, reevaluate=False)  # fmt: skip
+                         predictive_upload=False, reevaluate=False, reuse_eviction=False)  # fmt: skip
 
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
         def program_arrival(r: Request) -> tuple[float, float, str]:

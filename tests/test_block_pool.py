@@ -75,7 +75,11 @@ def test_disabled_prefix_cache():
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.sampled_from(["alloc", "free", "reg", "hit"]), st.integers(0, 5)), max_size=60
+        st.tuples(
+            st.sampled_from(["alloc", "free", "reg", "hit", "demote", "await", "evict"]),
+            st.integers(0, 5),
+        ),
+        max_size=60,
     )
 )
 def test_random_operations_keep_invariants(ops):
@@ -94,7 +98,61 @@ def test_random_operations_keep_invariants(ops):
             hit = pool.lookup_prefix(seqs[n % 3])
             pool.take_cached(hit)
             owned += hit
+        elif op == "demote":
+            pool.demote(range(1, 10))
+        elif op == "await":
+            pool.expect_reuse(range(n, 10), at=float(n))
+        elif op == "evict":
+            pool.evict_cached(n)
         pool.check_integrity()
     pool.free(owned)
     pool.check_integrity()
     assert pool.num_free == pool.capacity
+
+
+def _cached_pool(n: int) -> tuple[BlockPool, list[int]]:
+    """A pool whose ``n`` usable blocks are all cached (hashed, released in id order)."""
+    pool = BlockPool(n + 1, 1)
+    blocks = pool.allocate(n)
+    for b, h in zip(blocks, block_hashes(list(range(n)), 1), strict=True):
+        pool.register(b, h)
+    for b in blocks:
+        pool.free([b])  # one at a time: LRU order = id order
+    return pool, blocks
+
+
+def test_eviction_follows_expected_reuse():
+    """Demoted blocks go first, then unranked LRU, then blocks awaited latest-first."""
+    pool, (b1, b2, b3, b4, b5, b6) = _cached_pool(6)
+    assert pool.demote([b5]) == 1
+    assert pool.expect_reuse([b1], at=10.0) == 1
+    assert pool.expect_reuse([b2], at=50.0) == 1
+    pool.check_integrity()
+    assert pool.num_cached == 6 and pool.num_free == 6
+    order = [pool.allocate(1)[0] for _ in range(6)]
+    assert order == [b5, b3, b4, b6, b2, b1]
+    pool.check_integrity()
+
+
+def test_ranks_are_forgotten_when_blocks_are_taken_or_reranked():
+    pool, (b1, b2, b3) = _cached_pool(3)
+    pool.expect_reuse([b1], at=5.0)
+    pool.take_cached([b1])  # revived: no longer cached, rank dropped
+    assert pool.demote([b1]) == 0 and pool.expect_reuse([b1], 1.0) == 0  # in use: ignored
+    pool.free([b1])  # back as an unranked, most recent LRU block
+    pool.expect_reuse([b2], at=1.0)
+    pool.expect_reuse([b2], at=99.0)  # re-ranked: the later time wins, no duplicate entry
+    pool.demote([b3])
+    pool.check_integrity()
+    assert [pool.allocate(1)[0] for _ in range(3)] == [b3, b1, b2]
+    pool.check_integrity()
+
+
+def test_awaited_heap_stays_compact():
+    pool, blocks = _cached_pool(4)
+    for i in range(500):  # rank and revive over and over: stale heap entries are compacted
+        pool.expect_reuse(blocks, at=float(i))
+        pool.take_cached(blocks)
+        pool.free(blocks)
+    assert len(pool._awaited_heap) <= 2 * len(pool._awaited) + 64 + len(blocks)
+    pool.check_integrity()

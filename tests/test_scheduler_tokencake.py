@@ -19,6 +19,7 @@ from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle, LifecycleState
 from tokencake.scheduler.metadata import AgentMetadata, coerce_metadata
 from tokencake.scheduler.policies import make_policy
+from tokencake.scheduler.policy import Policy
 from tokencake.scheduler.predictor import DurationPredictor
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
@@ -33,6 +34,7 @@ from tokencake.scheduler.space import (
 )
 from tokencake.scheduler.time_sched import Pressure, Reason, evaluate_benefit
 from tokencake.scheduler.tokencake_config import SpaceConfig, TimeConfig, TokencakeConfig
+from tokencake.scheduler.tokencake_policy import TokencakePolicy
 
 POLICIES = ["vllm", "tokencake", "tokencake-space", "tokencake-time", "infercept", "continuum"]
 
@@ -503,3 +505,48 @@ def test_engine_greedy_outputs_identical_under_every_policy():
         results[policy] = texts
     for policy in POLICIES:
         assert results[policy] == results["vllm"], policy
+
+
+# ---- eviction ranked by expected reuse ------------------------------------------------------------
+def _eviction_scenario(policy: Policy) -> tuple[int, int, dict[str, int]]:
+    """Agent A finishes and waits on a 10 s tool (its KV is dropped, not kept: it is not
+    preservable); then leaf agent L (last node of its DAG) finishes; then an ordinary request
+    needs 6 of the 12 cached blocks. Returns how many of A's and of L's 6 full blocks are still
+    cached on device afterwards, and the Time Scheduler's counters."""
+    clock = SimClock()
+    pool = BlockPool(21, 16)  # 20 usable blocks
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, max_prefill_chunk=256,
+                          max_model_len=512)  # fmt: skip
+    s = Scheduler(cfg, pool, policy, clock)
+    ex = SimExecutor(clock)
+
+    def run(req: Request) -> Request:
+        s.add_request(req)
+        while s.has_work:
+            sim_step(s, ex)
+        return req
+
+    a = run(Request("A", list(range(100, 196)), 1, clock(),
+                    metadata=dict(agent_type="coder", application_max_depth=3, depth=1, out_degree=1)))  # fmt: skip
+    assert s.lifecycle_event({"event": "stall_started", "lifecycle_id": "A", "kind": "tool",
+                              "estimated_duration_s": 10.0})[0].http_status == 200  # fmt: skip
+    sim_step(s, ex)  # the Time Scheduler decides (drop) and ranks A's blocks
+    leaf = run(Request("L", list(range(300, 396)), 1, clock(),
+                       metadata=dict(agent_type="tester", application_max_depth=3, depth=3,
+                                     out_degree=0)))  # fmt: skip
+    assert pool.num_cached == 12
+    run(Request("U", list(range(1000, 1209)), 1, clock()))  # 14 blocks: 8 free + 6 evicted
+    pool.check_integrity()
+    survived = [len(pool.lookup_prefix(r._block_hashes[:6])) for r in (a, leaf)]
+    counters = getattr(s.policy, "counters", {})
+    return survived[0], survived[1], counters
+
+
+def test_eviction_keeps_a_waiting_agents_kv_and_drops_a_finished_leaf_first():
+    a_kept, leaf_kept, _ = _eviction_scenario(make_policy("vllm"))
+    assert (a_kept, leaf_kept) == (0, 6)  # plain LRU: the older, still-needed prefix goes
+    a_kept, leaf_kept, counters = _eviction_scenario(make_policy("tokencake"))
+    assert (a_kept, leaf_kept) == (6, 0)
+    assert counters["eviction_ranked_blocks"] == 6 and counters["eviction_demoted_blocks"] == 6
+    off = TokencakePolicy(TokencakeConfig(offload=TimeConfig(reuse_aware_eviction=False)))
+    assert _eviction_scenario(off)[:2] == (0, 6)  # the knob turns it off
