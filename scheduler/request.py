@@ -43,6 +43,7 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    reuse_ranked: bool = False  # its cached prefix was ranked for eviction while it queued
     _hashed_blocks: int = 0  # how many leading full blocks are registered in the prefix cache
     _block_hashes: list[bytes] = field(default_factory=list)
 

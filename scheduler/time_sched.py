@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tokencake.memory.block_pool import BlockPool
+from tokencake.memory.block_pool import BlockPool, block_hashes
 from tokencake.scheduler.lifecycle import Lifecycle, LifecycleRecord
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.plan import BlockCopy, StepPlan
@@ -447,8 +447,25 @@ class TimeScheduler:
                 pressure = pressure_fn()
             self._evaluate(p, now, pressure, agent_score(rec.metadata), running)
         if self.reuse_eviction:
+            self._rank_queued(waiting)
             for p in self.items.values():
                 self._rank_for_eviction(p)
+
+    def _rank_queued(self, waiting: Sequence[Request], budget: int = 16) -> None:
+        """A queued request's cached prefix is wanted as soon as it is admitted: rank it as
+        awaited since its arrival, so it outlives every tool-waiting agent's blocks (and all
+        unranked ones). Once per request (ranks stick until taken or evicted), at most
+        ``budget`` new requests a tick: hashing a long prompt is not free."""
+        for r in waiting:
+            if r.reuse_ranked:
+                continue
+            r.reuse_ranked = True
+            hashes = block_hashes(r.all_token_ids, self.pool.block_size)
+            n = self.pool.expect_reuse(self.pool.lookup_prefix(hashes), r.arrival_time)
+            self._count("eviction_ranked_blocks", n)
+            budget -= 1
+            if budget == 0:
+                return
 
     def _rank_for_eviction(self, p: Preservation) -> None:
         """A dropped agent's blocks stay cached on device until evicted; tell the pool when
