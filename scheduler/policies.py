@@ -27,7 +27,7 @@ def _register_agent_policies() -> None:
     from tokencake.scheduler import tokencake_policy as tp
 
     for cls in (tp.TokencakePolicy, tp.TokencakeSpacePolicy, tp.TokencakeTimePolicy,
-                tp.InferCeptPolicy, tp.ContinuumPolicy):  # fmt: skip
+                tp.TokencakeAppFCFSPolicy, tp.InferCeptPolicy, tp.ContinuumPolicy):  # fmt: skip
         register_policy(cls.name, cls)
 
 

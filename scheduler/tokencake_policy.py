@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,22 @@ from tokencake.scheduler.time_sched import (
     waiting_pressure,
 )
 from tokencake.scheduler.tokencake_config import TokencakeConfig
+
+
+def application_fcfs(waiting: Sequence[Request]) -> list[Request]:
+    """Program-level FCFS: by the start of each request's application (its own arrival when
+    it carries none), then arrival, then id."""
+
+    def key(r: Request) -> tuple[float, float, str]:
+        m = r.metadata
+        start = (
+            m.application_started_at_s
+            if m is not None and m.application_started_at_s > 0
+            else math.inf
+        )
+        return (min(start, r.arrival_time), r.arrival_time, r.request_id)
+
+    return sorted(waiting, key=key)
 
 
 class TokencakePolicy(Policy):
@@ -126,6 +143,8 @@ class TokencakePolicy(Policy):
     # ---- ordering and admission -----------------------------------------------------------------
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
         if self.space is not None:
+            if self.config.scheduling.admission_order == "application-fcfs":
+                return application_fcfs(waiting)
             return self.space.order(waiting)
         return super().order_waiting(waiting, now)
 
@@ -263,6 +282,17 @@ class TokencakeTimePolicy(TokencakePolicy):
         super().__init__(config, space=False, time=True)
 
 
+class TokencakeAppFCFSPolicy(TokencakePolicy):
+    """Tokencake with program-level FCFS admission (``scheduling.admission_order``)."""
+
+    name = "tokencake-fcfs"
+
+    def __init__(self, config: TokencakeConfig | None = None) -> None:
+        config = config or TokencakeConfig()
+        sched = dataclasses.replace(config.scheduling, admission_order="application-fcfs")
+        super().__init__(dataclasses.replace(config, scheduling=sched))
+
+
 class InferCeptPolicy(TokencakePolicy):
     """InferCept: min-waste preserve / discard / swap per tool call; swap-in on return."""
 
@@ -284,13 +314,4 @@ class ContinuumPolicy(TokencakePolicy):
                          predictive_upload=False, reevaluate=False, reuse_eviction=False)  # fmt: skip
 
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
-        def program_arrival(r: Request) -> tuple[float, float, str]:
-            m = r.metadata
-            start = (
-                m.application_started_at_s
-                if m is not None and m.application_started_at_s > 0
-                else math.inf
-            )
-            return (min(start, r.arrival_time), r.arrival_time, r.request_id)
-
-        return sorted(waiting, key=program_arrival)
+        return application_fcfs(waiting)

@@ -36,7 +36,8 @@ from tokencake.scheduler.time_sched import Pressure, Reason, evaluate_benefit
 from tokencake.scheduler.tokencake_config import SpaceConfig, TimeConfig, TokencakeConfig
 from tokencake.scheduler.tokencake_policy import TokencakePolicy
 
-POLICIES = ["vllm", "tokencake", "tokencake-space", "tokencake-time", "infercept", "continuum"]
+POLICIES = ["vllm", "tokencake", "tokencake-space", "tokencake-time", "tokencake-fcfs", "infercept",
+            "continuum"]  # fmt: skip
 
 
 def test_scheduler_is_pure_python():
@@ -104,6 +105,28 @@ def test_join_priority_inheritance():
     sp.begin_step(0.0, [], [lo, other, hi], 0)
     assert sp.scores["lo"].eff == sp.scores["hi"].own > sp.scores["o"].eff
     assert [r.request_id for r in sp.order([lo, other, hi])] == ["hi", "lo", "o"]
+
+
+def test_application_fcfs_admission_order():
+    """``tokencake-fcfs``: requests of the earlier application go first, whatever their score;
+    requests without an application start keep their own arrival."""
+    pol = make_policy("tokencake-fcfs")
+    assert pol.config.scheduling.admission_order == "application-fcfs"
+    Scheduler(SchedulerConfig(), BlockPool(101, 16), pol, SimClock())  # binds the Space Scheduler
+    old = Request(
+        "old", [1], 4, 9.0, metadata=AgentMetadata(importance=0, application_started_at_s=1.0)
+    )
+    new = Request(
+        "new", [1], 4, 5.0, metadata=AgentMetadata(importance=9, application_started_at_s=4.0)
+    )
+    plain = Request("plain", [1], 4, 3.0)
+    assert [r.request_id for r in pol.order_waiting([new, plain, old], 10.0)] == [
+        "old",
+        "plain",
+        "new",
+    ]
+    with pytest.raises(ValueError, match="admission_order"):
+        TokencakeConfig.from_dict({"scheduling": {"admission_order": "random"}})
 
 
 def test_ordinary_request_barrier():

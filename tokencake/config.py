@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-POLICIES = ("vllm", "tokencake", "tokencake-space", "tokencake-time", "infercept", "continuum")
+POLICIES = ("vllm", "tokencake", "tokencake-space", "tokencake-time", "tokencake-fcfs", "infercept",
+            "continuum")  # fmt: skip
 
 
 @dataclass(frozen=True)
