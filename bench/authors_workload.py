@@ -26,7 +26,9 @@ from bench.workload import Application, Node, ToolCall, Workload
 
 #: Repository root (this file lives in ``<repo>/bench/``).
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PATH = "bench/data/tokencake-conversation-tools.json"  # vendored copy (see bench/data/README.md)
+DEFAULT_PATH = (
+    "bench/data/tokencake-conversation-tools.json"  # vendored copy (see bench/data/README.md)
+)
 
 # Authors' node kinds map one-to-one onto ours.
 _KIND_MAP = {"llm": "llm", "input": "input", "collect": "collect"}
