@@ -30,21 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.presets import DEFAULT_LOCAL, LOCAL_PRESET_PATH, load_local, shape_key
-
-
-def features(plan: Any) -> list[float]:
-    """[1, decode rows, prefill tokens, decode context, prefill x attended context]."""
-    rows = prefill = ctx = 0
-    pctx = 0.0
-    for ch in plan.chunks:
-        if ch.num_tokens == 1 and ch.start >= ch.request.num_prompt_tokens:  # a decode row
-            rows += 1
-            ctx += ch.start + 1
-        else:
-            prefill += ch.num_tokens
-            pctx += ch.num_tokens * (ch.start + ch.num_tokens / 2)
-    return [1.0, rows, prefill, ctx, pctx]
+from bench.presets import (
+    DEFAULT_LOCAL,
+    LOCAL_PRESET_PATH,
+    linear_features,
+    load_local,
+    plan_spans,
+    shape_key,
+)
 
 
 def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -77,11 +70,6 @@ def _phases(rng: random.Random, vocab: int) -> list[list[tuple[list[int], int]]]
     ]
 
 
-def spans(plan: Any) -> list[tuple[int, int]]:
-    """``(start, num_tokens)`` of every chunk: what the runner's call shapes follow."""
-    return [(ch.start, ch.num_tokens) for ch in plan.chunks]
-
-
 def run_pass(engine: Any, rng: random.Random) -> list[tuple[list[float], list, float]]:
     """Run every phase to completion; returns (features, chunk spans, step seconds) per
     executed step."""
@@ -93,8 +81,8 @@ def run_pass(engine: Any, rng: random.Random) -> list[tuple[list[float], list, f
 
     def schedule() -> Any:  # features before the step (it appends the sampled tokens)
         box["plan"] = plan = inner()
-        box["features"] = features(plan)
-        box["spans"] = spans(plan)
+        box["features"] = linear_features(plan)
+        box["spans"] = plan_spans(plan)
         return plan
 
     sched.schedule = schedule

@@ -36,6 +36,26 @@ from tokencake.scheduler.sim_executor import SimClock, SimExecutor, fake_token
 LOCAL_PRESET_PATH = Path(__file__).with_name("local_preset.json")
 
 
+def plan_spans(plan: StepPlan) -> list[tuple[int, int]]:
+    """``(start, num_tokens)`` of every chunk: what the runner's call shapes follow."""
+    return [(ch.start, ch.num_tokens) for ch in plan.chunks]
+
+
+def linear_features(plan: StepPlan) -> list[float]:
+    """The linear model's features: [1, decode rows, prefill tokens, decode context,
+    prefill tokens x attended context] (a prefill chunk attends ``start + n / 2`` on average)."""
+    rows = prefill = ctx = 0
+    pctx = 0.0
+    for ch in plan.chunks:
+        if ch.num_tokens == 1 and ch.start >= ch.request.num_prompt_tokens:  # a decode row
+            rows += 1
+            ctx += ch.start + 1
+        else:
+            prefill += ch.num_tokens
+            pctx += ch.num_tokens * (ch.start + ch.num_tokens / 2)
+    return [1.0, rows, prefill, ctx, pctx]
+
+
 def shape_key(shape: Shape) -> str:
     """JSON key of a call shape in a preset's ``shape_s`` table."""
     return ",".join(map(str, shape))
@@ -67,7 +87,7 @@ class StepModel:
         if not plan.chunks:
             return self.idle
         if self.shape_s and self.buckets is not None:
-            spans = [(ch.start, ch.num_tokens) for ch in plan.chunks]
+            spans = plan_spans(plan)
             calls = self.buckets.call_shapes(spans)
             return (
                 self.overhead
@@ -75,15 +95,7 @@ class StepModel:
                 + self.overhead_ctx * sum(start + n for start, n in spans)
                 + sum(self.shape_s[shape_key(c)] for c in calls)
             )
-        rows = prefill = ctx = 0
-        pctx = 0.0
-        for ch in plan.chunks:
-            if ch.num_tokens == 1 and ch.start >= ch.request.num_prompt_tokens:  # a decode row
-                rows += 1
-                ctx += ch.start + 1
-            else:
-                prefill += ch.num_tokens
-                pctx += ch.num_tokens * (ch.start + ch.num_tokens / 2)
+        _, rows, prefill, ctx, pctx = linear_features(plan)
         mem = self.m0 + self.d * ctx
         compute = self.b * rows + self.c * prefill + self.e * pctx
         return self.a + (max(mem, compute) if self.roofline else mem + compute)
