@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +164,9 @@ def _filler_text(n: int, key: str) -> str:
 def workload_apps(wl: Workload, seed: int = 0) -> list[tuple[Any, float]]:
     """Convert a workload to runtime :class:`~tokencake.app.App` s (for the HTTP path).
 
-    Input nodes become the application's system prompt, collect sinks are dropped (the
-    application ends with its last agent), synthetic lengths become filler words, and tools
+    Input nodes become the application's system prompt, collect nodes (local joins) are
+    dropped and their successors wait on what the collect waited on (a collect sink simply
+    ends the application), synthetic lengths become filler words, and tools
     sleep their true duration (with the driver's seeded noise) before returning the result.
     The runtime derives the wire metadata from the graph itself.
     """
@@ -178,14 +180,18 @@ def workload_apps(wl: Workload, seed: int = 0) -> list[tuple[Any, float]]:
             for n in inputs
         )
         app = App(f"app-{a.app_id}", system_prompt=system)
-        skip = {n.id for n in inputs}
+        # predecessors as runtime agents: inputs vanish, a collect stands for its own deps
+        agents_of: dict[str, list[str]] = {n.id: [] for n in inputs}
+
+        def after(deps: Sequence[str], agents_of: dict[str, list[str]] = agents_of) -> list[str]:
+            return list(dict.fromkeys(x for d in deps for x in agents_of.get(d, [d])))
+
         for nid in a.topological_order():
             n = a.node(nid)
             if n.kind == "input":
                 continue
             if n.kind == "collect":
-                if a.out_degree(nid):
-                    raise NotImplementedError("collect nodes with successors (HTTP path)")
+                agents_of[nid] = after(n.deps)
                 continue
             own = n.prompt_text or _filler_text(n.prompt_tokens or 0, f"{seed}/{a.app_id}/{nid}")
             tool = None
@@ -204,7 +210,7 @@ def workload_apps(wl: Workload, seed: int = 0) -> list[tuple[Any, float]]:
                 tool = FuncNode(t.kind, fn, predict_time=est)
             app.agent(
                 nid, n.agent_type, own, max_tokens=n.max_tokens, importance=n.importance,
-                tool=tool, after=[d for d in n.deps if d not in skip],
+                tool=tool, after=after(n.deps),
                 memory_weight=float(n.metadata.get("memory_weight", 1.0)),
             )  # fmt: skip
         out.append((app, a.arrival_s))

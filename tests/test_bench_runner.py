@@ -138,3 +138,24 @@ def test_real_engine_run_two_small_apps(tiny_model):
             assert k in m, k
         assert m["total_e2e_s"] > 0
         assert res.events.get("applied", 0) > 0  # lifecycle events reached the scheduler
+
+
+def test_http_conversion_routes_successors_of_a_collect_node():
+    """For the HTTP path, input nodes become the system prompt and a collect node (a local
+    join) is dropped: its successors wait on what it waited on."""
+    from bench.run import workload_apps
+    from bench.workload import Application, Node, Workload
+
+    nodes = (
+        Node(id="in", agent_type="input", importance=0.0, kind="input", prompt_text="Task.\n"),
+        Node(id="a", agent_type="coder", importance=1.0, deps=("in",), prompt_tokens=8, max_tokens=4),
+        Node(id="b", agent_type="coder", importance=1.0, deps=("in",), prompt_tokens=8, max_tokens=4),
+        Node(id="join", agent_type="collect", importance=0.0, deps=("a", "b"), kind="collect"),
+        Node(id="review", agent_type="reviewer", importance=2.0, deps=("join", "a"), prompt_tokens=8,
+             max_tokens=4),
+    )  # fmt: skip
+    wl = Workload(name="t", seed=0, applications=(Application("x", 0.0, nodes),))
+    [(app, arrival)] = workload_apps(wl)
+    assert arrival == 0.0 and app.system_prompt == "Task.\n"
+    assert list(app.agents) == ["a", "b", "review"]
+    assert app.preds == {"a": [], "b": [], "review": ["a", "b"]}
