@@ -467,6 +467,11 @@ class TimeScheduler:
             if budget == 0:
                 return
 
+    def demote_unneeded(self, blocks: Sequence[int]) -> None:
+        """Blocks whose owner has no successor (a finished leaf agent): evict them first."""
+        if self.reuse_eviction:
+            self._count("eviction_demoted_blocks", self.pool.demote(blocks))
+
     def _rank_for_eviction(self, p: Preservation) -> None:
         """A dropped agent's blocks stay cached on device until evicted; tell the pool when
         they will be wanted (the tool's predicted return), so it evicts blocks with no known

@@ -232,7 +232,7 @@ class TokencakePolicy(Policy):
             self.space.on_finished(request, self.sched.clock())
         leaf = self._leaf_blocks.pop(request.request_id, None)
         if leaf and self.time is not None:  # released by now: evict these first
-            self.time._count("eviction_demoted_blocks", self.sched.pool.demote(leaf))
+            self.time.demote_unneeded(leaf)
 
     # ---- the Time Scheduler's plumbing ----------------------------------------------------------
     def committed_blocks(self, now: float) -> int:
