@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tokencake.memory.block_pool import BlockPool, block_hashes
+from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.host_pool import HostBlockPool
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle
 from tokencake.scheduler.metadata import coerce_metadata
@@ -195,11 +195,10 @@ class Scheduler:
 
     def _apply_prefix_hit(self, req: Request) -> None:
         """Adopt cached blocks for the longest cached prefix of ``req``'s tokens."""
-        tokens = req.all_token_ids
-        req._block_hashes = block_hashes(tokens, self.pool.block_size)
+        hashes = req.block_hashes(self.pool.block_size)
         # Leave at least one token to compute so the step produces logits for sampling.
-        usable = (len(tokens) - 1) // self.pool.block_size
-        hits = self.pool.lookup_prefix(req._block_hashes[:usable])
+        usable = (req.num_tokens - 1) // self.pool.block_size
+        hits = self.pool.lookup_prefix(hashes[:usable])
         self.pool.take_cached(hits)
         req.block_ids = list(hits)
         req._hashed_blocks = len(hits)
@@ -329,13 +328,9 @@ class Scheduler:
         full = req.num_computed_tokens // self.pool.block_size
         if full <= req._hashed_blocks:
             return
-        tokens = req.all_token_ids
-        if len(req._block_hashes) < full:
-            req._block_hashes = block_hashes(
-                tokens[: full * self.pool.block_size], self.pool.block_size
-            )
+        hashes = req.block_hashes(self.pool.block_size)
         for i in range(req._hashed_blocks, full):
-            self.pool.register(req.block_ids[i], req._block_hashes[i])
+            self.pool.register(req.block_ids[i], hashes[i])
         req._hashed_blocks = full
 
     # ---- memory hierarchy: host prefix tier and swap preemption (issue #4) -------------------
@@ -403,9 +398,9 @@ class Scheduler:
             return 0
         bs = self.pool.block_size
         full = min(req.num_computed_tokens // bs, len(req.block_ids))
-        if len(req._block_hashes) < full:
-            req._block_hashes = block_hashes(req.all_token_ids[: full * bs], bs)
-        kept = self.offload_blocks(req.block_ids[:full], req._block_hashes[:full], req.request_id)
+        kept = self.offload_blocks(
+            req.block_ids[:full], req.block_hashes(bs)[:full], req.request_id
+        )
         if not kept:
             self.num_swap_fallbacks += 1
             return 0

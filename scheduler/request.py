@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokencake.memory.block_pool import chain_hash
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -23,9 +25,13 @@ class RequestStatus(enum.Enum):
         )
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One generation request. ``metadata`` carries optional agent hints (see metadata.py)."""
+    """One generation request. ``metadata`` carries optional agent hints (see metadata.py).
+
+    Compared by identity: the queues look requests up with ``in`` / ``remove``, and field-wise
+    equality both compared whole token lists on that hot path and could match a different
+    request with the same contents."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -71,3 +77,19 @@ class Request:
     @property
     def max_total_tokens(self) -> int:
         return len(self.prompt_token_ids) + self.max_tokens
+
+    def block_hashes(self, block_size: int) -> list[bytes]:
+        """Chained hashes of every full block of the tokens so far (one scheduler, one block
+        size). Extended incrementally and shared by every caller: tokens only grow, so earlier
+        hashes stay valid, and a decode step no longer rehashes the whole sequence."""
+        hs = self._block_hashes
+        full = self.num_tokens // block_size
+        if len(hs) < full:
+            tokens = self.all_token_ids
+            for i in range(len(hs), full):
+                hs.append(
+                    chain_hash(
+                        hs[-1] if hs else None, tokens[i * block_size : (i + 1) * block_size]
+                    )
+                )
+        return hs

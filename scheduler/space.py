@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tokencake.memory.block_pool import BlockPool, block_hashes
+from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.tokencake_config import SpaceConfig
@@ -241,7 +241,6 @@ class SpaceScheduler:
         self.guard: dict[str, tuple[int, int]] = {}  # resume guard: free at preemption, epoch
         self.epoch = 0  # bumps on every finish
         self.counters: dict[str, int] = {}
-        self._hashes: dict[str, list[bytes]] = {}
         self._groups: dict[tuple[float, str], int] = {}
         self._scored_at = -math.inf
 
@@ -252,7 +251,8 @@ class SpaceScheduler:
     def admission_tokens(self, r: Request) -> int:
         if not self.cfg.reserve_generation_tokens:
             return r.num_tokens
-        return min(max(r.num_tokens, r.num_prompt_tokens + r.max_tokens), self.max_model_len)
+        # prompt + max_tokens bounds num_tokens, so it is the request's whole future
+        return min(len(r.prompt_token_ids) + r.max_tokens, self.max_model_len)
 
     def remaining_growth(self, r: Request) -> int:
         """Blocks ``r`` may still allocate before it finishes."""
@@ -428,9 +428,7 @@ class SpaceScheduler:
 
     def _affinity(self, r: Request) -> tuple[float, int]:
         bs = self.pool.block_size
-        hashes = self._hashes.get(r.request_id)
-        if hashes is None:
-            hashes = self._hashes[r.request_id] = block_hashes(r.all_token_ids, bs)
+        hashes = r.block_hashes(bs)
         hits = self.pool.lookup_prefix(hashes[: (r.num_tokens - 1) // bs])
         shared = sum(1 for b in hits if self.pool.ref_count(b) > 0)
         demand = max(0, -(-self.admission_tokens(r) // bs) - len(hits))
@@ -551,7 +549,6 @@ class SpaceScheduler:
         self.epoch += 1
         self.guard.pop(r.request_id, None)
         self._static.pop(r.request_id, None)
-        self._hashes.pop(r.request_id, None)
         m = r.metadata
         if m is not None and m.type_key:
             self.history.on_finish(m.type_key, r, now)

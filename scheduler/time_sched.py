@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tokencake.memory.block_pool import BlockPool, block_hashes
+from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.lifecycle import Lifecycle, LifecycleRecord
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.plan import BlockCopy, StepPlan
@@ -460,7 +460,7 @@ class TimeScheduler:
             if r.reuse_ranked:
                 continue
             r.reuse_ranked = True
-            hashes = block_hashes(r.all_token_ids, self.pool.block_size)
+            hashes = r.block_hashes(self.pool.block_size)
             n = self.pool.expect_reuse(self.pool.lookup_prefix(hashes), r.arrival_time)
             self._count("eviction_ranked_blocks", n)
             budget -= 1
