@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 Shape = tuple[int, int, int]  # (rows, tokens per row, pages per row)
 
@@ -36,7 +37,8 @@ def pick_bucket(n: int, buckets: Sequence[int]) -> int:
 
 @dataclass(frozen=True)
 class StepBuckets:
-    """The bucket tuples of one engine configuration (ascending; the last is the maximum)."""
+    """The bucket tuples of one engine configuration (ascending; the last is the maximum).
+    Computed once per instance: the runner and the simulator read them every step."""
 
     page_size: int = 16
     max_model_len: int = 2048
@@ -44,23 +46,23 @@ class StepBuckets:
     max_prefill_chunk: int = 512
     max_prefill_seqs: int = 4
 
-    @property
+    @cached_property
     def max_pages_per_seq(self) -> int:
         return math.ceil(self.max_model_len / self.page_size)
 
-    @property
+    @cached_property
     def decode_row_buckets(self) -> tuple[int, ...]:
         return pow2_buckets(self.max_num_seqs)
 
-    @property
+    @cached_property
     def prefill_row_buckets(self) -> tuple[int, ...]:
         return tuple(sorted({1, self.max_prefill_seqs}))
 
-    @property
+    @cached_property
     def prefill_token_buckets(self) -> tuple[int, ...]:
         return pow2_buckets(self.max_prefill_chunk, start=min(32, self.max_prefill_chunk), factor=4)
 
-    @property
+    @cached_property
     def page_buckets(self) -> tuple[int, ...]:
         return pow2_buckets(self.max_pages_per_seq, start=min(8, self.max_pages_per_seq), factor=4)
 

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ class RunnerConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
-    @property
+    @cached_property
     def buckets(self) -> StepBuckets:
         """The step shape buckets of this configuration (shared with the simulator)."""
         return StepBuckets(self.page_size, self.max_model_len, self.max_num_seqs,
