@@ -2,9 +2,11 @@
 
 Differences between the architectures are config switches (``attention_bias`` for Qwen2's q/k/v
 biases, ``qk_norm`` for Qwen3's per-head RMSNorm, ``rope_scaling`` for Llama 3, tied or untied
-LM head). Layers are stacked on a leading axis and run with ``lax.scan`` so a step compiles the
-layer body once; the paged KV cache rides in the scan carry so XLA updates it in place (the
-cache is donated by the caller).
+LM head). The layer body is traced once and run in a rolled loop (``layer_loop``, see
+:data:`LAYER_LOOPS`): a ``lax.scan`` over stacked weights, or on CPU a ``fori_loop`` whose dots
+pick per-layer weight arrays with ``lax.switch`` so that they read the weights in place. The
+paged KV cache rides in the loop carry so XLA updates it in place (the cache is donated by the
+caller).
 
 The forward works on the engine's ragged batch: ``input_ids[S, Q]`` where row ``s`` holds
 ``q_lens[s]`` new tokens of one sequence (a prefill chunk or a single decode token) whose
@@ -13,16 +15,20 @@ context, including the new tokens, is ``kv_lens[s]`` long.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from tokencake.memory.kv_cache import DUMMY_PAGE
+from tokencake.models import sharding
 from tokencake.models.attention.backend import AttentionFn
 from tokencake.models.config import ModelConfig
+from tokencake.models.host_arena import HostArena
 from tokencake.models.rope import apply_rope, inv_frequencies
 from tokencake.models.weights import validate_params
 
@@ -30,6 +36,16 @@ LAYER_KEYS = (
     "attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm", "k_norm",
     "mlp_norm", "w_gate", "w_up", "w_down",
 )  # fmt: skip
+MATRIX_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# How the layers are looped over (see DecoderLM):
+#   "scan":   lax.scan over stacked weights -- one compiled layer body; XLA:CPU copies every
+#             matrix out of the stack before its dot (the GPU/TPU default).
+#   "switch": a fori_loop over layers whose dots pick their matrix with lax.switch from
+#             per-layer arrays, so each dot reads its weights in place; the layer body's fusions
+#             compile once. The CPU default.
+#   "unroll": a Python loop over per-layer arrays; in place too, but every fusion compiles once
+#             per layer (about 5x the compile time of the others).
+LAYER_LOOPS = ("scan", "switch", "unroll")
 
 
 class Batch(NamedTuple):
@@ -60,25 +76,62 @@ def slot_indices(batch: Batch, page_size: int) -> tuple[jax.Array, jax.Array]:
 
 class DecoderLM(nnx.Module):
     """Llama-family causal LM over a paged KV cache. Weights in the canonical format
-    of ``models/weights.py``; ``dtype`` is the compute and storage dtype."""
+    of ``models/weights.py``; ``dtype`` is the compute and storage dtype; ``layer_loop`` is one
+    of :data:`LAYER_LOOPS`; ``mesh`` (optional) shards the weights for tensor parallelism."""
 
-    def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], dtype: str = "float32"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: dict[str, np.ndarray],
+        dtype: str = "float32",
+        layer_loop: str = "scan",
+        mesh: Mesh | None = None,
+        pack_weights: bool = False,
+    ):
         validate_params(cfg, params)
+        if layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
+        self.layer_loop = layer_loop
         self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.embed = nnx.Param(jnp.asarray(params["embed"], self.dtype))
-        self.final_norm = nnx.Param(jnp.asarray(params["final_norm"], self.dtype))
-        self.lm_head = (
-            nnx.Param(jnp.asarray(params["lm_head"], self.dtype)) if "lm_head" in params else None
-        )
-        self.layer_keys = tuple(k for k in LAYER_KEYS if k in params)
-        self.layers = nnx.Dict(
-            {k: nnx.Param(jnp.asarray(params[k], self.dtype)) for k in self.layer_keys}
-        )
 
-    def layer_params(self) -> dict[str, jax.Array]:
-        return {k: self.layers[k][...] for k in self.layer_keys}
+        per_layer = layer_loop != "scan"
+        head = ("lm_head", params["lm_head"]) if "lm_head" in params else ("embed", params["embed"])
+        # With ``pack_weights`` (one CPU device) the per-layer matrices and the head are packed
+        # back to back into one huge-page host buffer in read order -- layer by layer, then the
+        # head -- so a decode step streams them like one array (see host_arena.py).
+        arena = None
+        if pack_weights and mesh is None:
+            streamed = [params[k][i] for i in range(cfg.num_layers) for k in MATRIX_KEYS]
+            arena = HostArena(
+                HostArena.size_of([*(streamed if per_layer else []), head[1]], self.dtype)
+            )
+
+        def place(key: str, value, one_layer: bool = False) -> nnx.Param:
+            if mesh is not None:
+                spec = NamedSharding(mesh, sharding.param_spec(key, one_layer))
+                return nnx.Param(jax.device_put(np.asarray(value, self.dtype), spec))
+            if arena is not None and (one_layer or key == head[0]):
+                return nnx.Param(arena.put(value, self.dtype))
+            return nnx.Param(jnp.asarray(value, self.dtype))
+
+        self.layer_keys = tuple(k for k in LAYER_KEYS if k in params)
+        # Matrices: one array per layer unless the loop is a scan. Norm and bias vectors stay
+        # stacked (indexing them by layer costs nothing).
+        self.matrices = nnx.List(
+            [
+                nnx.Dict({k: place(k, params[k][i], one_layer=True) for k in MATRIX_KEYS})
+                for i in range(cfg.num_layers)
+            ]
+            if per_layer
+            else []
+        )
+        stacked = tuple(k for k in self.layer_keys if not (per_layer and k in MATRIX_KEYS))
+        self.layers = nnx.Dict({k: place(k, params[k]) for k in stacked})
+        self.lm_head = place("lm_head", params["lm_head"]) if "lm_head" in params else None
+        self.embed = place("embed", params["embed"])
+        self.final_norm = place("final_norm", params["final_norm"])
 
     def head_weight(self) -> jax.Array:
         """``[H, V]`` LM-head matrix (the transposed embedding when tied)."""
@@ -100,10 +153,10 @@ class DecoderLM(nnx.Module):
         scale = 1.0 / float(np.sqrt(d))
         x = self.embed[...][batch.input_ids]
 
-        def layer(carry, w):
-            x, kc, vc, li = carry
+        def layer(x, kc, vc, w, mm, li):
+            """One decoder layer; ``w`` holds this layer's vectors, ``mm(h, key)`` its matmuls."""
             h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-            qx, kx, vx = h @ w["wq"], h @ w["wk"], h @ w["wv"]
+            qx, kx, vx = mm(h, "wq"), mm(h, "wk"), mm(h, "wv")
             if "bq" in w:
                 qx, kx, vx = qx + w["bq"], kx + w["bk"], vx + w["bv"]
             qx = qx.reshape(s, q, hq, d)
@@ -121,14 +174,45 @@ class DecoderLM(nnx.Module):
             attn = attention(
                 qx, kc[li], vc[li], batch.block_tables, batch.q_lens, batch.kv_lens, scale=scale
             )
-            x = x + attn.reshape(s, q, hq * d) @ w["wo"]
+            x = x + mm(attn.reshape(s, q, hq * d), "wo")
             h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-            x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
-            return (x, kc, vc, li + 1), None
+            x = x + mm(jax.nn.silu(mm(h, "w_gate")) * mm(h, "w_up"), "w_down")
+            return x, kc, vc
 
-        (x, k_cache, v_cache, _), _ = jax.lax.scan(
-            layer, (x, k_cache, v_cache, jnp.int32(0)), self.layer_params()
-        )
+        vectors = {k: self.layers[k][...] for k in self.layers}
+        if self.layer_loop == "scan":
+
+            def scan_body(carry, w):
+                x, kc, vc, li = carry
+                x, kc, vc = layer(x, kc, vc, w, lambda h, key: h @ w[key], li)
+                return (x, kc, vc, li + 1), None
+
+            (x, k_cache, v_cache, _), _ = jax.lax.scan(
+                scan_body, (x, k_cache, v_cache, jnp.int32(0)), vectors
+            )
+        elif self.layer_loop == "unroll":
+            for li, mats in enumerate(self.matrices):
+                w = {k: v[li] for k, v in vectors.items()}
+                x, k_cache, v_cache = layer(
+                    x, k_cache, v_cache, w, lambda h, key, m=mats: h @ m[key][...], li
+                )
+        else:
+            mats = {k: [m[k][...] for m in self.matrices] for k in MATRIX_KEYS}
+
+            def switch_body(li, carry):
+                x, kc, vc = carry
+                w = {k: v[li] for k, v in vectors.items()}
+
+                def mm(h, key):
+                    # Branch j multiplies by layer j's matrix: the dot reads that buffer in
+                    # place, where indexing a stacked array would copy the slice first.
+                    return jax.lax.switch(li, [partial(jnp.matmul, b=m) for m in mats[key]], h)
+
+                return layer(x, kc, vc, w, mm, li)
+
+            x, k_cache, v_cache = jax.lax.fori_loop(
+                0, cfg.num_layers, switch_body, (x, k_cache, v_cache)
+            )
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), k_cache, v_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -56,12 +56,11 @@ def make_mesh(tp: int) -> Mesh:
     return Mesh(np.asarray(devices[:tp]), (AXIS,))
 
 
-def shard_params(params: dict[str, np.ndarray], mesh: Mesh, dtype: str) -> dict[str, jax.Array]:
-    """Place every parameter on the mesh with its partition spec."""
-    return {
-        k: jax.device_put(np.asarray(v, dtype=dtype), NamedSharding(mesh, PARAM_SPECS.get(k, P())))
-        for k, v in params.items()
-    }
+def param_spec(key: str, per_layer: bool = False) -> P:
+    """Partition spec of canonical parameter ``key``; ``per_layer`` for one layer's slice of a
+    stacked ``[L, ...]`` parameter (the spec without its leading layer axis)."""
+    spec = PARAM_SPECS.get(key, P())
+    return P(*tuple(spec)[1:]) if per_layer and len(spec) else spec
 
 
 def kv_sharding(mesh: Mesh) -> NamedSharding:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.conftest import lively_params
 from tokencake.models.config import tiny_config
+from tokencake.models.host_arena import HUGE_PAGE, HostArena
+from tokencake.models.llama import LAYER_LOOPS, MATRIX_KEYS
 from tokencake.runner import ModelRunner, RunnerConfig
 
 VARIANTS = {
@@ -89,28 +92,86 @@ def dense_forward(cfg, p, ids):
     return x @ head
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_decoder_matches_dense_reference(name):
-    cfg = tiny_config(**VARIANTS[name])
+def variant_runner(cfg, params, layer_loop="auto", **overrides) -> ModelRunner:
+    opts = dict(num_pages=16, page_size=8, max_model_len=128, max_num_seqs=1,
+                max_prefill_chunk=64, max_prefill_seqs=1, layer_loop=layer_loop)  # fmt: skip
+    return ModelRunner(cfg, params, RunnerConfig(**{**opts, **overrides}))
+
+
+def scaled_params(cfg):
     params = lively_params(cfg, seed=3)
-    params = {
+    return {
         k: v * 0.25 if k not in ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm") else v
         for k, v in params.items()
     }
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_decoder_matches_dense_reference(name):
+    cfg = tiny_config(**VARIANTS[name])
+    params = scaled_params(cfg)
     ids = np.random.default_rng(1).integers(8, cfg.vocab_size, 37).tolist()
-    runner = ModelRunner(
-        cfg,
-        params,
-        RunnerConfig(
-            num_pages=16,
-            page_size=8,
-            max_model_len=128,
-            max_num_seqs=1,
-            max_prefill_chunk=64,
-            max_prefill_seqs=1,
-        ),
-    )
+    runner = variant_runner(cfg, params)
     # Scrambled, non-contiguous pages: the paged layout must not matter.
     ours = runner.prompt_logits(ids, [9, 3, 14, 1, 7])
     ref = dense_forward(cfg, params, ids)
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("loop", LAYER_LOOPS)
+@pytest.mark.parametrize("name", ["qwen2-bias", "qwen3-qknorm"])
+def test_every_layer_loop_matches_dense_reference(loop, name):
+    # Biases and q/k norms are per-layer vectors indexed inside the loop; an off-by-one
+    # layer index in any loop would pair one layer's matrices with another's vectors.
+    cfg = tiny_config(num_layers=3, **VARIANTS[name])
+    params = scaled_params(cfg)
+    ids = np.random.default_rng(2).integers(8, cfg.vocab_size, 21).tolist()
+    ours = variant_runner(cfg, params, loop).prompt_logits(ids, [5, 2, 11])
+    np.testing.assert_allclose(ours, dense_forward(cfg, params, ids), atol=2e-4, rtol=2e-4)
+
+
+def test_switch_loop_reads_weights_in_place():
+    """The CPU layer loop must not copy weight matrices out of a stack before its dots (the
+    scan over stacked weights did: a dynamic-slice fusion per matrix per layer per step)."""
+    cfg = tiny_config(num_layers=3, hidden_size=64, intermediate_size=192)
+    params = scaled_params(cfg)
+
+    def weight_copies(loop: str) -> int:
+        runner = variant_runner(cfg, params, loop)
+        hlo = runner._compile((1, 1, 8)).as_text()
+        shapes = {f"f32[{a},{b}]" for a, b in ((64, 64), (64, 32), (64, 192), (192, 64))}
+        return sum(
+            1
+            for line in hlo.splitlines()
+            if "dynamic-slice" in line
+            and " = " in line
+            and line.split(" = ")[1].split("{")[0] in shapes
+        )
+
+    assert weight_copies("scan") > 0  # the check sees the copies the scan makes
+    assert weight_copies("switch") == 0
+
+
+def test_unknown_layer_loop_is_refused():
+    with pytest.raises(ValueError, match="layer_loop"):
+        RunnerConfig(num_pages=4, layer_loop="while")
+
+
+def test_packed_weights_alias_one_buffer_and_match():
+    """``pack_weights`` puts the matrices back to back in one huge-page host buffer that the
+    device arrays alias (no copy), in read order, and changes no logits."""
+    cfg = tiny_config(num_layers=3, **VARIANTS["qwen2-bias"])
+    params = scaled_params(cfg)
+    ids = np.random.default_rng(4).integers(8, cfg.vocab_size, 19).tolist()
+    packed = variant_runner(cfg, params, "switch", pack_weights=True)
+    model = nnx.merge(packed.graphdef, packed.state)
+    ptrs = [
+        model.matrices[i][k][...].unsafe_buffer_pointer() for i in range(3) for k in MATRIX_KEYS
+    ]
+    ptrs.append(model.lm_head[...].unsafe_buffer_pointer())
+    assert ptrs == sorted(ptrs) and ptrs[0] % HUGE_PAGE == 0
+    assert ptrs[-1] - ptrs[0] < HostArena.size_of(list(params.values()), np.float32)
+    plain = variant_runner(cfg, params, "switch")
+    np.testing.assert_array_equal(
+        packed.prompt_logits(ids, [3, 6, 1]), plain.prompt_logits(ids, [3, 6, 1])
+    )

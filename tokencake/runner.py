@@ -26,7 +26,7 @@ from tokencake.memory.kv_cache import DUMMY_PAGE, KVCacheSpec, allocate_kv_cache
 from tokencake.models import sharding
 from tokencake.models.attention.backend import get_backend
 from tokencake.models.config import ModelConfig
-from tokencake.models.llama import Batch, DecoderLM
+from tokencake.models.llama import LAYER_LOOPS, Batch, DecoderLM
 from tokencake.models.sampler import SampleOutput, SamplingInputs, sample
 from tokencake.scheduler.plan import ScheduledChunk
 
@@ -66,12 +66,26 @@ class RunnerConfig:
     dtype: str = "float32"
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
+    layer_loop: str = "auto"  # "auto" (switch on CPU, scan elsewhere) or one of LAYER_LOOPS
+    pack_weights: bool = False  # on one CPU device: weights in one huge-page buffer (host_arena)
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.num_pages < 2:
             raise ValueError("RunnerConfig needs page_size >= 1 and num_pages >= 2")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.layer_loop != "auto" and self.layer_loop not in LAYER_LOOPS:
+            raise ValueError(
+                f"layer_loop must be 'auto' or one of {LAYER_LOOPS}, got {self.layer_loop!r}"
+            )
+
+    def resolved_layer_loop(self, platform: str | None = None) -> str:
+        """The layer loop used on ``platform`` (``jax.default_backend()`` when None): on CPU
+        the switch loop, whose dots read the weights in place; elsewhere the scan (an XLA:GPU
+        conditional syncs with the host to pick its branch)."""
+        if self.layer_loop != "auto":
+            return self.layer_loop
+        return "switch" if (platform or jax.default_backend()) == "cpu" else "scan"
 
     @cached_property
     def buckets(self) -> StepBuckets:
@@ -148,10 +162,12 @@ class ModelRunner:
         if cfg.tensor_parallel_size > 1:
             sharding.check_divisible(model_cfg, cfg.tensor_parallel_size)
             self.mesh = sharding.make_mesh(cfg.tensor_parallel_size)
-            params = sharding.shard_params(params, self.mesh, cfg.dtype)
             self.attention_fn = sharding.shard_attention(self.backend.fn, self.mesh)
             kv_sharding = sharding.kv_sharding(self.mesh)
-        model = DecoderLM(model_cfg, params, cfg.dtype)
+        pack = cfg.pack_weights and self.mesh is None and jax.default_backend() == "cpu"
+        model = DecoderLM(
+            model_cfg, params, cfg.dtype, cfg.resolved_layer_loop(), self.mesh, pack_weights=pack
+        )
         # Split once: the graph definition is static, the state is the only weight argument.
         self.graphdef, self.state = nnx.split(model)
         self.k, self.v = allocate_kv_cache(self.kv_spec, kv_sharding)
