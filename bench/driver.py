@@ -443,6 +443,20 @@ def running_blocks(scheduler: Any) -> int:
     return len(held)
 
 
+def read_blocks(plan: StepPlan, block_size: int) -> int:
+    """Distinct device blocks a step reads: for every chunk, its request's blocks up to the
+    chunk's end (a request that computes attends its whole context so far)."""
+    read: set[int] = set()
+    for ch in plan.chunks:
+        read.update(ch.request.block_ids[: -(-(ch.start + ch.num_tokens) // block_size)])
+    return len(read)
+
+
+def plan_snapshot(scheduler: Any, plan: StepPlan) -> tuple[int, int]:
+    """(blocks held by running requests, blocks read by the plan), taken when it is planned."""
+    return running_blocks(scheduler), read_blocks(plan, scheduler.pool.block_size)
+
+
 # ---- simulator backend ------------------------------------------------------------------
 class SimBackend:
     """The scheduler core and a policy on a virtual clock, with a preset's step costs.
@@ -471,7 +485,7 @@ class SimBackend:
         self.scheduler.cost_model = self.cost_model
         self.executor = preset.executor(self.clock, self.cost_model, vocab_size)
         self.last_plan: StepPlan | None = None
-        self.plan_running_blocks: tuple[float, int] | None = None
+        self.plan_running_blocks: tuple[float, int, int] | None = None  # t, held, read
 
     def now(self) -> float:
         return self.clock()
@@ -500,7 +514,7 @@ class SimBackend:
         t_plan = self.clock()
         plan = s.schedule()
         self.last_plan = plan
-        self.plan_running_blocks = (t_plan, running_blocks(s))
+        self.plan_running_blocks = (t_plan, *plan_snapshot(s, plan))
         if plan.empty:
             return [], False
         sampled = self.executor.execute(plan)
@@ -538,7 +552,7 @@ class EngineBackend:
         self.vocab_size = engine.model_config.vocab_size
         self.cost_model = engine.cost_model
         self.last_plan: StepPlan | None = None
-        self.plan_running_blocks: tuple[float, int] | None = None
+        self.plan_running_blocks: tuple[float, int, int] | None = None  # t, held, read
         self.step_model: Any = None  # a preset StepModel: compare real steps with it
         self.step_wall_s = 0.0
         self.step_pred_s = 0.0
@@ -550,7 +564,7 @@ class EngineBackend:
             t_plan = time.monotonic()
             plan = inner()
             self.last_plan = plan
-            self.plan_running_blocks = (t_plan, running_blocks(sched))
+            self.plan_running_blocks = (t_plan, *plan_snapshot(sched, plan))
             return plan
 
         sched.schedule = schedule  # type: ignore[method-assign]

@@ -183,9 +183,8 @@ class Scheduler:
         """Recompute preemption: drop the KV (cached blocks stay revivable) and requeue. In
         swap mode the full blocks are first copied to the host tier (see ``_swap_out``)."""
         self.running.remove(req)
-        swapped = self._swap_out(req)
+        self._swap_out(req)  # (tokens kept on the host are not recomputed; ``update`` counts)
         self._release(req)
-        req.num_recomputed_tokens += req.num_computed_tokens - swapped
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
@@ -313,7 +312,13 @@ class Scheduler:
             req = chunk.request
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens = chunk.start + chunk.num_tokens
+            end = chunk.start + chunk.num_tokens
+            # Re-execution: the part of this chunk the request already had once (its start
+            # is what it holds now, by computation, prefix hit or copy-in).
+            hwm = max(req.max_computed_tokens, chunk.start)
+            req.num_recomputed_tokens += max(0, min(end, hwm) - chunk.start)
+            req.max_computed_tokens = max(hwm, end)
+            req.num_computed_tokens = end
             self._register_full_blocks(req)
             if chunk.samples and req.request_id in sampled:
                 req.output_token_ids.append(sampled[req.request_id])
