@@ -163,7 +163,9 @@ class Backend(Protocol):
     policy: str
 
     def now(self) -> float: ...
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict) -> None: ...
+    def submit(
+        self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | None
+    ) -> None: ...
     def event(self, body: dict[str, Any]) -> str: ...
     def busy(self) -> bool: ...
     def step(self) -> tuple[list[Completion], bool]:
@@ -192,6 +194,7 @@ class CallRecord:
     preemptions: int = 0
     recomputed_tokens: int = 0
     tool_s: float = 0.0  # the actual tool duration that followed this call
+    traffic: str = "agent"  # or bench.mixed's "chat-plain" / "chat-annotated"
 
 
 @dataclass
@@ -328,14 +331,16 @@ class Driver:
         md["application_started_at_s"] = st.start
         md["application_start_offset_s"] = st.app.arrival_s
         md["application_elapsed_s"] = max(0.0, now - st.start)
+        traffic = str(st.app.metadata.get("traffic", "agent"))
         rec = CallRecord(
             st.app.app_id, node.id, now - self._t0, prompt_tokens=len(ctx),
             after_tool=any(d in st.after_tool for d in node.deps),
-            critical=bool(md.get("critical_path")),
+            critical=bool(md.get("critical_path")), traffic=traffic,
         )  # fmt: skip
         self.calls.append(rec)
         self._pending[rid] = (st, node, rec, ctx)
-        self.be.submit(rid, ctx, node.max_tokens, md)
+        # An ordinary client (bench.mixed's plain chat) sends no metadata at all.
+        self.be.submit(rid, ctx, node.max_tokens, None if traffic == "chat-plain" else md)
 
     def _generated(self, c: Completion, now: float) -> None:
         st, node, rec, prompt = self._pending.pop(c.request_id)
@@ -493,14 +498,11 @@ class SimBackend:
     def tokenize(self, text: str) -> list[int]:
         return hashed_text_tokens(text, self.vocab_size)
 
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict) -> None:
+    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | None) -> None:
         from tokencake.scheduler.request import Request
 
-        self.scheduler.add_request(
-            Request(
-                rid, prompt, max_tokens, self.clock(), metadata=AgentMetadata.from_dict(metadata)
-            )
-        )
+        md = None if metadata is None else AgentMetadata.from_dict(metadata)
+        self.scheduler.add_request(Request(rid, prompt, max_tokens, self.clock(), metadata=md))
 
     def event(self, body: dict[str, Any]) -> str:
         disp, _ = self.scheduler.lifecycle_event(body)
@@ -575,11 +577,12 @@ class EngineBackend:
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer.encode(text)
 
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict) -> None:
+    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | None) -> None:
         from tokencake.sampling_params import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        self.engine.add_request(prompt, params, rid, AgentMetadata.from_dict(metadata))
+        md = None if metadata is None else AgentMetadata.from_dict(metadata)
+        self.engine.add_request(prompt, params, rid, md)
         self._reqs[rid] = self.scheduler.requests[rid]
 
     def event(self, body: dict[str, Any]) -> str:

@@ -169,7 +169,8 @@ def _pct(xs: list[float], q: float) -> float:
 
 def summarize(res: RunResult, col: Collector) -> dict[str, Any]:
     """One flat dict of every metric of one policy run (times in seconds)."""
-    lat = [a.latency_s for a in res.apps]
+    chat = {c.app_id: c.traffic for c in res.calls if c.traffic != "agent"}
+    lat = [a.latency_s for a in res.apps if a.app_id not in chat] or [math.nan]
     first = min(a.arrival_s for a in res.apps)
     last = max(a.finished_s for a in res.apps)
     crit: dict[str, float] = {}
@@ -237,6 +238,11 @@ def summarize(res: RunResult, col: Collector) -> dict[str, Any]:
         "events": res.events,
         "wall_s": res.wall_s,
     }
+    for kind in sorted(set(chat.values())):  # starvation check (bench.mixed)
+        xs = [c.finished_s - c.submitted_s for c in res.calls if c.traffic == kind]
+        out[f"{kind}_calls"] = len(xs)
+        out[f"{kind}_latency_mean_s"] = float(np.mean(xs))
+        out[f"{kind}_latency_p95_s"] = _pct(xs, 95)
     if ts is not None:
         out["time_scheduler_counters"] = dict(ts.counters)
     return out

@@ -53,6 +53,7 @@ GENERATOR_NAMES = {
     "code-writer": "code_writer",
     "deep-research": "deep_research",
     "multi-turn": "multi_turn",
+    "mixed": "mixed",  # code-writer apps + plain chat traffic (bench/mixed.py)
 }
 
 
@@ -390,6 +391,30 @@ def floor_notes(rows: list[dict[str, Any]]) -> list[str]:
     return [*out, ""]
 
 
+def starvation_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: chat calls' mean and P95 latency per policy, as multiples of ``vllm``'s in
+    the same run (the no-starvation bound of issue 12 is 1.2x)."""
+    kinds = sorted({k[: -len("_latency_mean_s")] for r in rows for k in r
+                    if k.startswith("chat-") and k.endswith("_latency_mean_s")})  # fmt: skip
+    if not kinds:
+        return []
+    by = {(r["rate"], r["policy"], r["executor"]): r for r in rows}
+    out = ["## Starvation: chat calls next to agent applications (vs vllm, same run)", "",
+           "| rate | policy | traffic | calls | mean (s) | x vllm | P95 (s) | x vllm |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        b = by.get((r["rate"], "vllm", r["executor"]))
+        for k in kinds:
+            if f"{k}_latency_mean_s" not in r or r["policy"] == FLOOR:
+                continue
+            m, p = r[f"{k}_latency_mean_s"], r[f"{k}_latency_p95_s"]
+            bm = b[f"{k}_latency_mean_s"] if b else math.nan
+            bp = b[f"{k}_latency_p95_s"] if b else math.nan
+            out.append(f"| {r['rate']} | {r['policy']} | {k} | {r[f'{k}_calls']} | {m:.2f} | "
+                       f"{m / bm:.2f} | {p:.2f} | {p / bp:.2f} |")  # fmt: skip
+    return [*out, ""]
+
+
 def comparison_notes(
     rows: list[dict[str, Any]], executors: list[str], preset: str, args: argparse.Namespace
 ) -> str:
@@ -408,6 +433,7 @@ def comparison_notes(
                 "| rate | executor | policy | total E2E reduction | eff. KV util change |",
                 "|---|---|---|---|---|", *lines, ""]  # fmt: skip
     out += floor_notes(rows)
+    out += starvation_notes(rows)
     if "real" in executors and "sim" in executors:
         out += ["## Simulator (local preset) vs real engine", "",
                 "| rate | policy | real E2E (s) | sim E2E (s) | error | real app mean | sim app mean |"
