@@ -115,4 +115,43 @@ class Policy:
 
 
 class VLLMPolicy(Policy):
-    """Explicit name for the baseline."""
+    """vLLM V1's default scheduler, as far as a policy decides it (``bench/README.md`` lists
+    the remaining differences):
+
+    * FCFS admission that stops at the first request that does not fit;
+    * a waiting request is admitted only when its whole current sequence fits:
+      ``ceil(num_tokens / block_size) - len(block_ids) <= num_free`` (the "full-ISL check"
+      of the authors' baseline), although the core then allocates only the chunk it runs;
+    * when a running request cannot grow, the most recently admitted running request is
+      preempted (vLLM's ``self.running.pop()``), possibly the needy request itself.
+
+    Recompute preemption, prefix caching and chunked prefill under the token budget are the
+    core's own mechanics.
+    """
+
+    def __init__(self) -> None:
+        self._admitted: dict[int, int] = {}  # id(request) -> admission sequence number
+        self._seq = 0
+
+    def can_admit(
+        self, request: Request, blocks_needed: int, pool: PoolView, running: Sequence[Request]
+    ) -> bool:
+        bs = getattr(pool, "block_size", None)
+        if bs is None:
+            return True
+        return math.ceil(request.num_tokens / bs) - len(request.block_ids) <= pool.num_free
+
+    def on_admitted(self, request: Request, now: float) -> None:
+        self._seq += 1
+        self._admitted[id(request)] = self._seq
+
+    def on_preempted(self, request: Request) -> None:
+        self._admitted.pop(id(request), None)
+
+    def on_finished(self, request: Request) -> None:
+        self._admitted.pop(id(request), None)
+
+    def choose_victim(self, running: Sequence[Request], needy: Request) -> Request | None:
+        if not running:
+            return None
+        return max(running, key=lambda r: self._admitted.get(id(r), 0))
