@@ -36,7 +36,7 @@ from tokencake.scheduler.time_sched import Pressure, Reason, evaluate_benefit
 from tokencake.scheduler.tokencake_config import SpaceConfig, TimeConfig, TokencakeConfig
 from tokencake.scheduler.tokencake_policy import TokencakePolicy
 
-POLICIES = ["vllm", "tokencake", "tokencake-space", "tokencake-time", "tokencake-fcfs", "infercept",
+POLICIES = ["vllm", "vllm-offload", "tokencake", "tokencake-space", "tokencake-time", "tokencake-fcfs", "infercept",
             "continuum"]  # fmt: skip
 
 
