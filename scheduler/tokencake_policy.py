@@ -21,6 +21,7 @@ from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.policy import Policy, PoolView
 from tokencake.scheduler.request import Request
+from tokencake.scheduler.sharing import inflight_hashes, waits_for_inflight
 from tokencake.scheduler.space import Denial, SpaceScheduler
 from tokencake.scheduler.time_sched import (
     Decide,
@@ -32,6 +33,7 @@ from tokencake.scheduler.time_sched import (
     waiting_pressure,
 )
 from tokencake.scheduler.tokencake_config import TokencakeConfig
+from tokencake.scheduler.vllm_offload import write_back
 
 
 def application_fcfs(waiting: Sequence[Request]) -> list[Request]:
@@ -65,6 +67,7 @@ class TokencakePolicy(Policy):
         predictive_upload: bool | None = None,
         reevaluate: bool = True,
         reuse_eviction: bool | None = None,
+        write_back_all: bool | None = None,
     ) -> None:
         self.config = config or TokencakeConfig()
         self.use_space = space and self.config.scheduling.enabled
@@ -73,6 +76,9 @@ class TokencakePolicy(Policy):
         self._predictive = predictive_upload
         self._reevaluate = reevaluate
         self._reuse_eviction = reuse_eviction
+        self.write_back_all = self.use_time and (
+            self.config.offload.write_back_all if write_back_all is None else write_back_all
+        )
         self._leaf_blocks: dict[str, list[int]] = {}  # finished leaf agent -> blocks to demote
         self.space: SpaceScheduler | None = None
         self.time: TimeScheduler | None = None
@@ -81,6 +87,8 @@ class TokencakePolicy(Policy):
         self._pass = 0
         self._retry: list[Request] = []
         self._denied: tuple[str, object] | None = None
+        self._inflight: set[bytes] | None = None  # block hashes running prefills will compute
+        self.sharing_deferrals = 0
 
     def bind(self, scheduler: Any) -> None:
         self.sched = scheduler
@@ -105,6 +113,8 @@ class TokencakePolicy(Policy):
         # Space first: the Time Scheduler's pressure forecast reads this step's plan (scores,
         # uncommitted capacity). Run after the tick, it read the previous step's plan, which
         # still counted a just-finished agent's growth and hid the queue's real fit demand.
+        if self.use_space and self.config.scheduling.defer_inflight_prefix:
+            self._inflight = inflight_hashes(running, self.sched.pool.block_size)
         if self.space is not None:
             self.space.begin_step(now, running, waiting, self.committed_blocks(now))
         if self.time is not None:
@@ -160,6 +170,12 @@ class TokencakePolicy(Policy):
     def can_admit(
         self, request: Request, blocks_needed: int, pool: PoolView, running: Sequence[Request]
     ) -> bool:
+        if self._inflight is not None and waits_for_inflight(
+            request, self._inflight, self.sched.pool.block_size
+        ):
+            self._denied = (request.request_id, "inflight")
+            self._count_sharing()
+            return False
         ts = self.time
         if ts is not None and ts.uploading:
             # Its next block is being uploaded right now: wait one step and hit it on device.
@@ -180,10 +196,18 @@ class TokencakePolicy(Policy):
     def skip_denied(self, request: Request) -> bool:
         d = self._denied
         return (
-            d is not None and d[0] == request.request_id and d[1] in (Denial.RESERVATION, "upload")
+            d is not None
+            and d[0] == request.request_id
+            and d[1] in (Denial.RESERVATION, "upload", "inflight")
         )
 
+    def _count_sharing(self) -> None:
+        self.sharing_deferrals += 1
+
     def on_admitted(self, request: Request, now: float) -> None:
+        if self._inflight is not None and request.is_prefill:
+            bs = self.sched.pool.block_size
+            self._inflight.update(request.block_hashes(bs)[request.num_computed_tokens // bs :])
         if self.space is not None:
             self.space.commit(request, now, self._pass == 1)
 
@@ -227,10 +251,19 @@ class TokencakePolicy(Policy):
             first = request.num_cached_tokens // self.sched.pool.block_size
             self._leaf_blocks[request.request_id] = list(request.block_ids[first:])
 
+    def preemption_mode(self, victim: Request) -> str | None:
+        """Swap victims when every block is written back anyway (their pages come back by a
+        copy, not a recompute)."""
+        if self.write_back_all:
+            return "swap"
+        return None
+
     def on_finished(self, request: Request) -> None:
         if self.space is not None:
             self.space.on_finished(request, self.sched.clock())
         leaf = self._leaf_blocks.pop(request.request_id, None)
+        if self.write_back_all and not leaf:
+            write_back(self.sched, request)  # (a leaf's own blocks have no reader)
         if leaf and self.time is not None:  # released by now: evict these first
             self.time.demote_unneeded(leaf)
 
@@ -260,7 +293,7 @@ class TokencakePolicy(Policy):
 
     @property
     def counters(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        out: dict[str, int] = {"inflight_prefix_deferrals": self.sharing_deferrals}
         for part in (self.space, self.time):
             if part is not None:
                 for k, v in part.counters.items():
@@ -300,7 +333,8 @@ class InferCeptPolicy(TokencakePolicy):
 
     def __init__(self, config: TokencakeConfig | None = None) -> None:
         super().__init__(config, space=False, time=True, decide=infercept_decide,
-                         predictive_upload=False, reevaluate=False, reuse_eviction=False)  # fmt: skip
+                         predictive_upload=False, reevaluate=False, reuse_eviction=False,
+                         write_back_all=False)  # fmt: skip
 
 
 class ContinuumPolicy(TokencakePolicy):
@@ -311,7 +345,8 @@ class ContinuumPolicy(TokencakePolicy):
     def __init__(self, config: TokencakeConfig | None = None, pin_threshold_s: float = 2.0) -> None:
         super().__init__(config, space=False, time=True,
                          decide=lambda ctx, ts: continuum_decide(ctx, ts, pin_threshold_s),
-                         predictive_upload=False, reevaluate=False, reuse_eviction=False)  # fmt: skip
+                         predictive_upload=False, reevaluate=False, reuse_eviction=False,
+                         write_back_all=False)  # fmt: skip
 
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
         return application_fcfs(waiting)

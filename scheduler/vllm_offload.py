@@ -40,15 +40,20 @@ class VLLMOffloadPolicy(VLLMPolicy):
         self.write_back(request)
 
     def write_back(self, request: Request) -> None:
-        """Copy the full blocks of ``request``'s computed tokens that are still cached on the
-        device (it has just released them) and that the host tier lacks (LRU there)."""
-        s = self.sched
-        if s is None or s.host_pool is None:
-            return
-        bs = s.pool.block_size
-        hashes = request.block_hashes(bs)[: max(0, request.num_computed_tokens) // bs]
-        q, h = s.pool.queries, s.pool.hits  # a write-back is not a cache lookup
-        blocks = s.pool.lookup_prefix(hashes)
-        s.pool.queries, s.pool.hits = q, h
-        if blocks:
-            s.offload_blocks(blocks, hashes[: len(blocks)], request.request_id, retain=False)
+        """See :func:`write_back`."""
+        write_back(self.sched, request)
+
+
+def write_back(sched: Any, request: Request) -> None:
+    """Copy the full blocks of ``request``'s computed tokens that are still cached on the
+    device (it has just released them) and that the host tier lacks (LRU there)."""
+    if sched is None or sched.host_pool is None:
+        return
+    pool = sched.pool
+    bs = pool.block_size
+    hashes = request.block_hashes(bs)[: max(0, request.num_computed_tokens) // bs]
+    q, h = pool.queries, pool.hits  # a write-back is not a cache lookup
+    blocks = pool.lookup_prefix(hashes)
+    pool.queries, pool.hits = q, h
+    if blocks:
+        sched.offload_blocks(blocks, hashes[: len(blocks)], request.request_id, retain=False)
