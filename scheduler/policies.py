@@ -28,6 +28,16 @@ def _register_agent_policies() -> None:
     from tokencake.scheduler.vllm_offload import VLLMOffloadPolicy
 
     register_policy(VLLMOffloadPolicy.name, VLLMOffloadPolicy)
+    from tokencake.scheduler.ablations import ABLATIONS, ablation_config
+
+    for suffix in ABLATIONS:
+
+        def make(suffix: str = suffix) -> Policy:
+            p = tp.TokencakePolicy(ablation_config(suffix))
+            p.name = f"tokencake-{suffix}"
+            return p
+
+        register_policy(f"tokencake-{suffix}", make)
     for cls in (tp.TokencakePolicy, tp.TokencakeSpacePolicy, tp.TokencakeTimePolicy,
                 tp.TokencakeAppFCFSPolicy, tp.InferCeptPolicy, tp.ContinuumPolicy):  # fmt: skip
         register_policy(cls.name, cls)

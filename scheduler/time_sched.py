@@ -236,9 +236,9 @@ Decide = Callable[[DecisionContext, "TimeScheduler"], Action]
 def tokencake_decide(ctx: DecisionContext, ts: TimeScheduler) -> Action:
     """OFFLOAD when the benefit function selects it; else KEEP when holding the blocks for the
     rest of the stall costs less throughput than recomputing them later, else DROP."""
-    if ctx.reason is Reason.SELECTED:
+    if ctx.reason is Reason.SELECTED and ts.cfg.selective_offload:
         return Action.OFFLOAD
-    if not ctx.rec.metadata.preservable or ctx.device_blocks == 0:
+    if not ctx.rec.metadata.preservable or ctx.device_blocks == 0 or not ts.cfg.keep:
         return Action.DROP
     return Action.KEEP if ts.keep_cost(ctx) <= ts.recompute_cost(ctx) else Action.DROP
 

@@ -155,6 +155,8 @@ class TokencakePolicy(Policy):
         if self.space is not None:
             if self.config.scheduling.admission_order == "application-fcfs":
                 return application_fcfs(waiting)
+            if self.config.scheduling.admission_order == "arrival":
+                return super().order_waiting(waiting, now)
             return self.space.order(waiting)
         return super().order_waiting(waiting, now)
 

@@ -411,7 +411,7 @@ def _run_workload(policy: str, seed: int, n_agents: int, turns: int, blocks: int
         if host is not None:
             host.check_integrity()
         assert len({b for r in s.running for b in r.block_ids}) <= pool.capacity
-        if policy == "tokencake-space":  # full-future admission never over-commits
+        if policy == "tokencake-space" and s.policy.config.scheduling.reserve_generation_tokens:
             assert pool.num_free - sum(s.policy.space.remaining_growth(r) for r in s.running) >= 0
         for r in finished:
             i = int(r.request_id[1:].split("-")[0])
