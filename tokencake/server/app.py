@@ -7,7 +7,6 @@ import contextlib
 import hmac
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,27 +19,25 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tokencake.async_engine import AsyncEngine, EngineDeadError
 from tokencake.outputs import RequestOutput
 from tokencake.sampling_params import SamplingParams
-from tokencake.server.errors import APIError, bad
+from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.lifecycle import Disposition
+from tokencake.server.errors import APIError, bad, rejection_error
 from tokencake.server.metrics import kv_snapshot, record
 from tokencake.server.openapi import openapi_spec
 from tokencake.server.protocol import GenerationRequest, parse_chat, parse_completion, parse_event
 from tokencake.server.responses import close_stream, final_body, stream_response
-from tokencake.server.state import ENGINE_KEY, REQUEST_ID_KEY, STATE_KEY, State, state_of
+from tokencake.server.state import (
+    ENGINE_KEY,
+    REQUEST_ID_KEY,
+    STATE_KEY,
+    WIRE_NAMES_KEY,
+    State,
+    state_of,
+)
 
 log = logging.getLogger("tokencake.server")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
-
-# Event dispositions (see scheduler/lifecycle) -> HTTP status, as in the paper's protocol (§8.2).
-DISPOSITION_STATUS = {
-    "applied": 200,
-    "duplicate": 200,
-    "late_finish": 200,
-    "unknown": 404,
-    "conflict": 409,
-    "invalid": 400,
-    "unavailable": 503,
-}
 
 
 # ---- middlewares -------------------------------------------------------------------------------
@@ -60,6 +57,10 @@ async def _errors_and_logs(request: web.Request, handler: Handler) -> web.Stream
     except APIError as exc:
         status = exc.status
         return exc.response()
+    except RequestRejected as exc:  # raised where the problem was found; mapped here, once
+        err = rejection_error(exc, request.get(WIRE_NAMES_KEY, {}))
+        status = err.status
+        return err.response()
     except web.HTTPException as exc:
         status = exc.status
         if exc.status == 413:
@@ -177,47 +178,45 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def events(request: web.Request) -> web.Response:
     """``stall_started`` / ``stall_finished`` (paper §8.2); the engine owns the state machine."""
     st = state_of(request)
-    body = parse_event(await _json_body(request))
-    ev = body["event"]
-    request[REQUEST_ID_KEY] = body["lifecycle_id"]
+    ev = parse_event(await _json_body(request))
+    request[REQUEST_ID_KEY] = ev.lifecycle_id
 
-    def apply(engine: Any) -> tuple[str, dict[str, Any]]:
+    def apply(engine: Any) -> tuple[Disposition, dict[str, Any]]:
         fn = lifecycle_handler(engine)
         if fn is None:
-            return "unavailable", {"error": "lifecycle events are not supported by this engine"}
-        disposition, out = fn(dict(body))
-        return str(getattr(disposition, "value", disposition)), dict(out or {})
+            return Disposition.UNAVAILABLE, {
+                "error": "lifecycle events are not supported by this engine"
+            }
+        disposition, out = fn(ev)
+        return Disposition(getattr(disposition, "value", disposition)), dict(out or {})
 
     try:
         disposition, out = await asyncio.wait_for(st.engine.call(apply), timeout=30.0)
-    except (ValueError, TypeError) as exc:
-        named = [k for k in sorted(body, key=len, reverse=True) if k in str(exc)]
-        raise bad(str(exc), named[0] if named else "lifecycle_id") from None
     except TimeoutError:
         raise APIError(503, "the engine did not answer in time", None) from None
-    st.metrics.events.labels(ev, disposition).inc()
-    status = DISPOSITION_STATUS.get(disposition)
-    if status is None:
-        raise RuntimeError(f"engine returned unknown disposition {disposition!r}")
+    st.metrics.events.labels(ev.event, disposition.value).inc()
+    status = disposition.http_status
     detail = out.pop("error", None) or out.pop("message", None)
-    payload = {**out, "lifecycle_id": body["lifecycle_id"], "event": ev, "disposition": disposition}
+    payload = {
+        **out,
+        "lifecycle_id": ev.lifecycle_id,
+        "event": ev.event,
+        "disposition": disposition.value,
+    }
     if status >= 400:
-        message = str(detail or _EVENT_MESSAGES.get(disposition) or f"{ev}: {disposition}")
-        param = re.search(r"field '(\w+)'", message) if status == 400 else None
-        err = APIError(
-            status,
-            message,
-            param.group(1) if param else "lifecycle_id" if status in (404, 409) else None,
-            code=disposition,
+        message = str(
+            detail or _EVENT_MESSAGES.get(disposition) or f"{ev.event}: {disposition.value}"
         )
+        param = "lifecycle_id" if status in (404, 409) else None
+        err = APIError(status, message, param, code=disposition.value)
         return web.json_response({**payload, **err.body()}, status=status)
     return web.json_response(payload, status=status)
 
 
 _EVENT_MESSAGES = {
-    "unknown": "unknown lifecycle_id (never seen, or its record expired)",
-    "conflict": "the event conflicts with the lifecycle's state (a different start, or a finish without a start)",
-    "unavailable": "lifecycle events are unavailable",
+    Disposition.UNKNOWN: "unknown lifecycle_id (never seen, or its record expired)",
+    Disposition.CONFLICT: "the event conflicts with the lifecycle's state (a different start, or a finish without a start)",
+    Disposition.UNAVAILABLE: "lifecycle events are unavailable",
 }
 
 
@@ -282,10 +281,7 @@ def _sampling(st: State, p: GenerationRequest, n_prompt: int) -> SamplingParams:
         # Keeping every token is "no top-k"; and the engine's int32 sampler must never see a
         # client's 2**40 (it would take the engine thread down).
         kw["top_k"] = 0
-    try:
-        return SamplingParams(max_tokens=max_tokens, **kw)
-    except ValueError as exc:
-        raise bad(str(exc), None) from None
+    return SamplingParams(max_tokens=max_tokens, **kw)
 
 
 async def _generate(request: web.Request, st: State, p: GenerationRequest) -> web.StreamResponse:
@@ -294,6 +290,7 @@ async def _generate(request: web.Request, st: State, p: GenerationRequest) -> we
     if not st.engine_alive():
         raise EngineDeadError("engine stopped")
     request[REQUEST_ID_KEY] = p.request_id
+    request[WIRE_NAMES_KEY] = p.wire_names
     st.begin()
     outputs: AsyncIterator[RequestOutput] | None = None
     try:
@@ -303,9 +300,7 @@ async def _generate(request: web.Request, st: State, p: GenerationRequest) -> we
         params = _sampling(st, p, len(token_ids))
         start = time.perf_counter()
         outputs = _open_stream(st, p, token_ids, params)
-        first = await _first(
-            outputs, p
-        )  # add_request's refusals surface here, before any byte is sent
+        first = await _first(outputs)
         if p.stream:
             return await stream_response(request, st, p, outputs, first, start)
         final = first
@@ -327,20 +322,9 @@ def _open_stream(
     ).__aiter__()
 
 
-async def _first(outputs: AsyncIterator[RequestOutput], p: GenerationRequest) -> RequestOutput:
-    try:
-        return await outputs.__anext__()
-    except ValueError as exc:
-        msg = str(exc)
-        if "duplicate request id" in msg:
-            raise APIError(409, msg, "request_id", code="duplicate_request_id") from None
-        if "KV blocks" in msg or "max_tokens" in msg or "context" in msg:
-            raise bad(msg, p.max_tokens_param) from None
-        if "metadata" in msg or "lifecycle" in msg:
-            raise bad(msg, "tokencake") from None
-        raise bad(msg, "messages" if p.chat else "prompt") from None
-    except TypeError as exc:
-        raise bad(str(exc), "messages" if p.chat else "prompt") from None
+async def _first(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The first output: the engine's refusals (typed) surface here, before any byte is sent."""
+    return await outputs.__anext__()
 
 
 # ---- app ---------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""HTTP refusals: the OpenAI-style error body and the status -> error type table."""
+"""HTTP refusals: the OpenAI-style error body, and the one map from a typed rejection
+(:class:`~tokencake.scheduler.errors.RequestRejected`, raised where a problem is found) to it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
+
+from tokencake.scheduler.errors import RequestRejected
 
 
 class APIError(Exception):
@@ -53,4 +57,16 @@ ERROR_TYPES = {
 
 
 def bad(message: str, param: str | None) -> APIError:
+    """A 400 naming the field (the protocol's own checks)."""
     return APIError(400, message, param)
+
+
+def rejection_error(exc: RequestRejected, wire_names: Mapping[str, str]) -> APIError:
+    """The HTTP answer to a rejection: its status and code, and its ``param`` spelled as the
+    client spelled it (``wire_names`` maps the head of the engine's dotted path, e.g.
+    ``prompt`` -> ``messages``, ``metadata`` -> ``vllm_xargs.tokencake``)."""
+    param = exc.param
+    if param is not None:
+        head, dot, rest = param.partition(".")
+        param = wire_names.get(head, head) + dot + rest
+    return APIError(exc.status, exc.message, param, code=exc.code)

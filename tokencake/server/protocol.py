@@ -6,17 +6,17 @@ Every failure is an :class:`APIError` (400 unless stated) that names the offendi
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import re
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tokencake.sampling_params import MAX_LOGPROBS
-from tokencake.server.errors import APIError, bad
+from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.lifecycle import LifecycleEvent
+from tokencake.scheduler.metadata import AgentMetadata
+from tokencake.server.errors import APIError, bad, rejection_error
 
 MAX_STOP_SEQUENCES = 16
 
@@ -129,12 +129,22 @@ class GenerationRequest:
     params: dict[str, Any]  # SamplingParams kwargs except max_tokens
     max_tokens: int | None
     max_tokens_param: str
-    metadata: Any
+    metadata: AgentMetadata | None
     chat: bool
+    metadata_param: str = "tokencake"
     chat_logprobs: bool = False
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
+
+    @property
+    def wire_names(self) -> dict[str, str]:
+        """How this request spells the engine's parameter names (see ``RequestRejected``)."""
+        return {
+            "prompt": "messages" if self.chat else "prompt",
+            "max_tokens": self.max_tokens_param,
+            "metadata": self.metadata_param,
+        }
 
 
 def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
@@ -193,7 +203,7 @@ def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
     else:
         mt_param = "max_tokens"
     max_tokens = f.integer(mt_param, 1)
-    metadata, meta_id = _parse_metadata(f)
+    metadata, meta_id, meta_param = _parse_metadata(f)
     request_id = f.string("request_id")
     if request_id is not None and not (0 < len(request_id) <= 128):
         raise bad("request_id must be 1-128 characters", "request_id")
@@ -201,7 +211,7 @@ def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
         raise bad("tokencake.lifecycle_id must equal request_id", "tokencake.lifecycle_id")
     rid = request_id or meta_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     return GenerationRequest(
-        rid, stream, include_usage, params, max_tokens, mt_param, metadata, chat
+        rid, stream, include_usage, params, max_tokens, mt_param, metadata, chat, meta_param
     )
 
 
@@ -210,8 +220,9 @@ def _top_k(f: Fields) -> int:
     return 0 if k is None or k == -1 else k  # vLLM spells "disabled" as -1
 
 
-def _parse_metadata(f: Fields) -> tuple[Any, str | None]:
-    """Agent metadata from ``tokencake`` or ``vllm_xargs.tokencake`` (the authors' client)."""
+def _parse_metadata(f: Fields) -> tuple[AgentMetadata | None, str | None, str]:
+    """Agent metadata from ``tokencake`` or ``vllm_xargs.tokencake`` (the authors' client):
+    (metadata, its lifecycle id, the field it came in)."""
     direct = f.raw("tokencake")
     param = "tokencake"
     xargs = f.raw("vllm_xargs")
@@ -225,7 +236,7 @@ def _parse_metadata(f: Fields) -> tuple[Any, str | None]:
                 )
             direct, param = xf.raw("tokencake"), "vllm_xargs.tokencake"
     if direct is None:
-        return None, None
+        return None, None, param
     if isinstance(direct, str):  # vllm_xargs values are sometimes JSON-encoded strings
         try:
             direct = json.loads(direct)
@@ -236,33 +247,11 @@ def _parse_metadata(f: Fields) -> tuple[Any, str | None]:
     lifecycle_id = direct.get("lifecycle_id")
     if lifecycle_id is not None and not isinstance(lifecycle_id, str):
         raise bad(f"{param}.lifecycle_id must be a string", f"{param}.lifecycle_id")
-    from_dict = _metadata_parser()
-    if from_dict is None:
-        return dict(direct), lifecycle_id
     try:
-        return from_dict(direct), lifecycle_id
-    except (ValueError, TypeError) as exc:
-        raise bad(f"{param}: {exc}", _metadata_param(param, str(exc), direct)) from None
-
-
-def _metadata_parser() -> Callable[[dict[str, Any]], Any] | None:
-    try:
-        from tokencake.scheduler.metadata import AgentMetadata
-    except ImportError:  # metadata support not installed: pass the dict through untouched
-        return None
-    # Over HTTP the wire format is enforced: lifecycle_id = "tc-" + UUID4 hex (paper §8.1).
-    return functools.partial(AgentMetadata.from_dict, strict_lifecycle_id=True)
-
-
-def _metadata_param(param: str, message: str, body: dict[str, Any]) -> str:
-    """Name the metadata field an error is about (messages say ``field 'name'``)."""
-    m = re.search(r"field '(\w+)'", message)
-    if m:
-        return f"{param}.{m.group(1)}"
-    for key in sorted(body, key=len, reverse=True):
-        if key in message:
-            return f"{param}.{key}"
-    return param
+        # Over HTTP the wire format is enforced: lifecycle_id = "tc-" + UUID4 hex (paper §8.1).
+        return AgentMetadata.from_dict(direct, strict_lifecycle_id=True), lifecycle_id, param
+    except RequestRejected as exc:
+        raise rejection_error(exc, {"metadata": param}) from None
 
 
 def parse_completion(body: Any, model_name: str) -> GenerationRequest:
@@ -336,28 +325,6 @@ def parse_chat(body: Any, model_name: str) -> GenerationRequest:
     return p
 
 
-def parse_event(body: Any) -> dict[str, Any]:
-    """A ``/v1/tokencake/events`` body, checked field by field (paper §8.2)."""
-    if not isinstance(body, dict):
-        raise bad("request body must be a JSON object", None)
-    ev = body.get("event")
-    if ev not in ("stall_started", "stall_finished"):
-        raise bad("event must be 'stall_started' or 'stall_finished'", "event")
-    allowed = {"event", "lifecycle_id"} | (
-        {"kind", "estimated_duration_s"} if ev == "stall_started" else set()
-    )
-    extra = sorted(set(body) - allowed)
-    if extra:
-        raise bad(f"unknown field {extra[0]!r} for {ev}", extra[0])
-    if not isinstance(body.get("lifecycle_id"), str) or not body["lifecycle_id"]:
-        raise bad("lifecycle_id must be a non-empty string", "lifecycle_id")
-    if "kind" in body and (not isinstance(body["kind"], str) or not body["kind"]):
-        raise bad("kind must be a non-empty string", "kind")
-    if "estimated_duration_s" in body:
-        d = body["estimated_duration_s"]
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
-            raise bad(
-                "estimated_duration_s must be a finite number > 0 (omit it rather than send null)",
-                "estimated_duration_s",
-            )
-    return body
+def parse_event(body: Any) -> LifecycleEvent:
+    """A ``/v1/tokencake/events`` body (paper §8.2); a bad field is a 400 naming it."""
+    return LifecycleEvent.parse(body)

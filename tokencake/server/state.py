@@ -13,6 +13,8 @@ from tokencake.server.metrics import Metrics
 ENGINE_KEY = web.AppKey("engine", AsyncEngine)
 STATE_KEY = web.AppKey("state", object)
 REQUEST_ID_KEY = web.RequestKey("tc_request_id", str)
+# How the request being served spells the engine's parameter names (GenerationRequest.wire_names).
+WIRE_NAMES_KEY = web.RequestKey("tc_wire_names", dict)
 
 
 class State:
