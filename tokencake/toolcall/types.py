@@ -13,15 +13,13 @@ import string
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tokencake.fieldpolicy import InvalidField
+
 _ALNUM = string.ascii_letters + string.digits
 
 
-class InvalidToolRequest(ValueError):
+class InvalidToolRequest(InvalidField):
     """A tool-calling field is malformed; ``param`` is its JSON path (``tools[0].function``)."""
-
-    def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
