@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import tool_templates as T
+from tokencake.fieldpolicy import InvalidField
 from tokencake.models.tokenizer import Tokenizer
 from tokencake.toolcall import (
     ArgsDelta,
@@ -20,11 +20,10 @@ from tokencake.toolcall import (
     TextDelta,
     ToolCallParser,
     ToolChoice,
-    forced_call_schema,
-    forced_parser,
     parse_tool_calls,
     parse_tool_request,
     render_prompt,
+    response_format_spec,
     template_info,
 )
 
@@ -265,6 +264,13 @@ CASES = [
     ),
     ("mistral", "No tools needed.", "No tools needed.", []),
     (
+        "mistral",
+        ' [{"name": "now", "arguments": {}}]',
+        None,
+        [("now", {})],
+    ),  # [TOOL_CALLS] stripped
+    ("mistral", "[see] the docs", "[see] the docs", []),
+    (
         "llama3_json",
         '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Lima"}}',
         None,
@@ -345,41 +351,50 @@ def test_mistral_ids():
 
 
 # ---------------------------------------------------------------- forced calls
-def test_forced_named_call_schema_and_parser():
-    req = parse_tool_request(
+def test_forced_calls_use_the_hermes_grammar_and_parser():
+    structured = pytest.importorskip("tokencake.structured")
+    named = parse_tool_request(
         HISTORY[:2],
         [WEATHER, CLOCK],
         {"type": "function", "function": {"name": "get_weather"}},
         constrained=True,
     )
-    schema = req.forced_schema()
-    assert schema == WEATHER["function"]["parameters"]
-    p = req.output_parser(template_info(T.CHATML_NO_TOOLS))
-    events = p.feed(' {"city"') + p.feed(': "Bern"}') + p.finish()
-    _, calls, ends = collect(events)
-    assert [(n, a) for _, n, a in calls.values()] == [("get_weather", '{"city": "Bern"}')]
-    assert ends == [0] and p.calls[0].arguments == '{"city": "Bern"}'
-
-
-def test_forced_required_schema_accepts_exactly_the_calls():
-    req = parse_tool_request(HISTORY[:2], [WEATHER, CLOCK], "required", False, constrained=True)
-    schema = req.forced_schema()
-    jsonschema.Draft202012Validator.check_schema(schema)
-    good = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
-    jsonschema.validate(good, schema)
-    for bad in (
-        [],
-        [{"name": "nope", "arguments": {}}],
-        [{"name": "get_weather", "arguments": {}}],
-        good * 2,
-    ):
-        with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(bad, schema)
-    parallel = forced_call_schema(req.tools, req.choice, parallel=True)
-    jsonschema.validate(good * 2, parallel)
-    # the output is read with the Mistral array parser
-    p = forced_parser(req.tools, req.choice, "openai")
-    events = p.feed(json.dumps(good)) + p.finish()
-    assert [(n, json.loads(a)) for _, n, a in collect(events)[1].values()] == [
-        ("get_weather", {"city": "Paris"})
+    g = named.grammar()
+    assert isinstance(g, structured.ToolCallGrammar) and [t.name for t in g.tools] == [
+        "get_weather"
     ]
+    assert not g.parallel
+    req = parse_tool_request(HISTORY[:2], [WEATHER, CLOCK], "required", True, constrained=True)
+    g = req.grammar()
+    assert [t.name for t in g.tools] == ["get_weather", "now"] and g.parallel
+    assert parse_tool_request(HISTORY[:2], [WEATHER], "auto", constrained=True).grammar() is None
+    # whatever the model's format, forced output is read as Hermes blocks
+    p = req.output_parser(template_info(T.MISTRAL))
+    text = g.begin + json.dumps({"name": "now", "arguments": {}}) + g.end
+    events = p.feed(text) + p.finish()
+    assert [(n, a) for _, n, a in collect(events)[1].values()] == [("now", "{}")]
+    assert len(p.calls[0].id) == 9  # the Mistral template's id style still applies
+
+
+def test_response_format_specs():
+    structured = pytest.importorskip("tokencake.structured")
+    assert response_format_spec(None) is None and response_format_spec({"type": "text"}) is None
+    assert isinstance(response_format_spec({"type": "json_object"}), structured.JsonObject)
+    spec = response_format_spec(
+        {
+            "type": "json_schema",
+            "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": True},
+        }
+    )
+    assert isinstance(spec, structured.JsonSchema) and spec.strict
+    for bad, param in [
+        ({"type": "yaml"}, "response_format.type"),
+        ({"type": "json_schema"}, "response_format.json_schema"),
+        (
+            {"type": "json_schema", "json_schema": {"schema": 3}},
+            "response_format.json_schema.schema",
+        ),
+    ]:
+        with pytest.raises(InvalidField) as e:
+            response_format_spec(bad)
+        assert e.value.param == param

@@ -4,13 +4,13 @@
 * :mod:`~tokencake.toolcall.messages` - chat histories with ``tool_calls`` / ``tool`` messages;
 * :mod:`~tokencake.toolcall.render` - through the model's chat template, or the fallback prompt;
 * :mod:`~tokencake.toolcall.parser` - Hermes / Mistral / Llama 3 JSON output, incrementally;
-* :mod:`~tokencake.toolcall.constraints` - ``tool_choice`` required / named by a JSON schema;
+* :mod:`~tokencake.toolcall.constraints` - forced calls and ``response_format`` as grammars;
 * :mod:`~tokencake.toolcall.request` - one request's tool side, parsed once.
 """
 
 from __future__ import annotations
 
-from tokencake.toolcall.constraints import NamedCallParser, forced_call_schema, forced_parser
+from tokencake.toolcall.constraints import forced_call_grammar, response_format_spec
 from tokencake.toolcall.messages import ChatMessage, ToolHistory, parse_messages
 from tokencake.toolcall.parser import (
     ArgsDelta,
@@ -42,7 +42,6 @@ __all__ = [
     "ChatMessage",
     "Event",
     "InvalidToolRequest",
-    "NamedCallParser",
     "ParsedOutput",
     "TemplateInfo",
     "TextDelta",
@@ -53,8 +52,7 @@ __all__ = [
     "ToolRequest",
     "ToolSpec",
     "detect_format",
-    "forced_call_schema",
-    "forced_parser",
+    "forced_call_grammar",
     "new_call_id",
     "parse_messages",
     "parse_tool_calls",
@@ -62,5 +60,6 @@ __all__ = [
     "parse_tool_request",
     "parse_tools",
     "render_prompt",
+    "response_format_spec",
     "template_info",
 ]

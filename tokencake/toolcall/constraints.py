@@ -1,105 +1,73 @@
-"""Forced tool choice through constrained decoding: the JSON schema the output must match, and
-how that output is read back as tool calls.
+"""Constrained decoding for tool calls and structured output: request fields to grammar specs.
 
-With ``tool_choice: "required"`` or a named function the server does not hope the model follows
-its prompt: it hands the sampler a JSON schema and the grammar-constrained decoder can only
-produce text valid for it (so even a 135M model emits a well-formed call).
+``tool_choice: "required"`` or a named function does not rely on the model following its
+prompt: the request carries a :class:`tokencake.structured.ToolCallGrammar` and the sampler can
+only produce ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks whose
+arguments are valid for the chosen tool's schema (one block, or several when
+``parallel_tool_calls`` allows). That is the Hermes format, so the Hermes parser reads it back,
+whatever format the model's own template teaches; so even a 135M model emits valid calls.
 
-* named function ``f``: the output *is* ``f``'s arguments object (schema: ``f.parameters``).
-* ``required``: the output is a JSON array of ``{"name": <one of the tools>, "arguments": {...}}``
-  (at least one; exactly one when ``parallel_tool_calls`` is false). It is the Mistral array
-  shape, so the Mistral parser reads it, streaming included.
-
-No tags around the JSON: the grammar knows the output is a call, so nothing has to be detected.
+``response_format`` ``json_object`` / ``json_schema`` become
+:class:`~tokencake.structured.JsonObject` / :class:`~tokencake.structured.JsonSchema`.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Literal
+from typing import Any
 
-from tokencake.toolcall.parser import ArgsDelta, CallEnd, CallStart, Event, ToolCallParser
-from tokencake.toolcall.types import ToolCall, ToolChoice, ToolSpec, new_call_id
+from tokencake.fieldpolicy import InvalidField
+from tokencake.toolcall.types import ToolChoice, ToolSpec
 
 
-def forced_call_schema(
-    tools: tuple[ToolSpec, ...], choice: ToolChoice, parallel: bool = True
-) -> dict[str, Any] | None:
-    """The JSON schema that forces a call, or ``None`` when the choice forces nothing."""
-    if choice.mode == "function":
-        tool = next(t for t in tools if t.name == choice.name)
-        return tool.parameters_schema
-    if choice.mode != "required":
+def forced_call_grammar(tools: tuple[ToolSpec, ...], choice: ToolChoice, parallel: bool) -> Any:
+    """The grammar forcing a call (``required``: any tool; named: that one), else ``None``."""
+    if not choice.forced:
         return None
-    variants = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": t.parameters_schema},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
-    schema: dict[str, Any] = {
-        "type": "array",
-        "items": variants[0] if len(variants) == 1 else {"anyOf": variants},
-        "minItems": 1,
-    }
-    if not parallel:
-        schema["maxItems"] = 1
-    return schema
+    from tokencake.structured import ToolCallGrammar
+    from tokencake.structured import ToolSpec as GrammarTool
+
+    chosen = [t for t in tools if choice.mode == "required" or t.name == choice.name]
+    return ToolCallGrammar(
+        tools=tuple(GrammarTool(t.name, t.parameters_schema) for t in chosen),
+        parallel=parallel and choice.mode == "required",
+    )
 
 
-class NamedCallParser:
-    """Reads a named function's constrained output (its bare arguments object) as one call,
-    with the same ``feed`` / ``finish`` / ``calls`` / ``malformed`` surface as
-    :class:`ToolCallParser`."""
+def response_format_spec(fmt: Any, param: str = "response_format") -> Any:
+    """``response_format`` as a structured-output spec (``None`` for text). Raises
+    :class:`InvalidField` naming the field when malformed."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise InvalidField(f"{param} must be an object", param)
+    kind = fmt.get("type")
+    extra = sorted(set(fmt) - {"type", "json_schema"})
+    if extra:
+        raise InvalidField(f"unknown field {param}.{extra[0]}", f"{param}.{extra[0]}")
+    if kind == "text":
+        return None
+    from tokencake.structured import JsonObject, JsonSchema
 
-    def __init__(self, name: str, id_style: Literal["openai", "mistral"] = "openai") -> None:
-        self.name = name
-        self.id = new_call_id(id_style)
-        self.calls: list[ToolCall] = []
-        self.malformed = False
-        self.content = ""
-        self._text: list[str] = []
-        self._started = False
-
-    def feed(self, text: str) -> list[Event]:
-        out: list[Event] = []
-        if not self._started:
-            self._started = True
-            out.append(CallStart(0, self.id, self.name))
-        if not self._text:
-            text = text.lstrip()
-        if text:
-            self._text.append(text)
-            out.append(ArgsDelta(0, text))
-        return out
-
-    def finish(self) -> list[Event]:
-        out: list[Event] = []
-        if not self._started:
-            out += self.feed("")
-        args = "".join(self._text).rstrip()
-        try:
-            ok = isinstance(json.loads(args), dict)
-        except ValueError:
-            ok = False
-        if ok:
-            self.calls.append(ToolCall(self.id, self.name, args))
-        else:
-            self.malformed = True
-        out.append(CallEnd(0))
-        return out
-
-
-def forced_parser(
-    tools: tuple[ToolSpec, ...], choice: ToolChoice, id_style: Literal["openai", "mistral"]
-) -> ToolCallParser | NamedCallParser:
-    """The parser for output produced under :func:`forced_call_schema`."""
-    if choice.mode == "function":
-        assert choice.name is not None
-        return NamedCallParser(choice.name, id_style)
-    if choice.mode != "required":
-        raise ValueError(f"tool_choice {choice.mode!r} does not force a call")
-    return ToolCallParser("mistral", (t.name for t in tools), id_style, start="calls")
+    if kind == "json_object":
+        return JsonObject()
+    if kind != "json_schema":
+        raise InvalidField(
+            f"{param}.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+            f"{param}.type",
+        )
+    js = fmt.get("json_schema")
+    jp = f"{param}.json_schema"
+    if not isinstance(js, dict):
+        raise InvalidField(f"{jp} must be an object", jp)
+    extra = sorted(set(js) - {"name", "schema", "strict", "description"})
+    if extra:
+        raise InvalidField(f"unknown field {jp}.{extra[0]}", f"{jp}.{extra[0]}")
+    if not isinstance(js.get("name", ""), str):
+        raise InvalidField(f"{jp}.name must be a string", f"{jp}.name")
+    schema = js.get("schema", {})
+    if not isinstance(schema, dict):
+        raise InvalidField(f"{jp}.schema must be a JSON schema object", f"{jp}.schema")
+    strict = js.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise InvalidField(f"{jp}.strict must be a boolean", f"{jp}.strict")
+    return JsonSchema(schema, strict=bool(strict))

@@ -8,8 +8,10 @@ Formats parsed (which one a model speaks is read off its chat template, :func:`d
 * ``llama3_json`` - the whole output is ``{"name": ..., "parameters": {...}}`` (several separated
   by ``;``), optionally after ``<|python_tag|>``.
 
-Every format also accepts a bare call object at the very start of the output, provided its name
-is one of the request's tools (small models often drop the tags).
+Every format also accepts a bare call object at the very start of the output (for Mistral, a bare
+array of them), provided its name is one of the request's tools: small models often drop the tags,
+and markers that are special tokens (``<|python_tag|>``, ``[TOOL_CALLS]``) are removed when the
+output is detokenized.
 
 :class:`ToolCallParser` turns text deltas into events: :class:`TextDelta` (text that is certainly
 not part of a call: a possible marker prefix is held back until it resolves), :class:`CallStart`,
@@ -166,8 +168,18 @@ class ToolCallParser:
                 return
             if not final:
                 return  # may still become <|python_tag|>
+        lead = self._buf[: len(self._buf) - len(s)]
+        if self.names and self.fmt == "mistral" and s[0] == "[":
+            # [TOOL_CALLS] is a control token that detokenization drops: the array remains.
+            rest = s[1:].lstrip()
+            if not rest and not final:
+                return
+            if rest.startswith("{"):
+                self._bare_held = lead + s[: len(s) - len(rest)]
+                self._buf, self._state, self._call = rest, "bare", _Call(self._n)
+                return
         if self.names and s[0] == "{":
-            self._bare_held = self._buf[: len(self._buf) - len(s)]
+            self._bare_held = lead
             self._buf, self._state, self._call = s, "bare", _Call(self._n)
             return
         self._state = "text"
@@ -234,7 +246,7 @@ class ToolCallParser:
                 self._call, self._state = None, "text"
                 return
             self._close_call(out)
-            self._call, self._state = None, "bare_sep"
+            self._call, self._state = None, "between" if self.fmt == "mistral" else "bare_sep"
 
     def _st_bare_sep(self, out: list[Event], final: bool) -> None:
         # After a bare (or <|python_tag|>) call: more calls separated by ";", else text.

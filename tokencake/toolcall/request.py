@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tokencake.toolcall.constraints import NamedCallParser, forced_call_schema, forced_parser
+from tokencake.toolcall.constraints import forced_call_grammar
 from tokencake.toolcall.messages import ChatMessage, ToolHistory, parse_messages
 from tokencake.toolcall.parser import ToolCallParser
 from tokencake.toolcall.render import TemplateInfo
@@ -26,7 +26,7 @@ class ToolRequest:
     ``history`` tells which call ids the conversation made (with their function names) and which
     it answers with ``tool`` messages: the tool-call lifecycle can be read off it (issue 14).
     ``constrained`` is set when the server forces the call through the grammar (``required`` /
-    named); the output is then read with :func:`forced_parser`.
+    named, see :mod:`tokencake.toolcall.constraints`); the output is then Hermes-format.
     """
 
     messages: tuple[ChatMessage, ...]
@@ -46,17 +46,20 @@ class ToolRequest:
         """The call ids this request answers with ``tool`` messages."""
         return self.history.results
 
-    def forced_schema(self) -> dict[str, Any] | None:
-        """The JSON schema that forces the call (``required`` / named), else ``None``."""
-        return forced_call_schema(self.tools, self.choice, self.parallel)
+    def grammar(self) -> Any:
+        """The grammar spec that forces the call (``required`` / named), else ``None``."""
+        return (
+            forced_call_grammar(self.tools, self.choice, self.parallel)
+            if self.constrained
+            else None
+        )
 
-    def output_parser(self, info: TemplateInfo) -> ToolCallParser | NamedCallParser | None:
+    def output_parser(self, info: TemplateInfo) -> ToolCallParser | None:
         """A fresh parser for this request's output, or ``None`` when calls are not parsed."""
         if not self.tools or not self.choice.parses_calls:
             return None
-        if self.constrained and self.choice.forced:
-            return forced_parser(self.tools, self.choice, info.id_style)
-        return ToolCallParser(info.format, (t.name for t in self.tools), info.id_style)
+        fmt = "hermes" if self.constrained else info.format  # the grammar writes Hermes blocks
+        return ToolCallParser(fmt, (t.name for t in self.tools), info.id_style)
 
 
 def parse_tool_request(
