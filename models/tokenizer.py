@@ -114,15 +114,23 @@ class Tokenizer:
             )
 
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The chat template applied to ``messages``, as text."""
+        """The chat template applied to ``messages``, as text.
+
+        ``tools`` (OpenAI ``{"type": "function", "function": {...}}`` entries) are handed to
+        templates that render them; see :mod:`tokencake.toolcall.render` for conversations with
+        tool calls.
+        """
         msgs = _check_messages(messages)
         if not self.hf.chat_template:
             raise ValueError("this tokenizer has no chat template")
         with self._lock:
             return self.hf.apply_chat_template(
-                msgs, add_generation_prompt=add_generation_prompt, tokenize=False
+                msgs, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
             )
 
     def apply_chat_template(
