@@ -23,7 +23,13 @@ from tokencake.scheduler.lifecycle import Disposition
 from tokencake.server.errors import APIError, bad, rejection_error
 from tokencake.server.metrics import record
 from tokencake.server.openapi import openapi_spec
-from tokencake.server.protocol import GenerationRequest, parse_chat, parse_completion, parse_event
+from tokencake.server.protocol import (
+    GenerationRequest,
+    parse_chat,
+    parse_completion,
+    parse_event,
+    with_sampling_defaults,
+)
 from tokencake.server.responses import close_stream, final_body, stream_response
 from tokencake.server.state import (
     ENGINE_KEY,
@@ -232,7 +238,7 @@ def _sampling(st: State, p: GenerationRequest, n_prompt: int) -> SamplingParams:
             f"this model's maximum context length is {st.max_seq_tokens} tokens; the prompt has {n_prompt} tokens and {p.max_tokens_param}={max_tokens} asks for more than the {room} left",
             p.max_tokens_param,
         )
-    kw = dict(p.params)
+    kw = with_sampling_defaults(p.params, st.sampling_defaults)
     if kw["top_k"] >= st.vocab_size:
         # Keeping every token is "no top-k"; and the engine's int32 sampler must never see a
         # client's 2**40 (it would take the engine thread down).
