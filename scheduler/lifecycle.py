@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.predictor import DurationPredictor
 from tokencake.scheduler.tokencake_config import TimeConfig
@@ -59,8 +60,49 @@ class LifecycleState(enum.Enum):
     TERMINAL = "terminal"
 
 
-class DuplicateLifecycleError(ValueError):
-    """A lifecycle id was reused (every attempt, retries included, needs a fresh id)."""
+_START_KEYS = {"event", "lifecycle_id", "kind", "estimated_duration_s"}
+_FINISH_KEYS = {"event", "lifecycle_id"}
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    """One client event (paper §8.2): ``stall_started`` (with the tool's ``kind`` and an
+    optional estimate) or ``stall_finished``."""
+
+    event: str
+    lifecycle_id: str
+    kind: str = "stall"
+    estimated_duration_s: float | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> LifecycleEvent:
+        """Validate a JSON body; a bad field raises :class:`RequestRejected` naming it."""
+        if not isinstance(body, dict):
+            raise RequestRejected(None, "event body must be a JSON object")
+        name = body.get("event")
+        if name not in ("stall_started", "stall_finished"):
+            raise RequestRejected(
+                "event", "field 'event' must be 'stall_started' or 'stall_finished'"
+            )
+        extra = sorted(set(body) - (_START_KEYS if name == "stall_started" else _FINISH_KEYS))
+        if extra:
+            raise RequestRejected(extra[0], f"unexpected field {extra[0]!r} for event {name!r}")
+        lid = body.get("lifecycle_id")
+        if not isinstance(lid, str) or not lid:
+            raise RequestRejected("lifecycle_id", "field 'lifecycle_id' must be a non-empty string")
+        kind = body.get("kind", "stall")
+        if not isinstance(kind, str) or not kind:
+            raise RequestRejected("kind", "field 'kind' must be a non-empty string")
+        estimate = body.get("estimated_duration_s")
+        if "estimated_duration_s" in body and (
+            not isinstance(estimate, (int, float)) or isinstance(estimate, bool)
+            or not math.isfinite(estimate) or estimate <= 0
+        ):  # fmt: skip
+            raise RequestRejected(
+                "estimated_duration_s",
+                "field 'estimated_duration_s' must be a finite number > 0 (omit it if unknown)",
+            )
+        return cls(name, lid, kind, None if estimate is None else float(estimate))
 
 
 @dataclass
@@ -106,9 +148,6 @@ class LifecycleRecord:
 
 
 Listener = Callable[[LifecycleRecord, str], None]
-
-_START_KEYS = {"event", "lifecycle_id", "kind", "estimated_duration_s"}
-_FINISH_KEYS = {"event", "lifecycle_id"}
 
 
 class Lifecycle:
@@ -168,7 +207,12 @@ class Lifecycle:
         self.expire()
         if lifecycle_id in self.records:
             self._count("conflict")
-            raise DuplicateLifecycleError(f"lifecycle id {lifecycle_id!r} is already in use")
+            raise RequestRejected(
+                "metadata.lifecycle_id",
+                f"lifecycle id {lifecycle_id!r} is already in use (every attempt needs a fresh id)",
+                409,
+                "duplicate_lifecycle_id",
+            )
         rec = LifecycleRecord(lifecycle_id, metadata, self.clock())
         self.records[lifecycle_id] = rec
         self._count("associated")
@@ -201,41 +245,21 @@ class Lifecycle:
             self._touch(rec)
 
     # ---- client events ----------------------------------------------------------------------
-    def handle(self, event: Any) -> tuple[Disposition, dict[str, Any]]:
-        """Validate and apply one ``POST /v1/tokencake/events`` body."""
-        if not isinstance(event, dict):
-            return Disposition.INVALID, {
-                "error": "event body must be a JSON object",
-                "disposition": "invalid",
-            }
-        name = event.get("event")
-        lid = event.get("lifecycle_id")
-        err = None
-        if name not in ("stall_started", "stall_finished"):
-            err = "field 'event' must be 'stall_started' or 'stall_finished'"
-        elif not isinstance(lid, str) or not lid:
-            err = "field 'lifecycle_id' must be a non-empty string"
-        else:
-            extra = sorted(set(event) - (_START_KEYS if name == "stall_started" else _FINISH_KEYS))
-            if extra:
-                err = f"unexpected field {extra[0]!r} for event {name!r}"
-        kind, estimate = "stall", None
-        if err is None and name == "stall_started":
-            kind = event.get("kind", "stall")
-            if not isinstance(kind, str) or not kind:
-                err = "field 'kind' must be a non-empty string"
-            elif "estimated_duration_s" in event:
-                estimate = event["estimated_duration_s"]
-                if (not isinstance(estimate, (int, float)) or isinstance(estimate, bool)
-                        or not math.isfinite(estimate) or estimate <= 0):  # fmt: skip
-                    err = "field 'estimated_duration_s' must be a finite number > 0 (omit it if unknown)"
-        if err is not None:
-            return Disposition.INVALID, {
-                "lifecycle_id": lid,
-                "event": name,
-                "disposition": "invalid",
-                "error": err,
-            }
+    def handle(self, event: LifecycleEvent | Any) -> tuple[Disposition, dict[str, Any]]:
+        """Apply one ``POST /v1/tokencake/events`` body (a dict is validated first: a bad one
+        answers ``INVALID`` with the error; :meth:`LifecycleEvent.parse` raises instead)."""
+        if not isinstance(event, LifecycleEvent):
+            try:
+                event = LifecycleEvent.parse(event)
+            except RequestRejected as exc:
+                body = event if isinstance(event, dict) else {}
+                return Disposition.INVALID, {
+                    "lifecycle_id": body.get("lifecycle_id"),
+                    "event": body.get("event"),
+                    "disposition": "invalid",
+                    "error": exc.message,
+                }
+        name, lid = event.event, event.lifecycle_id
         if not self.available:
             return Disposition.UNAVAILABLE, {
                 "lifecycle_id": lid,
@@ -243,7 +267,7 @@ class Lifecycle:
                 "disposition": "unavailable",
             }
         if name == "stall_started":
-            disp = self.stall_started(lid, kind, None if estimate is None else float(estimate))
+            disp = self.stall_started(lid, event.kind, event.estimated_duration_s)
         else:
             disp = self.stall_finished(lid)
         rec = self.records.get(lid)

@@ -6,7 +6,8 @@ application DAG, and whether its KV may be preserved across a tool call. The hin
 behaviour (``coerce_metadata(None) is None``).
 
 Validation is strict on types (a bool is not an int, an int is accepted for a float) and every
-error names the field, so the server can answer 400 with a useful message. Unknown keys are
+error is a :class:`RequestRejected` whose ``param`` is ``metadata.<field>``, so the server
+answers 400 naming the field. Unknown keys are
 kept in ``extra`` and ignored, as the paper's ``extra="allow"`` does.
 """
 
@@ -17,6 +18,14 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from tokencake.scheduler.errors import RequestRejected
+
+
+def _reject(name: str, problem: str) -> RequestRejected:
+    """A 400 naming the metadata field (``param`` is ``metadata.<name>``)."""
+    return RequestRejected(f"metadata.{name}", f"metadata field {name!r} {problem}")
+
 
 _LIFECYCLE_RE = re.compile(r"^tc-[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}$")
 
@@ -60,41 +69,29 @@ class AgentMetadata:
             v = getattr(self, f.name)
             if f.type == "str":
                 if not isinstance(v, str):
-                    raise ValueError(
-                        f"metadata field {f.name!r} must be a string, got {type(v).__name__}"
-                    )
+                    raise _reject(f.name, f"must be a string, got {type(v).__name__}")
             elif f.type == "bool":
                 if not isinstance(v, bool):
-                    raise ValueError(
-                        f"metadata field {f.name!r} must be a boolean, got {type(v).__name__}"
-                    )
+                    raise _reject(f.name, f"must be a boolean, got {type(v).__name__}")
             elif f.type == "int":
                 if not isinstance(v, int) or isinstance(v, bool):
-                    raise ValueError(
-                        f"metadata field {f.name!r} must be an integer, got {type(v).__name__}"
-                    )
+                    raise _reject(f.name, f"must be an integer, got {type(v).__name__}")
                 if v < 0:
-                    raise ValueError(f"metadata field {f.name!r} must be >= 0, got {v}")
+                    raise _reject(f.name, f"must be >= 0, got {v}")
             elif f.type == "float":
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                    raise ValueError(
-                        f"metadata field {f.name!r} must be a finite number, got {v!r}"
-                    )
+                    raise _reject(f.name, f"must be a finite number, got {v!r}")
                 if v < 0:
-                    raise ValueError(f"metadata field {f.name!r} must be >= 0, got {v}")
+                    raise _reject(f.name, f"must be >= 0, got {v}")
         if self.similarity > 1:
-            raise ValueError(
-                f"metadata field 'similarity' must be in [0, 1], got {self.similarity}"
-            )
+            raise _reject("similarity", f"must be in [0, 1], got {self.similarity}")
         if self.fanout_width < 1:
-            raise ValueError(f"metadata field 'fanout_width' must be >= 1, got {self.fanout_width}")
+            raise _reject("fanout_width", f"must be >= 1, got {self.fanout_width}")
         if self.application_max_depth:
             if self.depth > self.application_max_depth:
-                raise ValueError("metadata field 'depth' must be <= application_max_depth")
+                raise _reject("depth", "must be <= application_max_depth")
             if self.remaining_depth > self.application_max_depth:
-                raise ValueError(
-                    "metadata field 'remaining_depth' must be <= application_max_depth"
-                )
+                raise _reject("remaining_depth", "must be <= application_max_depth")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, strict_lifecycle_id: bool = False) -> AgentMetadata:
@@ -102,16 +99,16 @@ class AgentMetadata:
         (``tc-`` + UUID4 hex), which the HTTP server asks for; in-process callers may use any
         non-empty id."""
         if not isinstance(data, dict):
-            raise ValueError(f"metadata must be an object, got {type(data).__name__}")
+            raise RequestRejected(
+                "metadata", f"metadata must be an object, got {type(data).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
         if strict_lifecycle_id:
             lid = known.get("lifecycle_id")
             if not isinstance(lid, str) or not is_canonical_lifecycle_id(lid):
-                raise ValueError(
-                    "metadata field 'lifecycle_id' must be 'tc-' followed by a lowercase UUID4 hex"
-                )
+                raise _reject("lifecycle_id", "must be 'tc-' followed by a lowercase UUID4 hex")
         return cls(**known, extra=extra)
 
     # ---- derived views used by both schedulers ----------------------------------------------
@@ -127,10 +124,12 @@ class AgentMetadata:
 
 
 def coerce_metadata(value: Any) -> AgentMetadata | None:
-    """Normalise ``Request.metadata``: None stays None, dicts are validated (ValueError naming
-    the field), an ``AgentMetadata`` passes through."""
+    """Normalise ``Request.metadata``: None stays None, dicts are validated (RequestRejected
+    naming the field), an ``AgentMetadata`` passes through."""
     if value is None or isinstance(value, AgentMetadata):
         return value
     if isinstance(value, dict):
         return AgentMetadata.from_dict(value)
-    raise ValueError(f"metadata must be a dict or AgentMetadata, got {type(value).__name__}")
+    raise RequestRejected(
+        "metadata", f"metadata must be a dict or AgentMetadata, got {type(value).__name__}"
+    )

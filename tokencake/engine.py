@@ -24,11 +24,12 @@ from tokencake.memory.host_pool import HostBlockPool
 from tokencake.memory.kv_cache import KVCacheSpec
 from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
-from tokencake.outputs import RequestOutput, TokenLogprob
+from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
 from tokencake.runner import ModelRunner, rows_from_chunks
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.core import Scheduler
-from tokencake.scheduler.lifecycle import Disposition
+from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
 from tokencake.scheduler.plan import BlockCopy
 from tokencake.scheduler.policy import PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
@@ -137,27 +138,17 @@ class LLMEngine:
         request_id: str | None = None,
         metadata: Any = None,
     ) -> str:
-        """Queue a request; returns its id. Raises ValueError for bad input (nothing queued)."""
+        """Queue a request; returns its id. Bad input raises :class:`RequestRejected` naming
+        it (nothing queued)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            token_ids = list(prompt)
-        else:
-            raise TypeError("prompt must be a string or a list of token ids")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if not token_ids:
-            raise ValueError("prompt is empty")
+        token_ids = self.tokenize(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._text:
-            raise ValueError(f"duplicate request id {request_id!r}")
+            raise RequestRejected(
+                "request_id", f"duplicate request id {request_id!r}", 409, "duplicate_request_id"
+            )
         eos = frozenset() if params.ignore_eos else self.eos_ids
         req = Request(
             request_id, token_ids, params.max_tokens, self.scheduler.clock(),
@@ -169,12 +160,56 @@ class LLMEngine:
         self.stats["prompt_tokens"] += len(token_ids)
         return request_id
 
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text prompt, or a token-id prompt checked against the vocabulary.
+        Bad input raises :class:`RequestRejected` on ``prompt``."""
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            token_ids = list(prompt)
+        else:
+            raise RequestRejected("prompt", "prompt must be a string or a list of token ids")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestRejected(
+                "prompt", f"token id {bad} is outside the vocabulary [0, {vocab})"
+            )
+        if not token_ids:
+            raise RequestRejected("prompt", "prompt is empty")
+        return token_ids
+
+    def tokenize_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template. A conversation
+        the template refuses (e.g. roles that must alternate) raises :class:`RequestRejected`
+        on ``messages``."""
+        import jinja2  # the chat template's own refusals are jinja2 errors
+
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt))
+        except (ValueError, TypeError, jinja2.TemplateError) as exc:
+            raise RequestRejected("messages", f"messages: {exc}") from None
+
+    def kv_stats(self) -> KVStats:
+        """Device KV pool and queue occupancy now (call from the engine's thread)."""
+        return KVStats(
+            capacity=self.pool.capacity,
+            used=self.pool.num_used,
+            cached=self.pool.num_cached,
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+        )
+
     def abort_request(self, request_id: str) -> bool:
         """Abort a request; its blocks are freed. False if it is unknown or already done."""
         self._text.pop(request_id, None)
         return self.scheduler.abort(request_id) is not None
 
-    def lifecycle_event(self, event: dict) -> tuple[Disposition, dict]:
+    def lifecycle_event(self, event: LifecycleEvent | dict) -> tuple[Disposition, dict]:
         """Apply one tool-lifecycle event (``stall_started`` / ``stall_finished``, paper §8.2).
 
         Returns the disposition (``.http_status`` is what the server answers) and the body
