@@ -19,6 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tokencake.scheduler.limits import (
+    MAX_ESTIMATED_DURATION_S,
+    MAX_NAME_CHARS,
+    FieldError,
+    check_id,
+    check_number,
+    check_string,
+)
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.predictor import DurationPredictor
 from tokencake.scheduler.tokencake_config import TimeConfig
@@ -107,6 +115,15 @@ class LifecycleRecord:
 
 Listener = Callable[[LifecycleRecord, str], None]
 
+
+def _valid_id(lid: Any) -> bool:
+    try:
+        check_id("lifecycle_id", lid)
+    except FieldError:
+        return False
+    return True
+
+
 _START_KEYS = {"event", "lifecycle_id", "kind", "estimated_duration_s"}
 _FINISH_KEYS = {"event", "lifecycle_id"}
 
@@ -123,7 +140,7 @@ class Lifecycle:
         self.clock = clock
         self.config = config or TimeConfig()
         self.predictor = predictor or DurationPredictor(
-            self.config.ewma_alpha, self.config.default_stall_s
+            self.config.ewma_alpha, self.config.default_stall_s, clock=clock
         )
         self.records: dict[str, LifecycleRecord] = {}
         self.listeners: list[Listener] = []
@@ -210,31 +227,37 @@ class Lifecycle:
             }
         name = event.get("event")
         lid = event.get("lifecycle_id")
-        err = None
-        if name not in ("stall_started", "stall_finished"):
-            err = "field 'event' must be 'stall_started' or 'stall_finished'"
-        elif not isinstance(lid, str) or not lid:
-            err = "field 'lifecycle_id' must be a non-empty string"
-        else:
-            extra = sorted(set(event) - (_START_KEYS if name == "stall_started" else _FINISH_KEYS))
-            if extra:
-                err = f"unexpected field {extra[0]!r} for event {name!r}"
+        err: FieldError | None = None
         kind, estimate = "stall", None
-        if err is None and name == "stall_started":
-            kind = event.get("kind", "stall")
-            if not isinstance(kind, str) or not kind:
-                err = "field 'kind' must be a non-empty string"
-            elif "estimated_duration_s" in event:
-                estimate = event["estimated_duration_s"]
-                if (not isinstance(estimate, (int, float)) or isinstance(estimate, bool)
-                        or not math.isfinite(estimate) or estimate <= 0):  # fmt: skip
-                    err = "field 'estimated_duration_s' must be a finite number > 0 (omit it if unknown)"
+        try:
+            if name not in ("stall_started", "stall_finished"):
+                raise FieldError(
+                    "event", "field 'event' must be 'stall_started' or 'stall_finished'"
+                )
+            check_id("lifecycle_id", lid, label="field 'lifecycle_id'")
+            allowed = _START_KEYS if name == "stall_started" else _FINISH_KEYS
+            extra = sorted(str(k) for k in set(event) - allowed)
+            if extra:
+                raise FieldError(extra[0], f"unexpected field {extra[0]!r} for event {name!r}")
+            if name == "stall_started":
+                kind = check_string("kind", event.get("kind", "stall"), MAX_NAME_CHARS,
+                                    nonempty=True, label="field 'kind'")  # fmt: skip
+                if "estimated_duration_s" in event:
+                    estimate = check_number(
+                        "estimated_duration_s", event["estimated_duration_s"], 0.0,
+                        MAX_ESTIMATED_DURATION_S, lo_open=True,
+                        label="field 'estimated_duration_s' (omit it if unknown)",
+                    )  # fmt: skip
+        except FieldError as exc:
+            err = exc
         if err is not None:
+            # Never echo a huge or non-string value back.
             return Disposition.INVALID, {
-                "lifecycle_id": lid,
-                "event": name,
+                "lifecycle_id": lid if _valid_id(lid) else None,
+                "event": name if name in ("stall_started", "stall_finished") else None,
                 "disposition": "invalid",
-                "error": err,
+                "error": err.message,
+                "param": err.param,
             }
         if not self.available:
             return Disposition.UNAVAILABLE, {
@@ -243,7 +266,7 @@ class Lifecycle:
                 "disposition": "unavailable",
             }
         if name == "stall_started":
-            disp = self.stall_started(lid, kind, None if estimate is None else float(estimate))
+            disp = self.stall_started(lid, kind, estimate)
         else:
             disp = self.stall_finished(lid)
         rec = self.records.get(lid)
@@ -305,6 +328,23 @@ class Lifecycle:
         rec.finish_seen = True
         self._terminate(rec, "finished", now)
         return Disposition.APPLIED
+
+    def fail(self, lifecycle_id: str) -> None:
+        """End a lifecycle whose data made the engine fail (cause ``error``); the listeners
+        release whatever they hold for it."""
+        rec = self.records.get(lifecycle_id)
+        if rec is not None and not rec.terminal:
+            self._terminate(rec, "error", self.clock())
+
+    def check_record(self, rec: LifecycleRecord) -> None:
+        """Raise if a record holds data the schedulers cannot use (the fault probe)."""
+        rec.metadata.validate()
+        for name in ("predicted", "h2d_estimate"):
+            v = getattr(rec, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"lifecycle {name} is {v!r}")
+        if rec.estimate is not None and not 0 < rec.estimate <= MAX_ESTIMATED_DURATION_S:
+            raise ValueError(f"lifecycle estimate is {rec.estimate!r}")
 
     def reset(self) -> None:
         """Host-tier reset: every live lifecycle ends as ``reset`` (history is kept)."""
