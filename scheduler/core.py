@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.host_pool import HostBlockPool
+from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault, blame
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle
 from tokencake.scheduler.metadata import coerce_metadata
@@ -114,18 +115,25 @@ class Scheduler:
     # ---- queue management -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
-            raise ValueError(f"duplicate request id {request.request_id!r}")
+            raise RequestRejected(
+                "request_id",
+                f"duplicate request id {request.request_id!r}",
+                409,
+                "duplicate_request_id",
+            )
         if request.num_prompt_tokens < 1:
-            raise ValueError("prompt must contain at least one token")
+            raise RequestRejected("prompt", "prompt must contain at least one token")
         if request.max_total_tokens > self.config.max_model_len:
-            raise ValueError(
+            raise RequestRejected(
+                "max_tokens",
                 f"prompt ({request.num_prompt_tokens} tokens) + max_tokens ({request.max_tokens}) "
-                f"exceeds the model context limit of {self.config.max_model_len} tokens"
+                f"exceeds the model context limit of {self.config.max_model_len} tokens",
             )
         blocks_needed = math.ceil(request.max_total_tokens / self.pool.block_size)
         if blocks_needed > self.pool.capacity:
-            raise ValueError(
-                f"request needs up to {blocks_needed} KV blocks but the pool holds {self.pool.capacity}"
+            raise RequestRejected(
+                "max_tokens",
+                f"request needs up to {blocks_needed} KV blocks but the pool holds {self.pool.capacity}",
             )
         self._associate(request)
         self.requests[request.request_id] = request
@@ -632,15 +640,16 @@ class Scheduler:
 
     # ---- agent-aware hooks (issue #5) ---------------------------------------------------------
     def _associate(self, request: Request) -> None:
-        """Validate agent metadata (ValueError naming the field) and open its lifecycle."""
+        """Validate agent metadata (RequestRejected naming the field) and open its lifecycle."""
         request.metadata = coerce_metadata(request.metadata)
         m = request.metadata
         if m is None:
             return
         if m.lifecycle_id and m.lifecycle_id != request.request_id:
-            raise ValueError(
+            raise RequestRejected(
+                "metadata.lifecycle_id",
                 f"metadata field 'lifecycle_id' ({m.lifecycle_id!r}) must equal the request id "
-                f"({request.request_id!r})"
+                f"({request.request_id!r})",
             )
         self.lifecycle.associate(request.request_id, m)
 
@@ -659,16 +668,17 @@ class Scheduler:
         """Apply one client tool-lifecycle event; the server maps the disposition to HTTP.
         An event that breaks on its lifecycle's data ends that lifecycle (a fault, cause
         ``error``) and answers ``invalid``; other lifecycles are untouched."""
-        lid = event.get("lifecycle_id") if isinstance(event, dict) else None
+        get = event.get if isinstance(event, dict) else lambda k: getattr(event, k, None)
+        lid, name = get("lifecycle_id"), get("event")
         try:
             with blame(lid if isinstance(lid, str) else "", "the lifecycle event"):
                 disp, body = self.lifecycle.handle(event)
                 self.policy.on_lifecycle_event(disp, body)
-        except RequestFault as fault:
+        except RequestFault as fault:  # only raised once the event itself was validated
             self.fail(fault)
             return Disposition.INVALID, {
                 "lifecycle_id": lid,
-                "event": event.get("event"),
+                "event": name,
                 "disposition": Disposition.INVALID.value,
                 "error": fault.message,
                 "param": "lifecycle_id",

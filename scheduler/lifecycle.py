@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.limits import (
     MAX_ESTIMATED_DURATION_S,
     MAX_NAME_CHARS,
-    FieldError,
     check_id,
     check_number,
     check_string,
@@ -67,8 +67,52 @@ class LifecycleState(enum.Enum):
     TERMINAL = "terminal"
 
 
-class DuplicateLifecycleError(ValueError):
-    """A lifecycle id was reused (every attempt, retries included, needs a fresh id)."""
+def _valid_id(lid: Any) -> bool:
+    try:
+        check_id("lifecycle_id", lid)
+    except RequestRejected:
+        return False
+    return True
+
+
+_START_KEYS = {"event", "lifecycle_id", "kind", "estimated_duration_s"}
+_FINISH_KEYS = {"event", "lifecycle_id"}
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    """One client event (paper §8.2): ``stall_started`` (with the tool's ``kind`` and an
+    optional estimate) or ``stall_finished``."""
+
+    event: str
+    lifecycle_id: str
+    kind: str = "stall"
+    estimated_duration_s: float | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> LifecycleEvent:
+        """Validate a JSON body; a bad field raises :class:`RequestRejected` naming it."""
+        if not isinstance(body, dict):
+            raise RequestRejected(None, "event body must be a JSON object")
+        name = body.get("event")
+        if name not in ("stall_started", "stall_finished"):
+            raise RequestRejected(
+                "event", "field 'event' must be 'stall_started' or 'stall_finished'"
+            )
+        extra = sorted(set(body) - (_START_KEYS if name == "stall_started" else _FINISH_KEYS))
+        if extra:
+            raise RequestRejected(extra[0], f"unexpected field {extra[0]!r} for event {name!r}")
+        lid = check_id("lifecycle_id", body.get("lifecycle_id"), label="field 'lifecycle_id'")
+        kind = check_string("kind", body.get("kind", "stall"), MAX_NAME_CHARS, nonempty=True,
+                            label="field 'kind'")  # fmt: skip
+        estimate = None
+        if "estimated_duration_s" in body:  # ints are bounded before any float conversion
+            estimate = check_number(
+                "estimated_duration_s", body["estimated_duration_s"], 0.0,
+                MAX_ESTIMATED_DURATION_S, lo_open=True,
+                label="field 'estimated_duration_s' (omit it if unknown)",
+            )  # fmt: skip
+        return cls(name, lid, kind, estimate)
 
 
 @dataclass
@@ -114,18 +158,6 @@ class LifecycleRecord:
 
 
 Listener = Callable[[LifecycleRecord, str], None]
-
-
-def _valid_id(lid: Any) -> bool:
-    try:
-        check_id("lifecycle_id", lid)
-    except FieldError:
-        return False
-    return True
-
-
-_START_KEYS = {"event", "lifecycle_id", "kind", "estimated_duration_s"}
-_FINISH_KEYS = {"event", "lifecycle_id"}
 
 
 class Lifecycle:
@@ -185,7 +217,12 @@ class Lifecycle:
         self.expire()
         if lifecycle_id in self.records:
             self._count("conflict")
-            raise DuplicateLifecycleError(f"lifecycle id {lifecycle_id!r} is already in use")
+            raise RequestRejected(
+                "metadata.lifecycle_id",
+                f"lifecycle id {lifecycle_id!r} is already in use (every attempt needs a fresh id)",
+                409,
+                "duplicate_lifecycle_id",
+            )
         rec = LifecycleRecord(lifecycle_id, metadata, self.clock())
         self.records[lifecycle_id] = rec
         self._count("associated")
@@ -218,47 +255,23 @@ class Lifecycle:
             self._touch(rec)
 
     # ---- client events ----------------------------------------------------------------------
-    def handle(self, event: Any) -> tuple[Disposition, dict[str, Any]]:
-        """Validate and apply one ``POST /v1/tokencake/events`` body."""
-        if not isinstance(event, dict):
-            return Disposition.INVALID, {
-                "error": "event body must be a JSON object",
-                "disposition": "invalid",
-            }
-        name = event.get("event")
-        lid = event.get("lifecycle_id")
-        err: FieldError | None = None
-        kind, estimate = "stall", None
-        try:
-            if name not in ("stall_started", "stall_finished"):
-                raise FieldError(
-                    "event", "field 'event' must be 'stall_started' or 'stall_finished'"
-                )
-            check_id("lifecycle_id", lid, label="field 'lifecycle_id'")
-            allowed = _START_KEYS if name == "stall_started" else _FINISH_KEYS
-            extra = sorted(str(k) for k in set(event) - allowed)
-            if extra:
-                raise FieldError(extra[0], f"unexpected field {extra[0]!r} for event {name!r}")
-            if name == "stall_started":
-                kind = check_string("kind", event.get("kind", "stall"), MAX_NAME_CHARS,
-                                    nonempty=True, label="field 'kind'")  # fmt: skip
-                if "estimated_duration_s" in event:
-                    estimate = check_number(
-                        "estimated_duration_s", event["estimated_duration_s"], 0.0,
-                        MAX_ESTIMATED_DURATION_S, lo_open=True,
-                        label="field 'estimated_duration_s' (omit it if unknown)",
-                    )  # fmt: skip
-        except FieldError as exc:
-            err = exc
-        if err is not None:
-            # Never echo a huge or non-string value back.
-            return Disposition.INVALID, {
-                "lifecycle_id": lid if _valid_id(lid) else None,
-                "event": name if name in ("stall_started", "stall_finished") else None,
-                "disposition": "invalid",
-                "error": err.message,
-                "param": err.param,
-            }
+    def handle(self, event: LifecycleEvent | Any) -> tuple[Disposition, dict[str, Any]]:
+        """Apply one ``POST /v1/tokencake/events`` body (a dict is validated first: a bad one
+        answers ``INVALID`` with the error; :meth:`LifecycleEvent.parse` raises instead)."""
+        if not isinstance(event, LifecycleEvent):
+            try:
+                event = LifecycleEvent.parse(event)
+            except RequestRejected as exc:
+                body = event if isinstance(event, dict) else {}
+                lid, name = body.get("lifecycle_id"), body.get("event")
+                return Disposition.INVALID, {  # never echo a huge or non-string value back
+                    "lifecycle_id": lid if _valid_id(lid) else None,
+                    "event": name if name in ("stall_started", "stall_finished") else None,
+                    "disposition": "invalid",
+                    "error": exc.message,
+                    "param": exc.param,
+                }
+        name, lid = event.event, event.lifecycle_id
         if not self.available:
             return Disposition.UNAVAILABLE, {
                 "lifecycle_id": lid,
@@ -266,7 +279,7 @@ class Lifecycle:
                 "disposition": "unavailable",
             }
         if name == "stall_started":
-            disp = self.stall_started(lid, kind, estimate)
+            disp = self.stall_started(lid, event.kind, event.estimated_duration_s)
         else:
             disp = self.stall_finished(lid)
         rec = self.records.get(lid)

@@ -5,8 +5,8 @@ bypassed (``LLMEngine.add_request``, ``Scheduler.lifecycle_event``). Why bounds 
 scheduler does arithmetic on these values (scores, sums over agent types, EWMAs); unbounded
 inputs overflow to ``inf``/``nan`` (``1e308 * 100``), make ``int()`` raise, or divide by a
 subnormal. Each range is far beyond any real use and small enough that every sum the
-schedulers form stays finite. Out of range is refused with :class:`FieldError` naming the
-field; nothing is clamped silently.
+schedulers form stays finite. Out of range is refused with :class:`RequestRejected` (400)
+naming the field; nothing is clamped silently.
 
 Integers are range-checked as Python ints *before* any float conversion, so ``10**400`` is a
 clear error rather than an ``OverflowError`` deep inside ``math.isfinite``.
@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import re
 from typing import Any
+
+from tokencake.scheduler.errors import RequestRejected
 
 # ---- agent metadata (scheduler/metadata.py) ---------------------------------------------------
 MAX_GRAPH_INT = 1_000_000  # depth, degrees, remaining/dependency depth, fan-out width
@@ -43,18 +45,6 @@ MAX_INT32 = 2**31 - 1  # max_tokens, top_k, seed and token ids fit the sampler's
 _ID_RE = re.compile(r"[^\x00-\x1f\x7f]{1," + str(MAX_ID_CHARS) + "}")
 
 
-class FieldError(ValueError):
-    """A client value outside its documented range or of the wrong type. ``param`` names the
-    field (dotted for nested ones); the HTTP layer answers 400 with it."""
-
-    status = 400
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-        self.message = message
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -63,10 +53,10 @@ def check_int(param: str, v: Any, lo: int, hi: int, label: str | None = None) ->
     """``v`` as an int in ``[lo, hi]`` (a bool is not an int)."""
     name = label or param
     if not _is_int(v):
-        raise FieldError(param, f"{name} must be an integer, got {type(v).__name__}")
+        raise RequestRejected(param, f"{name} must be an integer, got {type(v).__name__}")
     if not lo <= v <= hi:
         shown = v if -(10**30) < v < 10**30 else f"an integer of {len(str(abs(v)))} digits"
-        raise FieldError(param, f"{name} must be in [{lo}, {hi}], got {shown}")
+        raise RequestRejected(param, f"{name} must be in [{lo}, {hi}], got {shown}")
     return v
 
 
@@ -87,12 +77,12 @@ def check_number(
     if _is_int(v):
         if v < lo or v > hi or (lo_open and v == lo):
             shown = v if -(10**30) < v < 10**30 else f"an integer of {len(str(abs(v)))} digits"
-            raise FieldError(param, f"{name} must be a number in {span}, got {shown}")
+            raise RequestRejected(param, f"{name} must be a number in {span}, got {shown}")
         return float(v)
     if not isinstance(v, float):
-        raise FieldError(param, f"{name} must be a number, got {type(v).__name__}")
+        raise RequestRejected(param, f"{name} must be a number, got {type(v).__name__}")
     if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-        raise FieldError(param, f"{name} must be a finite number in {span}, got {v!r}")
+        raise RequestRejected(param, f"{name} must be a finite number in {span}, got {v!r}")
     return v
 
 
@@ -102,11 +92,11 @@ def check_string(
     """``v`` as a string of at most ``max_chars`` characters."""
     name = label or param
     if not isinstance(v, str):
-        raise FieldError(param, f"{name} must be a string, got {type(v).__name__}")
+        raise RequestRejected(param, f"{name} must be a string, got {type(v).__name__}")
     if len(v) > max_chars:
-        raise FieldError(param, f"{name} must be at most {max_chars} characters, got {len(v)}")
+        raise RequestRejected(param, f"{name} must be at most {max_chars} characters, got {len(v)}")
     if nonempty and not v:
-        raise FieldError(param, f"{name} must be a non-empty string")
+        raise RequestRejected(param, f"{name} must be a non-empty string")
     return v
 
 
@@ -115,7 +105,7 @@ def check_id(param: str, v: Any, label: str | None = None) -> str:
     in full (``re.fullmatch``: a trailing newline is not accepted as ``$`` would)."""
     name = label or param
     if not isinstance(v, str) or not _ID_RE.fullmatch(v):
-        raise FieldError(
+        raise RequestRejected(
             param,
             f"{name} must be a string of 1-{MAX_ID_CHARS} characters without control characters",
         )

@@ -7,8 +7,8 @@ behaviour (``coerce_metadata(None) is None``).
 
 Validation is strict on types (a bool is not an int, an int is accepted for a float) and on
 ranges (:data:`RANGES`; strings at most 256 characters, ``lifecycle_id`` at most 128 and free of
-control characters); every error is a :class:`FieldError` naming the field, so the server can
-answer 400 with a useful message. Unknown keys are ignored, as the paper's ``extra="allow"``
+control characters); every error is a :class:`RequestRejected` whose ``param`` is
+``metadata.<field>``, so the server answers 400 naming the field. Unknown keys are ignored, as the paper's ``extra="allow"``
 does; up to 32 small scalar ones are kept in ``extra``, larger values are dropped.
 """
 
@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.limits import (
     MAX_DURATION_S,
     MAX_EXTRA_KEYS,
@@ -29,13 +30,18 @@ from tokencake.scheduler.limits import (
     MAX_NAME_CHARS,
     MAX_TIMESTAMP_S,
     MIN_SIMILARITY,
-    FieldError,
     check_id,
     check_int,
     check_number,
     check_string,
     is_small_scalar,
 )
+
+
+def _reject(name: str, problem: str) -> RequestRejected:
+    """A 400 naming the metadata field (``param`` is ``metadata.<name>``)."""
+    return RequestRejected(f"metadata.{name}", f"metadata field {name!r} {problem}")
+
 
 # Always matched in full (``fullmatch``): ``$`` would accept a trailing newline.
 _LIFECYCLE_RE = re.compile(r"tc-[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}")
@@ -95,44 +101,41 @@ class AgentMetadata:
 
     def validate(self) -> None:
         """Check every field against its documented range (:data:`RANGES`); raises
-        :class:`FieldError` (a ValueError) naming the first bad field. Also the scheduler's
+        :class:`RequestRejected` naming the first bad field. Also the scheduler's
         probe when a batch-wide phase fails: an instance changed behind the dataclass's back
         (``object.__setattr__``) is found here."""
         for f in dataclasses.fields(self):
             if f.name == "extra":
                 continue
             v = getattr(self, f.name)
-            label = f"metadata field {f.name!r}"
+            param, label = f"metadata.{f.name}", f"metadata field {f.name!r}"
             if f.type == "str":
-                check_string(f.name, v, MAX_ID_CHARS if f.name == "lifecycle_id" else MAX_NAME_CHARS,
-                             label=label)  # fmt: skip
+                limit = MAX_ID_CHARS if f.name == "lifecycle_id" else MAX_NAME_CHARS
+                check_string(param, v, limit, label=label)
             elif f.type == "bool":
                 if not isinstance(v, bool):
-                    raise FieldError(f.name, f"{label} must be a boolean, got {type(v).__name__}")
+                    raise _reject(f.name, f"must be a boolean, got {type(v).__name__}")
             elif f.type == "int":
                 lo, hi = RANGES[f.name]
-                check_int(f.name, v, int(lo), int(hi), label=label)
+                check_int(param, v, int(lo), int(hi), label=label)
             elif f.type == "float":
                 lo, hi = RANGES[f.name]
-                check_number(f.name, v, lo, hi, label=label)
+                check_number(param, v, lo, hi, label=label)
         if 0 < self.similarity < MIN_SIMILARITY:
-            raise FieldError(
-                "similarity",
-                f"metadata field 'similarity' must be 0 or in [{MIN_SIMILARITY:g}, 1], "
-                f"got {self.similarity!r}",
+            raise _reject(
+                "similarity", f"must be 0 or in [{MIN_SIMILARITY:g}, 1], got {self.similarity!r}"
             )
         if self.lifecycle_id:
-            check_id("lifecycle_id", self.lifecycle_id, label="metadata field 'lifecycle_id'")
+            check_id(
+                "metadata.lifecycle_id", self.lifecycle_id, label="metadata field 'lifecycle_id'"
+            )
         if self.application_max_depth:
             if self.depth > self.application_max_depth:
-                raise FieldError("depth", "metadata field 'depth' must be <= application_max_depth")
+                raise _reject("depth", "must be <= application_max_depth")
             if self.remaining_depth > self.application_max_depth:
-                raise FieldError(
-                    "remaining_depth",
-                    "metadata field 'remaining_depth' must be <= application_max_depth",
-                )
+                raise _reject("remaining_depth", "must be <= application_max_depth")
         if not isinstance(self.extra, dict):
-            raise FieldError("extra", "metadata extra must be a dict")
+            raise _reject("extra", "must be a dict")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, strict_lifecycle_id: bool = False) -> AgentMetadata:
@@ -140,7 +143,9 @@ class AgentMetadata:
         (``tc-`` + UUID4 hex), which the HTTP server asks for; in-process callers may use any
         non-empty id."""
         if not isinstance(data, dict):
-            raise ValueError(f"metadata must be an object, got {type(data).__name__}")
+            raise RequestRejected(
+                "metadata", f"metadata must be an object, got {type(data).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         # Unknown keys are ignored; a few small scalars are kept for inspection, never large
@@ -154,10 +159,7 @@ class AgentMetadata:
         if strict_lifecycle_id:
             lid = known.get("lifecycle_id")
             if not isinstance(lid, str) or not is_canonical_lifecycle_id(lid):
-                raise FieldError(
-                    "lifecycle_id",
-                    "metadata field 'lifecycle_id' must be 'tc-' followed by a lowercase UUID4 hex",
-                )
+                raise _reject("lifecycle_id", "must be 'tc-' followed by a lowercase UUID4 hex")
         return cls(**known, extra=extra)
 
     # ---- derived views used by both schedulers ----------------------------------------------
@@ -173,10 +175,12 @@ class AgentMetadata:
 
 
 def coerce_metadata(value: Any) -> AgentMetadata | None:
-    """Normalise ``Request.metadata``: None stays None, dicts are validated (ValueError naming
-    the field), an ``AgentMetadata`` passes through."""
+    """Normalise ``Request.metadata``: None stays None, dicts are validated (RequestRejected
+    naming the field), an ``AgentMetadata`` passes through."""
     if value is None or isinstance(value, AgentMetadata):
         return value
     if isinstance(value, dict):
         return AgentMetadata.from_dict(value)
-    raise ValueError(f"metadata must be a dict or AgentMetadata, got {type(value).__name__}")
+    raise RequestRejected(
+        "metadata", f"metadata must be a dict or AgentMetadata, got {type(value).__name__}"
+    )

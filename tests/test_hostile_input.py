@@ -16,7 +16,7 @@ from tokencake.memory.block_pool import BlockPool
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.bounded import ByteLRU
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
-from tokencake.scheduler.limits import FieldError
+from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.metadata import AgentMetadata, is_canonical_lifecycle_id
 from tokencake.scheduler.policies import make_policy
 from tokencake.scheduler.predictor import DurationPredictor
@@ -45,9 +45,9 @@ from tokencake.scheduler.tokencake_policy import TokencakePolicy
     ],
 )
 def test_out_of_range_metadata_names_the_field(field, value):
-    with pytest.raises(FieldError) as info:
+    with pytest.raises(RequestRejected) as info:
         AgentMetadata.from_dict({field: value})
-    assert info.value.param == field and field in str(info.value)
+    assert info.value.param == f"metadata.{field}" and field in str(info.value)
 
 
 def test_metadata_bounds_are_inclusive_and_ints_accepted_for_floats():
@@ -66,7 +66,7 @@ def test_metadata_bounds_are_inclusive_and_ints_accepted_for_floats():
 
 def test_engine_refuses_bad_metadata_before_queueing(make_engine):
     engine = make_engine(policy="tokencake")
-    with pytest.raises(FieldError, match="importance"):
+    with pytest.raises(RequestRejected, match="importance"):
         engine.add_request("hi", SamplingParams(max_tokens=2), metadata={"importance": 1e308})
     assert not engine.has_unfinished_requests() and not engine._text
 
@@ -84,7 +84,7 @@ def test_engine_refuses_bad_metadata_before_queueing(make_engine):
     ],
 )
 def test_sampling_params_bounded_without_overflow(kw, param):
-    with pytest.raises(FieldError) as info:
+    with pytest.raises(RequestRejected) as info:
         SamplingParams(**kw)
     assert info.value.param == param
 
@@ -107,7 +107,7 @@ def test_poisoning_a_type_is_refused_at_the_door():
     request of that type runs through a repartition."""
     s, ex, clock = _sched()
     for i in range(30):
-        with pytest.raises(FieldError, match="depth"):
+        with pytest.raises(RequestRejected, match="depth"):
             s.add_request(Request(f"p{i}", [1, 2, 3], 2, clock(),
                                   metadata={"agent_type": "poisontype", "depth": 9 * 10**306}))  # fmt: skip
     r = Request("ok", [5, 6, 7], 2, clock(), metadata={"agent_type": "poisontype", "depth": 1})
@@ -150,16 +150,16 @@ def test_predictor_never_holds_non_finite_values():
 def test_lifecycle_id_with_trailing_newline_is_refused():
     lid = "tc-" + uuid.uuid4().hex
     assert is_canonical_lifecycle_id(lid) and not is_canonical_lifecycle_id(lid + "\n")
-    with pytest.raises(FieldError, match="lifecycle_id"):
+    with pytest.raises(RequestRejected, match="lifecycle_id"):
         AgentMetadata.from_dict({"lifecycle_id": lid + "\n"}, strict_lifecycle_id=True)
-    with pytest.raises(FieldError, match="lifecycle_id"):
+    with pytest.raises(RequestRejected, match="lifecycle_id"):
         AgentMetadata.from_dict({"lifecycle_id": "x\n"})  # in-process ids: no control chars
 
 
 def test_request_ids_are_bounded(make_engine):
     engine = make_engine()
     for rid in ("a\n", "x" * 129, ""):
-        with pytest.raises(FieldError, match="request_id"):
+        with pytest.raises(RequestRejected, match="request_id"):
             engine.add_request("hi", SamplingParams(max_tokens=1), request_id=rid or "\x00")
     assert not engine._text
 
@@ -197,9 +197,9 @@ def test_byte_lru_bounds_bytes_and_expires():
 
 
 def test_type_strings_are_length_bounded_and_history_is_bounded_by_bytes():
-    with pytest.raises(FieldError, match="agent_type"):
+    with pytest.raises(RequestRejected, match="agent_type"):
         AgentMetadata.from_dict({"agent_type": "x" * (4 * 2**20)})
-    with pytest.raises(FieldError, match="join_group"):
+    with pytest.raises(RequestRejected, match="join_group"):
         AgentMetadata.from_dict({"join_group": "x" * 257})
     h = AgentHistory(limit=4096, max_bytes=256 * 1024)
     for i in range(4096):

@@ -12,14 +12,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tokencake.engine import LLMEngine
+from tokencake.errors import EngineDeadError
 from tokencake.outputs import RequestOutput
 from tokencake.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; no more requests can be served."""
 
 
 class AsyncEngine:

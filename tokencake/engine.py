@@ -28,8 +28,9 @@ from tokencake.outputs import RequestOutput, TokenLogprob
 from tokencake.runner import ModelRunner, RunnerConfig, rows_from_chunks
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
+from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault, StepFailed, blame
-from tokencake.scheduler.lifecycle import Disposition
+from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
 from tokencake.scheduler.limits import check_id
 from tokencake.scheduler.plan import BlockCopy
 from tokencake.scheduler.policies import make_policy
@@ -165,7 +166,8 @@ class LLMEngine:
         request_id: str | None = None,
         metadata: Any = None,
     ) -> str:
-        """Queue a request; returns its id. Raises ValueError for bad input (nothing queued)."""
+        """Queue a request; returns its id. Bad input raises :class:`RequestRejected` naming
+        it (nothing queued)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
@@ -176,17 +178,21 @@ class LLMEngine:
         ):
             token_ids = list(prompt)
         else:
-            raise TypeError("prompt must be a string or a list of token ids")
+            raise RequestRejected("prompt", "prompt must be a string or a list of token ids")
         vocab = self.model_config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            raise RequestRejected(
+                "prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            )
         if not token_ids:
-            raise ValueError("prompt is empty")
+            raise RequestRejected("prompt", "prompt is empty")
         request_id = request_id or f"req-{next(self._ids)}"
         check_id("request_id", request_id)
         if request_id in self._text:
-            raise ValueError(f"duplicate request id {request_id!r}")
+            raise RequestRejected(
+                "request_id", f"duplicate request id {request_id!r}", 409, "duplicate_request_id"
+            )
         eos = frozenset() if params.ignore_eos else self.eos_ids
         req = Request(
             request_id, token_ids, params.max_tokens, self.scheduler.clock(),
@@ -203,7 +209,7 @@ class LLMEngine:
         self._text.pop(request_id, None)
         return self.scheduler.abort(request_id) is not None
 
-    def lifecycle_event(self, event: dict) -> tuple[Disposition, dict]:
+    def lifecycle_event(self, event: LifecycleEvent | dict) -> tuple[Disposition, dict]:
         """Apply one tool-lifecycle event (``stall_started`` / ``stall_finished``, paper §8.2).
 
         Returns the disposition (``.http_status`` is what the server answers) and the body

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.limits import (
     MAX_INT32,
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
     MAX_STOP_TOKEN_IDS,
     MAX_TEMPERATURE,
-    FieldError,
     check_int,
     check_number,
     check_string,
@@ -25,11 +25,11 @@ def _check_sizes(p: SamplingParams) -> None:
     check_number("temperature", p.temperature, 0.0, MAX_TEMPERATURE)
     check_number("top_p", p.top_p, 0.0, 1.0, lo_open=True)
     if len(p.stop) > MAX_STOP_SEQUENCES:
-        raise FieldError("stop", f"stop allows at most {MAX_STOP_SEQUENCES} sequences")
+        raise RequestRejected("stop", f"stop allows at most {MAX_STOP_SEQUENCES} sequences")
     for s in p.stop:
         check_string("stop", s, MAX_STOP_CHARS, nonempty=True, label="each stop sequence")
     if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise FieldError(
+        raise RequestRejected(
             "stop_token_ids", f"stop_token_ids allows at most {MAX_STOP_TOKEN_IDS} ids"
         )
     for t in p.stop_token_ids:
@@ -47,7 +47,8 @@ class SamplingParams:
 
     Ranges: ``max_tokens`` in [1, 2**31), ``temperature`` in [0, 100], ``top_p`` in (0, 1],
     ``top_k`` in [0, 2**31), ``seed`` in [0, 2**31); at most 16 ``stop`` strings of at most
-    1024 characters each and at most 1024 ``stop_token_ids`` in [0, 2**31).
+    1024 characters each and at most 1024 ``stop_token_ids`` in [0, 2**31). A bad value
+    raises :class:`RequestRejected` naming the field.
     """
 
     max_tokens: int = 256
@@ -73,22 +74,29 @@ class SamplingParams:
             or isinstance(self.max_tokens, bool)
             or self.max_tokens < 1
         ):
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise RequestRejected(
+                "max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"
+            )
         if (
             not isinstance(self.top_k, int)
             or isinstance(self.top_k, bool)
             or not 0 <= self.top_k < 2**31
         ):
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}")
+            raise RequestRejected(
+                "top_k", f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}"
+            )
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**31):
-            raise ValueError(f"seed must be an integer in [0, 2**31), got {self.seed!r}")
+            raise RequestRejected(
+                "seed", f"seed must be an integer in [0, 2**31), got {self.seed!r}"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop must be a list of non-empty strings")
+            raise RequestRejected("stop", "stop must be a list of non-empty strings")
         if self.logprobs is not None and (
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
-            raise ValueError(
-                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            raise RequestRejected(
+                "logprobs",
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
             )
 
     @property
