@@ -24,7 +24,7 @@ from tokencake.memory.host_pool import HostBlockPool
 from tokencake.memory.kv_cache import KVCacheSpec
 from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
-from tokencake.outputs import RequestOutput, TokenLogprob
+from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
 from tokencake.runner import ModelRunner, RunnerConfig, rows_from_chunks
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
@@ -171,22 +171,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            token_ids = list(prompt)
-        else:
-            raise RequestRejected("prompt", "prompt must be a string or a list of token ids")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestRejected(
-                "prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab})"
-            )
-        if not token_ids:
-            raise RequestRejected("prompt", "prompt is empty")
+        token_ids = self.tokenize(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         check_id("request_id", request_id)
         if request_id in self._text:
@@ -203,6 +188,50 @@ class LLMEngine:
         self._text[request_id] = _TextState(params, seed, IncrementalDetokenizer(self.tokenizer))
         self.stats["prompt_tokens"] += len(token_ids)
         return request_id
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text prompt, or a token-id prompt checked against the vocabulary.
+        Bad input raises :class:`RequestRejected` on ``prompt``."""
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            token_ids = list(prompt)
+        else:
+            raise RequestRejected("prompt", "prompt must be a string or a list of token ids")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestRejected(
+                "prompt", f"token id {bad} is outside the vocabulary [0, {vocab})"
+            )
+        if not token_ids:
+            raise RequestRejected("prompt", "prompt is empty")
+        return token_ids
+
+    def tokenize_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template. A conversation
+        the template refuses (e.g. roles that must alternate) raises :class:`RequestRejected`
+        on ``messages``."""
+        import jinja2  # the chat template's own refusals are jinja2 errors
+
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt))
+        except (ValueError, TypeError, jinja2.TemplateError) as exc:
+            raise RequestRejected("messages", f"messages: {exc}") from None
+
+    def kv_stats(self) -> KVStats:
+        """Device KV pool and queue occupancy now (call from the engine's thread)."""
+        return KVStats(
+            capacity=self.pool.capacity,
+            used=self.pool.num_used,
+            cached=self.pool.num_cached,
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+        )
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a request; its blocks are freed. False if it is unknown or already done."""

@@ -16,13 +16,18 @@ Rules the handlers keep:
   server keeps serving.
 * A client that goes away (mid-stream or while waiting) aborts its request, which frees its KV
   blocks: the handler task is cancelled and leaving ``AsyncEngine.stream`` aborts.
-* All tokenization runs on the engine thread (``AsyncEngine.call``): the tokenizer is not shared
-  across threads.
+* The server reaches the engine only through ``AsyncEngine``'s named methods (``stream``,
+  ``tokenize``, ``tokenize_chat``, ``token_texts``, ``kv_stats``, ``lifecycle_event``,
+  ``alive``, ``info``); prompts are tokenized on the engine thread.
+* Bad input found anywhere (protocol, sampling parameters, engine, scheduler, metadata,
+  lifecycle) is a typed refusal (``APIError`` / ``RequestRejected``), answered by the middleware
+  in one place; nothing chooses a status by reading a message.
 """
 
 from __future__ import annotations
 
-from tokencake.server.app import DEFAULT_MAX_BODY_BYTES, build_app, lifecycle_handler
+from tokencake.async_engine import lifecycle_handler
+from tokencake.server.app import DEFAULT_MAX_BODY_BYTES, build_app
 from tokencake.server.errors import APIError
 from tokencake.server.openapi import openapi_spec
 from tokencake.server.run import (

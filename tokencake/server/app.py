@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import jinja2
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -23,7 +22,7 @@ from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.lifecycle import Disposition
 from tokencake.server.errors import APIError, bad, fault_error, rejection_error
-from tokencake.server.metrics import kv_snapshot, record
+from tokencake.server.metrics import record
 from tokencake.server.openapi import openapi_spec
 from tokencake.server.protocol import GenerationRequest, parse_chat, parse_completion, parse_event
 from tokencake.server.responses import close_stream, final_body, stream_response
@@ -128,7 +127,7 @@ async def _json_body(request: web.Request) -> Any:
 
 async def health(request: web.Request) -> web.Response:
     st = state_of(request)
-    if not st.engine_alive():
+    if not st.engine.alive:
         return web.json_response({"status": "error", "reason": "engine stopped"}, status=503)
     if st.draining:
         return web.json_response({"status": "draining"}, status=503)
@@ -150,15 +149,9 @@ async def models(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     st = state_of(request)
     m = st.metrics
-    m.engine_up.set(1 if st.engine_alive() else 0)
+    m.engine_up.set(1 if st.engine.alive else 0)
     with contextlib.suppress(EngineDeadError, TimeoutError):  # serve stale gauges, not an error
-        snap = await asyncio.wait_for(st.engine.call(kv_snapshot), timeout=5.0)
-        m.kv_capacity.set(snap["capacity"])
-        m.kv_used.set(snap["used"])
-        m.kv_cached.set(snap["cached"])
-        m.kv_usage.set(snap["usage"])
-        m.waiting.set(snap["waiting"])
-        m.running.set(snap["running"])
+        m.set_kv(await asyncio.wait_for(st.engine.kv_stats(), timeout=5.0))
     return web.Response(
         body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
@@ -186,17 +179,8 @@ async def events(request: web.Request) -> web.Response:
     ev = parse_event(await _json_body(request))
     request[REQUEST_ID_KEY] = ev.lifecycle_id
 
-    def apply(engine: Any) -> tuple[Disposition, dict[str, Any]]:
-        fn = lifecycle_handler(engine)
-        if fn is None:
-            return Disposition.UNAVAILABLE, {
-                "error": "lifecycle events are not supported by this engine"
-            }
-        disposition, out = fn(ev)
-        return Disposition(getattr(disposition, "value", disposition)), dict(out or {})
-
     try:
-        disposition, out = await asyncio.wait_for(st.engine.call(apply), timeout=30.0)
+        disposition, out = await asyncio.wait_for(st.engine.lifecycle_event(ev), timeout=30.0)
     except TimeoutError:
         raise APIError(503, "the engine did not answer in time", None) from None
     st.metrics.events.labels(ev.event, disposition.value).inc()
@@ -225,40 +209,12 @@ _EVENT_MESSAGES = {
 }
 
 
-def lifecycle_handler(engine: Any) -> Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]] | None:
-    """The engine's lifecycle-event entry point (on the engine, else on its scheduler)."""
-    fn = getattr(engine, "lifecycle_event", None)
-    if fn is None:
-        fn = getattr(getattr(engine, "scheduler", None), "lifecycle_event", None)
-    return fn
-
-
 # ---- generation --------------------------------------------------------------------------------
 async def _tokenize(st: State, p: GenerationRequest) -> list[int]:
     """Token ids of the prompt, computed on the engine thread (which owns the tokenizer)."""
-    param = "messages" if p.chat else "prompt"
-
-    def run(engine: Any) -> list[int]:
-        if p.chat:
-            return list(
-                engine.tokenizer.apply_chat_template(
-                    p.messages, add_generation_prompt=p.add_generation_prompt
-                )
-            )
-        if isinstance(p.prompt, str):
-            return list(engine.tokenizer.encode(p.prompt))
-        ids = list(p.prompt)  # type: ignore[arg-type]
-        vocab = engine.model_config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        return ids
-
-    try:
-        return await st.engine.call(run)
-    except (ValueError, TypeError, jinja2.TemplateError) as exc:
-        # Chat templates reject some conversations themselves (e.g. roles that must alternate).
-        raise bad(f"{param}: {exc}", param) from None
+    if p.chat:
+        return await st.engine.tokenize_chat(p.messages or [], p.add_generation_prompt)
+    return await st.engine.tokenize(p.prompt or "")
 
 
 def _sampling(st: State, p: GenerationRequest, n_prompt: int) -> SamplingParams:
@@ -292,7 +248,7 @@ def _sampling(st: State, p: GenerationRequest, n_prompt: int) -> SamplingParams:
 async def _generate(request: web.Request, st: State, p: GenerationRequest) -> web.StreamResponse:
     if st.draining:
         raise APIError(503, "the server is shutting down", None)
-    if not st.engine_alive():
+    if not st.engine.alive:
         raise EngineDeadError("engine stopped")
     request[REQUEST_ID_KEY] = p.request_id
     request[WIRE_NAMES_KEY] = p.wire_names

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tokencake.outputs import RequestOutput
+from tokencake.outputs import KVStats, RequestOutput
 
 
 class Metrics:
@@ -82,18 +81,14 @@ class Metrics:
             "tokencake_engine_up", "1 while the engine thread serves.", registry=r
         )
 
-
-def kv_snapshot(engine: Any) -> dict[str, float]:
-    pool = engine.pool
-    cap = pool.capacity
-    return {
-        "capacity": cap,
-        "used": pool.num_used,
-        "cached": pool.num_cached,
-        "usage": pool.num_used / cap if cap else 0.0,
-        "waiting": len(engine.scheduler.waiting),
-        "running": len(engine.scheduler.running),
-    }
+    def set_kv(self, kv: KVStats) -> None:
+        """Gauges of the device KV pool and the scheduler queues."""
+        self.kv_capacity.set(kv.capacity)
+        self.kv_used.set(kv.used)
+        self.kv_cached.set(kv.cached)
+        self.kv_usage.set(kv.usage)
+        self.waiting.set(kv.waiting)
+        self.running.set(kv.running)
 
 
 def record(m: Metrics, chat: bool, final: RequestOutput, start: float) -> None:

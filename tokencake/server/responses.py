@@ -35,8 +35,7 @@ def _usage(out: RequestOutput) -> dict[str, Any]:
 
 
 def _token_text(st: State, tid: int) -> str:
-    # A read-only decode; the engine thread only decodes too, so sharing is safe.
-    return st.engine.engine.tokenizer.decode([int(tid)])
+    return st.engine.token_texts([tid])[0]
 
 
 def _completion_logprobs(st: State, lps: list[TokenLogprob], text_offset: int) -> dict[str, Any]:

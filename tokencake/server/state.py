@@ -38,12 +38,12 @@ class State:
         self.idle = asyncio.Event()
         self.idle.set()
         self.draining = False
-        self.model_name = engine.engine.model_name
-        self.max_model_len = engine.engine.max_model_len
-        pool = engine.engine.pool
+        info = engine.info
+        self.model_name = info.model_name
+        self.max_model_len = info.max_model_len
         # The most tokens one sequence can ever hold in KV: bounds the default max_tokens too.
-        self.max_seq_tokens = min(self.max_model_len, pool.capacity * pool.block_size)
-        self.vocab_size = engine.engine.model_config.vocab_size
+        self.max_seq_tokens = info.max_seq_tokens
+        self.vocab_size = info.vocab_size
         self.created = int(time.time())
 
     def begin(self) -> None:
@@ -56,10 +56,6 @@ class State:
         self.metrics.in_flight.set(self.in_flight)
         if self.in_flight == 0:
             self.idle.set()
-
-    def engine_alive(self) -> bool:
-        e = self.engine
-        return e.error is None and e._thread.is_alive()
 
 
 def state_of(request: web.Request) -> State:
