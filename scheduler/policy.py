@@ -139,6 +139,11 @@ class Policy:
         if done or failed:
             raise ValueError(f"completion of unknown copy {(list(done) + list(failed))[0].tag!r}")
 
+    def check_request(self, request: Request, now: float) -> None:
+        """Recompute, uncached and for ``request`` alone, everything this policy derives from
+        its data; raise if any of it fails. The scheduler calls it on every live request when
+        a batch-wide phase raised without naming a request, to find the culprit."""
+
 
 class VLLMPolicy(Policy):
     """Explicit name for the baseline."""

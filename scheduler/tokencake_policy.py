@@ -15,6 +15,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.policy import Admission, Policy, PolicyContext
@@ -90,8 +91,15 @@ class TokencakePolicy(Policy):
         if self.space is not None:
             self.space.begin_step(now, running, waiting, self.committed_blocks(now))
         if self.time is not None:
+            ts = self.time
             pressure = lambda: self._pressure(now, running, waiting)  # noqa: E731
-            self.time.tick(now, waiting, running, pressure, self._agent_score)
+            try:
+                ts.tick(now, waiting, running, pressure, self._agent_score)
+            except Exception as exc:
+                # The tick works lifecycle by lifecycle: the one it was on is the culprit.
+                if ts.current is None or isinstance(exc, RequestFault):
+                    raise
+                raise RequestFault(ts.current, "the Time Scheduler", exc) from exc
             if self.space is not None:  # the tick's pins, uploads and releases moved capacity
                 self.space.refresh_uncommitted(running, self.committed_blocks(now))
 
@@ -184,6 +192,10 @@ class TokencakePolicy(Policy):
         bs = self.ctx.pool.block_size
         return {r.request_id: len(host.lookup_prefix(r._block_hashes[: r.num_computed_tokens // bs])) * bs
                 for r in running}  # fmt: skip
+
+    def check_request(self, request: Request, now: float) -> None:
+        if self.space is not None:
+            self.space.check_request(request, now)
 
     def on_preempted(self, request: Request) -> None:
         if self.space is not None:
