@@ -85,13 +85,15 @@ class AsyncEngine:
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:
-                    # A failed step must not take the server down: fail the requests that were
-                    # in flight (their blocks are freed by abort) and keep serving new ones.
+                    # The engine isolates faults per request (a request's bad data aborts that
+                    # request, a failed device step its rows); what still escapes is a fault no
+                    # request explains. Fail the requests in flight (abort frees their blocks)
+                    # and keep serving new ones rather than take the server down.
                     log.exception("engine step failed; aborting in-flight requests")
                     self._fail_all(exc)
                     continue
                 for out in outputs:
-                    self._deliver(out.request_id, out)
+                    self._deliver(out.request_id, out if out.error is None else out.error)
         except BaseException as exc:  # the thread must report, not vanish
             log.exception("engine loop crashed")
             self.error = exc

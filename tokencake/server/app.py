@@ -21,8 +21,9 @@ from tokencake.outputs import RequestOutput
 from tokencake.responses_api import ResponseStore
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.lifecycle import Disposition
-from tokencake.server.errors import APIError, bad, rejection_error
+from tokencake.server.errors import APIError, bad, fault_error, rejection_error
 from tokencake.server.metrics import record
 from tokencake.server.openapi import openapi_spec
 from tokencake.server.protocol import GenerationRequest, parse_chat, parse_completion, parse_event
@@ -65,6 +66,10 @@ async def _errors_and_logs(request: web.Request, handler: Handler) -> web.Stream
         return APIError(400, str(exc), exc.param).response()
     except RequestRejected as exc:  # raised where the problem was found; mapped here, once
         err = rejection_error(exc, request.get(WIRE_NAMES_KEY, {}))
+        status = err.status
+        return err.response()
+    except RequestFault as exc:  # the request's own data broke the engine: it alone failed
+        err = fault_error(exc)
         status = err.status
         return err.response()
     except web.HTTPException as exc:

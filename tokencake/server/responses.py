@@ -15,7 +15,8 @@ from aiohttp import web
 from tokencake.async_engine import EngineDeadError
 from tokencake.outputs import RequestOutput, TokenLogprob
 from tokencake.sampling_params import SamplingParams
-from tokencake.server.errors import APIError
+from tokencake.scheduler.faults import RequestFault
+from tokencake.server.errors import APIError, fault_error
 from tokencake.server.metrics import record
 from tokencake.server.protocol import GenerationRequest
 from tokencake.server.state import State
@@ -241,6 +242,8 @@ async def stream_response(
         # Headers are out: report in-band, as OpenAI does, then end the stream.
         if isinstance(exc, EngineDeadError):
             err = APIError(503, "the engine is not running", None)
+        elif isinstance(exc, RequestFault):
+            err = fault_error(exc)
         else:
             log.exception(json.dumps({"event": "stream_error", "request_id": p.request_id}))
             err = APIError(500, "internal server error", None)
