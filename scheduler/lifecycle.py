@@ -20,6 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.limits import (
+    MAX_ESTIMATED_DURATION_S,
+    MAX_NAME_CHARS,
+    check_id,
+    check_number,
+    check_string,
+)
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.predictor import DurationPredictor
 from tokencake.scheduler.tokencake_config import TimeConfig
@@ -60,6 +67,14 @@ class LifecycleState(enum.Enum):
     TERMINAL = "terminal"
 
 
+def _valid_id(lid: Any) -> bool:
+    try:
+        check_id("lifecycle_id", lid)
+    except RequestRejected:
+        return False
+    return True
+
+
 _START_KEYS = {"event", "lifecycle_id", "kind", "estimated_duration_s"}
 _FINISH_KEYS = {"event", "lifecycle_id"}
 
@@ -87,22 +102,17 @@ class LifecycleEvent:
         extra = sorted(set(body) - (_START_KEYS if name == "stall_started" else _FINISH_KEYS))
         if extra:
             raise RequestRejected(extra[0], f"unexpected field {extra[0]!r} for event {name!r}")
-        lid = body.get("lifecycle_id")
-        if not isinstance(lid, str) or not lid:
-            raise RequestRejected("lifecycle_id", "field 'lifecycle_id' must be a non-empty string")
-        kind = body.get("kind", "stall")
-        if not isinstance(kind, str) or not kind:
-            raise RequestRejected("kind", "field 'kind' must be a non-empty string")
-        estimate = body.get("estimated_duration_s")
-        if "estimated_duration_s" in body and (
-            not isinstance(estimate, (int, float)) or isinstance(estimate, bool)
-            or not math.isfinite(estimate) or estimate <= 0
-        ):  # fmt: skip
-            raise RequestRejected(
-                "estimated_duration_s",
-                "field 'estimated_duration_s' must be a finite number > 0 (omit it if unknown)",
-            )
-        return cls(name, lid, kind, None if estimate is None else float(estimate))
+        lid = check_id("lifecycle_id", body.get("lifecycle_id"), label="field 'lifecycle_id'")
+        kind = check_string("kind", body.get("kind", "stall"), MAX_NAME_CHARS, nonempty=True,
+                            label="field 'kind'")  # fmt: skip
+        estimate = None
+        if "estimated_duration_s" in body:  # ints are bounded before any float conversion
+            estimate = check_number(
+                "estimated_duration_s", body["estimated_duration_s"], 0.0,
+                MAX_ESTIMATED_DURATION_S, lo_open=True,
+                label="field 'estimated_duration_s' (omit it if unknown)",
+            )  # fmt: skip
+        return cls(name, lid, kind, estimate)
 
 
 @dataclass
@@ -162,7 +172,7 @@ class Lifecycle:
         self.clock = clock
         self.config = config or TimeConfig()
         self.predictor = predictor or DurationPredictor(
-            self.config.ewma_alpha, self.config.default_stall_s
+            self.config.ewma_alpha, self.config.default_stall_s, clock=clock
         )
         self.records: dict[str, LifecycleRecord] = {}
         self.listeners: list[Listener] = []
@@ -253,11 +263,13 @@ class Lifecycle:
                 event = LifecycleEvent.parse(event)
             except RequestRejected as exc:
                 body = event if isinstance(event, dict) else {}
-                return Disposition.INVALID, {
-                    "lifecycle_id": body.get("lifecycle_id"),
-                    "event": body.get("event"),
+                lid, name = body.get("lifecycle_id"), body.get("event")
+                return Disposition.INVALID, {  # never echo a huge or non-string value back
+                    "lifecycle_id": lid if _valid_id(lid) else None,
+                    "event": name if name in ("stall_started", "stall_finished") else None,
                     "disposition": "invalid",
                     "error": exc.message,
+                    "param": exc.param,
                 }
         name, lid = event.event, event.lifecycle_id
         if not self.available:
@@ -329,6 +341,23 @@ class Lifecycle:
         rec.finish_seen = True
         self._terminate(rec, "finished", now)
         return Disposition.APPLIED
+
+    def fail(self, lifecycle_id: str) -> None:
+        """End a lifecycle whose data made the engine fail (cause ``error``); the listeners
+        release whatever they hold for it."""
+        rec = self.records.get(lifecycle_id)
+        if rec is not None and not rec.terminal:
+            self._terminate(rec, "error", self.clock())
+
+    def check_record(self, rec: LifecycleRecord) -> None:
+        """Raise if a record holds data the schedulers cannot use (the fault probe)."""
+        rec.metadata.validate()
+        for name in ("predicted", "h2d_estimate"):
+            v = getattr(rec, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"lifecycle {name} is {v!r}")
+        if rec.estimate is not None and not 0 < rec.estimate <= MAX_ESTIMATED_DURATION_S:
+            raise ValueError(f"lifecycle estimate is {rec.estimate!r}")
 
     def reset(self) -> None:
         """Host-tier reset: every live lifecycle ends as ``reset`` (history is kept)."""

@@ -9,6 +9,7 @@ import pytest
 
 from tokencake.async_engine import AsyncEngine
 from tokencake.sampling_params import SamplingParams
+from tokencake.scheduler.faults import StepFailed
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ def test_failing_step_fails_requests_but_engine_keeps_serving(async_engine):
 
     async def main():
         params = SamplingParams(max_tokens=8, ignore_eos=True)
-        with pytest.raises(RuntimeError, match="internal error"):
+        with pytest.raises(StepFailed, match="engine step failed"):
             await async_engine.generate("first", params)
         out = await async_engine.generate("second", params)
         assert out.finished and len(out.token_ids) == 8

@@ -22,6 +22,7 @@ from tokencake.errors import EngineDeadError
 from tokencake.outputs import KVStats, RequestOutput
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
+from tokencake.toolcall.request import ToolRequest
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,15 @@ class AsyncEngine:
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:
-                    # A failed step must not take the server down: fail the requests that were
-                    # in flight (their blocks are freed by abort) and keep serving new ones.
+                    # The engine isolates faults per request (a request's bad data aborts that
+                    # request, a failed device step its rows); what still escapes is a fault no
+                    # request explains. Fail the requests in flight (abort frees their blocks)
+                    # and keep serving new ones rather than take the server down.
                     log.exception("engine step failed; aborting in-flight requests")
                     self._fail_all(exc)
                     continue
                 for out in outputs:
-                    self._deliver(out.request_id, out)
+                    self._deliver(out.request_id, out if out.error is None else out.error)
         except BaseException as exc:  # the thread must report, not vanish
             log.exception("engine loop crashed")
             self.error = exc
@@ -223,10 +226,16 @@ class AsyncEngine:
         return await self.call(lambda e: e.tokenize(prompt))
 
     async def tokenize_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tool_request: ToolRequest | None = None,
     ) -> list[int]:
-        """Token ids of a conversation under the model's chat template (engine thread)."""
-        return await self.call(lambda e: e.tokenize_chat(messages, add_generation_prompt))
+        """Token ids of a conversation under the model's chat template (engine thread);
+        ``tool_request`` adds tools, calls and results (see :meth:`LLMEngine.tokenize_chat`)."""
+        return await self.call(
+            lambda e: e.tokenize_chat(messages, add_generation_prompt, tool_request)
+        )
 
     def token_texts(self, token_ids: Sequence[int]) -> list[str]:
         """The text of each token on its own (logprob entries). Callable from any thread: the

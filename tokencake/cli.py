@@ -118,7 +118,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = listen_socket(args.host, args.port)  # before JAX loads: a taken port fails at once
     from tokencake.server.run import run_server
 
-    run_server(config, args.host, args.port, args.api_key, log_format=args.log_format, sock=sock)
+    run_server(
+        config,
+        args.host,
+        args.port,
+        args.api_key,
+        log_format=args.log_format,
+        sock=sock,
+        lenient=args.lenient,
+    )
     return 0
 
 
@@ -171,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' (also $TOKENCAKE_API_KEY)",
+    )
+    serve.add_argument(
+        "--lenient",
+        action="store_true",
+        help="ignore unknown request fields (default: refuse the request, listing every one)",
     )
     serve.set_defaults(func=cmd_serve)
     return parser

@@ -28,6 +28,9 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # Set when the request was aborted by a failure: a RequestFault (its own data broke the
+    # scheduler, a policy or postprocessing) or a StepFailed (the device step it was in failed).
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.faults import RequestFault
 
 
 class APIError(Exception):
@@ -70,3 +71,9 @@ def rejection_error(exc: RequestRejected, wire_names: Mapping[str, str]) -> APIE
         head, dot, rest = param.partition(".")
         param = wire_names.get(head, head) + dot + rest
     return APIError(exc.status, exc.message, param, code=exc.code)
+
+
+def fault_error(exc: RequestFault) -> APIError:
+    """The HTTP answer to a request aborted by its own data (accepted, then found unusable by
+    the scheduler, a policy or postprocessing): a 400, never a 5xx; other requests ran on."""
+    return APIError(exc.status, exc.message, None, code="request_fault")
