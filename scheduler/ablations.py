@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+from tokencake.scheduler.policy import Policy, PolicyContext
 from tokencake.scheduler.tokencake_config import TokencakeConfig
 
 #: name suffix -> (SpaceConfig changes, TimeConfig changes)
@@ -23,12 +25,24 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def ablation_config(suffix: str) -> TokencakeConfig:
-    """The default :class:`TokencakeConfig` with the ``suffix`` mechanism changed."""
+def ablation_config(suffix: str, base: TokencakeConfig | None = None) -> TokencakeConfig:
+    """``base`` (default: the defaults) with the ``suffix`` mechanism changed."""
     space, time = ABLATIONS[suffix]
-    c = TokencakeConfig()
+    c = base or TokencakeConfig()
     return dataclasses.replace(
         c,
         scheduling=dataclasses.replace(c.scheduling, **space),
         offload=dataclasses.replace(c.offload, **time),
     )
+
+
+def ablation_policy(suffix: str) -> Callable[[PolicyContext], Policy]:
+    """Factory of ``tokencake-<suffix>``: Tokencake on the context's config, one change."""
+    from tokencake.scheduler.tokencake_policy import TokencakePolicy
+
+    def make(ctx: PolicyContext) -> Policy:
+        return TokencakePolicy(
+            dataclasses.replace(ctx, tokencake=ablation_config(suffix, ctx.tokencake))
+        )
+
+    return make

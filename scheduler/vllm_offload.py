@@ -13,8 +13,6 @@ It shows how much of Tokencake's win is merely having host memory.
 
 from __future__ import annotations
 
-from typing import Any
-
 from tokencake.scheduler.policy import VLLMPolicy
 from tokencake.scheduler.request import Request
 
@@ -24,36 +22,9 @@ class VLLMOffloadPolicy(VLLMPolicy):
 
     name = "vllm-offload"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.sched: Any = None
-
-    def bind(self, scheduler: Any) -> None:
-        self.sched = scheduler
-
-    def preemption_mode(self, victim: Request) -> str:
+    def preemption_mode(self, victim: Request) -> str | None:
         """Swap: a victim's full blocks go to the host tier before they are released."""
-        return "swap"
+        return "swap" if self.ctx.host_pool is not None else None
 
-    def on_finished(self, request: Request) -> None:
-        super().on_finished(request)
-        self.write_back(request)
-
-    def write_back(self, request: Request) -> None:
-        """See :func:`write_back`."""
-        write_back(self.sched, request)
-
-
-def write_back(sched: Any, request: Request) -> None:
-    """Copy the full blocks of ``request``'s computed tokens that are still cached on the
-    device (it has just released them) and that the host tier lacks (LRU there)."""
-    if sched is None or sched.host_pool is None:
-        return
-    pool = sched.pool
-    bs = pool.block_size
-    hashes = request.block_hashes(bs)[: max(0, request.num_computed_tokens) // bs]
-    q, h = pool.queries, pool.hits  # a write-back is not a cache lookup
-    blocks = pool.lookup_prefix(hashes)
-    pool.queries, pool.hits = q, h
-    if blocks:
-        sched.offload_blocks(blocks, hashes[: len(blocks)], request.request_id, retain=False)
+    def writes_back(self, request: Request) -> bool:
+        return True

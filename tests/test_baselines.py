@@ -19,7 +19,7 @@ from bench.presets import a800_qwen25_14b
 from bench.run import FLOOR, floor_preset, main, run_sim
 from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
-from tokencake.scheduler.policy import Policy, VLLMPolicy
+from tokencake.scheduler.policy import Admission, Policy, VLLMPolicy
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
 
@@ -27,7 +27,7 @@ CFG = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_prefill_chu
                       max_prefill_seqs=4, max_model_len=64)  # fmt: skip
 
 
-def _sched(policy: Policy, blocks: int, prefix_cache: bool = True) -> Scheduler:
+def _sched(policy: type[Policy], blocks: int, prefix_cache: bool = True) -> Scheduler:
     clock = SimClock()
     pool = BlockPool(blocks + 1, 4, enable_prefix_cache=prefix_cache)  # +1: the dummy page
     return Scheduler(CFG, pool, policy, clock)
@@ -37,7 +37,7 @@ def _req(rid: str, n: int, max_tokens: int, t: float = 0.0) -> Request:
     return Request(rid, [100 + i for i in range(n)], max_tokens, t)
 
 
-@pytest.mark.parametrize("policy, admitted", [(VLLMPolicy(), ["a"]), (Policy(), ["a", "b"])])
+@pytest.mark.parametrize("policy, admitted", [(VLLMPolicy, ["a"]), (Policy, ["a", "b"])])
 def test_full_sequence_admission(policy, admitted):
     """8 blocks of 4 tokens. a (20 tokens = 5 blocks) is admitted; its first chunk (16 tokens,
     the per-request chunk limit) takes 4 blocks, 4 stay free. b has 28 tokens = 7 blocks: its
@@ -54,14 +54,14 @@ def test_full_sequence_admission(policy, admitted):
 
 def test_full_sequence_admission_counts_the_prefix_hit():
     """A request whose cached prefix covers most of it needs only the rest to be free."""
-    p = VLLMPolicy()
-    pool = BlockPool(9, 4)
+    s = _sched(VLLMPolicy, 8)
+    p, pool = s.policy, s.pool
     r = _req("r", 24, 4)  # 6 blocks, 4 of them already held (e.g. a prefix hit)
     r.block_ids = pool.allocate(4)
     assert pool.num_free == 4
-    assert p.can_admit(r, 1, pool, [])  # 6 - 4 = 2 <= 4
+    assert p.admit(r, 1, []) is Admission.ADMIT  # 6 - 4 = 2 <= 4
     r2 = _req("r2", 40, 4)  # 10 blocks, none held
-    assert not p.can_admit(r2, 1, pool, [])
+    assert p.admit(r2, 1, []) is Admission.STOP
 
 
 def test_last_admitted_is_preempted_even_if_it_is_the_needy_one():
@@ -69,7 +69,7 @@ def test_last_admitted_is_preempted_even_if_it_is_the_needy_one():
     step 1 and fill the pool (a: 2 blocks for 7 tokens, b: 4 blocks for 17 tokens). In step 2
     b needs a 5th block for its 17th token: vllm pops the last admitted running request, which
     is b itself; the old rule (newest *other* request by arrival) preempted a."""
-    for policy, victim in ((VLLMPolicy(), "b"), (Policy(), "a")):
+    for policy, victim in ((VLLMPolicy, "b"), (Policy, "a")):
         s = _sched(policy, 6)
         ex = SimExecutor(s.clock)
         s.add_request(_req("a", 6, 8))
@@ -82,12 +82,12 @@ def test_last_admitted_is_preempted_even_if_it_is_the_needy_one():
 
 def test_vllm_victim_is_by_admission_not_arrival():
     """A request that arrived first but was re-admitted last is the one vllm pops."""
-    p = VLLMPolicy()
+    p = _sched(VLLMPolicy, 8).policy
     a, b, c = _req("a", 4, 4, 0.0), _req("b", 4, 4, 1.0), _req("c", 4, 4, 2.0)
     for r in (b, c, a):  # a was preempted earlier and came back last
         p.on_admitted(r, 0.0)
     assert p.choose_victim([a, b, c], b) is a
-    assert Policy().choose_victim([a, b, c], b) is c  # the old rule: newest arrival
+    assert _sched(Policy, 8).policy.choose_victim([a, b, c], b) is c  # old rule: newest arrival
 
 
 def _executed_and_first_pass(s: Scheduler, ex: SimExecutor, reqs: list[Request]) -> tuple:
@@ -112,7 +112,7 @@ def test_recomputed_tokens_by_hand_and_independent_count(prefix_cache, expected)
     finishes in the same step (2 output tokens). Without a prefix cache b computes those 16
     again (recomputed 16; the old counter also said 16). With one, b's four full blocks are
     still cached when it resumes: it re-executes nothing (the old counter said 16)."""
-    s = _sched(VLLMPolicy(), 6, prefix_cache)
+    s = _sched(VLLMPolicy, 6, prefix_cache)
     ex = SimExecutor(s.clock)
     a, b = _req("a", 6, 2), _req("b", 16, 3, t=0.1)
     s.add_request(a)

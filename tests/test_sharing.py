@@ -6,7 +6,6 @@ import pytest
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
-from tokencake.scheduler.policies import make_policy
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sharing import inflight_hashes, waits_for_inflight
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
@@ -39,7 +38,7 @@ def test_siblings_compute_their_shared_prefix_once(policy, prefix_computations):
     clock = SimClock()
     cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_prefill_chunk=256,
                           max_prefill_seqs=4, max_model_len=256)  # fmt: skip
-    s = Scheduler(cfg, BlockPool(64, 16), make_policy(policy), clock)
+    s = Scheduler(cfg, BlockPool(64, 16), policy, clock)
     ex = SimExecutor(clock)
     sibs = [_sibling(i) for i in range(3)]
     for r in sibs:

@@ -24,15 +24,19 @@ from tokencake.memory.host_pool import HostBlockPool
 from tokencake.memory.kv_cache import KVCacheSpec
 from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
-from tokencake.outputs import RequestOutput, TokenLogprob
-from tokencake.runner import ModelRunner, RunnerConfig, rows_from_chunks
+from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
+from tokencake.runner import ModelRunner, rows_from_chunks
 from tokencake.sampling_params import SamplingParams
-from tokencake.scheduler.core import Scheduler, SchedulerConfig
-from tokencake.scheduler.lifecycle import Disposition
+from tokencake.scheduler.core import Scheduler
+from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.faults import RequestFault, StepFailed, blame
+from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
+from tokencake.scheduler.limits import check_id
 from tokencake.scheduler.plan import BlockCopy
-from tokencake.scheduler.policies import make_policy
-from tokencake.scheduler.policy import Policy
+from tokencake.scheduler.policy import PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
+from tokencake.toolcall.render import render_prompt
+from tokencake.toolcall.request import ToolRequest
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +66,12 @@ class LLMEngine:
         tokenizer: Tokenizer | None = None,
         model_name: str | None = None,
         clock: Callable[[], float] | None = None,
-        policy: Policy | None = None,
+        policy: PolicyFactory | None = None,
     ) -> None:
         """``clock`` (default ``time.monotonic``) drives the scheduler, the tool lifecycles and
         request arrival times, so tests can step the Time Scheduler deterministically;
-        ``policy`` replaces ``make_policy(config.policy)`` (e.g. a TokencakePolicy with a
-        non-default TokencakeConfig)."""
+        ``policy`` (a factory taking the scheduler's ``PolicyContext``) replaces the policy
+        registered as ``config.policy``, e.g. one not in the registry."""
         self.config = config or EngineConfig()
         if self.config.distributed:
             _init_distributed()
@@ -86,21 +90,7 @@ class LLMEngine:
             int(cfg.kv_cache_gib * 2**30), model_config.num_layers, cfg.page_size,
             model_config.num_kv_heads, model_config.head_dim, cfg.dtype,
         )  # fmt: skip
-        self.runner = ModelRunner(
-            model_config,
-            params,
-            RunnerConfig(
-                num_pages=num_pages,
-                page_size=cfg.page_size,
-                max_model_len=max_len,
-                max_num_seqs=cfg.max_num_seqs,
-                max_prefill_chunk=cfg.max_prefill_chunk,
-                max_prefill_seqs=cfg.max_prefill_seqs,
-                dtype=cfg.dtype,
-                attention_backend=cfg.attention_backend,
-                tensor_parallel_size=cfg.tensor_parallel_size,
-            ),  # fmt: skip
-        )
+        self.runner = ModelRunner(model_config, params, cfg.runner_config(num_pages, max_len))
         self.pool = BlockPool(num_pages, cfg.page_size, cfg.enable_prefix_cache)
         self.cost_model = CostModel(self.runner.kv_spec.bytes_per_page)
         self.host_pool: HostBlockPool | None = None
@@ -109,33 +99,27 @@ class LLMEngine:
         if cfg.host_kv_gib > 0:
             self._build_host_tier()
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=cfg.max_num_seqs,
-                max_num_batched_tokens=cfg.max_num_batched_tokens,
-                max_prefill_chunk=cfg.max_prefill_chunk,
-                max_prefill_seqs=cfg.max_prefill_seqs,
-                max_model_len=max_len,
-                preemption_mode=cfg.preemption_mode,
-            ),  # fmt: skip
-            self.pool,
-            policy if policy is not None else make_policy(cfg.policy),
-            clock=clock,
-            host_pool=self.host_pool,
-        )
-        self.scheduler.cost_model = self.cost_model  # Time Scheduler transfer/recompute costs
+            cfg.scheduler_config(max_len), self.pool, policy or cfg.policy, clock,
+            self.host_pool, cost_model=self.cost_model, tokencake=cfg.tokencake,
+        )  # fmt: skip
         self.eos_ids = frozenset(model_config.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
         if cfg.warmup:
-            self.runner.warmup()
-            if self.transfer is not None:
-                self.transfer.warmup()
-            if cfg.policy != "vllm" or self.transfer is not None:
-                # Only the agent-aware policies and the host tier consult recompute costs;
-                # profiling costs seconds of start-up, so the FCFS baseline skips it.
-                self.cost_model.profile_recompute(self.runner)
+            self.warmup()
+
+    def warmup(self, progress: bool = False) -> None:
+        """Compile every step and transfer shape (``progress``: a bar on stderr) and profile
+        recompute costs where they are used. Runs at construction unless ``warmup=False``."""
+        self.runner.warmup(progress=progress)
+        if self.transfer is not None:
+            self.transfer.warmup()
+        if self.config.policy != "vllm" or self.transfer is not None:
+            # Only the agent-aware policies and the host tier consult recompute costs;
+            # profiling costs seconds of start-up, so the FCFS baseline skips it.
+            self.cost_model.fit_recompute(self.runner.recompute_samples())
 
     def _build_host_tier(self) -> None:
         """Host block pool, host KV arrays (allocated once) and the transfer engine."""
@@ -163,27 +147,18 @@ class LLMEngine:
         request_id: str | None = None,
         metadata: Any = None,
     ) -> str:
-        """Queue a request; returns its id. Raises ValueError for bad input (nothing queued)."""
+        """Queue a request; returns its id. Bad input raises :class:`RequestRejected` naming
+        it (nothing queued)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            token_ids = list(prompt)
-        else:
-            raise TypeError("prompt must be a string or a list of token ids")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if not token_ids:
-            raise ValueError("prompt is empty")
+        token_ids = self.tokenize(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
+        check_id("request_id", request_id)
         if request_id in self._text:
-            raise ValueError(f"duplicate request id {request_id!r}")
+            raise RequestRejected(
+                "request_id", f"duplicate request id {request_id!r}", 409, "duplicate_request_id"
+            )
         eos = frozenset() if params.ignore_eos else self.eos_ids
         req = Request(
             request_id, token_ids, params.max_tokens, self.scheduler.clock(),
@@ -195,12 +170,71 @@ class LLMEngine:
         self.stats["prompt_tokens"] += len(token_ids)
         return request_id
 
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text prompt, or a token-id prompt checked against the vocabulary.
+        Bad input raises :class:`RequestRejected` on ``prompt``."""
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            token_ids = list(prompt)
+        else:
+            raise RequestRejected("prompt", "prompt must be a string or a list of token ids")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestRejected(
+                "prompt", f"token id {bad} is outside the vocabulary [0, {vocab})"
+            )
+        if not token_ids:
+            raise RequestRejected("prompt", "prompt is empty")
+        return token_ids
+
+    def tokenize_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tool_request: ToolRequest | None = None,
+    ) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template. With a
+        ``tool_request`` its validated conversation (tool calls and results included) and tools
+        are rendered instead, through the template or the fallback prompt
+        (:mod:`tokencake.toolcall.render`). A conversation the template refuses (e.g. roles
+        that must alternate) raises :class:`RequestRejected` on ``messages``."""
+        import jinja2  # the chat template's own refusals are jinja2 errors
+
+        try:
+            if tool_request is None:
+                return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt))
+            text, _ = render_prompt(
+                self.tokenizer,
+                list(tool_request.messages),
+                tool_request.tools,
+                tool_request.choice,
+                add_generation_prompt,
+            )
+            # Templates write BOS/special tokens themselves: no post-processor additions.
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        except (ValueError, TypeError, jinja2.TemplateError) as exc:
+            raise RequestRejected("messages", f"messages: {exc}") from None
+
+    def kv_stats(self) -> KVStats:
+        """Device KV pool and queue occupancy now (call from the engine's thread)."""
+        return KVStats(
+            capacity=self.pool.capacity,
+            used=self.pool.num_used,
+            cached=self.pool.num_cached,
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+        )
+
     def abort_request(self, request_id: str) -> bool:
         """Abort a request; its blocks are freed. False if it is unknown or already done."""
         self._text.pop(request_id, None)
         return self.scheduler.abort(request_id) is not None
 
-    def lifecycle_event(self, event: dict) -> tuple[Disposition, dict]:
+    def lifecycle_event(self, event: LifecycleEvent | dict) -> tuple[Disposition, dict]:
         """Apply one tool-lifecycle event (``stall_started`` / ``stall_finished``, paper §8.2).
 
         Returns the disposition (``.http_status`` is what the server answers) and the body
@@ -220,42 +254,66 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine iteration; returns outputs for every request that progressed or ended."""
+        """One engine iteration; returns outputs for every request that progressed or ended.
+
+        A request aborted by a fault (its own data broke scheduling, a policy or
+        postprocessing) comes back finished with ``error`` set; the others are unaffected.
+        If the device step itself fails, only that step's requests are aborted
+        (``error`` is a :class:`StepFailed`)."""
         self._poll_transfers()
         plan = self.scheduler.schedule()
+        outputs = self._fault_outputs()
         # Copies go first: a copy-out must read pages before this step's writes, and JAX's
         # dataflow then orders them; the scheduler's fences make that order not matter.
-        self._issue_copies(plan.copies)
-        if not plan.chunks:
-            if self.scheduler.copies_in_flight and self.transfer is not None:
-                # Nothing runnable until a copy lands: wait a little instead of spinning.
-                self._poll_transfers(self.transfer.wait(timeout=0.01))
-            return []
-        rows = rows_from_chunks(plan.chunks, self._sampling_of)
-        if self.transfer is not None:
-            self._check_fences(plan)
-        sampled = self.runner.execute(rows)
+        try:
+            self._issue_copies(plan.copies)
+            if not plan.chunks:
+                if self.scheduler.copies_in_flight and self.transfer is not None:
+                    # Nothing runnable until a copy lands: wait a little instead of spinning.
+                    self._poll_transfers(self.transfer.wait(timeout=0.01))
+                return outputs
+            rows = rows_from_chunks(plan.chunks, self._sampling_of)
+            if self.transfer is not None:
+                self._check_fences(plan)
+            sampled = self.runner.execute(rows)
+        except Exception as exc:
+            log.exception("device step failed; aborting the %d requests of that step",
+                          len(plan.chunks))  # fmt: skip
+            return outputs + self._fail_step(plan, exc)
         produced = self.scheduler.update(plan, {k: v.token for k, v in sampled.items()})
         self.stats["steps"] += 1
-        outputs = []
         for req in produced:
             state = self._text.get(req.request_id)
             if state is None:
                 continue
-            tok = req.output_token_ids[-1]
-            self.stats["generation_tokens"] += 1
-            if state.params.logprobs is not None:
-                s = sampled[req.request_id]
-                top = tuple(
-                    zip(
-                        s.top_ids[: state.params.logprobs].tolist(),
-                        s.top_logprobs[: state.params.logprobs].tolist(),
-                        strict=True,
-                    )
-                )
-                state.logprobs.append(TokenLogprob(tok, s.logprob, top))
-            outputs.append(self._postprocess(req, state, tok))
-        return outputs
+            try:
+                with blame(req, "postprocessing"):
+                    outputs.append(self._postprocess(req, state, sampled[req.request_id]))
+            except RequestFault as fault:
+                self.scheduler.fail(fault)  # aborts it unless it had already finished
+                if self._text.pop(req.request_id, None) is not None:
+                    outputs.append(_error_output(req, fault))
+        return outputs + self._fault_outputs()
+
+    def _fault_outputs(self) -> list[RequestOutput]:
+        """Finished outputs carrying the error of every request a fault aborted."""
+        out = []
+        for req, fault in self.scheduler.pop_faults():
+            if req is not None and self._text.pop(req.request_id, None) is not None:
+                out.append(_error_output(req, fault))
+        return out
+
+    def _fail_step(self, plan, exc: Exception) -> list[RequestOutput]:
+        """The device step failed: abort its rows (only those) with a :class:`StepFailed`."""
+        err = StepFailed(f"the engine step failed ({type(exc).__name__})")
+        out = []
+        for c in plan.chunks:
+            req = c.request
+            if not req.status.finished:
+                self.scheduler.abort(req.request_id)
+            if self._text.pop(req.request_id, None) is not None:
+                out.append(_error_output(req, err))
+        return out
 
     # ---- the memory hierarchy -------------------------------------------------------------
     def _issue_copies(self, copies: list[BlockCopy]) -> None:
@@ -295,8 +353,20 @@ class LLMEngine:
         p = state.params
         return p.temperature, p.top_k, p.top_p, state.seed, bool(p.logprobs)
 
-    def _postprocess(self, req: Request, state: _TextState, tok: int) -> RequestOutput:
+    def _postprocess(self, req: Request, state: _TextState, s) -> RequestOutput:
+        """Logprobs, detokenization and stop conditions for ``req``'s new token ``s``."""
         params = state.params
+        tok = req.output_token_ids[-1]
+        self.stats["generation_tokens"] += 1
+        if params.logprobs is not None:
+            top = tuple(
+                zip(
+                    s.top_ids[: params.logprobs].tolist(),
+                    s.top_logprobs[: params.logprobs].tolist(),
+                    strict=True,
+                )
+            )
+            state.logprobs.append(TokenLogprob(tok, s.logprob, top))
         if tok in req.eos_token_ids:
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
         else:
@@ -339,6 +409,19 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             metrics=_metrics(req) if finished else {},
         )
+
+
+def _error_output(req: Request, error: BaseException) -> RequestOutput:
+    return RequestOutput(
+        request_id=req.request_id,
+        prompt_token_ids=req.prompt_token_ids,
+        token_ids=list(req.output_token_ids),
+        finished=True,
+        finish_reason=RequestStatus.FINISHED_ABORTED.value,
+        num_cached_tokens=req.num_cached_tokens,
+        metrics=_metrics(req),
+        error=error,
+    )
 
 
 def _metrics(req: Request) -> dict[str, float]:
