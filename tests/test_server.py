@@ -397,8 +397,8 @@ BAD_REQUESTS = [
     ),
     (
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "x"}], "tools": []},
-        "tools",
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]},
+        "tools[0].type",
     ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
     ("/v1/tokencake/events", {"event": "nope", "lifecycle_id": "x"}, "event"),
