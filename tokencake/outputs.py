@@ -15,7 +15,11 @@ class TokenLogprob:
 @dataclass
 class RequestOutput:
     """Progress of one request. ``text``/``token_ids`` are cumulative; ``delta_text`` and
-    ``delta_token_ids`` are what is new since the previous report (what a stream emits)."""
+    ``delta_token_ids`` are what is new since the previous report (what a stream emits).
+
+    With ``n > 1`` each choice reports under the request's id with its ``index``;
+    ``finished`` is per choice, and the request is done when a finished output has
+    ``choices_left == 0`` (:attr:`request_finished`)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -28,3 +32,10 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    index: int = 0  # choice index (n > 1)
+    choices_left: int = 0  # other choices of this request still running (n > 1)
+
+    @property
+    def request_finished(self) -> bool:
+        """True on the last output of the request (every choice finished)."""
+        return self.finished and self.choices_left == 0
