@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,10 @@ class Tokenizer:
     """A fast tokenizer plus the model's stop tokens and chat template.
 
     Use :meth:`from_gguf`, :meth:`from_hf_folder` or :meth:`byte_level_for_tests` rather than
-    the constructor.
+    the constructor. Safe to share between threads: encode, decode and chat rendering hold a
+    lock (a ``transformers`` fast tokenizer mutates its Rust state on encode, which fails with
+    "Already borrowed" when two threads meet; the server decodes logprob texts on its event loop
+    while the engine thread detokenizes).
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class Tokenizer:
         chat_template: str | None = None,
     ) -> None:
         self.hf = hf_tokenizer
+        self._lock = threading.RLock()
         if chat_template is not None:
             self.hf.chat_template = chat_template
         if eos_token_ids is None:
@@ -96,26 +101,37 @@ class Tokenizer:
         post-processor (e.g. Llama's BOS; SmolLM2 adds nothing)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        with self._lock:
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``."""
-        return self.hf.decode(
-            [int(i) for i in ids],
-            skip_special_tokens=skip_special_tokens,
-            clean_up_tokenization_spaces=False,
-        )
+        with self._lock:
+            return self.hf.decode(
+                [int(i) for i in ids],
+                skip_special_tokens=skip_special_tokens,
+                clean_up_tokenization_spaces=False,
+            )
 
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The chat template applied to ``messages``, as text."""
+        """The chat template applied to ``messages``, as text.
+
+        ``tools`` (OpenAI ``{"type": "function", "function": {...}}`` entries) are handed to
+        templates that render them; see :mod:`tokencake.toolcall.render` for conversations with
+        tool calls.
+        """
         msgs = _check_messages(messages)
         if not self.hf.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        return self.hf.apply_chat_template(
-            msgs, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+        with self._lock:
+            return self.hf.apply_chat_template(
+                msgs, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True

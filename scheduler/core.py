@@ -9,17 +9,24 @@ is accounted for in the pool (``check_integrity``).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.host_pool import HostBlockPool
+from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.faults import RequestFault, blame
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle
 from tokencake.scheduler.metadata import coerce_metadata
 from tokencake.scheduler.plan import BlockCopy, ScheduledChunk, StepPlan
 from tokencake.scheduler.policy import Policy
 from tokencake.scheduler.request import Request, RequestStatus
+
+log = logging.getLogger(__name__)
+MAX_FAULT_RETRIES = 16  # culprits removed per schedule() before a failure counts as the engine's
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Requests aborted by a fault, for the engine to report (bounded: a driver that never
+        # drains them, like a bare simulator loop, must not grow without limit).
+        self.faults: deque[tuple[Request | None, RequestFault]] = deque(maxlen=4096)
+        self.num_faults = 0
+        self._admitting: Request | None = None  # the admission candidate being worked on
         # Agent-aware hooks (issue #5): tool-call lifecycles live here for every policy (the
         # baseline only tracks them); the policy may replace the lifecycle in ``bind``.
         self.lifecycle = Lifecycle(self.clock)
@@ -103,18 +115,25 @@ class Scheduler:
     # ---- queue management -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
-            raise ValueError(f"duplicate request id {request.request_id!r}")
+            raise RequestRejected(
+                "request_id",
+                f"duplicate request id {request.request_id!r}",
+                409,
+                "duplicate_request_id",
+            )
         if request.num_prompt_tokens < 1:
-            raise ValueError("prompt must contain at least one token")
+            raise RequestRejected("prompt", "prompt must contain at least one token")
         if request.max_total_tokens > self.config.max_model_len:
-            raise ValueError(
+            raise RequestRejected(
+                "max_tokens",
                 f"prompt ({request.num_prompt_tokens} tokens) + max_tokens ({request.max_tokens}) "
-                f"exceeds the model context limit of {self.config.max_model_len} tokens"
+                f"exceeds the model context limit of {self.config.max_model_len} tokens",
             )
         blocks_needed = math.ceil(request.max_total_tokens / self.pool.block_size)
         if blocks_needed > self.pool.capacity:
-            raise ValueError(
-                f"request needs up to {blocks_needed} KV blocks but the pool holds {self.pool.capacity}"
+            raise RequestRejected(
+                "max_tokens",
+                f"request needs up to {blocks_needed} KV blocks but the pool holds {self.pool.capacity}",
             )
         self._associate(request)
         self.requests[request.request_id] = request
@@ -129,19 +148,82 @@ class Scheduler:
         return req
 
     def finish(self, req: Request, status: RequestStatus) -> None:
+        """End ``req`` and free its blocks. The core's cleanup always completes: a policy or
+        lifecycle hook that raises on this request's data is logged as a fault (the request
+        has ended anyway) and never leaves blocks or queue entries behind."""
         if req.status.finished:
             return
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
-        self._on_generation_finished(req, status)
+        try:
+            self._on_generation_finished(req, status)
+        except RequestFault as fault:
+            self._log_fault(fault)
+            self.lifecycle.generation_finished(req.request_id, ok=False)
         self._release(req)
         self._release_swap(req)
         req.status = status
         req.finish_time = self.clock()
         self.requests.pop(req.request_id, None)
-        self.policy.on_finished(req)
+        try:
+            with blame(req, "the policy's finish hook"):
+                self.policy.on_finished(req)
+        except RequestFault as fault:
+            self._log_fault(fault)
+
+    # ---- fault isolation (DESIGN.md rule 8) --------------------------------------------------
+    def fail(self, fault: RequestFault) -> None:
+        """Abort the request ``fault`` names (its blocks are freed, its lifecycle ends) and
+        record the fault for the engine to report; every other request keeps running. A fault
+        naming a lifecycle whose request has already finished ends that lifecycle."""
+        self._log_fault(fault)
+        req = self.requests.get(fault.request_id)
+        if req is None:
+            self.lifecycle.fail(fault.request_id)
+            self.faults.append((None, fault))
+            return
+        if req.status is RequestStatus.WAITING and req.block_ids:
+            self._release(req)  # a half-done admission: restore "waiting owns no blocks"
+            req.num_computed_tokens = 0
+        self.finish(req, RequestStatus.FINISHED_ABORTED)
+        self.faults.append((req, fault))
+
+    def pop_faults(self) -> list[tuple[Request | None, RequestFault]]:
+        """Faults recorded since the last call (the engine turns them into error outputs)."""
+        out = list(self.faults)
+        self.faults.clear()
+        return out
+
+    def _log_fault(self, fault: RequestFault) -> None:
+        self.num_faults += 1
+        log.warning("%s", fault.message, exc_info=fault.cause)
+
+    def _probe(self) -> list[RequestFault]:
+        """Find the requests (and lifecycles) whose data a batch-wide phase choked on: check
+        each one's inputs again and recompute, uncached, what the policy derives from them.
+        Each check runs on one request alone, so a failure names exactly that request."""
+        now = self.clock()
+        found: list[RequestFault] = []
+        for req in list(self.requests.values()):
+            try:
+                with blame(req, "validation"):
+                    if req.metadata is not None:
+                        req.metadata.validate()
+                    self.policy.check_request(req, now)
+            except RequestFault as fault:
+                found.append(fault)
+        seen = {f.request_id for f in found}
+        for rec in self.lifecycle.live():
+            if rec.lifecycle_id in seen:
+                continue
+            try:
+                with blame(rec.lifecycle_id, "validation"):
+                    self.lifecycle.check_record(rec)
+            except RequestFault as fault:
+                found.append(fault)
+        return found
 
     @property
     def has_work(self) -> bool:
@@ -190,8 +272,9 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.policy.on_preempted(req)
         self.waiting.append(req)
+        with blame(req, "the policy's preemption hook"):
+            self.policy.on_preempted(req)
 
     def _apply_prefix_hit(self, req: Request) -> None:
         """Adopt cached blocks for the longest cached prefix of ``req``'s tokens."""
@@ -207,7 +290,57 @@ class Scheduler:
 
     # ---- the step ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        """Choose this step's chunks (decode tokens first, then prefill chunks)."""
+        """Choose this step's chunks (decode tokens first, then prefill chunks).
+
+        Fault isolation: an exception caused by one request's data aborts that request and
+        the step is planned again without it; other requests never see it. The culprit is
+        found in three ways, cheapest first:
+
+        1. *Named where found.* Per-request work (scores, admission hooks, the Time
+           Scheduler's per-lifecycle tick) runs under :func:`blame`, which turns any exception
+           into a :class:`RequestFault` naming that request.
+        2. *Probed.* An exception from a batch-wide phase that names no request (a sum over
+           types, a sort) is traced by checking every live request alone (:meth:`_probe`:
+           its metadata against the documented ranges, then the policy's uncached per-request
+           math); the requests that fail are the culprits. Probing one request at a time is
+           exact and needs no replay of the failed phase, whose side effects (history,
+           copies) must not run twice.
+        3. *The admission candidate.* Failing both, an exception raised while a waiting
+           request was being admitted is that request's (the hooks run on its data alone).
+
+        Between attempts the core's invariants hold because every mutation before a failure
+        leaves a consistent state (an admitted request owns its blocks; a preempted one is
+        requeued) and a half-admitted candidate's prefix-hit blocks are released. An
+        exception no request explains is the engine's own fault and propagates: the caller
+        fails the requests in flight.
+        """
+        for _ in range(MAX_FAULT_RETRIES):
+            try:
+                return self._schedule()
+            except RequestFault as fault:
+                self._rollback_admission()
+                self.fail(fault)
+            except Exception as exc:
+                candidate = self._rollback_admission()
+                culprits = self._probe()
+                if not culprits and candidate is not None:
+                    culprits = [RequestFault(candidate.request_id, "admission", exc)]
+                if not culprits:
+                    raise
+                for fault in culprits:
+                    self.fail(fault)
+        return self._schedule()
+
+    def _rollback_admission(self) -> Request | None:
+        """After a failed ``_schedule``: the candidate that was being admitted gives back the
+        prefix-hit blocks it took (a waiting request owns no blocks between steps)."""
+        req, self._admitting = self._admitting, None
+        if req is not None and req.status is RequestStatus.WAITING and req.block_ids:
+            self._release(req)
+            req.num_computed_tokens = 0
+        return req
+
+    def _schedule(self) -> StepPlan:
         now = self.clock()
         cfg = self.config
         self.lifecycle.expire()
@@ -259,6 +392,7 @@ class Scheduler:
                 for req in candidates:
                     if req.status is not RequestStatus.WAITING:
                         continue
+                    self._admitting = req
                     if (
                         budget <= 0
                         or len(self.running) >= cfg.max_num_seqs
@@ -292,6 +426,7 @@ class Scheduler:
                     plan.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
                     budget -= n
                     prefill_rows += n > 1
+        self._admitting = None
         if not self.running and self.waiting and not plan.preempted:
             # Nothing runs and nothing could start: let the policy give back held capacity
             # (pins, restore reservations) so the next step can admit the head.
@@ -505,15 +640,16 @@ class Scheduler:
 
     # ---- agent-aware hooks (issue #5) ---------------------------------------------------------
     def _associate(self, request: Request) -> None:
-        """Validate agent metadata (ValueError naming the field) and open its lifecycle."""
+        """Validate agent metadata (RequestRejected naming the field) and open its lifecycle."""
         request.metadata = coerce_metadata(request.metadata)
         m = request.metadata
         if m is None:
             return
         if m.lifecycle_id and m.lifecycle_id != request.request_id:
-            raise ValueError(
+            raise RequestRejected(
+                "metadata.lifecycle_id",
                 f"metadata field 'lifecycle_id' ({m.lifecycle_id!r}) must equal the request id "
-                f"({request.request_id!r})"
+                f"({request.request_id!r})",
             )
         self.lifecycle.associate(request.request_id, m)
 
@@ -529,7 +665,22 @@ class Scheduler:
         self.lifecycle.generation_finished(req.request_id, ok, snapshot)
 
     def lifecycle_event(self, event: object) -> tuple[Disposition, dict]:
-        """Apply one client tool-lifecycle event; the server maps the disposition to HTTP."""
-        disp, body = self.lifecycle.handle(event)
-        self.policy.on_lifecycle_event(disp, body)
+        """Apply one client tool-lifecycle event; the server maps the disposition to HTTP.
+        An event that breaks on its lifecycle's data ends that lifecycle (a fault, cause
+        ``error``) and answers ``invalid``; other lifecycles are untouched."""
+        get = event.get if isinstance(event, dict) else lambda k: getattr(event, k, None)
+        lid, name = get("lifecycle_id"), get("event")
+        try:
+            with blame(lid if isinstance(lid, str) else "", "the lifecycle event"):
+                disp, body = self.lifecycle.handle(event)
+                self.policy.on_lifecycle_event(disp, body)
+        except RequestFault as fault:  # only raised once the event itself was validated
+            self.fail(fault)
+            return Disposition.INVALID, {
+                "lifecycle_id": lid,
+                "event": name,
+                "disposition": Disposition.INVALID.value,
+                "error": fault.message,
+                "param": "lifecycle_id",
+            }
         return disp, body

@@ -108,6 +108,11 @@ class Policy:
     def on_lifecycle_event(self, disposition: Any, body: dict) -> None:
         """A client lifecycle event was applied (the lifecycle listeners already ran)."""
 
+    def check_request(self, request: Request, now: float) -> None:
+        """Recompute, uncached and for ``request`` alone, everything this policy derives from
+        its data; raise if any of it fails. The scheduler calls it on every live request when
+        a batch-wide phase raised without naming a request, to find the culprit."""
+
     def next_due(self) -> float:
         """Clock time at which this policy has timed work (an upload, a TTL) even if no
         request runs; ``math.inf`` when none. An idle engine steps once it is reached."""

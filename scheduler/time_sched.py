@@ -312,6 +312,7 @@ class TimeScheduler:
         self.counters: dict[str, int] = {}
         self.uploading: set[bytes] = set()
         self.copy_blocks = {"d2h": 0, "h2d": 0}
+        self.current: str | None = None  # lifecycle id the tick is working on
         lifecycle.listeners.append(self._on_lifecycle)
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -399,7 +400,9 @@ class TimeScheduler:
         """Once per schedule(): settle ended lifecycles, run uploads that are due, decide."""
         self.step += 1
         pressure: Pressure | None = None
+        self.current = None
         for lid, p in list(self.items.items()):
+            self.current = lid  # a failure below is this lifecycle's (see TokencakePolicy)
             if p.inflight is not None:
                 continue  # wait for the copy to land
             rec = p.rec
@@ -446,6 +449,7 @@ class TimeScheduler:
             if pressure is None:
                 pressure = pressure_fn()
             self._evaluate(p, now, pressure, agent_score(rec.metadata), running)
+        self.current = None
         if self.reuse_eviction:
             self._rank_queued(waiting)
             for p in self.items.values():

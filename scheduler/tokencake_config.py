@@ -68,6 +68,10 @@ class SpaceConfig:
     preemption_score_band: int = 3000
     near_finish_fraction: float = 0.9
     history_limit: int = 4096
+    # ours: the per-agent-type history is also bounded by bytes (keys are client strings) and
+    # a type unseen for history_ttl_s is forgotten.
+    history_max_bytes: int = 4 * 2**20
+    history_ttl_s: float = 3600.0
     # ours: scores are frozen for this long (the time terms move ~8 points/s, far below the
     # 500-point bands), so a step only scores newcomers; 0 rescores every step as the paper does.
     score_refresh_s: float = 0.1
@@ -116,6 +120,8 @@ class SpaceConfig:
         _int("scheduling.adjustment_window", self.adjustment_window, 1)
         _int("scheduling.preemption_score_band", self.preemption_score_band, 0)
         _int("scheduling.history_limit", self.history_limit, 1)
+        _int("scheduling.history_max_bytes", self.history_max_bytes, 4096)
+        _pos("scheduling.history_ttl_s", self.history_ttl_s)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.lifecycle import Lifecycle
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.plan import BlockCopy, StepPlan
@@ -114,7 +115,15 @@ class TokencakePolicy(Policy):
             cost = getattr(self.sched, "cost_model", None)
             if cost is not None:
                 ts.cost = cost
-            ts.tick(now, waiting, running, lambda: self._pressure(now, waiting), self._agent_score)
+            try:
+                ts.tick(
+                    now, waiting, running, lambda: self._pressure(now, waiting), self._agent_score
+                )
+            except Exception as exc:
+                # The tick works lifecycle by lifecycle: the one it was on is the culprit.
+                if ts.current is None or isinstance(exc, RequestFault):
+                    raise
+                raise RequestFault(ts.current, "the Time Scheduler", exc) from exc
             if self.space is not None:  # the tick's pins, uploads and releases moved capacity
                 self.space.refresh_uncommitted(running, self.committed_blocks(now))
 
@@ -209,6 +218,10 @@ class TokencakePolicy(Policy):
         bs = self.sched.pool.block_size
         return {r.request_id: len(host.lookup_prefix(r._block_hashes[: r.num_computed_tokens // bs])) * bs
                 for r in running}  # fmt: skip
+
+    def check_request(self, request: Request, now: float) -> None:
+        if self.space is not None:
+            self.space.check_request(request, now)
 
     def on_preempted(self, request: Request) -> None:
         if self.space is not None:

@@ -1,5 +1,10 @@
 """Asyncio front of the engine: one thread owns the engine (and so every JAX call); coroutines
-submit requests and stream deltas back through per-request asyncio queues."""
+submit requests and stream deltas back through per-request asyncio queues.
+
+What the server and the app runtime need from the engine is a named method here (``tokenize``,
+``tokenize_chat``, ``token_texts``, ``kv_stats``, ``lifecycle_event``, ``alive``, ``info``), so
+no caller builds closures over the engine's pool, queues or tokenizer.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,38 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tokencake.engine import LLMEngine
-from tokencake.outputs import RequestOutput
+from tokencake.errors import EngineDeadError
+from tokencake.outputs import KVStats, RequestOutput
 from tokencake.sampling_params import SamplingParams
+from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
 
 log = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; no more requests can be served."""
+@dataclass(frozen=True)
+class EngineInfo:
+    """Facts about the served model that never change while serving."""
+
+    model_name: str
+    max_model_len: int
+    max_seq_tokens: int  # the most tokens one sequence can ever hold in KV
+    vocab_size: int
+
+
+LifecycleHandler = Callable[[Any], tuple[Any, dict[str, Any]]]
+
+
+def lifecycle_handler(engine: Any) -> LifecycleHandler | None:
+    """The engine's lifecycle-event entry point (on the engine, else on its scheduler)."""
+    fn = getattr(engine, "lifecycle_event", None)
+    if fn is None:
+        fn = getattr(getattr(engine, "scheduler", None), "lifecycle_event", None)
+    return fn
 
 
 class AsyncEngine:
@@ -27,6 +52,14 @@ class AsyncEngine:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        pool = engine.pool
+        # Read before the engine thread starts: afterwards only that thread touches the engine.
+        self.info = EngineInfo(
+            model_name=engine.model_name,
+            max_model_len=engine.max_model_len,
+            max_seq_tokens=min(engine.max_model_len, pool.capacity * pool.block_size),
+            vocab_size=engine.model_config.vocab_size,
+        )
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
@@ -51,13 +84,15 @@ class AsyncEngine:
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:
-                    # A failed step must not take the server down: fail the requests that were
-                    # in flight (their blocks are freed by abort) and keep serving new ones.
+                    # The engine isolates faults per request (a request's bad data aborts that
+                    # request, a failed device step its rows); what still escapes is a fault no
+                    # request explains. Fail the requests in flight (abort frees their blocks)
+                    # and keep serving new ones rather than take the server down.
                     log.exception("engine step failed; aborting in-flight requests")
                     self._fail_all(exc)
                     continue
                 for out in outputs:
-                    self._deliver(out.request_id, out)
+                    self._deliver(out.request_id, out if out.error is None else out.error)
         except BaseException as exc:  # the thread must report, not vanish
             log.exception("engine loop crashed")
             self.error = exc
@@ -176,6 +211,51 @@ class AsyncEngine:
 
         self._submit(run)
         return await fut
+
+    # ---- named engine calls -----------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is serving (False once it crashed or was shut down)."""
+        return self.error is None and self._thread.is_alive()
+
+    async def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt (text, or ids checked against the vocabulary), computed on
+        the engine thread; bad input raises ``RequestRejected`` on ``prompt``."""
+        return await self.call(lambda e: e.tokenize(prompt))
+
+    async def tokenize_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a conversation under the model's chat template (engine thread)."""
+        return await self.call(lambda e: e.tokenize_chat(messages, add_generation_prompt))
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """The text of each token on its own (logprob entries). Callable from any thread: the
+        tokenizer guards itself with a lock, and a decode is far cheaper than a hop to the
+        engine thread, which only runs commands between steps."""
+        decode = self.engine.tokenizer.decode
+        return [decode([int(t)]) for t in token_ids]
+
+    async def kv_stats(self) -> KVStats:
+        """Device KV blocks and queue lengths, read on the engine thread."""
+        return await self.call(lambda e: e.kv_stats())
+
+    async def lifecycle_event(
+        self, event: LifecycleEvent | dict[str, Any]
+    ) -> tuple[Disposition, dict[str, Any]]:
+        """Apply a tool-lifecycle event on the engine thread: (disposition, body).
+        An engine without lifecycle support answers ``UNAVAILABLE``."""
+
+        def apply(engine: Any) -> tuple[Disposition, dict[str, Any]]:
+            fn = lifecycle_handler(engine)
+            if fn is None:
+                return Disposition.UNAVAILABLE, {
+                    "error": "lifecycle events are not supported by this engine"
+                }
+            disposition, body = fn(event)
+            return Disposition(getattr(disposition, "value", disposition)), dict(body or {})
+
+        return await self.call(apply)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokencake.outputs import RequestOutput
 from tokencake.scheduler.request import Request
 
 
@@ -40,6 +41,19 @@ class ChoiceGroups:
         self._groups[request_id] = group
         for i, rid in enumerate(ids):
             self._member[rid] = (group, i)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def relabel(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Report choices under their request's id with ``index`` and ``choices_left``
+        (every output of a step, error outputs included, so a failed choice still counts)."""
+        for out in outputs:
+            rid, index = self.public(out.request_id)
+            if out.finished:
+                out.choices_left = self.finish(out.request_id)
+            out.request_id, out.index = rid, index
+        return outputs
 
     def public(self, member_id: str) -> tuple[str, int]:
         """``(request id the outputs report, choice index)`` of a scheduler request id."""

@@ -25,12 +25,15 @@ from tokencake.memory.host_pool import HostBlockPool
 from tokencake.memory.kv_cache import KVCacheSpec
 from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
-from tokencake.outputs import RequestOutput, TokenLogprob
+from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
 from tokencake.row_controls import RowControls
 from tokencake.runner import ModelRunner, RowSampling, RunnerConfig, rows_from_chunks
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
-from tokencake.scheduler.lifecycle import Disposition
+from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.faults import RequestFault, StepFailed, blame
+from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
+from tokencake.scheduler.limits import check_id
 from tokencake.scheduler.plan import BlockCopy
 from tokencake.scheduler.policies import make_policy
 from tokencake.scheduler.policy import Policy
@@ -169,28 +172,19 @@ class LLMEngine:
         request_id: str | None = None,
         metadata: Any = None,
     ) -> str:
-        """Queue a request; returns its id. Raises ValueError for bad input (nothing queued)."""
+        """Queue a request; returns its id. Bad input raises :class:`RequestRejected` naming
+        it (nothing queued)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            token_ids = list(prompt)
-        else:
-            raise TypeError("prompt must be a string or a list of token ids")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if not token_ids:
-            raise ValueError("prompt is empty")
+        token_ids = self.tokenize(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
+        check_id("request_id", request_id)
         member_ids = [ChoiceGroups.member_id(request_id, i) for i in range(params.n)]
         if any(m in self._text for m in member_ids):
-            raise ValueError(f"duplicate request id {request_id!r}")
+            raise RequestRejected(
+                "request_id", f"duplicate request id {request_id!r}", 409, "duplicate_request_id"
+            )
         states = [self._text_state(params, token_ids, i) for i in range(params.n)]
         eos = frozenset() if params.ignore_eos else self.eos_ids
         eos |= frozenset(params.stop_token_ids)
@@ -224,14 +218,16 @@ class LLMEngine:
 
     def _controls_for(self, params: SamplingParams, prompt: list[int]) -> RowControls | None:
         """Host state of the request's logit adjustments; None (no per-step work) if unused.
-        Raises ValueError (GrammarError) for a bias on a token outside the vocabulary or a
-        structured-output spec that does not compile."""
+        Raises :class:`RequestRejected` for a bias on a token outside the vocabulary and
+        its subclass ``GrammarError`` for a structured-output spec that does not compile."""
         if not params.uses_logit_controls:
             return None
         vocab = self.model_config.vocab_size
         bad = [t for t, _ in params.logit_bias if t >= vocab]
         if bad:
-            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            raise RequestRejected(
+                "logit_bias", f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            )
         grammar = None
         if params.structured is not None:
             if self._grammars is None:
@@ -249,6 +245,50 @@ class LLMEngine:
             grammar=grammar,
         )
 
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text prompt, or a token-id prompt checked against the vocabulary.
+        Bad input raises :class:`RequestRejected` on ``prompt``."""
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            token_ids = list(prompt)
+        else:
+            raise RequestRejected("prompt", "prompt must be a string or a list of token ids")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestRejected(
+                "prompt", f"token id {bad} is outside the vocabulary [0, {vocab})"
+            )
+        if not token_ids:
+            raise RequestRejected("prompt", "prompt is empty")
+        return token_ids
+
+    def tokenize_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template. A conversation
+        the template refuses (e.g. roles that must alternate) raises :class:`RequestRejected`
+        on ``messages``."""
+        import jinja2  # the chat template's own refusals are jinja2 errors
+
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt))
+        except (ValueError, TypeError, jinja2.TemplateError) as exc:
+            raise RequestRejected("messages", f"messages: {exc}") from None
+
+    def kv_stats(self) -> KVStats:
+        """Device KV pool and queue occupancy now (call from the engine's thread)."""
+        return KVStats(
+            capacity=self.pool.capacity,
+            used=self.pool.num_used,
+            cached=self.pool.num_cached,
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+        )
+
     def abort_request(self, request_id: str) -> bool:
         """Abort a request (every choice); its blocks are freed. False if it is unknown or
         already done."""
@@ -259,7 +299,7 @@ class LLMEngine:
         self._choices.drop(request_id)
         return found
 
-    def lifecycle_event(self, event: dict) -> tuple[Disposition, dict]:
+    def lifecycle_event(self, event: LifecycleEvent | dict) -> tuple[Disposition, dict]:
         """Apply one tool-lifecycle event (``stall_started`` / ``stall_finished``, paper §8.2).
 
         Returns the disposition (``.http_status`` is what the server answers) and the body
@@ -279,46 +319,71 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine iteration; returns outputs for every request that progressed or ended."""
+        """One engine iteration; returns outputs for every request that progressed or ended.
+
+        A request aborted by a fault (its own data broke scheduling, a policy or
+        postprocessing) comes back finished with ``error`` set; the others are unaffected.
+        If the device step itself fails, only that step's requests are aborted
+        (``error`` is a :class:`StepFailed`). Choices of an ``n > 1`` request report under
+        its id with their ``index`` (see :class:`RequestOutput`)."""
+        outputs = self._step()
+        return self._choices.relabel(outputs) if self._choices else outputs
+
+    def _step(self) -> list[RequestOutput]:
         self._poll_transfers()
         plan = self.scheduler.schedule()
+        outputs = self._fault_outputs()
         # Copies go first: a copy-out must read pages before this step's writes, and JAX's
         # dataflow then orders them; the scheduler's fences make that order not matter.
-        self._issue_copies(plan.copies)
-        if not plan.chunks:
-            if self.scheduler.copies_in_flight and self.transfer is not None:
-                # Nothing runnable until a copy lands: wait a little instead of spinning.
-                self._poll_transfers(self.transfer.wait(timeout=0.01))
-            return []
-        rows = rows_from_chunks(plan.chunks, self._sampling_of)
-        if self.transfer is not None:
-            self._check_fences(plan)
-        sampled = self.runner.execute(rows)
+        try:
+            self._issue_copies(plan.copies)
+            if not plan.chunks:
+                if self.scheduler.copies_in_flight and self.transfer is not None:
+                    # Nothing runnable until a copy lands: wait a little instead of spinning.
+                    self._poll_transfers(self.transfer.wait(timeout=0.01))
+                return outputs
+            rows = rows_from_chunks(plan.chunks, self._sampling_of)
+            if self.transfer is not None:
+                self._check_fences(plan)
+            sampled = self.runner.execute(rows)
+        except Exception as exc:
+            log.exception("device step failed; aborting the %d requests of that step",
+                          len(plan.chunks))  # fmt: skip
+            return outputs + self._fail_step(plan, exc)
         produced = self.scheduler.update(plan, {k: v.token for k, v in sampled.items()})
         self.stats["steps"] += 1
-        outputs = []
         for req in produced:
             state = self._text.get(req.request_id)
             if state is None:
                 continue
-            tok = req.output_token_ids[-1]
-            self.stats["generation_tokens"] += 1
-            if state.controls is not None:
-                state.controls.accept(tok)
-            for child in self._choices.release(req.request_id):
-                self.scheduler.add_request(child)  # the prompt's full blocks are cached now
-            if state.params.logprobs is not None:
-                s = sampled[req.request_id]
-                top = tuple(
-                    zip(
-                        s.top_ids[: state.params.logprobs].tolist(),
-                        s.top_logprobs[: state.params.logprobs].tolist(),
-                        strict=True,
-                    )
-                )
-                state.logprobs.append(TokenLogprob(tok, s.logprob, top))
-            outputs.append(self._postprocess(req, state, tok))
-        return outputs
+            try:
+                with blame(req, "postprocessing"):
+                    outputs.append(self._postprocess(req, state, sampled[req.request_id]))
+            except RequestFault as fault:
+                self.scheduler.fail(fault)  # aborts it unless it had already finished
+                if self._text.pop(req.request_id, None) is not None:
+                    outputs.append(_error_output(req, fault))
+        return outputs + self._fault_outputs()
+
+    def _fault_outputs(self) -> list[RequestOutput]:
+        """Finished outputs carrying the error of every request a fault aborted."""
+        out = []
+        for req, fault in self.scheduler.pop_faults():
+            if req is not None and self._text.pop(req.request_id, None) is not None:
+                out.append(_error_output(req, fault))
+        return out
+
+    def _fail_step(self, plan, exc: Exception) -> list[RequestOutput]:
+        """The device step failed: abort its rows (only those) with a :class:`StepFailed`."""
+        err = StepFailed(f"the engine step failed ({type(exc).__name__})")
+        out = []
+        for c in plan.chunks:
+            req = c.request
+            if not req.status.finished:
+                self.scheduler.abort(req.request_id)
+            if self._text.pop(req.request_id, None) is not None:
+                out.append(_error_output(req, err))
+        return out
 
     # ---- the memory hierarchy -------------------------------------------------------------
     def _issue_copies(self, copies: list[BlockCopy]) -> None:
@@ -360,8 +425,24 @@ class LLMEngine:
             p.temperature, p.top_k, p.top_p, state.seed, bool(p.logprobs), p.min_p, state.controls
         )
 
-    def _postprocess(self, req: Request, state: _TextState, tok: int) -> RequestOutput:
+    def _postprocess(self, req: Request, state: _TextState, s) -> RequestOutput:
+        """Logprobs, detokenization and stop conditions for ``req``'s new token ``s``."""
         params = state.params
+        tok = req.output_token_ids[-1]
+        self.stats["generation_tokens"] += 1
+        if state.controls is not None:
+            state.controls.accept(tok)
+        for child in self._choices.release(req.request_id):
+            self.scheduler.add_request(child)  # the prompt's full blocks are cached now
+        if params.logprobs is not None:
+            top = tuple(
+                zip(
+                    s.top_ids[: params.logprobs].tolist(),
+                    s.top_logprobs[: params.logprobs].tolist(),
+                    strict=True,
+                )
+            )
+            state.logprobs.append(TokenLogprob(tok, s.logprob, top))
         if tok in req.eos_token_ids:
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
         else:
@@ -388,16 +469,11 @@ class LLMEngine:
         state.emitted_chars = visible
         delta_ids = req.output_token_ids[state.emitted_tokens :]
         state.emitted_tokens = len(req.output_token_ids)
-        public_id, index = self._choices.public(req.request_id)
-        left = 0
         if finished:
             self._text.pop(req.request_id, None)
             self.stats["cached_tokens"] += req.num_cached_tokens
-            left = self._choices.finish(req.request_id)
         return RequestOutput(
-            request_id=public_id,
-            index=index,
-            choices_left=left,
+            request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
             text=state.text[:visible],
             token_ids=list(req.output_token_ids),
@@ -409,6 +485,19 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             metrics=_metrics(req) if finished else {},
         )
+
+
+def _error_output(req: Request, error: BaseException) -> RequestOutput:
+    return RequestOutput(
+        request_id=req.request_id,
+        prompt_token_ids=req.prompt_token_ids,
+        token_ids=list(req.output_token_ids),
+        finished=True,
+        finish_reason=RequestStatus.FINISHED_ABORTED.value,
+        num_cached_tokens=req.num_cached_tokens,
+        metrics=_metrics(req),
+        error=error,
+    )
 
 
 def _metrics(req: Request) -> dict[str, float]:

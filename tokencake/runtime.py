@@ -91,16 +91,8 @@ class EngineTarget:
         )
 
     async def event(self, body: dict[str, Any]) -> str:
-        from tokencake.server import lifecycle_handler
-
-        def apply(engine: Any) -> str:
-            fn = lifecycle_handler(engine)
-            if fn is None:
-                return "unavailable"
-            disposition, _ = fn(dict(body))
-            return str(getattr(disposition, "value", disposition))
-
-        return await self.engine.call(apply)
+        disposition, _ = await self.engine.lifecycle_event(dict(body))
+        return disposition.value
 
 
 class HTTPTarget:

@@ -26,14 +26,27 @@ from typing import Any
 
 import numpy as np
 
+from tokencake.scheduler.errors import RequestRejected
+
 # JSON layout the grammar allows: no free whitespace (a weak model would otherwise pad
 # forever), separators as json.dumps writes them (what models saw in training).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-class GrammarError(ValueError):
+class GrammarError(RequestRejected):
     """A structured-output spec that cannot be compiled (bad schema, unsupported keyword,
-    bad grammar), or a matcher that left its grammar (a bug: the mask forbids that)."""
+    bad grammar): a 400 on ``structured`` (the server names the field the client used,
+    ``response_format`` or ``tools``). Also raised if a matcher leaves its grammar (a bug:
+    the mask forbids that), which aborts only that request."""
+
+    def __init__(
+        self, message: str, param: str | None = "structured", status: int = 400,
+        code: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(param, message, status, code)
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.param, self.status, self.code))
 
 
 def _schema_text(schema: Any, what: str) -> str:

@@ -1,0 +1,52 @@
+"""OpenAI-compatible HTTP server (aiohttp) with the Tokencake metadata extension and events.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (plain
+JSON or SSE streams), ``POST /v1/tokencake/events`` (tool-lifecycle ``stall_started`` /
+``stall_finished``), ``GET /metrics`` (Prometheus), ``GET /health`` and ``GET /openapi.json``.
+
+Modules: ``protocol`` (JSON bodies -> typed requests), ``errors`` (the HTTP error body),
+``app`` (middleware, handlers, generation), ``responses`` (JSON bodies and SSE), ``openapi``,
+``metrics``, ``state`` and ``run`` (serving, ``BackgroundServer``).
+
+Rules the handlers keep:
+
+* Every refusal is an OpenAI-style error body ``{"error": {"message", "type", "param", "code"}}``
+  and a 4xx that names the offending field; nothing a client sends can produce a 500.
+* Unexpected failures become a sanitized 500 (the details go to the log, not the client) and the
+  server keeps serving.
+* A client that goes away (mid-stream or while waiting) aborts its request, which frees its KV
+  blocks: the handler task is cancelled and leaving ``AsyncEngine.stream`` aborts.
+* The server reaches the engine only through ``AsyncEngine``'s named methods (``stream``,
+  ``tokenize``, ``tokenize_chat``, ``token_texts``, ``kv_stats``, ``lifecycle_event``,
+  ``alive``, ``info``); prompts are tokenized on the engine thread.
+* Bad input found anywhere (protocol, sampling parameters, engine, scheduler, metadata,
+  lifecycle) is a typed refusal (``APIError`` / ``RequestRejected``), answered by the middleware
+  in one place; nothing chooses a status by reading a message.
+"""
+
+from __future__ import annotations
+
+from tokencake.async_engine import lifecycle_handler
+from tokencake.server.app import DEFAULT_MAX_BODY_BYTES, build_app
+from tokencake.server.errors import APIError
+from tokencake.server.openapi import openapi_spec
+from tokencake.server.run import (
+    BackgroundServer,
+    JsonFormatter,
+    run_server,
+    setup_json_logging,
+    start_site,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "APIError",
+    "BackgroundServer",
+    "JsonFormatter",
+    "build_app",
+    "lifecycle_handler",
+    "openapi_spec",
+    "run_server",
+    "setup_json_logging",
+    "start_site",
+]
