@@ -22,6 +22,7 @@ from tokencake.errors import EngineDeadError
 from tokencake.outputs import KVStats, RequestOutput
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
+from tokencake.toolcall.request import ToolRequest
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +225,16 @@ class AsyncEngine:
         return await self.call(lambda e: e.tokenize(prompt))
 
     async def tokenize_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tool_request: ToolRequest | None = None,
     ) -> list[int]:
-        """Token ids of a conversation under the model's chat template (engine thread)."""
-        return await self.call(lambda e: e.tokenize_chat(messages, add_generation_prompt))
+        """Token ids of a conversation under the model's chat template (engine thread);
+        ``tool_request`` adds tools, calls and results (see :meth:`LLMEngine.tokenize_chat`)."""
+        return await self.call(
+            lambda e: e.tokenize_chat(messages, add_generation_prompt, tool_request)
+        )
 
     def token_texts(self, token_ids: Sequence[int]) -> list[str]:
         """The text of each token on its own (logprob entries). Callable from any thread: the

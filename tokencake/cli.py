@@ -110,7 +110,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokencake.server import run_server
 
-    run_server(engine_config_from_args(args), host=args.host, port=args.port, api_key=args.api_key)
+    run_server(
+        engine_config_from_args(args),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        lenient=args.lenient,
+    )
     return 0
 
 
@@ -151,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' (also $TOKENCAKE_API_KEY)",
+    )
+    serve.add_argument(
+        "--lenient",
+        action="store_true",
+        help="ignore unknown request fields (default: refuse the request, listing every one)",
     )
     serve.set_defaults(func=cmd_serve)
     return parser
