@@ -109,8 +109,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokencake.server import run_server
+    from tokencake.server.connections import ConnectionLimits
 
-    run_server(engine_config_from_args(args), host=args.host, port=args.port, api_key=args.api_key)
+    limits = ConnectionLimits(
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keepalive_timeout_s=args.keepalive_timeout,
+    )
+    run_server(
+        engine_config_from_args(args), host=args.host, port=args.port, api_key=args.api_key,
+        limits=limits, max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
+    )  # fmt: skip
     return 0
 
 
@@ -152,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="require 'Authorization: Bearer KEY' (also $TOKENCAKE_API_KEY)",
     )
+    limits = serve.add_argument_group("limits (hostile clients)")
+    limits.add_argument("--max-connections", type=int, default=1000,
+                        help="open connections at most; one more is answered 503 at once "
+                             "(default %(default)s)")  # fmt: skip
+    limits.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a new connection has to send its request headers "
+                             "(default %(default)s)")  # fmt: skip
+    limits.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds to receive a request body, else 408 (default %(default)s)")  # fmt: skip
+    limits.add_argument("--keepalive-timeout", type=float, default=15.0,
+                        help="seconds an idle keep-alive connection stays open "
+                             "(default %(default)s)")  # fmt: skip
+    limits.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                        help="largest request body after decoding, else 413 (default %(default)s)")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -189,11 +189,12 @@ class LLMEngine:
         self.stats["prompt_tokens"] += len(token_ids)
         return request_id
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int], tokenizer: Tokenizer | None = None) -> list[int]:
         """Token ids of a text prompt, or a token-id prompt checked against the vocabulary.
-        Bad input raises :class:`RequestRejected` on ``prompt``."""
+        Bad input raises :class:`RequestRejected` on ``prompt``. Reads no engine state, so
+        another thread may call it with its own ``tokenizer`` (``AsyncEngine.tokenize``)."""
         if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
+            token_ids = (tokenizer or self.tokenizer).encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
@@ -211,7 +212,10 @@ class LLMEngine:
         return token_ids
 
     def tokenize_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenizer: Tokenizer | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template. A conversation
         the template refuses (e.g. roles that must alternate) raises :class:`RequestRejected`
@@ -219,7 +223,8 @@ class LLMEngine:
         import jinja2  # the chat template's own refusals are jinja2 errors
 
         try:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt))
+            tok = tokenizer or self.tokenizer
+            return list(tok.apply_chat_template(messages, add_generation_prompt))
         except (ValueError, TypeError, jinja2.TemplateError) as exc:
             raise RequestRejected("messages", f"messages: {exc}") from None
 

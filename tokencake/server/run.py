@@ -16,25 +16,38 @@ from aiohttp import web
 from tokencake.async_engine import AsyncEngine
 from tokencake.config import EngineConfig
 from tokencake.server.app import build_app
+from tokencake.server.connections import (
+    AcceptErrorLimiter,
+    ConnectionLimits,
+    GuardedTCPSite,
+    raise_fd_limit,
+)
 from tokencake.server.state import STATE_KEY
 
 log = logging.getLogger("tokencake.server")
 
 
 async def start_site(
-    app: web.Application, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 60.0
+    app: web.Application,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    shutdown_timeout: float = 60.0,
+    limits: ConnectionLimits | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Start serving ``app``; returns the runner (``await runner.cleanup()`` drains and stops)
     and the bound port (useful with ``port=0``).
 
     Handlers are cancelled when their client disconnects: that is what aborts an abandoned
-    generation and frees its blocks.
+    generation and frees its blocks. ``limits`` (default :class:`ConnectionLimits`) sets the
+    connection cap and the header and keep-alive timeouts (see ``connections.py``).
     """
+    limits = limits or ConnectionLimits()
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
-    )
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=limits.keepalive_timeout_s,
+    )  # fmt: skip
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = GuardedTCPSite(runner, host, port, limits)
     await site.start()
     server = site._server
     bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port  # type: ignore[union-attr]
@@ -77,17 +90,20 @@ def run_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    limits: ConnectionLimits | None = None,
     **app_options: Any,
 ) -> None:
     """Load the model, serve until SIGINT/SIGTERM, then drain in-flight requests and stop."""
     from tokencake.engine import LLMEngine
 
     setup_json_logging()
+    fds = raise_fd_limit()
     engine = AsyncEngine(LLMEngine(engine_config))
 
     async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(AcceptErrorLimiter())
         app = build_app(engine, api_key, **app_options)
-        runner, bound = await start_site(app, host, port)
+        runner, bound = await start_site(app, host, port, limits=limits)
         log.info(
             json.dumps(
                 {
@@ -96,6 +112,7 @@ def run_server(
                     "port": bound,
                     "model": engine.engine.model_name,
                     "auth": bool(api_key),
+                    "open_file_limit": fds,
                 }
             )
         )
@@ -122,7 +139,12 @@ class BackgroundServer:
     """
 
     def __init__(
-        self, async_engine: AsyncEngine, host: str = "127.0.0.1", port: int = 0, **app_options: Any
+        self,
+        async_engine: AsyncEngine,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: ConnectionLimits | None = None,
+        **app_options: Any,
     ) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -130,7 +152,9 @@ class BackgroundServer:
         )
         self._thread.start()
         self.app = build_app(async_engine, **app_options)
-        self.runner, self.port = self.run(start_site(self.app, host, port, shutdown_timeout=5.0))
+        self.runner, self.port = self.run(
+            start_site(self.app, host, port, shutdown_timeout=5.0, limits=limits)
+        )
         self.url = f"http://{host}:{self.port}"
 
     def run(self, coro: Awaitable[Any], timeout: float | None = 60.0) -> Any:
