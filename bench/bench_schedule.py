@@ -15,7 +15,6 @@ import time
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.host_pool import HostBlockPool
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
-from tokencake.scheduler.policies import make_policy
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor
 
@@ -26,7 +25,7 @@ def build(policy: str, running: int, waiting: int, seed: int = 0) -> tuple[Sched
     pool = BlockPool(running * 12 + 64, 16)
     cfg = SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=8192, max_prefill_chunk=512,
                           max_prefill_seqs=64, max_model_len=4096)  # fmt: skip
-    s = Scheduler(cfg, pool, make_policy(policy), clock, host_pool=HostBlockPool(1024, 16))
+    s = Scheduler(cfg, pool, policy, clock, host_pool=HostBlockPool(1024, 16))
     ex = SimExecutor(clock)
     n = 0
 

@@ -455,7 +455,6 @@ class SimBackend:
         from tokencake.memory.block_pool import BlockPool
         from tokencake.memory.host_pool import HostBlockPool
         from tokencake.scheduler.core import Scheduler
-        from tokencake.scheduler.policies import make_policy
         from tokencake.scheduler.sim_executor import SimClock
 
         self.policy = policy
@@ -464,11 +463,9 @@ class SimBackend:
         self.clock = SimClock()
         self.pool = BlockPool(preset.num_blocks + 1, preset.block_size)  # +1: the dummy page
         host = HostBlockPool(preset.host_blocks, preset.block_size) if preset.host_blocks else None
-        self.scheduler = Scheduler(
-            preset.scheduler_config(), self.pool, make_policy(policy), self.clock, host_pool=host
-        )
         self.cost_model = preset.cost_model()
-        self.scheduler.cost_model = self.cost_model
+        self.scheduler = Scheduler(preset.scheduler_config(), self.pool, policy, self.clock, host,
+                                   cost_model=self.cost_model)  # fmt: skip
         self.executor = preset.executor(self.clock, self.cost_model, vocab_size)
         self.last_plan: StepPlan | None = None
         self.plan_running_blocks: tuple[float, int] | None = None

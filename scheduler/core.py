@@ -4,6 +4,8 @@ prefix-cache hits and recompute preemption. Pure Python; the policy plugs in dec
 Invariant kept by every method: a running request owns exactly the blocks covering its
 ``num_computed_tokens`` (plus those for the tokens scheduled this step), and every block it owns
 is accounted for in the pool (``check_integrity``).
+
+``SchedulerConfig`` (the batch limits) lives in ``config.py`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -16,48 +18,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tokencake.memory.block_pool import BlockPool
+from tokencake.memory.cost_model import CostModel
 from tokencake.memory.host_pool import HostBlockPool
+from tokencake.scheduler.config import SchedulerConfig
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault, blame
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle
 from tokencake.scheduler.metadata import coerce_metadata
 from tokencake.scheduler.plan import BlockCopy, ScheduledChunk, StepPlan
-from tokencake.scheduler.policy import Policy
+from tokencake.scheduler.policies import policy_factory
+from tokencake.scheduler.policy import Admission, PolicyContext, PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
+from tokencake.scheduler.tokencake_config import TokencakeConfig
 
 log = logging.getLogger(__name__)
 MAX_FAULT_RETRIES = 16  # culprits removed per schedule() before a failure counts as the engine's
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Batch limits. ``max_num_batched_tokens`` bounds tokens per step (the prefill chunk
-    budget); ``max_prefill_chunk`` bounds one request's chunk; ``max_model_len`` bounds a
-    sequence (prompt + output)."""
-
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
-    max_prefill_chunk: int = 512
-    max_prefill_seqs: int = 4
-    max_model_len: int = 2048
-    # "swap": a preempted request's full blocks are copied to the host tier (needs a host
-    # pool; falls back to recompute when it is full). A policy may override per victim.
-    preemption_mode: str = "recompute"
-
-    def __post_init__(self) -> None:
-        if self.preemption_mode not in ("recompute", "swap"):
-            raise ValueError(
-                f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
-            )
-        for name in (
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "max_prefill_chunk",
-            "max_prefill_seqs",
-            "max_model_len",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SchedulerConfig.{name} must be >= 1")
 
 
 @dataclass
@@ -78,10 +53,16 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         pool: BlockPool,
-        policy: Policy | None = None,
+        policy: str | PolicyFactory = "vllm",
         clock: Callable[[], float] | None = None,
         host_pool: HostBlockPool | None = None,
+        *,
+        cost_model: CostModel | None = None,
+        tokencake: TokencakeConfig | None = None,
     ) -> None:
+        """``policy``: a registered name or a factory taking the :class:`PolicyContext`;
+        ``cost_model`` prices copies and recompute for the policies (default: the paper's
+        constants); ``tokencake`` configures the agent-aware policies and the lifecycles."""
         import time
 
         self.config = config
@@ -96,7 +77,7 @@ class Scheduler:
         self.num_swap_outs = 0
         self.num_swap_fallbacks = 0
         self.num_failed_copies = 0
-        self.policy = policy or Policy()
+        self._refused: tuple[str, Admission] | None = None  # latest refusal this admission pass
         self.clock = clock or time.monotonic
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -107,10 +88,16 @@ class Scheduler:
         self.faults: deque[tuple[Request | None, RequestFault]] = deque(maxlen=4096)
         self.num_faults = 0
         self._admitting: Request | None = None  # the admission candidate being worked on
-        # Agent-aware hooks (issue #5): tool-call lifecycles live here for every policy (the
-        # baseline only tracks them); the policy may replace the lifecycle in ``bind``.
-        self.lifecycle = Lifecycle(self.clock)
-        self.policy.bind(self)
+        tokencake = tokencake or TokencakeConfig()
+        # Tool-call lifecycles live here for every policy (the baseline only tracks them).
+        self.lifecycle = Lifecycle(self.clock, tokencake.offload)
+        self.cost_model = cost_model or CostModel.paper_default()
+        factory = policy_factory(policy) if isinstance(policy, str) else policy
+        self.policy = factory(
+            PolicyContext(
+                config, pool, host_pool, self.cost_model, self.clock, self.lifecycle, tokencake
+            )  # fmt: skip
+        )
 
     # ---- queue management -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -344,7 +331,7 @@ class Scheduler:
         now = self.clock()
         cfg = self.config
         self.lifecycle.expire()
-        self.policy.on_step(now, self.running, self.waiting, self.pool)
+        self.policy.on_step(now, self.running, self.waiting)
         plan = StepPlan()
         budget = cfg.max_num_batched_tokens
         prefill_rows = 0
@@ -383,12 +370,11 @@ class Scheduler:
         if not plan.preempted:
             # Capacity promised to restores in progress (§10): never handed to new admissions.
             committed = self.policy.committed_blocks(now)
-            for pass_index in range(self.policy.admission_passes):
-                if pass_index == 0:
-                    candidates = self.policy.order_waiting(self.waiting, now)
-                else:
-                    candidates = self.policy.retry_candidates()
-                self.policy.begin_admission_pass(pass_index)
+            for pass_index in itertools.count():
+                candidates = self.policy.admission_order(pass_index, self.waiting, now)
+                if candidates is None:
+                    break
+                self._refused = None
                 for req in candidates:
                     if req.status is not RequestStatus.WAITING:
                         continue
@@ -405,12 +391,10 @@ class Scheduler:
                         continue  # admitted; its first chunk runs once the host pages have landed
                     n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget)
                     need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-                    if need > self.pool.num_free - committed or not self.policy.can_admit(
-                        req, need, self.pool, self.running
-                    ):
+                    if need > self.pool.num_free - committed or not self._policy_admits(req, need):
                         self._release(req)
                         req.num_computed_tokens = 0
-                        if self.policy.skip_denied(req):
+                        if self._refused == (req.request_id, Admission.DEFER):
                             continue  # the policy defers only this one (e.g. its reservation)
                         break  # strict order: do not let later requests jump the head
                     if req.num_preemptions == 0 and req.first_scheduled_time is None:
@@ -435,6 +419,15 @@ class Scheduler:
         plan.copies.extend(self._new_copies)
         self._new_copies = []
         return plan
+
+    def _policy_admits(self, req: Request, blocks_needed: int) -> bool:
+        """Ask the policy; remember its latest refusal this pass: a request refused with
+        DEFER (now or by the copy-in attempt just before) does not stop the pass."""
+        verdict = self.policy.admit(req, blocks_needed, self.running)
+        if verdict is Admission.ADMIT:
+            return True
+        self._refused = (req.request_id, verdict)
+        return False
 
     def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Request]:
         """Advance progress after the executor ran ``plan``; append sampled tokens.
@@ -470,11 +463,9 @@ class Scheduler:
 
     # ---- memory hierarchy: host prefix tier and swap preemption (issue #4) -------------------
     def _preemption_mode(self, req: Request) -> str:
-        """``"recompute"`` or ``"swap"`` for this victim: the policy's optional
-        ``preemption_mode(victim)`` hook wins over the config when it returns a mode."""
-        hook = getattr(self.policy, "preemption_mode", None)
-        mode = hook(req) if hook is not None else None
-        return mode or self.config.preemption_mode
+        """``"recompute"`` or ``"swap"`` for this victim: the policy's choice, else the
+        config's."""
+        return self.policy.preemption_mode(req) or self.config.preemption_mode
 
     def _next_tag(self, direction: str, req: Request) -> str:
         return f"{direction}:{req.request_id}:{next(self._copy_ids)}"
@@ -502,7 +493,7 @@ class Scheduler:
             return False
         first, host_blocks = hit
         m = min(len(host_blocks), self.pool.num_free)
-        if m == 0 or not self.policy.can_admit(req, m, self.pool, self.running):
+        if m == 0 or not self._policy_admits(req, m):
             return False
         host_blocks = host_blocks[:m]
         dev = self.pool.allocate(m)
@@ -660,7 +651,7 @@ class Scheduler:
             return
         ok = status is not RequestStatus.FINISHED_ABORTED
         if ok:
-            self.policy.on_generation_finished(req, self.pool)
+            self.policy.on_generation_finished(req)
         snapshot = tuple(req._block_hashes[: req._hashed_blocks]) if ok else None
         self.lifecycle.generation_finished(req.request_id, ok, snapshot)
 
@@ -673,7 +664,6 @@ class Scheduler:
         try:
             with blame(lid if isinstance(lid, str) else "", "the lifecycle event"):
                 disp, body = self.lifecycle.handle(event)
-                self.policy.on_lifecycle_event(disp, body)
         except RequestFault as fault:  # only raised once the event itself was validated
             self.fail(fault)
             return Disposition.INVALID, {

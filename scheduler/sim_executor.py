@@ -13,9 +13,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from tokencake.memory.cost_model import CostModel
 from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.request import Request, RequestStatus
-from tokencake.scheduler.time_sched import CostModel, SimpleCostModel
 
 
 class SimClock:
@@ -67,7 +67,7 @@ class SimExecutor:
         vocab_size: int = 32000,
     ) -> None:
         self.clock = clock
-        self.cost: CostModel = cost_model or SimpleCostModel()
+        self.cost: CostModel = cost_model or CostModel.paper_default()
         self.step_cost = step_cost or StepCost()
         self.vocab_size = vocab_size
         self.completed: list[BlockCopy] = []

@@ -24,43 +24,15 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from tokencake.memory.block_pool import BlockPool
+from tokencake.memory.cost_model import CostModel
 from tokencake.scheduler.lifecycle import Lifecycle, LifecycleRecord
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.tokencake_config import TimeConfig
-
-
-class CostModel(Protocol):
-    """What the Time Scheduler needs of ``memory/cost_model.py``'s ``CostModel``."""
-
-    def copy_time(self, n_blocks: int, direction: str) -> float: ...
-    def recompute_time(self, n_tokens: int, context: int = 0) -> float: ...
-
-
-@dataclass
-class SimpleCostModel:
-    """Fallback cost model with the paper's constants (§5.7): 12 GB/s each way, 3 us per block;
-    recompute is linear in tokens. ``bytes_per_block`` defaults to the paper's Qwen2.5-14B
-    16-token block (3 MiB)."""
-
-    bytes_per_block: int = 3 * 2**20
-    d2h_gbps: float = 12.0
-    h2d_gbps: float = 12.0
-    per_block_s: float = 3e-6
-    recompute_per_token_s: float = 1e-4
-
-    def copy_time(self, n_blocks: int, direction: str) -> float:
-        if n_blocks <= 0:
-            return 0.0
-        bw = self.d2h_gbps if direction == "d2h" else self.h2d_gbps
-        return n_blocks * self.bytes_per_block / (bw * 1e9) + n_blocks * self.per_block_s
-
-    def recompute_time(self, n_tokens: int, context: int = 0) -> float:
-        return max(0, n_tokens) * self.recompute_per_token_s
 
 
 class Reason(enum.Enum):
@@ -293,7 +265,7 @@ class TimeScheduler:
         self.pool = pool
         self.lifecycle = lifecycle
         self.host = host
-        self.cost: CostModel = cost or SimpleCostModel()
+        self.cost: CostModel = cost or CostModel.paper_default()
         self.decide = decide
         self.predictive_upload = (
             config.predictive_upload if predictive_upload is None else predictive_upload

@@ -44,17 +44,18 @@ def tiny_model():
 
 @pytest.fixture
 def make_engine(tiny_model):
-    """Factory: ``make_engine(**EngineConfig overrides)`` over the tiny model; checks the block
-    pool's integrity at teardown."""
+    """Factory: ``make_engine(**EngineConfig overrides)`` over the tiny model (``policy_factory``:
+    an unregistered policy); checks the block pool's integrity at teardown."""
     engines: list[LLMEngine] = []
 
-    def make(**overrides) -> LLMEngine:
+    def make(policy_factory=None, **overrides) -> LLMEngine:
         cfg, params, tok = tiny_model
         engine = LLMEngine(
             EngineConfig(**{**TINY_ENGINE, **overrides}),
             model_config=cfg,
             params=params,
             tokenizer=tok,
+            policy=policy_factory,
         )
         engines.append(engine)
         return engine

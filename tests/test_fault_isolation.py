@@ -21,8 +21,7 @@ from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.faults import RequestFault, StepFailed
 from tokencake.scheduler.lifecycle import LifecycleState
 from tokencake.scheduler.metadata import AgentMetadata
-from tokencake.scheduler.policies import make_policy
-from tokencake.scheduler.policy import Policy
+from tokencake.scheduler.policy import Admission, Policy
 from tokencake.scheduler.request import Request, RequestStatus
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
 
@@ -83,7 +82,7 @@ def _requests(clock, n: int, agent_type: str = "coder") -> list[Request]:
 def test_a_poisoned_request_is_aborted_alone(policy, field, value):
     """Finding 1 with validation bypassed: the culprit gets a RequestFault, the 19 innocent
     requests finish with every token, and the pools stay consistent."""
-    s, ex, pool, host, clock = _sim(make_policy(policy))
+    s, ex, pool, host, clock = _sim(policy)
     reqs = _requests(clock, 20)
     for r in reqs:
         s.add_request(r)
@@ -98,7 +97,7 @@ def test_a_poisoned_request_is_aborted_alone(policy, field, value):
 
 
 def test_a_request_poisoned_while_running_is_aborted_alone():
-    s, ex, pool, host, clock = _sim(make_policy("tokencake"))
+    s, ex, pool, host, clock = _sim("tokencake")
     reqs = _requests(clock, 8)
     for r in reqs:
         s.add_request(r)
@@ -117,14 +116,15 @@ class _Picky(Policy):
 
     name = "picky"
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, ctx, where: str) -> None:
+        super().__init__(ctx)
         self.where = where
 
     @staticmethod
     def _bad(r: Request) -> bool:
         return r.metadata is not None and r.metadata.agent_type == "boom"
 
-    def on_step(self, now, running, waiting, pool) -> None:  # a batch-wide phase
+    def on_step(self, now, running, waiting) -> None:  # a batch-wide phase
         if self.where == "on_step" and any(self._bad(r) for r in waiting):
             raise ZeroDivisionError("batch-wide")
 
@@ -132,21 +132,21 @@ class _Picky(Policy):
         if self.where == "on_step" and self._bad(request):
             raise ZeroDivisionError("probe")
 
-    def can_admit(self, request, blocks_needed, pool, running) -> bool:
-        if self.where == "can_admit" and self._bad(request):
+    def admit(self, request, blocks_needed, running) -> Admission:
+        if self.where == "admit" and self._bad(request):
             raise KeyError("per-request")
-        return True
+        return Admission.ADMIT
 
     def on_finished(self, request) -> None:
         if self.where == "on_finished" and self._bad(request):
             raise RuntimeError("finish hook")
 
 
-@pytest.mark.parametrize("where", ["on_step", "can_admit", "on_finished"])
+@pytest.mark.parametrize("where", ["on_step", "admit", "on_finished"])
 def test_culprit_found_by_probe_by_admission_or_logged_at_finish(where):
-    s, ex, pool, host, clock = _sim(_Picky(where))
+    s, ex, pool, host, clock = _sim(lambda ctx: _Picky(ctx, where))
     good = _requests(clock, 5)
-    # A prefix shared with r0, so the bad one takes cached blocks before can_admit raises.
+    # A prefix shared with r0, so the bad one takes cached blocks before admit raises.
     bad = Request(
         "bad", list(range(10, 60)), 12, clock(), metadata=AgentMetadata(agent_type="boom")
     )
@@ -164,10 +164,10 @@ def test_culprit_found_by_probe_by_admission_or_logged_at_finish(where):
 
 def test_unexplained_failure_is_the_engines_and_propagates():
     class Broken(Policy):
-        def on_step(self, now, running, waiting, pool) -> None:
+        def on_step(self, now, running, waiting) -> None:
             raise RuntimeError("engine bug")
 
-    s, ex, pool, host, clock = _sim(Broken())
+    s, ex, pool, host, clock = _sim(Broken)
     s.add_request(Request("a", [1, 2, 3], 4, clock()))
     with pytest.raises(RuntimeError, match="engine bug"):
         s.schedule()
@@ -177,7 +177,7 @@ def test_unexplained_failure_is_the_engines_and_propagates():
 def test_a_faulting_lifecycle_is_ended_and_its_kv_released():
     """The Time Scheduler's tick works lifecycle by lifecycle; one that breaks it is ended
     (cause 'error'), the others keep their preservation."""
-    s, ex, pool, host, clock = _sim(make_policy("tokencake"))
+    s, ex, pool, host, clock = _sim("tokencake")
     md = dict(agent_type="t", offload_eligible=True, reusable_prefix=True)
     reqs = [Request(f"a{i}", list(range(100 * i, 100 * i + 40)), 4, clock(), metadata=dict(md))
             for i in range(1, 4)]  # fmt: skip
@@ -202,7 +202,7 @@ def test_a_faulting_lifecycle_is_ended_and_its_kv_released():
 
 
 def test_an_event_that_breaks_on_its_lifecycle_ends_only_that_lifecycle():
-    s, ex, pool, host, clock = _sim(make_policy("tokencake"))
+    s, ex, pool, host, clock = _sim("tokencake")
     reqs = [Request(f"e{i}", list(range(50 * i, 50 * i + 30)), 3, clock(),
                     metadata=dict(agent_type="t")) for i in range(1, 3)]  # fmt: skip
     for r in reqs:

@@ -18,13 +18,11 @@ from tokencake.scheduler.bounded import ByteLRU
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.metadata import AgentMetadata, is_canonical_lifecycle_id
-from tokencake.scheduler.policies import make_policy
 from tokencake.scheduler.predictor import DurationPredictor
 from tokencake.scheduler.request import Request, RequestStatus
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
 from tokencake.scheduler.space import AgentHistory, TypeStats
 from tokencake.scheduler.tokencake_config import SpaceConfig, TokencakeConfig
-from tokencake.scheduler.tokencake_policy import TokencakePolicy
 
 
 # ---- finding 1: out-of-range metadata is refused, naming the field -------------------------------
@@ -90,13 +88,13 @@ def test_sampling_params_bounded_without_overflow(kw, param):
 
 
 # ---- finding 2: a type's history never holds a non-finite value ----------------------------------
-def _sched(policy=None):
+def _sched(tokencake=None):
     clock = SimClock()
     pool = BlockPool(80, 16)
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_prefill_chunk=64,
                           max_model_len=256)  # fmt: skip
     return (
-        Scheduler(cfg, pool, policy or make_policy("tokencake"), clock),
+        Scheduler(cfg, pool, "tokencake", clock, tokencake=tokencake),
         SimExecutor(clock),
         clock,
     )
@@ -209,7 +207,7 @@ def test_type_strings_are_length_bounded_and_history_is_bounded_by_bytes():
 
 def test_agent_type_history_expires():
     cfg = TokencakeConfig(scheduling=SpaceConfig(history_ttl_s=5.0))
-    s, ex, clock = _sched(TokencakePolicy(cfg))
+    s, ex, clock = _sched(cfg)
     s.add_request(Request("a", [1, 2, 3], 2, clock(), metadata={"agent_type": "old"}))
     while s.has_work:
         sim_step(s, ex)

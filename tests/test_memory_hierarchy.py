@@ -19,6 +19,7 @@ from tokencake.memory.host_pool import HostBlockPool, HostPoolExhaustedError
 from tokencake.memory.kv_cache import KVCacheSpec
 from tokencake.memory.transfer import FenceViolationError, TransferEngine
 from tokencake.sampling_params import SamplingParams
+from tokencake.scheduler.policy import Policy
 
 PROMPTS = [
     "multi-agent applications alternate llm calls and tool calls " * 3,
@@ -246,9 +247,15 @@ def test_swap_with_prefix_cache_off(make_engine, reference):
     settle(engine)
 
 
+class _RecomputeVictims(Policy):
+    def preemption_mode(self, victim):
+        return "recompute"
+
+
 def test_policy_hook_chooses_preemption_mode(make_engine, reference):
-    engine = make_engine(num_pages=14, max_num_seqs=6, preemption_mode="swap", **HOST)
-    engine.scheduler.policy.preemption_mode = lambda victim: "recompute"
+    engine = make_engine(
+        _RecomputeVictims, num_pages=14, max_num_seqs=6, preemption_mode="swap", **HOST
+    )
     assert generate(engine) == reference
     assert engine.scheduler.num_preemptions > 0 and engine.scheduler.num_swap_outs == 0
     settle(engine)

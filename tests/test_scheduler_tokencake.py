@@ -18,8 +18,7 @@ from tokencake.memory.host_pool import HostBlockPool
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle, LifecycleState
 from tokencake.scheduler.metadata import AgentMetadata, coerce_metadata
-from tokencake.scheduler.policies import make_policy
-from tokencake.scheduler.policy import Policy
+from tokencake.scheduler.policies import policy_names
 from tokencake.scheduler.predictor import DurationPredictor
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
@@ -34,10 +33,8 @@ from tokencake.scheduler.space import (
 )
 from tokencake.scheduler.time_sched import Pressure, Reason, evaluate_benefit
 from tokencake.scheduler.tokencake_config import SpaceConfig, TimeConfig, TokencakeConfig
-from tokencake.scheduler.tokencake_policy import TokencakePolicy
 
-POLICIES = ["vllm", "tokencake", "tokencake-space", "tokencake-time", "tokencake-fcfs", "infercept",
-            "continuum"]  # fmt: skip
+POLICIES = list(policy_names())  # every registered policy
 
 
 def test_scheduler_is_pure_python():
@@ -110,9 +107,8 @@ def test_join_priority_inheritance():
 def test_application_fcfs_admission_order():
     """``tokencake-fcfs``: requests of the earlier application go first, whatever their score;
     requests without an application start keep their own arrival."""
-    pol = make_policy("tokencake-fcfs")
+    pol = Scheduler(SchedulerConfig(), BlockPool(101, 16), "tokencake-fcfs", SimClock()).policy
     assert pol.config.scheduling.admission_order == "application-fcfs"
-    Scheduler(SchedulerConfig(), BlockPool(101, 16), pol, SimClock())  # binds the Space Scheduler
     old = Request(
         "old", [1], 4, 9.0, metadata=AgentMetadata(importance=0, application_started_at_s=1.0)
     )
@@ -147,7 +143,7 @@ def _two_requests(policy: str) -> list[str]:
     cfg = SchedulerConfig(
         max_num_seqs=8, max_num_batched_tokens=1024, max_prefill_chunk=512, max_model_len=2048
     )
-    s = Scheduler(cfg, pool, make_policy(policy), SimClock())
+    s = Scheduler(cfg, pool, policy, SimClock())
     for rid in ("A", "B"):  # 20 blocks now (320 tokens), 70 in total (320 + 800)
         s.add_request(
             Request(rid, list(range(1, 321)) if rid == "A" else list(range(2, 322)), 800, 0.0)
@@ -375,7 +371,7 @@ def _run_workload(policy: str, seed: int, n_agents: int, turns: int, blocks: int
     cfg = SchedulerConfig(
         max_num_seqs=6, max_num_batched_tokens=96, max_prefill_chunk=64, max_model_len=400
     )
-    s = Scheduler(cfg, pool, make_policy(policy), clock, host_pool=host)
+    s = Scheduler(cfg, pool, policy, clock, host_pool=host)
     ex = SimExecutor(clock)
     agents = [dict(prompt=[rng.randrange(1, 500) for _ in range(rng.randrange(20, 90))], turn=0,
                    due=rng.random() * 0.05, last=None, tool_end=None) for _ in range(n_agents)]  # fmt: skip
@@ -531,7 +527,9 @@ def test_engine_greedy_outputs_identical_under_every_policy():
 
 
 # ---- eviction ranked by expected reuse ------------------------------------------------------------
-def _eviction_scenario(policy: Policy) -> tuple[int, int, dict[str, int]]:
+def _eviction_scenario(
+    policy: str, tokencake: TokencakeConfig | None = None
+) -> tuple[int, int, dict[str, int]]:
     """Agent A finishes and waits on a 10 s tool (its KV is dropped, not kept: it is not
     preservable); then leaf agent L (last node of its DAG) finishes; then an ordinary request
     needs 6 of the 12 cached blocks. Returns how many of A's and of L's 6 full blocks are still
@@ -540,7 +538,7 @@ def _eviction_scenario(policy: Policy) -> tuple[int, int, dict[str, int]]:
     pool = BlockPool(21, 16)  # 20 usable blocks
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, max_prefill_chunk=256,
                           max_model_len=512)  # fmt: skip
-    s = Scheduler(cfg, pool, policy, clock)
+    s = Scheduler(cfg, pool, policy, clock, tokencake=tokencake)
     ex = SimExecutor(clock)
 
     def run(req: Request) -> Request:
@@ -566,10 +564,10 @@ def _eviction_scenario(policy: Policy) -> tuple[int, int, dict[str, int]]:
 
 
 def test_eviction_keeps_a_waiting_agents_kv_and_drops_a_finished_leaf_first():
-    a_kept, leaf_kept, _ = _eviction_scenario(make_policy("vllm"))
+    a_kept, leaf_kept, _ = _eviction_scenario("vllm")
     assert (a_kept, leaf_kept) == (0, 6)  # plain LRU: the older, still-needed prefix goes
-    a_kept, leaf_kept, counters = _eviction_scenario(make_policy("tokencake"))
+    a_kept, leaf_kept, counters = _eviction_scenario("tokencake")
     assert (a_kept, leaf_kept) == (6, 0)
     assert counters["eviction_ranked_blocks"] == 6 and counters["eviction_demoted_blocks"] == 6
-    off = TokencakePolicy(TokencakeConfig(offload=TimeConfig(reuse_aware_eviction=False)))
-    assert _eviction_scenario(off)[:2] == (0, 6)  # the knob turns it off
+    off = TokencakeConfig(offload=TimeConfig(reuse_aware_eviction=False))
+    assert _eviction_scenario("tokencake", off)[:2] == (0, 6)  # the knob turns it off

@@ -39,6 +39,13 @@ def test_deep_json_is_400(served, depth):
     assert "nested" in err["message"] or "not valid JSON" in err["message"]
 
 
+def test_deep_json_inside_a_json_string_is_400(served):
+    server, _ = served
+    deep = "[" * 5000 + "]" * 5000
+    err = _err(post(server.url + "/v1/completions", _comp(vllm_xargs={"tokencake": deep})))
+    assert err["param"] == "vllm_xargs.tokencake"
+
+
 def test_content_encoding(served):
     server, _ = served
     url = server.url + "/v1/completions"

@@ -24,6 +24,7 @@ from tokencake.outputs import KVStats, RequestOutput
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
+from tokencake.toolcall.request import ToolRequest
 
 log = logging.getLogger(__name__)
 
@@ -238,13 +239,19 @@ class AsyncEngine:
         return await self._off_engine(lambda tok: self.engine.tokenize(prompt, tok))
 
     async def tokenize_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tool_request: ToolRequest | None = None,
     ) -> list[int]:
-        """Token ids of a conversation under the model's chat template (a worker thread, as
-        :meth:`tokenize`; the text of the messages is bounded the same way first)."""
+        """Token ids of a conversation under the model's chat template; ``tool_request`` adds
+        tools, calls and results (see :meth:`LLMEngine.tokenize_chat`). On a worker thread, as
+        :meth:`tokenize`; the text of the messages is bounded the same way first."""
         self._check_chars("messages", _text_chars(messages))
         return await self._off_engine(
-            lambda tok: self.engine.tokenize_chat(messages, add_generation_prompt, tok)
+            lambda tok: self.engine.tokenize_chat(
+                messages, add_generation_prompt, tool_request, tok
+            )
         )
 
     def _check_chars(self, param: str, n: int) -> None:

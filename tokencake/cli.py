@@ -120,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run_server(
         engine_config_from_args(args), host=args.host, port=args.port, api_key=args.api_key,
         limits=limits, max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
+        lenient=args.lenient,
     )  # fmt: skip
     return 0
 
@@ -161,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' (also $TOKENCAKE_API_KEY)",
+    )
+    serve.add_argument(
+        "--lenient",
+        action="store_true",
+        help="ignore unknown request fields (default: refuse the request, listing every one)",
     )
     limits = serve.add_argument_group("limits (hostile clients)")
     limits.add_argument("--max-connections", type=int, default=1000,

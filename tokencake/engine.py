@@ -25,17 +25,18 @@ from tokencake.memory.kv_cache import KVCacheSpec
 from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
-from tokencake.runner import ModelRunner, RunnerConfig, rows_from_chunks
+from tokencake.runner import ModelRunner, rows_from_chunks
 from tokencake.sampling_params import SamplingParams
-from tokencake.scheduler.core import Scheduler, SchedulerConfig
+from tokencake.scheduler.core import Scheduler
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault, StepFailed, blame
 from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
 from tokencake.scheduler.limits import check_id
 from tokencake.scheduler.plan import BlockCopy
-from tokencake.scheduler.policies import make_policy
-from tokencake.scheduler.policy import Policy
+from tokencake.scheduler.policy import PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
+from tokencake.toolcall.render import render_prompt
+from tokencake.toolcall.request import ToolRequest
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,12 @@ class LLMEngine:
         tokenizer: Tokenizer | None = None,
         model_name: str | None = None,
         clock: Callable[[], float] | None = None,
-        policy: Policy | None = None,
+        policy: PolicyFactory | None = None,
     ) -> None:
         """``clock`` (default ``time.monotonic``) drives the scheduler, the tool lifecycles and
         request arrival times, so tests can step the Time Scheduler deterministically;
-        ``policy`` replaces ``make_policy(config.policy)`` (e.g. a TokencakePolicy with a
-        non-default TokencakeConfig)."""
+        ``policy`` (a factory taking the scheduler's ``PolicyContext``) replaces the policy
+        registered as ``config.policy``, e.g. one not in the registry."""
         self.config = config or EngineConfig()
         if self.config.distributed:
             _init_distributed()
@@ -89,21 +90,7 @@ class LLMEngine:
             int(cfg.kv_cache_gib * 2**30), model_config.num_layers, cfg.page_size,
             model_config.num_kv_heads, model_config.head_dim, cfg.dtype,
         )  # fmt: skip
-        self.runner = ModelRunner(
-            model_config,
-            params,
-            RunnerConfig(
-                num_pages=num_pages,
-                page_size=cfg.page_size,
-                max_model_len=max_len,
-                max_num_seqs=cfg.max_num_seqs,
-                max_prefill_chunk=cfg.max_prefill_chunk,
-                max_prefill_seqs=cfg.max_prefill_seqs,
-                dtype=cfg.dtype,
-                attention_backend=cfg.attention_backend,
-                tensor_parallel_size=cfg.tensor_parallel_size,
-            ),  # fmt: skip
-        )
+        self.runner = ModelRunner(model_config, params, cfg.runner_config(num_pages, max_len))
         self.pool = BlockPool(num_pages, cfg.page_size, cfg.enable_prefix_cache)
         self.cost_model = CostModel(self.runner.kv_spec.bytes_per_page)
         self.host_pool: HostBlockPool | None = None
@@ -112,20 +99,9 @@ class LLMEngine:
         if cfg.host_kv_gib > 0:
             self._build_host_tier()
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=cfg.max_num_seqs,
-                max_num_batched_tokens=cfg.max_num_batched_tokens,
-                max_prefill_chunk=cfg.max_prefill_chunk,
-                max_prefill_seqs=cfg.max_prefill_seqs,
-                max_model_len=max_len,
-                preemption_mode=cfg.preemption_mode,
-            ),  # fmt: skip
-            self.pool,
-            policy if policy is not None else make_policy(cfg.policy),
-            clock=clock,
-            host_pool=self.host_pool,
-        )
-        self.scheduler.cost_model = self.cost_model  # Time Scheduler transfer/recompute costs
+            cfg.scheduler_config(max_len), self.pool, policy or cfg.policy, clock,
+            self.host_pool, cost_model=self.cost_model, tokencake=cfg.tokencake,
+        )  # fmt: skip
         self.eos_ids = frozenset(model_config.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
@@ -138,7 +114,7 @@ class LLMEngine:
             if cfg.policy != "vllm" or self.transfer is not None:
                 # Only the agent-aware policies and the host tier consult recompute costs;
                 # profiling costs seconds of start-up, so the FCFS baseline skips it.
-                self.cost_model.profile_recompute(self.runner)
+                self.cost_model.fit_recompute(self.runner.recompute_samples())
 
     def _build_host_tier(self) -> None:
         """Host block pool, host KV arrays (allocated once) and the transfer engine."""
@@ -215,16 +191,29 @@ class LLMEngine:
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        tool_request: ToolRequest | None = None,
         tokenizer: Tokenizer | None = None,
     ) -> list[int]:
-        """Token ids of ``messages`` rendered with the model's chat template. A conversation
-        the template refuses (e.g. roles that must alternate) raises :class:`RequestRejected`
-        on ``messages``."""
+        """Token ids of ``messages`` rendered with the model's chat template. With a
+        ``tool_request`` its validated conversation (tool calls and results included) and tools
+        are rendered instead, through the template or the fallback prompt
+        (:mod:`tokencake.toolcall.render`). A conversation the template refuses (e.g. roles
+        that must alternate) raises :class:`RequestRejected` on ``messages``."""
         import jinja2  # the chat template's own refusals are jinja2 errors
 
         try:
             tok = tokenizer or self.tokenizer
-            return list(tok.apply_chat_template(messages, add_generation_prompt))
+            if tool_request is None:
+                return list(tok.apply_chat_template(messages, add_generation_prompt))
+            text, _ = render_prompt(
+                tok,
+                list(tool_request.messages),
+                tool_request.tools,
+                tool_request.choice,
+                add_generation_prompt,
+            )
+            # Templates write BOS/special tokens themselves: no post-processor additions.
+            return tok.encode(text, add_special_tokens=False)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:
             raise RequestRejected("messages", f"messages: {exc}") from None
 

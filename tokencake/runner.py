@@ -227,6 +227,28 @@ class ModelRunner:
                 times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
+    def recompute_samples(self, repeats: int = 2) -> list[tuple[int, int, float]]:
+        """``(new tokens, context, seconds)`` of prefill chunks of a few bucketed shapes, best
+        of ``repeats`` (what ``CostModel.fit_recompute`` fits). Rows point every page at the
+        dummy page, so no live KV is touched. Call after warm-up."""
+        cfg = self.cfg
+        token_sizes = sorted(
+            {min(t, cfg.max_prefill_chunk) for t in (32, 128, cfg.max_prefill_chunk)}
+        )
+        samples = []
+        for n in token_sizes:
+            for ctx in sorted({0, min(4 * n, cfg.max_model_len - n)}):
+                pages = -(-(ctx + n) // cfg.page_size)
+                row = RowRequest("_profile", [0] * n, ctx, [DUMMY_PAGE] * pages, 0.0, 0, 1.0, 0, 0)
+                self.execute([row])  # first call pays any lazy work; not timed
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    self.execute([row])
+                    best = min(best, time.perf_counter() - t0)
+                samples.append((n, ctx, best))
+        return samples
+
     def prompt_logits(self, token_ids: Sequence[int], block_ids: Sequence[int]) -> np.ndarray:
         """Float32 logits ``[len(token_ids), V]`` for every position of one prompt.
 

@@ -8,6 +8,7 @@ import time
 from aiohttp import web
 
 from tokencake.async_engine import AsyncEngine
+from tokencake.responses_api import ResponseStore
 from tokencake.server.metrics import Metrics
 
 ENGINE_KEY = web.AppKey("engine", AsyncEngine)
@@ -28,6 +29,8 @@ class State:
         drain_timeout_s: float,
         max_body_bytes: int,
         body_timeout_s: float = 30.0,
+        lenient: bool = False,
+        response_store: ResponseStore | None = None,
     ) -> None:
         self.engine = engine
         self.max_body_bytes = max_body_bytes
@@ -47,6 +50,8 @@ class State:
         self.max_seq_tokens = info.max_seq_tokens
         self.vocab_size = info.vocab_size
         self.created = int(time.time())
+        self.lenient = lenient  # unknown request fields: refuse (False) or ignore (True)
+        self.response_store = response_store or ResponseStore()  # previous_response_id
 
     def begin(self) -> None:
         self.in_flight += 1
