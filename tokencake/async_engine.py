@@ -13,9 +13,9 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokencake.engine import LLMEngine
@@ -37,6 +37,8 @@ class EngineInfo:
     max_model_len: int
     max_seq_tokens: int  # the most tokens one sequence can ever hold in KV
     vocab_size: int
+    # temperature / top_p / top_k the model's files recommend (ModelConfig.sampling_defaults)
+    sampling_defaults: Mapping[str, float | int] = field(default_factory=dict)
 
 
 LifecycleHandler = Callable[[Any], tuple[Any, dict[str, Any]]]
@@ -62,6 +64,7 @@ class AsyncEngine:
             max_model_len=engine.max_model_len,
             max_seq_tokens=min(engine.max_model_len, pool.capacity * pool.block_size),
             vocab_size=engine.model_config.vocab_size,
+            sampling_defaults=dict(engine.model_config.sampling_defaults),
         )
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

@@ -108,13 +108,18 @@ class LLMEngine:
         self._rng = random.Random(cfg.seed)
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
         if cfg.warmup:
-            self.runner.warmup()
-            if self.transfer is not None:
-                self.transfer.warmup()
-            if cfg.policy != "vllm" or self.transfer is not None:
-                # Only the agent-aware policies and the host tier consult recompute costs;
-                # profiling costs seconds of start-up, so the FCFS baseline skips it.
-                self.cost_model.fit_recompute(self.runner.recompute_samples())
+            self.warmup()
+
+    def warmup(self, progress: bool = False) -> None:
+        """Compile every step and transfer shape (``progress``: a bar on stderr) and profile
+        recompute costs where they are used. Runs at construction unless ``warmup=False``."""
+        self.runner.warmup(progress=progress)
+        if self.transfer is not None:
+            self.transfer.warmup()
+        if self.config.policy != "vllm" or self.transfer is not None:
+            # Only the agent-aware policies and the host tier consult recompute costs;
+            # profiling costs seconds of start-up, so the FCFS baseline skips it.
+            self.cost_model.fit_recompute(self.runner.recompute_samples())
 
     def _build_host_tier(self) -> None:
         """Host block pool, host KV arrays (allocated once) and the transfer engine."""

@@ -198,9 +198,18 @@ class ModelRunner:
         shapes = self.cfg.shapes()
         it = shapes
         if progress:
+            import sys
+
             from tqdm import tqdm
 
-            it = tqdm(shapes, desc="compiling step buckets", unit="shape")
+            cache = jax.config.jax_compilation_cache_dir
+            note = (
+                f"the first start compiles them, later starts read them from the cache in {cache}"
+                if cache
+                else "no compilation cache (TOKENCAKE_XLA_CACHE is empty): every start compiles"
+            )
+            print(f"warming up {len(shapes)} step shapes: {note}", file=sys.stderr, flush=True)
+            it = tqdm(shapes, desc="compiling step shapes", unit="shape", file=sys.stderr)
         for shape in it:
             self._compile(shape)
         self.strict = True

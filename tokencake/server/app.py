@@ -27,7 +27,13 @@ from tokencake.server.body import read_json
 from tokencake.server.errors import APIError, bad, fault_error, rejection_error
 from tokencake.server.metrics import record
 from tokencake.server.openapi import openapi_spec
-from tokencake.server.protocol import GenerationRequest, parse_chat, parse_completion, parse_event
+from tokencake.server.protocol import (
+    GenerationRequest,
+    parse_chat,
+    parse_completion,
+    parse_event,
+    with_sampling_defaults,
+)
 from tokencake.server.responses import close_stream, final_body, stream_response
 from tokencake.server.responses_route import parse_responses, responses_json, responses_stream
 from tokencake.server.state import (
@@ -251,7 +257,7 @@ def _sampling(st: State, p: GenerationRequest, n_prompt: int) -> SamplingParams:
             f"this model's maximum context length is {st.max_seq_tokens} tokens; the prompt has {n_prompt} tokens and {p.max_tokens_param}={max_tokens} asks for more than the {room} left",
             p.max_tokens_param,
         )
-    kw = dict(p.params)
+    kw = with_sampling_defaults(p.params, st.sampling_defaults)
     if p.structured is not None:
         kw["structured"] = p.structured
     if kw["top_k"] >= st.vocab_size:

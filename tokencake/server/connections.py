@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import resource
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -150,14 +151,31 @@ class GuardedTCPSite(web.TCPSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        loop = asyncio.get_running_loop()
         server = self._runner.server
         assert server is not None
         self.guard = ConnectionGuard(server, self.limits)
-        self._server = await loop.create_server(
+        self._server = await asyncio.get_running_loop().create_server(
             self.guard, self._host, self._port, backlog=self._backlog,
             reuse_address=self._reuse_address, reuse_port=self._reuse_port,
         )  # fmt: skip
+
+
+class GuardedSockSite(web.SockSite):
+    """``web.SockSite`` (an already listening socket) with a :class:`ConnectionGuard`."""
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, limits: ConnectionLimits):
+        super().__init__(runner, sock)
+        self.limits = limits
+        self.guard: ConnectionGuard | None = None
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self.guard = ConnectionGuard(server, self.limits)
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard, sock=self._sock, backlog=self._backlog
+        )
 
 
 class AcceptErrorLimiter:

@@ -49,6 +49,8 @@ class State:
         # The most tokens one sequence can ever hold in KV: bounds the default max_tokens too.
         self.max_seq_tokens = info.max_seq_tokens
         self.vocab_size = info.vocab_size
+        # The model's own temperature / top_p / top_k, for requests that omit them.
+        self.sampling_defaults = info.sampling_defaults
         self.created = int(time.time())
         self.lenient = lenient  # unknown request fields: refuse (False) or ignore (True)
         self.response_store = response_store or ResponseStore()  # previous_response_id
