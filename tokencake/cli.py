@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from tokencake.models.hub import DEFAULT_MODEL
+from tokencake.scheduler.policies import policy_names
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -16,7 +17,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,  # its served name; models.hub.resolve_model accepts it
         help="GGUF file, HF folder or orbax checkpoint; the default model is fetched on first use",
     )
-    p.add_argument("--policy", default="vllm", help="scheduling policy (vllm, tokencake, ...)")
+    p.add_argument("--policy", default="vllm", choices=policy_names(), help="scheduling policy")
+    p.add_argument(
+        "--tokencake-config",
+        metavar="FILE",
+        default=None,
+        help="JSON file of Tokencake settings for the tokencake* policies: "
+        '{"scheduling": {...}, "offload": {...}} with TokencakeConfig\'s fields',
+    )
     p.add_argument("--kv-cache-gib", type=float, default=0.25, help="device KV pool size in GiB")
     p.add_argument(
         "--host-kv-gib", type=float, default=0.0, help="host KV pool size in GiB (0 = no host tier)"
@@ -42,9 +50,27 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any):
         model=args.model, policy=args.policy, kv_cache_gib=args.kv_cache_gib, host_kv_gib=args.host_kv_gib,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
         attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
-        distributed=args.distributed,
+        distributed=args.distributed, tokencake=_tokencake_config(args.tokencake_config),
     )  # fmt: skip
     return EngineConfig(**{**options, **extra})
+
+
+def _tokencake_config(path: str | None) -> dict[str, Any] | None:
+    """The ``--tokencake-config`` file's JSON object (EngineConfig checks its keys strictly)."""
+    if path is None:
+        return None
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--tokencake-config: no such file {path}") from None
+    except ValueError as exc:
+        raise ValueError(f"--tokencake-config {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--tokencake-config {path}: expected a JSON object")
+    return data
 
 
 def _sampling(args: argparse.Namespace):
