@@ -226,11 +226,12 @@ class LLMEngine:
             grammar=grammar,
         )
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int], tokenizer: Tokenizer | None = None) -> list[int]:
         """Token ids of a text prompt, or a token-id prompt checked against the vocabulary.
-        Bad input raises :class:`RequestRejected` on ``prompt``."""
+        Bad input raises :class:`RequestRejected` on ``prompt``. Reads no engine state, so
+        another thread may call it with its own ``tokenizer`` (``AsyncEngine.tokenize``)."""
         if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
+            token_ids = (tokenizer or self.tokenizer).encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
@@ -252,6 +253,7 @@ class LLMEngine:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tool_request: ToolRequest | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template. With a
         ``tool_request`` its validated conversation (tool calls and results included) and tools
@@ -261,17 +263,18 @@ class LLMEngine:
         import jinja2  # the chat template's own refusals are jinja2 errors
 
         try:
+            tok = tokenizer or self.tokenizer
             if tool_request is None:
-                return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt))
+                return list(tok.apply_chat_template(messages, add_generation_prompt))
             text, _ = render_prompt(
-                self.tokenizer,
+                tok,
                 list(tool_request.messages),
                 tool_request.tools,
                 tool_request.choice,
                 add_generation_prompt,
             )
             # Templates write BOS/special tokens themselves: no post-processor additions.
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            return tok.encode(text, add_special_tokens=False)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:
             raise RequestRejected("messages", f"messages: {exc}") from None
 
