@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,13 @@ from tokencake.toolcall import ToolRequest, parse_tool_request, response_format_
 from tokencake.toolcall.render import TemplateInfo
 
 MAX_STOP_SEQUENCES = 16
+
+
+def _shown(v: int | float) -> str:
+    """A number for an error message (never hundreds of digits)."""
+    if isinstance(v, int) and not -(10**30) < v < 10**30:
+        return f"an integer of {len(str(abs(v)))} digits"
+    return repr(v)
 
 
 class Fields:
@@ -62,22 +70,26 @@ class Fields:
                 raise bad(f"{self.prefix}{name} must be an integer", self.prefix + name)
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise bad(
-                f"{self.prefix}{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}",
+                f"{self.prefix}{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {_shown(v)}",
                 self.prefix + name,
             )
         return v
 
     def number(
-        self, name: str, lo: float, hi: float, default: float, lo_open: bool = False
-    ) -> float:
+        self, name: str, lo: float, hi: float, default: float | None, lo_open: bool = False
+    ) -> float | None:
         v = self.body.get(name)
         if v is None:
             return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        # An int is compared exactly before any float conversion: math.isfinite(10**400)
+        # raises OverflowError, which would have been a 500.
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise bad(f"{self.prefix}{name} must be a number", self.prefix + name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise bad(f"{self.prefix}{name} must be a finite number", self.prefix + name)
         if v > hi or v < lo or (lo_open and v == lo):
             span = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-            raise bad(f"{self.prefix}{name} must be in {span}, got {v}", self.prefix + name)
+            raise bad(f"{self.prefix}{name} must be in {span}, got {_shown(v)}", self.prefix + name)
         return float(v)
 
     def boolean(self, name: str, default: bool = False) -> bool:
@@ -208,8 +220,9 @@ def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
         raise bad("stop_token_ids must be a list of non-negative integers", "stop_token_ids")
     seed = f.integer("seed")
     params: dict[str, Any] = {
-        "temperature": f.number("temperature", 0.0, 2.0, 1.0),
-        "top_p": f.number("top_p", 0.0, 1.0, 1.0, lo_open=True),
+        # None = omitted: the model's own default applies (with_sampling_defaults).
+        "temperature": f.number("temperature", 0.0, 2.0, None),
+        "top_p": f.number("top_p", 0.0, 1.0, None, lo_open=True),
         "top_k": _top_k(f),
         # OpenAI seeds are 64-bit; the engine's are 31-bit, so fold (deterministically).
         "seed": None if seed is None else seed % 2**31,
@@ -235,9 +248,25 @@ def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
     )
 
 
-def _top_k(f: Fields) -> int:
+def _top_k(f: Fields) -> int | None:
     k = f.integer("top_k", -1)
-    return 0 if k is None or k == -1 else k  # vLLM spells "disabled" as -1
+    return 0 if k == -1 else k  # vLLM spells "disabled" as -1
+
+
+# What a request that omits a sampling field gets when the model recommends nothing (OpenAI's).
+API_SAMPLING_DEFAULTS: dict[str, float | int] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
+def with_sampling_defaults(
+    params: dict[str, Any], model_defaults: Mapping[str, float | int]
+) -> dict[str, Any]:
+    """``params`` with each omitted (None) temperature / top_p / top_k taken from the model's
+    own generation settings, else from the API's defaults; explicit values always win."""
+    out = dict(params)
+    for key, api_default in API_SAMPLING_DEFAULTS.items():
+        if out.get(key) is None:
+            out[key] = model_defaults.get(key, api_default)
+    return out
 
 
 def _parse_metadata(f: Fields) -> tuple[AgentMetadata | None, str | None, str]:
@@ -260,7 +289,7 @@ def _parse_metadata(f: Fields) -> tuple[AgentMetadata | None, str | None, str]:
     if isinstance(direct, str):  # vllm_xargs values are sometimes JSON-encoded strings
         try:
             direct = json.loads(direct)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested ~1,000 deep
             raise bad(f"{param} must be a JSON object", param) from None
     if not isinstance(direct, dict):
         raise bad(f"{param} must be an object", param)
