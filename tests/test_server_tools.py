@@ -189,3 +189,36 @@ def test_responses_stream_event_sequence(agent_served, client):
     final = events[-1].response
     assert [o.type for o in final.output] == ["function_call"]
     wait_pool_idle(*agent_served)
+
+
+# ---------------------------------------------------------------- n > 1 and logit controls
+def test_n_choices_plain_streamed_and_with_forced_calls(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, n=3, max_tokens=5, temperature=1.0, seed=7)  # fmt: skip
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.completion_tokens == 15  # 3 choices x 5 tokens (no EOS from random weights)
+    assert len({c.message.content for c in r.choices}) > 1  # independent samples
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, n=2, max_tokens=5, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}  # fmt: skip
+    assert set(finished) == {0, 1} and chunks[-1].usage.completion_tokens == 10
+    forced = client.chat.completions.create(
+        model=MODEL, messages=ASK, n=2, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+        max_tokens=128, temperature=1.0, seed=11,
+    )  # fmt: skip
+    for c in forced.choices:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+        check_call(c.message.tool_calls[0])
+
+
+def test_logit_bias_and_penalties_reach_the_sampler(client):
+    # byte-level tiny tokenizer: id 65 is "A"; a +100 bias makes greedy decoding pick it always
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=6, temperature=0.0, logit_bias={"65": 100})  # fmt: skip
+    assert r.choices[0].message.content == "A" * 6
+    # the other controls are forwarded: bad values are refused by name (engine-side checks too)
+    for extra, param in [({"presence_penalty": 3}, "presence_penalty"), ({"min_p": 2}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"), ({"logit_bias": {"999": 1}}, "logit_bias")]:  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model=MODEL, messages=ASK, max_tokens=2, extra_body=extra
+            )
+        assert e.value.body["param"] == param
+    ok = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0.0, frequency_penalty=0.5, presence_penalty=0.5, extra_body={"repetition_penalty": 1.2, "min_p": 0.1})  # fmt: skip
+    assert ok.choices[0].finish_reason in ("stop", "length")

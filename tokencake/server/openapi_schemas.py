@@ -173,7 +173,11 @@ def responses_schemas() -> dict[str, dict[str, Any]]:
 def response_body_schemas() -> dict[str, dict[str, Any]]:
     """What the other routes answer (JSON bodies; streams are SSE of the chunk shapes)."""
     usage = _obj({"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT, "prompt_tokens_details": _obj({"cached_tokens": _INT})}, ["prompt_tokens", "completion_tokens", "total_tokens"])  # fmt: skip
-    finish = {"type": "string", "enum": ["stop", "length", "tool_calls", "abort", None], "nullable": True}
+    finish = {
+        "type": "string",
+        "enum": ["stop", "length", "tool_calls", "abort", None],
+        "nullable": True,
+    }
     chat_msg = _obj({"role": {"type": "string", "enum": ["assistant"]}, "content": _NULL_STR, "tool_calls": {"type": "array", "items": _ref("ToolCall")}}, ["role", "content"])  # fmt: skip
     chat = _obj(
         {"id": _STR, "object": {"type": "string", "enum": ["chat.completion"]}, "created": _INT, "model": _STR, "usage": usage,
