@@ -129,7 +129,7 @@ class AsyncEngine:
         if target is None:
             return
         loop, q = target
-        if isinstance(item, BaseException) or item.finished:
+        if isinstance(item, BaseException) or item.request_finished:
             self._streams.pop(request_id, None)
         with contextlib.suppress(RuntimeError):  # loop closed: the consumer is gone
             loop.call_soon_threadsafe(q.put_nowait, item)
@@ -148,7 +148,9 @@ class AsyncEngine:
         request_id: str | None = None,
         metadata: Any = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield a :class:`RequestOutput` per new token; the last one has ``finished=True``.
+        """Yield a :class:`RequestOutput` per new token; the last one has ``finished=True``
+        (with ``n > 1``: outputs of every choice, told apart by ``index``; the stream ends
+        after the output with ``request_finished``).
 
         Bad input raises ValueError/TypeError before anything is queued. Leaving the loop early
         (or the task being cancelled) aborts the request and frees its blocks. A text prompt
@@ -189,7 +191,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finished:
+                if item.request_finished:
                     finished = True
                     return
         finally:
