@@ -110,3 +110,29 @@ def test_serve_shows_progress_and_the_url(tmp_path):
     assert proc.returncode == 0, err
     assert "warming up" in err and "later starts read them from the cache" in err
     assert "compiling step shapes" in err and "Unable to initialize backend" not in err
+
+
+def test_tokencake_config_file_reaches_the_policy(tmp_path, make_engine, capsys):
+    from tokencake.cli import engine_config_from_args, main
+
+    f = tmp_path / "tc.json"
+    f.write_text('{"scheduling": {"critical_ratio": 0.5}, "offload": {"enabled": false}}')
+    args = build_parser().parse_args(
+        ["serve", "--policy", "tokencake", "--tokencake-config", str(f)]
+    )
+    cfg = engine_config_from_args(args)
+    assert cfg.tokencake.scheduling.critical_ratio == 0.5 and not cfg.tokencake.offload.enabled
+    engine = make_engine(policy="tokencake", tokencake=cfg.tokencake)
+    assert engine.scheduler.policy.config.scheduling.critical_ratio == 0.5
+    # A bad file is one line naming the problem, before anything loads.
+    for text, needle in (
+        ('{"scheduling": {"critical_ratoi": 0.5}}', "critical_ratoi"),
+        ("{not json", "not valid JSON"),
+        ("[1]", "expected a JSON object"),
+    ):
+        f.write_text(text)
+        assert main(["serve", "--port", "0", "--tokencake-config", str(f)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert main(["serve", "--tokencake-config", str(tmp_path / "none.json")]) == 2
+    assert "no such file" in capsys.readouterr().err

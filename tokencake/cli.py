@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from tokencake.models.hub import DEFAULT_MODEL
+from tokencake.scheduler.policies import policy_names
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -16,7 +17,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,  # its served name; models.hub.resolve_model accepts it
         help="GGUF file, HF folder or orbax checkpoint; the default model is fetched on first use",
     )
-    p.add_argument("--policy", default="vllm", help="scheduling policy (vllm, tokencake, ...)")
+    p.add_argument("--policy", default="vllm", choices=policy_names(), help="scheduling policy")
+    p.add_argument(
+        "--tokencake-config",
+        metavar="FILE",
+        default=None,
+        help="JSON file of Tokencake settings for the tokencake* policies: "
+        '{"scheduling": {...}, "offload": {...}} with TokencakeConfig\'s fields',
+    )
     p.add_argument("--kv-cache-gib", type=float, default=0.25, help="device KV pool size in GiB")
     p.add_argument(
         "--host-kv-gib", type=float, default=0.0, help="host KV pool size in GiB (0 = no host tier)"
@@ -42,9 +50,27 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any):
         model=args.model, policy=args.policy, kv_cache_gib=args.kv_cache_gib, host_kv_gib=args.host_kv_gib,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
         attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
-        distributed=args.distributed,
+        distributed=args.distributed, tokencake=_tokencake_config(args.tokencake_config),
     )  # fmt: skip
     return EngineConfig(**{**options, **extra})
+
+
+def _tokencake_config(path: str | None) -> dict[str, Any] | None:
+    """The ``--tokencake-config`` file's JSON object (EngineConfig checks its keys strictly)."""
+    if path is None:
+        return None
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--tokencake-config: no such file {path}") from None
+    except ValueError as exc:
+        raise ValueError(f"--tokencake-config {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--tokencake-config {path}: expected a JSON object")
+    return data
 
 
 def _sampling(args: argparse.Namespace):
@@ -116,8 +142,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = engine_config_from_args(args)
     sock = listen_socket(args.host, args.port)  # before JAX loads: a taken port fails at once
+    from tokencake.server.connections import ConnectionLimits
     from tokencake.server.run import run_server
 
+    limits = ConnectionLimits(
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keepalive_timeout_s=args.keepalive_timeout,
+    )
     run_server(
         config,
         args.host,
@@ -125,7 +158,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.api_key,
         log_format=args.log_format,
         sock=sock,
+        limits=limits,
         lenient=args.lenient,
+        max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout,
     )
     return 0
 
@@ -185,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ignore unknown request fields (default: refuse the request, listing every one)",
     )
+    limits = serve.add_argument_group("limits against hostile clients")
+    limits.add_argument("--max-connections", type=int, default=1000,
+                        help="open connections at most; one more is answered 503 at once")  # fmt: skip
+    limits.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a new connection has to send complete request headers")  # fmt: skip
+    limits.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds to receive a request body (408 past it)")  # fmt: skip
+    limits.add_argument("--keepalive-timeout", type=float, default=15.0,
+                        help="seconds an idle keep-alive connection stays open")  # fmt: skip
+    limits.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                        help="largest request body after decoding (413 past it)")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
     return parser
 

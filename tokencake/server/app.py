@@ -23,8 +23,8 @@ from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.lifecycle import Disposition
+from tokencake.server.body import read_json
 from tokencake.server.errors import APIError, bad, fault_error, rejection_error
-from tokencake.server.metrics import record
 from tokencake.server.openapi import openapi_spec
 from tokencake.server.protocol import (
     GenerationRequest,
@@ -33,7 +33,7 @@ from tokencake.server.protocol import (
     parse_event,
     with_sampling_defaults,
 )
-from tokencake.server.responses import close_stream, final_body, stream_response
+from tokencake.server.responses import close_stream, final_body, record_choices, stream_response
 from tokencake.server.responses_route import parse_responses, responses_json, responses_stream
 from tokencake.server.state import (
     ENGINE_KEY,
@@ -128,14 +128,8 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 # ---- handlers ----------------------------------------------------------------------------------
 async def _json_body(request: web.Request) -> Any:
-    limit = state_of(request).max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise APIError(413, f"request body exceeds the {limit} byte limit", None)
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise bad("request body is not valid JSON", None) from None
+    st = state_of(request)
+    return await read_json(request, st.max_body_bytes, st.body_timeout_s)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -295,11 +289,14 @@ async def _generate(request: web.Request, st: State, p: GenerationRequest) -> we
             return await responses_json(st, p, outputs, first, start)
         if p.stream:
             return await stream_response(request, st, p, outputs, first, start)
-        final = first
-        async for out in outputs:
-            final = out
-        record(st.metrics, p.chat, final, start)
-        return web.json_response(final_body(st, p, final, params))
+        last = first
+        finals = {first.index: first} if first.finished else {}
+        async for last in outputs:
+            if last.finished:
+                finals[last.index] = last
+        outs = [finals[i] for i in sorted(finals)] or [last]
+        record_choices(st.metrics, p.chat, outs, start)
+        return web.json_response(final_body(st, p, outs, params))
     finally:
         if outputs is not None:
             await close_stream(outputs)  # aborts the request unless it finished
@@ -327,6 +324,7 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_tokens_limit: int | None = None,
     drain_timeout_s: float = 30.0,
+    body_timeout_s: float = 30.0,
     lenient: bool = False,
     response_store: ResponseStore | None = None,
 ) -> web.Application:
@@ -338,7 +336,8 @@ def build_app(
     ``response_store`` holds ``/v1/responses`` conversations for ``previous_response_id``
     (default: 1024 responses / 64 MiB, least recently used dropped first). On shutdown the app
     refuses new generations and waits up to ``drain_timeout_s`` for in-flight ones; the caller
-    owns the engine and shuts it down after the app.
+    owns the engine and shuts it down after the app. Reading a body may take at most
+    ``body_timeout_s`` (408 past it); connection limits live in ``start_site``.
     """
     app = web.Application(middlewares=[_errors_and_logs, _auth], client_max_size=max_body_bytes)
     app[ENGINE_KEY] = async_engine
@@ -348,6 +347,7 @@ def build_app(
         max_tokens_limit,
         drain_timeout_s,
         max_body_bytes,
+        body_timeout_s,
         lenient=lenient,
         response_store=response_store,
     )
