@@ -24,13 +24,15 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
+from tokencake.memory.host_pool import HostBlockPool
+from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.lifecycle import Lifecycle, LifecycleRecord
 from tokencake.scheduler.metadata import AgentMetadata
-from tokencake.scheduler.plan import BlockCopy, StepPlan
+from tokencake.scheduler.plan import BlockCopy
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.tokencake_config import TimeConfig
 
@@ -177,7 +179,7 @@ class Preservation:
     ttl: float = math.inf
     next_eval_step: int = 0
     last_sig: tuple | None = None
-    inflight: Any = None  # (direction, device blocks, host blocks, hashes)
+    inflight: BlockCopy | None = None  # the copy in flight for this call (at most one)
     decided: bool = False
     ttl_spent: bool = False  # a keep already ran out its TTL: never pin this call again
     ranked_for: float = math.nan  # predicted return its cached blocks were last ranked for
@@ -239,13 +241,6 @@ def infercept_decide(ctx: DecisionContext, ts: TimeScheduler) -> Action:
     return min(options)[2]
 
 
-def _pin(pool: BlockPool, blocks: Sequence[int]) -> None:
-    """Hold one reference on valid (hashed) device blocks; keeps hit statistics untouched."""
-    q, h = pool.queries, pool.hits
-    pool.take_cached(blocks)
-    pool.queries, pool.hits = q, h
-
-
 class TimeScheduler:
     """Per-tool-call KV actions, predictive upload and the copies they need."""
 
@@ -254,7 +249,8 @@ class TimeScheduler:
         config: TimeConfig,
         pool: BlockPool,
         lifecycle: Lifecycle,
-        host: Any = None,
+        copies: CopyTracker,
+        host: HostBlockPool | None = None,
         cost: CostModel | None = None,
         decide: Decide = tokencake_decide,
         predictive_upload: bool | None = None,
@@ -264,6 +260,7 @@ class TimeScheduler:
         self.cfg = config
         self.pool = pool
         self.lifecycle = lifecycle
+        self.copies = copies
         self.host = host
         self.cost: CostModel = cost or CostModel.paper_default()
         self.decide = decide
@@ -276,9 +273,6 @@ class TimeScheduler:
         )
         self.items: dict[str, Preservation] = {}
         self.step = 0
-        self._copies: list[BlockCopy] = []
-        self._inflight: dict[str, Preservation] = {}  # copy tag -> owner
-        self._seq = 0
         self._stores: deque[int] = deque(maxlen=96)
         self._last_store_step = -(10**9)
         self.counters: dict[str, int] = {}
@@ -357,8 +351,17 @@ class TimeScheduler:
 
     @property
     def stalled_blocks(self) -> int:
-        """Device blocks pinned for agents that are waiting on a tool."""
-        return sum(len(p.pins) for p in self.items.values())
+        """Device blocks held for agents that are waiting on a tool: pinned, or read by the
+        copy-out of their offload."""
+        n = 0
+        for p in self.items.values():
+            c = p.inflight
+            n += (
+                len(set(p.pins) | set(c.device_blocks))
+                if c and c.direction == "d2h"
+                else len(p.pins)
+            )
+        return n
 
     # ---- the tick ---------------------------------------------------------------------------
     def tick(
@@ -540,7 +543,7 @@ class TimeScheduler:
             self._offload(p, dev, count, now)
         elif action is Action.KEEP:
             if p.state is not PState.KEPT:
-                _pin(pool, dev)
+                pool.hold(dev)
                 p.pins = list(dev)
                 p.state = PState.KEPT
             ttl = min(
@@ -583,10 +586,6 @@ class TimeScheduler:
             p.host_retained += host.retain([h])
             src.append(dev[i])
             dst.append(got[0])
-        if p.state is not PState.KEPT:
-            fence = [b for b in src]
-            _pin(self.pool, fence)
-            p.pins = fence
         p.n_restore = count
         h2d = self.cost.copy_time(count, "h2d")
         self.lifecycle.set_h2d_estimate(p.rec, h2d)
@@ -594,8 +593,10 @@ class TimeScheduler:
         self._stores.append(self.step)
         self._last_store_step = self.step
         self._count("offloads")
-        if dst:
-            self._issue(p, "d2h", src, dst, [])
+        if dst:  # the tracker holds ``src`` until the copy lands (a kept call keeps its pins)
+            landed = partial(self._offloaded, p)
+            p.inflight = self.copies.copy_out(src, dst, self._tag("d2h", p), self, landed)
+            self.copy_blocks["d2h"] += len(src)
             p.state = PState.OFFLOADING
         else:
             self._unpin(p)
@@ -604,81 +605,56 @@ class TimeScheduler:
     def _upload(self, p: Preservation, now: float) -> None:
         host, pool = self.host, self.pool
         hits = pool.lookup_prefix(p.hashes[: p.n_restore])
-        _pin(pool, hits)
+        pool.hold(hits)
         rest = p.hashes[len(hits) : p.n_restore]
         hblocks = host.lookup_prefix(rest)
         n = min(len(hblocks), pool.num_free)
-        dev = pool.allocate(n)
-        host.acquire(hblocks[:n])
+        dev = pool.allocate(n)  # ours; registered and pinned for the successor once landed
         p.pins = list(hits)
         p.upload_at = math.inf
         self._count("uploads")
         if n:
-            self._issue(p, "h2d", dev, hblocks[:n], rest[:n])
+            landed = partial(self._uploaded, p, rest[:n])
+            p.inflight = self.copies.copy_in(dev, hblocks[:n], self._tag("h2d", p), self, landed)
+            self.copy_blocks["h2d"] += n
             self.uploading.update(rest[:n])
             p.state = PState.UPLOADING
         else:
             p.state = PState.RESTORED
 
-    # ---- plan plumbing ------------------------------------------------------------------------
-    def emit(self, plan: StepPlan) -> None:
-        """Hand this step's copies to the executor (they run before the step's compute)."""
-        if self._copies:
-            plan.copies.extend(self._copies)
-            self._copies = []
+    # ---- copy completions (the shared CopyTracker calls these) --------------------------------
+    @staticmethod
+    def _tag(direction: str, p: Preservation) -> str:
+        return f"tc-{direction}:{p.rec.lifecycle_id}"
 
-    def _issue(self, p: Preservation, direction: str, dev: list[int], hblocks: list[int],
-               hashes: list[bytes]) -> None:  # fmt: skip
-        self._seq += 1
-        tag = f"tc-{direction}:{p.rec.lifecycle_id}:{self._seq}"
-        self._copies.append(BlockCopy(direction, tuple(dev), tuple(hblocks), tag))
-        self.copy_blocks[direction] += len(dev)
-        p.inflight = (direction, list(dev), list(hblocks), list(hashes))
-        self._inflight[tag] = p
+    def _offloaded(self, p: Preservation, copy: BlockCopy, ok: bool) -> None:
+        """The offload's copy-out ended (host pages already published or discarded)."""
+        p.inflight = None
+        self._unpin(p)  # a kept call's device copies become evictable cached blocks
+        if ok:
+            p.state = PState.OFFLOADED
+        else:
+            self._count("failed_copies")
+            self._drop(p)
 
-    def owns(self, tag: str) -> bool:
-        return tag in self._inflight
-
-    @property
-    def copies_in_flight(self) -> int:
-        return len(self._inflight)
-
-    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy] = ()) -> None:
-        """Copies this scheduler issued have landed (``done``) or failed: publish or discard
-        host pages, register uploaded device pages, drop the fences."""
-        for copy, ok in [(c, True) for c in done] + [(c, False) for c in failed]:
-            p = self._inflight.pop(copy.tag, None)
-            if p is None:
-                raise ValueError(f"completion of unknown copy {copy.tag!r}")
-            direction, dev, hblocks, hashes = p.inflight
-            p.inflight = None
-            host, pool = self.host, self.pool
-            if direction == "d2h":
-                self._unpin(p)  # the device copies become evictable cached blocks
-                if ok:
-                    host.complete_write(hblocks)
-                    host.free(hblocks)
-                    p.state = PState.OFFLOADED
-                else:
-                    self._count("failed_copies")
-                    host.discard(hblocks)
-                    self._drop(p)
-                continue
-            host.free(hblocks)
-            for h in hashes:
-                self.uploading.discard(h)
-            if not ok:
-                self._count("failed_copies")
-                pool.free(dev)  # never registered: back to the free list, no stale hash
-                p.state = PState.OFFLOADED
-                continue
-            for b, h in zip(dev, hashes, strict=True):
-                pool.register(b, h)
-                if pool.hash_of(b) == h:
-                    p.pins.append(b)
-                else:
-                    pool.free([b])  # an identical block got cached meanwhile: ours is moot
-            p.state = PState.RESTORED
+    def _uploaded(self, p: Preservation, hashes: list[bytes], copy: BlockCopy, ok: bool) -> None:
+        """The upload's copy-in ended: register the pages and pin them for the successor."""
+        p.inflight = None
+        pool = self.pool
+        for h in hashes:
+            self.uploading.discard(h)
+        if not ok:
+            self._count("failed_copies")
+            pool.free(copy.device_blocks)  # never registered: back to the free list, no stale hash
+            p.state = PState.OFFLOADED
+            return
+        for b, h in zip(copy.device_blocks, hashes, strict=True):
+            pool.register(b, h)
+            if pool.hash_of(b) == h:
+                p.pins.append(b)
+            else:
+                pool.free([b])  # an identical block got cached meanwhile: ours is moot
+        p.state = PState.RESTORED
 
     def relieve(self) -> bool:
         """Nothing runs and the queue head cannot start: give back every pin and reservation

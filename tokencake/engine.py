@@ -324,7 +324,7 @@ class LLMEngine:
             end = -(-(c.start + c.num_tokens) // bs)
             attended.append(c.request.block_ids[:end])
             written.append(c.request.block_ids[c.start // bs : end])
-        self.transfer.check_step(attended, written)
+        self.scheduler.copies.check_step(attended, written)
 
     def _sampling_of(self, req: Request) -> tuple[float, int, float, int, bool]:
         state = self._text[req.request_id]
