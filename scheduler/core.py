@@ -14,7 +14,7 @@ import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 from tokencake.memory.block_pool import BlockPool
@@ -81,8 +81,16 @@ class Scheduler:
         self.cost_model = cost_model or CostModel.paper_default()
         factory = policy_factory(policy) if isinstance(policy, str) else policy
         self.policy = factory(
-            PolicyContext(config, pool, host_pool, self.cost_model, self.clock, self.lifecycle,
-                          self.copies, tokencake)  # fmt: skip
+            PolicyContext(
+                config,
+                pool,
+                host_pool,
+                self.cost_model,
+                self.clock,
+                self.lifecycle,
+                self.copies,
+                tokencake,
+            )  # fmt: skip
         )
 
     # ---- queue management -----------------------------------------------------------------
@@ -418,7 +426,7 @@ class Scheduler:
         self._refused = (req.request_id, verdict)
         return False
 
-    def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Request]:
+    def update(self, plan: StepPlan, sampled: Mapping[str, int]) -> list[Request]:
         """Advance progress after the executor ran ``plan``; append sampled tokens.
 
         Returns requests that got a new token this step (the caller checks stop conditions
