@@ -20,6 +20,7 @@ from tokencake.memory.kv_cache import KVCacheSpec
 from tokencake.memory.transfer import TransferEngine
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.copies import CopyTracker, FenceViolationError
+from tokencake.scheduler.faults import StepFailed
 from tokencake.scheduler.plan import BlockCopy
 from tokencake.scheduler.policy import Policy
 
@@ -376,9 +377,10 @@ def test_fence_copy_in_waits_for_landing(make_engine, reference):
     settle(engine)
 
 
-def test_fence_copy_in_is_needed(make_engine, reference):
+def test_fence_copy_in_is_needed(make_engine, reference, caplog):
     """Without the fence (counting host pages as computed at once) the deferred copy-in
-    makes the step attend garbage: the check fails loudly instead of corrupting output."""
+    makes the step attend garbage: the check refuses the step loudly (the fence violation is
+    logged and the step's request aborted with StepFailed) instead of corrupting output."""
     engine = make_engine(**HOST)
     generate(engine)
     offload_cached_prefixes(engine, PROMPTS[:1])
@@ -394,10 +396,10 @@ def test_fence_copy_in_is_needed(make_engine, reference):
         return admitted
 
     sched._admit_with_copy_in = unfenced
-    engine.add_request(PROMPTS[0], GREEDY)
-    with pytest.raises(FenceViolationError):
-        for _ in range(3):
-            engine.step()
+    rid = engine.add_request(PROMPTS[0], GREEDY)
+    outs = [o for _ in range(3) for o in engine.step()]
+    assert [(o.request_id, o.token_ids, type(o.error)) for o in outs] == [(rid, [], StepFailed)]
+    assert any(isinstance(r.exc_info[1], FenceViolationError) for r in caplog.records if r.exc_info)
 
 
 def test_fence_copy_out_holds_device_blocks(make_engine, reference):
