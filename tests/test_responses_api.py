@@ -75,7 +75,7 @@ def test_input_items_become_a_chat_conversation():
     tr = parse_tool_request(body["messages"], body["tools"], body["tool_choice"])
     assert tr.history.returning and tr.history.calls == {"call_1": "get_weather"}
     # errors found on the chat body are reported in Responses terms
-    assert rename_param("messages[3].tool_call_id", req) == "input[3]"
+    assert rename_param("messages[3].tool_call_id", req) == "input[3].call_id"
     assert rename_param("messages[0].content", req) == "instructions"
     assert rename_param("max_completion_tokens", req) == "max_output_tokens"
 

@@ -391,9 +391,9 @@ BAD_REQUESTS = [
         "/v1/chat/completions",
         {
             "messages": [{"role": "user", "content": "x"}],
-            "response_format": {"type": "json_object"},
+            "response_format": {"type": "yaml"},
         },
-        "response_format",
+        "response_format.type",
     ),
     (
         "/v1/chat/completions",

@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tokencake.memory.transfer import TransferEngine, TransferHandle
-from tokencake.runner import ModelRunner, SampledToken, rows_from_chunks
+from tokencake.runner import ModelRunner, RowSampling, SampledToken, rows_from_chunks
 from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.request import Request
 
-#: ``(temperature, top_k, top_p, seed, logprobs)`` of one request (the engine's text state).
-SamplingOf = Callable[[Request], tuple[float, int, float, int, bool]]
+#: One request's sampling settings (from the engine's per-request state).
+SamplingOf = Callable[[Request], RowSampling]
 
 
 class EngineExecutor:

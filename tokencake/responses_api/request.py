@@ -277,8 +277,12 @@ def rename_param(param: str | None, req: ResponsesRequest) -> str | None:
         if param == chat or param.startswith(chat + "."):
             return resp + param[len(chat) :]
     if param.startswith("messages["):
-        i = int(param[len("messages[") : param.index("]")])
+        end = param.index("]")
+        i = int(param[len("messages[") : end])
         if 0 <= i < len(req.message_params):
+            rest = param[end + 1 :]
+            if rest == ".tool_call_id":  # a function_call_output item's field
+                return req.message_params[i] + ".call_id"
             return req.message_params[i]
     if param.startswith("tools[") and ".function" in param:
         return param.replace(".function", "", 1)

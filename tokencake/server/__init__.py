@@ -26,27 +26,53 @@ Rules the handlers keep:
 
 from __future__ import annotations
 
-from tokencake.async_engine import lifecycle_handler
-from tokencake.server.app import DEFAULT_MAX_BODY_BYTES, build_app
-from tokencake.server.errors import APIError
-from tokencake.server.openapi import openapi_spec
-from tokencake.server.run import (
-    BackgroundServer,
-    JsonFormatter,
-    run_server,
-    setup_json_logging,
-    start_site,
-)
+from typing import TYPE_CHECKING, Any
+
+# Lazy exports (as in ``tokencake/__init__``): ``tokencake serve`` checks its port through
+# ``tokencake.server.listen`` before anything imports JAX.
+_EXPORTS = {
+    "lifecycle_handler": "tokencake.async_engine",
+    "JsonFormatter": "tokencake.logs",
+    "setup_json_logging": "tokencake.logs",
+    "DEFAULT_MAX_BODY_BYTES": "tokencake.server.app",
+    "build_app": "tokencake.server.app",
+    "APIError": "tokencake.server.errors",
+    "openapi_spec": "tokencake.server.openapi",
+    "PortUnavailableError": "tokencake.server.listen",
+    "listen_socket": "tokencake.server.listen",
+    "BackgroundServer": "tokencake.server.run",
+    "run_server": "tokencake.server.run",
+    "start_site": "tokencake.server.run",
+}
+
+if TYPE_CHECKING:
+    from tokencake.async_engine import lifecycle_handler
+    from tokencake.logs import JsonFormatter, setup_json_logging
+    from tokencake.server.app import DEFAULT_MAX_BODY_BYTES, build_app
+    from tokencake.server.errors import APIError
+    from tokencake.server.listen import PortUnavailableError, listen_socket
+    from tokencake.server.openapi import openapi_spec
+    from tokencake.server.run import BackgroundServer, run_server, start_site
 
 __all__ = [
-    "DEFAULT_MAX_BODY_BYTES",
     "APIError",
     "BackgroundServer",
+    "DEFAULT_MAX_BODY_BYTES",
     "JsonFormatter",
+    "PortUnavailableError",
     "build_app",
     "lifecycle_handler",
+    "listen_socket",
     "openapi_spec",
     "run_server",
     "setup_json_logging",
     "start_site",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tokencake.server' has no attribute {name!r}")

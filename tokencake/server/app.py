@@ -16,16 +16,26 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from tokencake.async_engine import AsyncEngine, EngineDeadError
+from tokencake.fieldpolicy import InvalidField
 from tokencake.outputs import RequestOutput
+from tokencake.responses_api import ResponseStore
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.lifecycle import Disposition
+from tokencake.server.body import read_json
 from tokencake.server.errors import APIError, bad, fault_error, rejection_error
 from tokencake.server.metrics import record
 from tokencake.server.openapi import openapi_spec
-from tokencake.server.protocol import GenerationRequest, parse_chat, parse_completion, parse_event
+from tokencake.server.protocol import (
+    GenerationRequest,
+    parse_chat,
+    parse_completion,
+    parse_event,
+    with_sampling_defaults,
+)
 from tokencake.server.responses import close_stream, final_body, stream_response
+from tokencake.server.responses_route import parse_responses, responses_json, responses_stream
 from tokencake.server.state import (
     ENGINE_KEY,
     REQUEST_ID_KEY,
@@ -34,6 +44,7 @@ from tokencake.server.state import (
     State,
     state_of,
 )
+from tokencake.toolcall.render import template_info
 
 log = logging.getLogger("tokencake.server")
 
@@ -57,6 +68,9 @@ async def _errors_and_logs(request: web.Request, handler: Handler) -> web.Stream
     except APIError as exc:
         status = exc.status
         return exc.response()
+    except InvalidField as exc:  # a malformed or unknown request field (protocol parsing)
+        status = 400
+        return APIError(400, str(exc), exc.param).response()
     except RequestRejected as exc:  # raised where the problem was found; mapped here, once
         err = rejection_error(exc, request.get(WIRE_NAMES_KEY, {}))
         status = err.status
@@ -115,14 +129,8 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 # ---- handlers ----------------------------------------------------------------------------------
 async def _json_body(request: web.Request) -> Any:
-    limit = state_of(request).max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise APIError(413, f"request body exceeds the {limit} byte limit", None)
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise bad("request body is not valid JSON", None) from None
+    st = state_of(request)
+    return await read_json(request, st.max_body_bytes, st.body_timeout_s)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -163,13 +171,20 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     st = state_of(request)
-    p = parse_completion(await _json_body(request), st.model_name)
+    p = parse_completion(await _json_body(request), st.model_name, st.lenient)
     return await _generate(request, st, p)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     st = state_of(request)
-    p = parse_chat(await _json_body(request), st.model_name)
+    p = parse_chat(await _json_body(request), st.model_name, st.lenient)
+    return await _generate(request, st, p)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses``: translated to a chat request, generated, answered as a Response."""
+    st = state_of(request)
+    p = parse_responses(await _json_body(request), st)
     return await _generate(request, st, p)
 
 
@@ -213,7 +228,12 @@ _EVENT_MESSAGES = {
 async def _tokenize(st: State, p: GenerationRequest) -> list[int]:
     """Token ids of the prompt, computed on the engine thread (which owns the tokenizer)."""
     if p.chat:
-        return await st.engine.tokenize_chat(p.messages or [], p.add_generation_prompt)
+        # Tool definitions, calls and results go through the model's template (or the fallback
+        # prompt); the template's tool-call format decides how the output is parsed.
+        p.template = template_info(st.engine.engine.tokenizer.chat_template)
+        return await st.engine.tokenize_chat(
+            p.messages or [], p.add_generation_prompt, p.tool_request
+        )
     return await st.engine.tokenize(p.prompt or "")
 
 
@@ -237,7 +257,9 @@ def _sampling(st: State, p: GenerationRequest, n_prompt: int) -> SamplingParams:
             f"this model's maximum context length is {st.max_seq_tokens} tokens; the prompt has {n_prompt} tokens and {p.max_tokens_param}={max_tokens} asks for more than the {room} left",
             p.max_tokens_param,
         )
-    kw = dict(p.params)
+    kw = with_sampling_defaults(p.params, st.sampling_defaults)
+    if p.structured is not None:
+        kw["structured"] = p.structured
     if kw["top_k"] >= st.vocab_size:
         # Keeping every token is "no top-k"; and the engine's int32 sampler must never see a
         # client's 2**40 (it would take the engine thread down).
@@ -262,6 +284,10 @@ async def _generate(request: web.Request, st: State, p: GenerationRequest) -> we
         start = time.perf_counter()
         outputs = _open_stream(st, p, token_ids, params)
         first = await _first(outputs)
+        if p.responses is not None:  # POST /v1/responses: same generation, its own shapes
+            if p.stream:
+                return await responses_stream(request, st, p, outputs, first, start)
+            return await responses_json(st, p, outputs, first, start)
         if p.stream:
             return await stream_response(request, st, p, outputs, first, start)
         final = first
@@ -296,23 +322,40 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_tokens_limit: int | None = None,
     drain_timeout_s: float = 30.0,
+    body_timeout_s: float = 30.0,
+    lenient: bool = False,
+    response_store: ResponseStore | None = None,
 ) -> web.Application:
     """The aiohttp application over a running :class:`AsyncEngine`.
 
     ``api_key`` (when set) is required as ``Authorization: Bearer <key>`` on every route but
-    ``/health``. ``max_tokens_limit`` caps a request's generation budget. On shutdown the app
+    ``/health``. ``max_tokens_limit`` caps a request's generation budget. ``lenient`` ignores
+    unknown request fields instead of refusing them (the error lists all of them).
+    ``response_store`` holds ``/v1/responses`` conversations for ``previous_response_id``
+    (default: 1024 responses / 64 MiB, least recently used dropped first). On shutdown the app
     refuses new generations and waits up to ``drain_timeout_s`` for in-flight ones; the caller
-    owns the engine and shuts it down after the app.
+    owns the engine and shuts it down after the app. Reading a body may take at most
+    ``body_timeout_s`` (408 past it); connection limits live in ``start_site``.
     """
     app = web.Application(middlewares=[_errors_and_logs, _auth], client_max_size=max_body_bytes)
     app[ENGINE_KEY] = async_engine
-    app[STATE_KEY] = State(async_engine, api_key, max_tokens_limit, drain_timeout_s, max_body_bytes)
+    app[STATE_KEY] = State(
+        async_engine,
+        api_key,
+        max_tokens_limit,
+        drain_timeout_s,
+        max_body_bytes,
+        body_timeout_s,
+        lenient=lenient,
+        response_store=response_store,
+    )
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/tokencake/events", events)
     app.on_shutdown.append(_drain)
     return app

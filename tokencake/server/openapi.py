@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from tokencake.sampling_params import MAX_LOGPROBS
-from tokencake.server.protocol import MAX_STOP_SEQUENCES
+from tokencake.server.openapi_schemas import (
+    chat_properties,
+    chat_schemas,
+    response_body_schemas,
+    responses_schemas,
+)
+from tokencake.server.protocol import IGNORED_FIELDS, MAX_STOP_SEQUENCES
 
 
 def openapi_spec(model_name: str = "model") -> dict[str, Any]:
@@ -45,7 +51,11 @@ def openapi_spec(model_name: str = "model") -> dict[str, Any]:
         "seed": {"type": "integer", "nullable": True},
         "ignore_eos": {"type": "boolean"},
         "include_stop_str_in_output": {"type": "boolean"},
-        "user": {"type": "string"},
+        "user": {"type": "string", "description": "accepted and ignored"},
+        **{
+            k: {"description": "accepted and ignored", "nullable": True}
+            for k in sorted(IGNORED_FIELDS - {"user"})
+        },
         "presence_penalty": {"type": "number", "enum": [0]},
         "frequency_penalty": {"type": "number", "enum": [0]},
         "request_id": {"type": "string", "minLength": 1, "maxLength": 128},
@@ -78,42 +88,18 @@ def openapi_spec(model_name: str = "model") -> dict[str, Any]:
             "best_of": {"type": "integer", "enum": [1]},
         },
     }
-    message = {
-        "type": "object",
-        "required": ["role", "content"],
-        "additionalProperties": False,
-        "properties": {
-            "role": {
-                "type": "string",
-                "enum": ["system", "user", "assistant", "developer", "tool"],
-            },
-            "content": {
-                "oneOf": [
-                    {"type": "string"},
-                    {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["type", "text"],
-                            "properties": {
-                                "type": {"type": "string", "enum": ["text"]},
-                                "text": {"type": "string"},
-                            },
-                            "additionalProperties": False,
-                        },
-                    },
-                ]
-            },
-            "name": {"type": "string"},
-        },
-    }
     chat = {
         "type": "object",
         "required": ["messages"],
         "additionalProperties": False,
         "properties": {
             **common,
-            "messages": {"type": "array", "items": message, "minItems": 1},
+            "messages": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/ChatMessage"},
+                "minItems": 1,
+            },
+            **chat_properties(),
             "max_completion_tokens": {"type": "integer", "minimum": 1, "nullable": True},
             "logprobs": {"type": "boolean", "nullable": True},
             "top_logprobs": {
@@ -180,10 +166,33 @@ def openapi_spec(model_name: str = "model") -> dict[str, Any]:
         },
     }
     ok_json = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
-    gen_responses = {
-        "200": {"description": "a completion (JSON) or an SSE stream when stream=true", "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}},
-        "400": err, "401": err, "404": err, "413": err, "503": err,
-    }  # fmt: skip
+
+    def ok(schema: str, stream: str | None = None) -> dict[str, Any]:
+        content: dict[str, Any] = {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}
+        }
+        desc = f"a {schema}"
+        if stream:
+            content["text/event-stream"] = {"schema": {"type": "string", "description": stream}}
+            desc += " (JSON), or an SSE stream when stream=true"
+        return {"description": desc, "content": content}
+
+    def gen_responses(schema: str, stream: str) -> dict[str, Any]:
+        return {
+            "200": ok(schema, stream),
+            "400": err,
+            "401": err,
+            "404": err,
+            "413": err,
+            "503": err,
+        }
+
+    chunks = "data: lines of ChatCompletionChunk JSON (tool calls as tool_calls deltas), then data: [DONE]"
+    events = ("event:/data: lines of Responses stream events: response.created, response.in_progress, "
+              "response.output_item.added, response.content_part.added, response.output_text.delta, "
+              "response.output_text.done, response.content_part.done, response.function_call_arguments.delta, "
+              "response.function_call_arguments.done, response.output_item.done, then response.completed "
+              "(response.incomplete on max_output_tokens, response.failed on an engine error)")  # fmt: skip
     secured = [{"bearer": []}]
 
     def post(op_id: str, schema: str, responses: dict[str, Any], summary: str) -> dict[str, Any]:
@@ -202,7 +211,7 @@ def openapi_spec(model_name: str = "model") -> dict[str, Any]:
                     "operationId": "health",
                     "summary": "Liveness (no auth)",
                     "security": [],
-                    "responses": {"200": ok_json, "503": ok_json},
+                    "responses": {"200": ok("Health"), "503": ok("Health")},
                 }
             },
             "/v1/models": {
@@ -210,7 +219,7 @@ def openapi_spec(model_name: str = "model") -> dict[str, Any]:
                     "operationId": "listModels",
                     "summary": "The served model",
                     "security": secured,
-                    "responses": {"200": ok_json, "401": err},
+                    "responses": {"200": ok("ModelList"), "401": err},
                 }
             },
             "/metrics": {
@@ -236,15 +245,34 @@ def openapi_spec(model_name: str = "model") -> dict[str, Any]:
                 }
             },
             "/v1/completions": post(
-                "createCompletion", "CompletionRequest", gen_responses, "Text completion"
+                "createCompletion",
+                "CompletionRequest",
+                gen_responses("Completion", "data: lines of Completion JSON, then data: [DONE]"),
+                "Text completion",
             ),
             "/v1/chat/completions": post(
-                "createChatCompletion", "ChatCompletionRequest", gen_responses, "Chat completion"
+                "createChatCompletion",
+                "ChatCompletionRequest",
+                gen_responses("ChatCompletion", chunks),
+                "Chat completion (tool calling included)",
+            ),
+            "/v1/responses": post(
+                "createResponse",
+                "ResponsesRequest",
+                gen_responses("Response", events),
+                "Responses API (function tools, previous_response_id)",
             ),
             "/v1/tokencake/events": post(
                 "lifecycleEvent",
                 "LifecycleEvent",
-                {"200": ok_json, "400": err, "401": err, "404": err, "409": err, "503": err},
+                {
+                    "200": ok("LifecycleEventResult"),
+                    "400": err,
+                    "401": err,
+                    "404": err,
+                    "409": err,
+                    "503": err,
+                },
                 "Tool-call stall started / finished",
             ),
         },  # fmt: skip
@@ -256,6 +284,9 @@ def openapi_spec(model_name: str = "model") -> dict[str, Any]:
                 "AgentMetadata": metadata,
                 "LifecycleEvent": event,
                 "Error": error,
+                **chat_schemas(),
+                **responses_schemas(),
+                **response_body_schemas(),
             },
         },
     }

@@ -1,6 +1,7 @@
 """The request protocol: JSON bodies parsed into typed requests, in one place.
 
-Every failure is an :class:`APIError` (400 unless stated) that names the offending field.
+Every failure is an :class:`APIError` (400 unless stated) or a
+:class:`~tokencake.fieldpolicy.InvalidField` (400) that names the offending field.
 ``null`` counts as absent, as OpenAI clients treat it.
 """
 
@@ -9,16 +10,28 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tokencake.fieldpolicy import unknown_fields
+from tokencake.responses_api import ResponsesRequest
 from tokencake.sampling_params import MAX_LOGPROBS
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.lifecycle import LifecycleEvent
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.server.errors import APIError, bad, rejection_error
+from tokencake.toolcall import ToolRequest, parse_tool_request, response_format_spec
+from tokencake.toolcall.render import TemplateInfo
 
 MAX_STOP_SEQUENCES = 16
+
+
+def _shown(v: int | float) -> str:
+    """A number for an error message (never hundreds of digits)."""
+    if isinstance(v, int) and not -(10**30) < v < 10**30:
+        return f"an integer of {len(str(abs(v)))} digits"
+    return repr(v)
 
 
 class Fields:
@@ -27,14 +40,16 @@ class Fields:
     ``null`` counts as absent, as OpenAI clients treat it.
     """
 
-    def __init__(self, body: Any, allowed: frozenset[str], prefix: str = "") -> None:
+    def __init__(
+        self, body: Any, allowed: frozenset[str], prefix: str = "", lenient: bool = False
+    ) -> None:
         if not isinstance(body, dict):
             raise bad("request body must be a JSON object", prefix.rstrip(".") or None)
-        unknown = sorted(k for k in body if k not in allowed)
-        if unknown:
-            raise bad(f"unknown or unsupported field {prefix + unknown[0]!r}", prefix + unknown[0])
+        # One policy (tokencake.fieldpolicy): refuse, listing every unknown field, or ignore.
+        unknown_fields(body, allowed, lenient=lenient, prefix=prefix)
         self.body = body
         self.prefix = prefix
+        self.lenient = lenient
 
     def has(self, name: str) -> bool:
         return self.body.get(name) is not None
@@ -55,22 +70,26 @@ class Fields:
                 raise bad(f"{self.prefix}{name} must be an integer", self.prefix + name)
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise bad(
-                f"{self.prefix}{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}",
+                f"{self.prefix}{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {_shown(v)}",
                 self.prefix + name,
             )
         return v
 
     def number(
-        self, name: str, lo: float, hi: float, default: float, lo_open: bool = False
-    ) -> float:
+        self, name: str, lo: float, hi: float, default: float | None, lo_open: bool = False
+    ) -> float | None:
         v = self.body.get(name)
         if v is None:
             return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        # An int is compared exactly before any float conversion: math.isfinite(10**400)
+        # raises OverflowError, which would have been a 500.
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise bad(f"{self.prefix}{name} must be a number", self.prefix + name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise bad(f"{self.prefix}{name} must be a finite number", self.prefix + name)
         if v > hi or v < lo or (lo_open and v == lo):
             span = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-            raise bad(f"{self.prefix}{name} must be in {span}, got {v}", self.prefix + name)
+            raise bad(f"{self.prefix}{name} must be in {span}, got {_shown(v)}", self.prefix + name)
         return float(v)
 
     def boolean(self, name: str, default: bool = False) -> bool:
@@ -107,15 +126,20 @@ class Fields:
             raise bad(f"{self.prefix}{name}={v!r} is not supported", self.prefix + name)
 
 
-_COMMON_FIELDS = frozenset({
-    "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
-    "stop", "stop_token_ids", "seed", "ignore_eos", "include_stop_str_in_output", "user",
-    "presence_penalty", "frequency_penalty", "logit_bias", "tokencake", "vllm_xargs", "request_id",
+# Sent by OpenAI-ecosystem clients; accepted and ignored (nothing to do for a local model).
+IGNORED_FIELDS = frozenset({
+    "user", "metadata", "store", "reasoning_effort", "service_tier", "verbosity",
+    "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "safety_identifier",
 })  # fmt: skip
+_COMMON_FIELDS = IGNORED_FIELDS | {
+    "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
+    "stop", "stop_token_ids", "seed", "ignore_eos", "include_stop_str_in_output",
+    "presence_penalty", "frequency_penalty", "logit_bias", "tokencake", "vllm_xargs", "request_id",
+}  # fmt: skip
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 _CHAT_FIELDS = _COMMON_FIELDS | {
     "messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format",
-    "add_generation_prompt",
+    "add_generation_prompt", "tools", "tool_choice", "parallel_tool_calls",
 }  # fmt: skip
 
 
@@ -136,12 +160,17 @@ class GenerationRequest:
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
+    # chat only: tools, tool choice and the conversation's tool history (issue 14 keys on it)
+    tool_request: ToolRequest | None = None
+    structured: Any = None  # a tokencake.structured spec (response_format or a forced call)
+    template: TemplateInfo | None = None  # set at tokenization: the model template's tool format
+    responses: ResponsesRequest | None = None  # set when the request came to /v1/responses
 
     @property
     def wire_names(self) -> dict[str, str]:
         """How this request spells the engine's parameter names (see ``RequestRejected``)."""
         return {
-            "prompt": "messages" if self.chat else "prompt",
+            "prompt": "input" if self.responses else "messages" if self.chat else "prompt",
             "max_tokens": self.max_tokens_param,
             "metadata": self.metadata_param,
         }
@@ -170,7 +199,10 @@ def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
         if not stream:
             raise bad("stream_options is only allowed with stream=true", "stream_options")
         include_usage = Fields(
-            opts, frozenset({"include_usage", "continuous_usage_stats"}), "stream_options."
+            opts,
+            frozenset({"include_usage", "continuous_usage_stats"}),
+            "stream_options.",
+            f.lenient,
         ).boolean("include_usage")
     stop = f.raw("stop")
     if stop is None:
@@ -188,8 +220,9 @@ def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
         raise bad("stop_token_ids must be a list of non-negative integers", "stop_token_ids")
     seed = f.integer("seed")
     params: dict[str, Any] = {
-        "temperature": f.number("temperature", 0.0, 2.0, 1.0),
-        "top_p": f.number("top_p", 0.0, 1.0, 1.0, lo_open=True),
+        # None = omitted: the model's own default applies (with_sampling_defaults).
+        "temperature": f.number("temperature", 0.0, 2.0, None),
+        "top_p": f.number("top_p", 0.0, 1.0, None, lo_open=True),
         "top_k": _top_k(f),
         # OpenAI seeds are 64-bit; the engine's are 31-bit, so fold (deterministically).
         "seed": None if seed is None else seed % 2**31,
@@ -215,9 +248,25 @@ def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
     )
 
 
-def _top_k(f: Fields) -> int:
+def _top_k(f: Fields) -> int | None:
     k = f.integer("top_k", -1)
-    return 0 if k is None or k == -1 else k  # vLLM spells "disabled" as -1
+    return 0 if k == -1 else k  # vLLM spells "disabled" as -1
+
+
+# What a request that omits a sampling field gets when the model recommends nothing (OpenAI's).
+API_SAMPLING_DEFAULTS: dict[str, float | int] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
+def with_sampling_defaults(
+    params: dict[str, Any], model_defaults: Mapping[str, float | int]
+) -> dict[str, Any]:
+    """``params`` with each omitted (None) temperature / top_p / top_k taken from the model's
+    own generation settings, else from the API's defaults; explicit values always win."""
+    out = dict(params)
+    for key, api_default in API_SAMPLING_DEFAULTS.items():
+        if out.get(key) is None:
+            out[key] = model_defaults.get(key, api_default)
+    return out
 
 
 def _parse_metadata(f: Fields) -> tuple[AgentMetadata | None, str | None, str]:
@@ -227,7 +276,7 @@ def _parse_metadata(f: Fields) -> tuple[AgentMetadata | None, str | None, str]:
     param = "tokencake"
     xargs = f.raw("vllm_xargs")
     if xargs is not None:
-        xf = Fields(xargs, frozenset({"tokencake"}), "vllm_xargs.")
+        xf = Fields(xargs, frozenset({"tokencake"}), "vllm_xargs.", f.lenient)
         if xf.has("tokencake"):
             if direct is not None:
                 raise bad(
@@ -240,7 +289,7 @@ def _parse_metadata(f: Fields) -> tuple[AgentMetadata | None, str | None, str]:
     if isinstance(direct, str):  # vllm_xargs values are sometimes JSON-encoded strings
         try:
             direct = json.loads(direct)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested ~1,000 deep
             raise bad(f"{param} must be a JSON object", param) from None
     if not isinstance(direct, dict):
         raise bad(f"{param} must be an object", param)
@@ -254,8 +303,8 @@ def _parse_metadata(f: Fields) -> tuple[AgentMetadata | None, str | None, str]:
         raise rejection_error(exc, {"metadata": param}) from None
 
 
-def parse_completion(body: Any, model_name: str) -> GenerationRequest:
-    f = Fields(body, _COMPLETION_FIELDS)
+def parse_completion(body: Any, model_name: str, lenient: bool = False) -> GenerationRequest:
+    f = Fields(body, _COMPLETION_FIELDS, lenient=lenient)
     p = _parse_common(f, chat=False, model_name=model_name)
     f.neutral("echo", (False,))
     f.neutral("best_of", (1,))
@@ -282,46 +331,36 @@ def parse_completion(body: Any, model_name: str) -> GenerationRequest:
     return p
 
 
-def parse_chat(body: Any, model_name: str) -> GenerationRequest:
-    f = Fields(body, _CHAT_FIELDS)
+def parse_chat(body: Any, model_name: str, lenient: bool = False) -> GenerationRequest:
+    f = Fields(body, _CHAT_FIELDS, lenient=lenient)
     p = _parse_common(f, chat=True, model_name=model_name)
-    fmt = f.obj("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad("only response_format {'type': 'text'} is supported", "response_format")
     p.chat_logprobs = f.boolean("logprobs")
     top = f.integer("top_logprobs", 0, MAX_LOGPROBS)
     if top is not None and not p.chat_logprobs:
         raise bad("top_logprobs requires logprobs=true", "top_logprobs")
     p.params["logprobs"] = (top or 0) if p.chat_logprobs else None
     p.add_generation_prompt = f.boolean("add_generation_prompt", True)
-    messages = f.raw("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages must be a non-empty list", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise bad(f"messages[{i}] must be an object", f"messages[{i}]")
-        role = m.get("role")
-        if role not in ("system", "user", "assistant", "developer", "tool"):
+    fmt = f.raw("response_format")
+    # tool_choice required / named are forced through the grammar (tokencake.toolcall.constraints)
+    tr = parse_tool_request(
+        f.raw("messages"),
+        f.raw("tools"),
+        f.raw("tool_choice"),
+        f.raw("parallel_tool_calls"),
+        constrained=True,
+    )
+    structured = response_format_spec(fmt)
+    if tr.constrained:
+        if structured is not None:
             raise bad(
-                f"messages[{i}].role must be one of system, user, assistant, developer, tool",
-                f"messages[{i}].role",
+                "response_format cannot be combined with a forced tool_choice", "response_format"
             )
-        extra = sorted(set(m) - {"role", "content", "name"})
-        if extra:
-            raise bad(f"unsupported field messages[{i}].{extra[0]}", f"messages[{i}].{extra[0]}")
-        content = m.get("content")
-        ok = isinstance(content, str) or (
-            isinstance(content, list)
-            and all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str) and set(c) <= {"type", "text"} for c in content)
-        )  # fmt: skip
-        if not ok:
-            raise bad(
-                f"messages[{i}].content must be a string or a list of text parts",
-                f"messages[{i}].content",
-            )
-        if m.get("name") is not None and not isinstance(m.get("name"), str):
-            raise bad(f"messages[{i}].name must be a string", f"messages[{i}].name")
-    p.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        structured = tr.grammar()
+    if structured is not None and p.params["ignore_eos"]:
+        raise bad("ignore_eos cannot be combined with structured output", "ignore_eos")
+    p.tool_request = tr
+    p.structured = structured
+    p.messages = [{"role": m.role, "content": m.content} for m in tr.messages]
     return p
 
 

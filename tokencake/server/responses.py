@@ -20,6 +20,7 @@ from tokencake.server.errors import APIError, fault_error
 from tokencake.server.metrics import record
 from tokencake.server.protocol import GenerationRequest
 from tokencake.server.state import State
+from tokencake.toolcall import ArgsDelta, CallStart, Event, TextDelta, ToolCall, ToolCallParser
 
 log = logging.getLogger("tokencake.server")
 
@@ -76,6 +77,50 @@ def _finish_reason(out: RequestOutput) -> str | None:
     return out.finish_reason if out.finished else None
 
 
+def chat_finish_reason(out: RequestOutput, called: bool) -> str | None:
+    """``tool_calls`` when the model stopped after calling tools (OpenAI's spelling)."""
+    reason = _finish_reason(out)
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def split_tool_calls(p: GenerationRequest, text: str) -> tuple[str | None, list[ToolCall]]:
+    """A finished chat output as ``(content, tool calls)``; plain text when calls are not
+    parsed or malformed (the client then sees what the model wrote)."""
+    parser = output_parser(p)
+    if parser is None:
+        return text, []
+    parser.feed(text)
+    parser.finish()
+    if parser.malformed or not parser.calls:
+        return text, []
+    return parser.content or None, list(parser.calls)
+
+
+def output_parser(p: GenerationRequest) -> ToolCallParser | None:
+    """A fresh tool-call parser for ``p``'s output (None when it has no tools to call)."""
+    if p.tool_request is None or p.template is None:
+        return None
+    return p.tool_request.output_parser(p.template)
+
+
+def tool_call_deltas(events: list[Event]) -> tuple[str, list[dict[str, Any]]]:
+    """Parser events as a chat chunk's ``content`` text and ``tool_calls`` deltas (OpenAI's
+    shape: the first delta of a call carries its id, type and name, later ones arguments)."""
+    text: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for e in events:
+        if isinstance(e, TextDelta):
+            text.append(e.text)
+        elif isinstance(e, CallStart):
+            calls.append({"index": e.index, "id": e.id, "type": "function", "function": {"name": e.name, "arguments": ""}})  # fmt: skip
+        elif isinstance(e, ArgsDelta):
+            if calls and calls[-1]["index"] == e.index:
+                calls[-1]["function"]["arguments"] += e.text
+            else:
+                calls.append({"index": e.index, "function": {"arguments": e.text}})
+    return "".join(text), calls
+
+
 def final_body(
     st: State, p: GenerationRequest, out: RequestOutput, params: SamplingParams
 ) -> dict[str, Any]:
@@ -86,11 +131,15 @@ def final_body(
         "usage": _usage(out),
     }
     if p.chat:
+        content, calls = split_tool_calls(p, out.text)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [c.openai() for c in calls]
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": out.text},
+            "message": message,
             "logprobs": _chat_logprobs(st, out.logprobs or []) if p.chat_logprobs else None,
-            "finish_reason": _finish_reason(out),
+            "finish_reason": chat_finish_reason(out, bool(calls)),
         }
         return {**base, "object": "chat.completion", "choices": [choice]}
     lp = _completion_logprobs(st, out.logprobs or [], 0) if params.logprobs is not None else None
@@ -119,6 +168,8 @@ async def stream_response(
     base = {"id": p.request_id, "object": obj, "created": created, "model": st.model_name}
     n_lp = 0
     text_offset = 0
+    parser = output_parser(p) if p.chat else None
+    called = False
 
     async def send(payload: dict[str, Any] | str) -> None:
         data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
@@ -145,11 +196,24 @@ async def stream_response(
             n_lp += len(new_lps)
             if o.delta_text or o.finished or new_lps:
                 if p.chat:
+                    delta: dict[str, Any] = {"content": o.delta_text} if o.delta_text else {}
+                    if parser is not None:
+                        events = parser.feed(o.delta_text)
+                        if o.finished:
+                            events += parser.finish()
+                        text, calls = tool_call_deltas(events)
+                        delta = {"content": text} if text else {}
+                        if calls:
+                            delta["tool_calls"] = calls
+                            called = True
+                    if parser is not None and not (delta or o.finished or new_lps):
+                        o = await outputs.__anext__()  # the parser holds possible call text
+                        continue
                     choice = {
                         "index": 0,
-                        "delta": {"content": o.delta_text} if o.delta_text else {},
+                        "delta": delta,
                         "logprobs": _chat_logprobs(st, new_lps) if p.chat_logprobs else None,
-                        "finish_reason": _finish_reason(o),
+                        "finish_reason": chat_finish_reason(o, called),
                     }
                 else:
                     lp = (

@@ -8,6 +8,7 @@ import time
 from aiohttp import web
 
 from tokencake.async_engine import AsyncEngine
+from tokencake.responses_api import ResponseStore
 from tokencake.server.metrics import Metrics
 
 ENGINE_KEY = web.AppKey("engine", AsyncEngine)
@@ -27,9 +28,13 @@ class State:
         max_tokens_limit: int | None,
         drain_timeout_s: float,
         max_body_bytes: int,
+        body_timeout_s: float = 30.0,
+        lenient: bool = False,
+        response_store: ResponseStore | None = None,
     ) -> None:
         self.engine = engine
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.api_key = api_key
         self.max_tokens_limit = max_tokens_limit
         self.drain_timeout_s = drain_timeout_s
@@ -44,7 +49,11 @@ class State:
         # The most tokens one sequence can ever hold in KV: bounds the default max_tokens too.
         self.max_seq_tokens = info.max_seq_tokens
         self.vocab_size = info.vocab_size
+        # The model's own temperature / top_p / top_k, for requests that omit them.
+        self.sampling_defaults = info.sampling_defaults
         self.created = int(time.time())
+        self.lenient = lenient  # unknown request fields: refuse (False) or ignore (True)
+        self.response_store = response_store or ResponseStore()  # previous_response_id
 
     def begin(self) -> None:
         self.in_flight += 1

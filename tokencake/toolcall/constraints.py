@@ -19,12 +19,23 @@ from tokencake.fieldpolicy import InvalidField
 from tokencake.toolcall.types import ToolChoice, ToolSpec
 
 
+def _structured(*names: str, param: str) -> tuple[Any, ...]:
+    """The grammar specs from :mod:`tokencake.structured` (the sampler's constrained decoding);
+    a build without it refuses constrained requests with a 400 instead of failing."""
+    try:
+        import tokencake.structured as structured
+    except ImportError:
+        raise InvalidField(
+            f"{param}: constrained decoding is not available in this build", param
+        ) from None
+    return tuple(getattr(structured, n) for n in names)
+
+
 def forced_call_grammar(tools: tuple[ToolSpec, ...], choice: ToolChoice, parallel: bool) -> Any:
     """The grammar forcing a call (``required``: any tool; named: that one), else ``None``."""
     if not choice.forced:
         return None
-    from tokencake.structured import ToolCallGrammar
-    from tokencake.structured import ToolSpec as GrammarTool
+    ToolCallGrammar, GrammarTool = _structured("ToolCallGrammar", "ToolSpec", param="tool_choice")  # noqa: N806
 
     chosen = [t for t in tools if choice.mode == "required" or t.name == choice.name]
     return ToolCallGrammar(
@@ -46,15 +57,14 @@ def response_format_spec(fmt: Any, param: str = "response_format") -> Any:
         raise InvalidField(f"unknown field {param}.{extra[0]}", f"{param}.{extra[0]}")
     if kind == "text":
         return None
-    from tokencake.structured import JsonObject, JsonSchema
-
-    if kind == "json_object":
-        return JsonObject()
-    if kind != "json_schema":
+    if kind not in ("json_object", "json_schema"):
         raise InvalidField(
             f"{param}.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
             f"{param}.type",
         )
+    JsonObject, JsonSchema = _structured("JsonObject", "JsonSchema", param=param)  # noqa: N806
+    if kind == "json_object":
+        return JsonObject()
     js = fmt.get("json_schema")
     jp = f"{param}.json_schema"
     if not isinstance(js, dict):
