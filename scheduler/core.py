@@ -494,7 +494,7 @@ class Scheduler:
         req.block_ids.extend(dev)
         bs = self.pool.block_size
         landed = partial(self._copied_in, req.request_id, (first + m) * bs)
-        copy = self.copies.copy_in(dev, host_blocks, f"h2d:{req.request_id}", self, landed)
+        copy = self.copies.issue("h2d", dev, host_blocks, f"h2d:{req.request_id}", self, landed)
         self._awaiting[req.request_id] = copy.tag
         if req.num_preemptions == 0 and req.first_scheduled_time is None:
             req.num_cached_tokens = (first + m) * bs
@@ -553,7 +553,7 @@ class Scheduler:
             # Retain as we go, so a later allocation cannot evict an earlier kept block.
             kept += host.retain([h]) if retain else [h]
         if dev:  # the copy holds the device pages until it has landed
-            self.copies.copy_out(dev, dst, f"d2h:{owner}", self)
+            self.copies.issue("d2h", dev, dst, f"d2h:{owner}", self)
         return kept
 
     def _swap_out_will_cover(self, req: Request, n: int) -> bool:

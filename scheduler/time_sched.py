@@ -488,7 +488,7 @@ class TimeScheduler:
         self._count("offloads")
         if dst:  # the tracker holds ``src`` until the copy lands (a kept call keeps its pins)
             landed = partial(self._offloaded, p)
-            p.inflight = self.copies.copy_out(src, dst, self._tag("d2h", p), self, landed)
+            p.inflight = self.copies.issue("d2h", src, dst, self._tag("d2h", p), self, landed)
             self.copy_blocks["d2h"] += len(src)
             p.state = PState.OFFLOADING
         else:
@@ -508,7 +508,9 @@ class TimeScheduler:
         self._count("uploads")
         if n:
             landed = partial(self._uploaded, p, rest[:n])
-            p.inflight = self.copies.copy_in(dev, hblocks[:n], self._tag("h2d", p), self, landed)
+            p.inflight = self.copies.issue(
+                "h2d", dev, hblocks[:n], self._tag("h2d", p), self, landed
+            )
             self.copy_blocks["h2d"] += n
             self.uploading.update(rest[:n])
             p.state = PState.UPLOADING

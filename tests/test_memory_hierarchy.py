@@ -175,7 +175,8 @@ def test_copy_tracker_fences_and_completion():
     for i, b in enumerate(hb):
         host.register(b, H(i), pending=True)
     seen = []
-    out = tr.copy_out(
+    out = tr.issue(
+        "d2h",
         dev,
         hb,
         "d2h:r",
@@ -188,12 +189,12 @@ def test_copy_tracker_fences_and_completion():
         tr.check_step(attended=[[dev[0]]], written=[[dev[1]]])
     tr.check_step(attended=[dev], written=[])  # reading pages under a copy-out is fine
     with pytest.raises(FenceViolationError):
-        tr.copy_in([dev[0]], [hb[0]], "h2d:r", "core")
+        tr.issue("h2d", [dev[0]], [hb[0]], "h2d:r", "core")
     tr.complete([out])
     assert seen == [(out.tag, True, 1)] and tr.in_flight == 0  # fence gone before the callback
     assert not host.is_pending(hb[0])
     new = pool.allocate(1)
-    back = tr.copy_in(new, [hb[0]], "h2d:r", "time")
+    back = tr.issue("h2d", new, [hb[0]], "h2d:r", "time")
     assert pool.ref_count(new[0]) == 2 and tr.copies_from("time", "h2d") == [back]
     with pytest.raises(FenceViolationError):
         tr.check_step(attended=[new], written=[])
