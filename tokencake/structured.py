@@ -185,17 +185,32 @@ Structured = JsonObject | JsonSchema | ToolCallGrammar | LarkGrammar
 class GrammarState:
     """One request's position in its grammar (an llguidance matcher)."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, eos_ids: Sequence[int]) -> None:
         self.matcher = matcher
+        self._eos = tuple(eos_ids)
+        self._error: str | None = None
 
     def fill_mask(self, words: np.ndarray) -> None:
         """Write the packed mask of tokens the grammar allows next into ``words`` (int32,
-        contiguous, ``ceil(V / 32)`` words); EOS is set only where the grammar accepts."""
-        self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
-        if self.matcher.is_error():
-            raise GrammarError(f"grammar matcher failed: {self.matcher.get_error()}")
+        contiguous, ``ceil(V / 32)`` words); EOS is set only where the grammar accepts.
+
+        Never raises: it runs while the whole batch's step is built. If the matcher fails
+        (e.g. a pathological grammar exhausts llguidance's per-step limits) the mask allows
+        only EOS and the next :meth:`accept` raises, which aborts just this request."""
+        if self._error is None:
+            self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+            if self.matcher.is_error():
+                self._error = self.matcher.get_error()
+        if self._error is not None:
+            words[:] = 0
+            for e in self._eos:
+                words[e // 32] |= np.array(1 << (e % 32), np.uint32).view(np.int32)
 
     def accept(self, token: int) -> None:
+        """Advance past a sampled token; GrammarError if the matcher failed or the token is
+        outside the grammar."""
+        if self._error is not None:
+            raise GrammarError(f"grammar matcher failed: {self._error}")
         if not self.matcher.consume_token(token):
             raise GrammarError(f"token {token} left the grammar: {self.matcher.get_error()}")
 
@@ -267,4 +282,4 @@ class GrammarCompiler:
                 self._templates.popitem(last=False)
         else:
             self._templates.move_to_end(spec)
-        return GrammarState(template.deep_copy())
+        return GrammarState(template.deep_copy(), self._eos)
