@@ -25,7 +25,6 @@ from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.lifecycle import Disposition
 from tokencake.server.body import read_json
 from tokencake.server.errors import APIError, bad, fault_error, rejection_error
-from tokencake.server.metrics import record
 from tokencake.server.openapi import openapi_spec
 from tokencake.server.protocol import (
     GenerationRequest,
@@ -34,7 +33,7 @@ from tokencake.server.protocol import (
     parse_event,
     with_sampling_defaults,
 )
-from tokencake.server.responses import close_stream, final_body, stream_response
+from tokencake.server.responses import close_stream, final_body, record_choices, stream_response
 from tokencake.server.responses_route import parse_responses, responses_json, responses_stream
 from tokencake.server.state import (
     ENGINE_KEY,
@@ -290,11 +289,14 @@ async def _generate(request: web.Request, st: State, p: GenerationRequest) -> we
             return await responses_json(st, p, outputs, first, start)
         if p.stream:
             return await stream_response(request, st, p, outputs, first, start)
-        final = first
-        async for out in outputs:
-            final = out
-        record(st.metrics, p.chat, final, start)
-        return web.json_response(final_body(st, p, final, params))
+        last = first
+        finals = {first.index: first} if first.finished else {}
+        async for last in outputs:
+            if last.finished:
+                finals[last.index] = last
+        outs = [finals[i] for i in sorted(finals)] or [last]
+        record_choices(st.metrics, p.chat, outs, start)
+        return web.json_response(final_body(st, p, outs, params))
     finally:
         if outputs is not None:
             await close_stream(outputs)  # aborts the request unless it finished
