@@ -18,6 +18,7 @@ self-contained Rust wheel (abi3) and reads the Hugging Face ``tokenizers`` JSON 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from tokencake.scheduler.errors import RequestRejected
+
+log = logging.getLogger(__name__)
 
 # JSON layout the grammar allows: no free whitespace (a weak model would otherwise pad
 # forever), separators as json.dumps writes them (what models saw in training).
@@ -220,6 +223,18 @@ class GrammarCompiler:
         self._lock = threading.Lock()  # prepare() may run on another thread than the engine
         self._templates: OrderedDict[Structured, Any] = OrderedDict()
         self._cache_size = cache_size
+
+    def prepare_in_background(self) -> None:
+        """Start :meth:`prepare` on a daemon thread (e.g. during warm-up); a structured
+        request arriving before it is done waits for it."""
+        if self._ll is None:
+            threading.Thread(target=self._prepare_logged, daemon=True).start()
+
+    def _prepare_logged(self) -> None:
+        try:
+            self.prepare()
+        except Exception:  # the first structured request will raise it again, in context
+            log.exception("building the grammar tokenizer failed")
 
     def prepare(self) -> None:
         """Build the tokenizer view now (idempotent, thread-safe)."""
