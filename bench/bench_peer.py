@@ -1,7 +1,8 @@
 """The engine against llama.cpp on the same weights, in one interleaved run, with the roofline.
 
     python bench/bench_peer.py [--rounds 5] [--steps 32] [--batches 1,8,32] [--prefill 512]
-                               [--layer-loop auto] [--no-peer] [--out results.json]
+                               [--layer-loop auto[,scan,...]] [--pack-weights] [--no-peer]
+                               [--out results.json]
 
 The peer is llama.cpp through ``llama-cpp-python`` (the optional ``bench`` extra:
 ``pip install -e ".[bench]"``; it compiles llama.cpp, which takes minutes). The default GGUF
@@ -67,9 +68,10 @@ def decode_bytes(params: dict[str, np.ndarray], itemsize: int = 4) -> int:
 class EngineBench:
     """The engine's runner driven directly: one compiled step per call, sampling included."""
 
-    name = "engine"
-
-    def __init__(self, params, cfg, layer_loop: str, max_rows: int, prefill: int) -> None:
+    def __init__(
+        self, params, cfg, layer_loop: str, max_rows: int, prefill: int, pack: bool, name: str
+    ) -> None:
+        self.name = name
         ps = 16
         per_seq = -(-CTX_HI // ps)
         num_pages = 2 + max_rows * per_seq + -(-prefill // ps)
@@ -84,6 +86,7 @@ class EngineBench:
                 max_prefill_chunk=prefill,
                 max_prefill_seqs=1,
                 layer_loop=layer_loop,
+                pack_weights=pack,
             ),  # fmt: skip
         )
         self.tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(max_rows)]
@@ -105,8 +108,11 @@ class EngineBench:
         return time.perf_counter() - t
 
     def setup_decode(self, b: int) -> None:
+        chunk = self.runner.cfg.max_prefill_chunk
         for i in range(b):
-            self.runner.execute([self._row(f"s{i}", self.ctx[i], 0, self.tables[i])])
+            for start in range(0, CTX_LO, chunk):
+                toks = self.ctx[i][start : start + chunk]
+                self.runner.execute([self._row(f"s{i}", toks, start, self.tables[i])])
         self.pos[b] = CTX_LO
 
     def decode(self, b: int, steps: int) -> float:
@@ -256,7 +262,12 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--layer-loop", default="auto")
+    ap.add_argument(
+        "--layer-loop",
+        default="auto",
+        help="comma-separated: one engine per layer loop (the first is compared with the peer)",
+    )
+    ap.add_argument("--pack-weights", action="store_true", help="RunnerConfig.pack_weights")
     ap.add_argument("--no-peer", action="store_true", help="engine only (no llama-cpp-python)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -266,7 +277,13 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
 
     cfg, params, _, _ = resolve_model(None)
-    benches: list = [EngineBench(params, cfg, args.layer_loop, max(batches), args.prefill)]
+    loops = args.layer_loop.split(",")
+    benches: list = [
+        EngineBench(params, cfg, loop, max(batches), args.prefill, args.pack_weights,
+                    "engine" if len(loops) == 1 else f"engine {loop}")
+        for loop in loops
+    ]  # fmt: skip
+    engines = len(benches)
     if not args.no_peer:
         try:
             gguf = f32_gguf(default_model_path())
@@ -281,23 +298,28 @@ def main() -> None:
     roof_b1 = read_gbps * 1e9 / decode_bytes(params)
 
     med = {n: {k: statistics.median(v) for k, v in m.items()} for n, m in res.items()}
-    metrics = list(med["engine"])
+    first = benches[0].name
+    metrics = list(med[first])
     names = [b.name for b in benches]
     head = f"{'tok/s (median of ' + str(args.rounds) + ' rounds)':32s}" + "".join(
         f"{n:>18s}" for n in names
     )
-    peers = names[1:]
+    peers = names[engines:]
     if peers:
-        head += f"{'engine / best peer':>20s}"
+        head += f"{first + ' / best peer':>28s}"
+    if engines > 1:
+        head += f"{first + ' / ' + names[1]:>28s}"
     print(head)
     for m in metrics:
         line = f"{m:32s}" + "".join(f"{med[n][m]:18.1f}" for n in names)
         if peers:
-            line += f"{med['engine'][m] / max(med[p][m] for p in peers):20.2f}"
+            line += f"{med[first][m] / max(med[p][m] for p in peers):28.2f}"
+        if engines > 1:
+            line += f"{med[first][m] / med[names[1]][m]:28.2f}"
         print(line)
     print(f"\nread bandwidth (best jitted 1 GiB sum): {read_gbps:.1f} GB/s; batch-1 decode reads "
           f"{decode_bytes(params) / 1e6:.0f} MB -> roofline {roof_b1:.1f} tok/s")  # fmt: skip
-    if "decode B=1" in med["engine"]:
+    if "decode B=1" in med[first]:
         for n in names:
             print(f"  {n}: B=1 at {med[n]['decode B=1'] / roof_b1:.0%} of the roofline")
     if args.out:

@@ -15,9 +15,9 @@ import time
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.host_pool import HostBlockPool
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
-from tokencake.scheduler.policies import make_policy
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor
+from tokencake.scheduler.step_loop import StepLoop
 
 
 def build(policy: str, running: int, waiting: int, seed: int = 0) -> tuple[Scheduler, SimExecutor]:
@@ -26,7 +26,7 @@ def build(policy: str, running: int, waiting: int, seed: int = 0) -> tuple[Sched
     pool = BlockPool(running * 12 + 64, 16)
     cfg = SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=8192, max_prefill_chunk=512,
                           max_prefill_seqs=64, max_model_len=4096)  # fmt: skip
-    s = Scheduler(cfg, pool, make_policy(policy), clock, host_pool=HostBlockPool(1024, 16))
+    s = Scheduler(cfg, pool, policy, clock, host_pool=HostBlockPool(1024, 16))
     ex = SimExecutor(clock)
     n = 0
 
@@ -65,16 +65,13 @@ def main() -> None:
     args = ap.parse_args()
     for policy in args.policies.split(","):
         s, ex = build(policy, args.running, args.waiting)
+        loop = StepLoop(s, ex)
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            plan = s.schedule()
+            plan = loop.plan()
             times.append(time.perf_counter() - t0)
-            sampled = ex.execute(plan)
-            if ex.completed:
-                done, ex.completed = ex.completed, []
-                s.on_copies_done(done, [])
-            s.update(plan, sampled)
+            loop.update(plan, loop.execute(plan))
         times.sort()
         print(f"{policy:16s} running={len(s.running):4d} waiting={len(s.waiting):5d} "
               f"schedule() median {1e3 * times[len(times) // 2]:.3f} ms  p90 {1e3 * times[int(len(times) * 0.9)]:.3f} ms")  # fmt: skip

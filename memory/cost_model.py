@@ -1,6 +1,6 @@
-"""Transfer and recompute cost model (paper §5.7). Pure Python at evaluation time, so the
-scheduler and the simulated executor can call it; only :meth:`CostModel.profile_recompute`
-touches a real runner.
+"""Transfer and recompute cost model (paper §5.7): the one cost-model type the scheduler, the
+policies and the simulated executor use. Pure Python; the engine fits the recompute terms from
+prefill shapes it times on its runner (``ModelRunner.profile_recompute``).
 
 ``copy_time(n, dir) = base_dir + n * bytes_per_block / bw_dir + n * 3 µs`` with ``bw_dir``
 starting at a prior (12 GB/s) and learned as an EWMA (α = 0.5) of completed copies' measured
@@ -13,7 +13,6 @@ squares on a few prefill shapes timed at warm-up.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -82,6 +81,12 @@ class CostModel:
             PER_BLOCK_OVERHEAD_S, *recompute,
         )  # fmt: skip
 
+    @classmethod
+    def paper_default(cls) -> CostModel:
+        """The paper's constants (§5.7) when nothing was measured: Qwen2.5-14B's 16-token
+        block (3 MiB), 12 GB/s each way, 3 µs per block, recompute 0.1 ms per token."""
+        return cls.fixed(3 * 2**20, DEFAULT_BANDWIDTH, 0.0, (0.0, 1e-4, 0.0))
+
     def copy_time(self, n_blocks: int, direction: str) -> float:
         """Predicted seconds to copy ``n_blocks`` blocks in ``direction`` ("d2h" / "h2d")."""
         if n_blocks <= 0:
@@ -108,29 +113,3 @@ class CostModel:
         y = np.array([s for _, _, s in samples])
         coef, *_ = np.linalg.lstsq(x, y, rcond=None)
         self.recompute_a, self.recompute_b, self.recompute_c = (max(float(c), 0.0) for c in coef)
-
-    def profile_recompute(self, runner, repeats: int = 2) -> list[tuple[int, int, float]]:
-        """Time prefill chunks of a few bucketed shapes on ``runner`` (a warmed-up
-        ``ModelRunner``) and fit :meth:`fit_recompute`. Rows point every page at the dummy
-        page, so no real KV is touched. Returns the samples."""
-        from tokencake.memory.kv_cache import DUMMY_PAGE
-        from tokencake.runner import RowRequest
-
-        cfg = runner.cfg
-        token_sizes = sorted(
-            {min(t, cfg.max_prefill_chunk) for t in (32, 128, cfg.max_prefill_chunk)}
-        )
-        samples = []
-        for n in token_sizes:
-            for ctx in sorted({0, min(4 * n, cfg.max_model_len - n)}):
-                pages = -(-(ctx + n) // cfg.page_size)
-                row = RowRequest("_profile", [0] * n, ctx, [DUMMY_PAGE] * pages, 0.0, 0, 1.0, 0, 0)
-                runner.execute([row])  # first call pays any lazy work; not timed
-                best = float("inf")
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    runner.execute([row])
-                    best = min(best, time.perf_counter() - t0)
-                samples.append((n, ctx, best))
-        self.fit_recompute(samples)
-        return samples

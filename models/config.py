@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokencake.models.generation import checked
+
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 # HF ``architectures`` entry -> our arch name.
@@ -32,6 +34,8 @@ class ModelConfig:
 
     ``rope_scaling`` is a Hugging Face style dict (``{"rope_type": "llama3", "factor": ...}``) or
     ``None``. ``eos_token_ids`` lists every token that ends a generation.
+    ``sampling_defaults`` holds the sampling settings the model's files recommend
+    (``temperature`` / ``top_p`` / ``top_k``; see :mod:`tokencake.models.generation`).
     """
 
     arch: str
@@ -52,6 +56,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     name: str = ""
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHS:
@@ -88,6 +93,12 @@ class ModelConfig:
         if self.rope_scaling is not None:
             _validate_rope_scaling(self.rope_scaling)
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
+        unknown = sorted(set(self.sampling_defaults) - {"temperature", "top_p", "top_k"})
+        if unknown:
+            raise ValueError(f"sampling_defaults: unknown key {unknown[0]!r}")
+        object.__setattr__(
+            self, "sampling_defaults", checked(dict(self.sampling_defaults), "sampling_defaults")
+        )
 
     def __hash__(self) -> int:
         # The dict field makes the generated hash fail; hash the json-able form instead.

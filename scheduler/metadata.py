@@ -5,25 +5,68 @@ application DAG, and whether its KV may be preserved across a tool call. The hin
 *when* tokens are computed, never *which*. Requests without metadata keep the baseline
 behaviour (``coerce_metadata(None) is None``).
 
-Validation is strict on types (a bool is not an int, an int is accepted for a float) and every
-error names the field, so the server can answer 400 with a useful message. Unknown keys are
-kept in ``extra`` and ignored, as the paper's ``extra="allow"`` does.
+Validation is strict on types (a bool is not an int, an int is accepted for a float) and on
+ranges (:data:`RANGES`; strings at most 256 characters, ``lifecycle_id`` at most 128 and free of
+control characters); every error is a :class:`RequestRejected` whose ``param`` is
+``metadata.<field>``, so the server answers 400 naming the field. Unknown keys are ignored, as the paper's ``extra="allow"``
+does; up to 32 small scalar ones are kept in ``extra``, larger values are dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-_LIFECYCLE_RE = re.compile(r"^tc-[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}$")
+from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.limits import (
+    MAX_DURATION_S,
+    MAX_EXTRA_KEYS,
+    MAX_GRAPH_INT,
+    MAX_ID_CHARS,
+    MAX_IMPORTANCE,
+    MAX_MEMORY_WEIGHT,
+    MAX_NAME_CHARS,
+    MAX_TIMESTAMP_S,
+    MIN_SIMILARITY,
+    check_id,
+    check_int,
+    check_number,
+    check_string,
+    is_small_scalar,
+)
+
+
+def _reject(name: str, problem: str) -> RequestRejected:
+    """A 400 naming the metadata field (``param`` is ``metadata.<name>``)."""
+    return RequestRejected(f"metadata.{name}", f"metadata field {name!r} {problem}")
+
+
+# Always matched in full (``fullmatch``): ``$`` would accept a trailing newline.
+_LIFECYCLE_RE = re.compile(r"tc-[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}")
+
+# Documented range (inclusive) of every numeric field; see limits.py for why bounds exist.
+RANGES: dict[str, tuple[float, float]] = {
+    "importance": (0.0, MAX_IMPORTANCE),
+    "similarity": (0.0, 1.0),  # and 0 or >= MIN_SIMILARITY
+    "memory_weight": (0.0, MAX_MEMORY_WEIGHT),
+    "application_started_at_s": (0.0, MAX_TIMESTAMP_S),
+    "application_start_offset_s": (0.0, MAX_DURATION_S),
+    "application_elapsed_s": (0.0, MAX_DURATION_S),
+    "depth": (0, MAX_GRAPH_INT),
+    "in_degree": (0, MAX_GRAPH_INT),
+    "out_degree": (0, MAX_GRAPH_INT),
+    "application_max_depth": (0, MAX_GRAPH_INT),
+    "remaining_depth": (0, MAX_GRAPH_INT),
+    "dependency_depth": (0, MAX_GRAPH_INT),
+    "fanout_width": (1, MAX_GRAPH_INT),
+}
 
 
 def is_canonical_lifecycle_id(value: str) -> bool:
     """Whether ``value`` is ``"tc-"`` + a lowercase UUID4 hex (the paper's wire format)."""
-    return bool(_LIFECYCLE_RE.match(value))
+    return _LIFECYCLE_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -54,47 +97,45 @@ class AgentMetadata:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field against its documented range (:data:`RANGES`); raises
+        :class:`RequestRejected` naming the first bad field. Also the scheduler's
+        probe when a batch-wide phase fails: an instance changed behind the dataclass's back
+        (``object.__setattr__``) is found here."""
         for f in dataclasses.fields(self):
             if f.name == "extra":
                 continue
             v = getattr(self, f.name)
+            param, label = f"metadata.{f.name}", f"metadata field {f.name!r}"
             if f.type == "str":
-                if not isinstance(v, str):
-                    raise ValueError(
-                        f"metadata field {f.name!r} must be a string, got {type(v).__name__}"
-                    )
+                limit = MAX_ID_CHARS if f.name == "lifecycle_id" else MAX_NAME_CHARS
+                check_string(param, v, limit, label=label)
             elif f.type == "bool":
                 if not isinstance(v, bool):
-                    raise ValueError(
-                        f"metadata field {f.name!r} must be a boolean, got {type(v).__name__}"
-                    )
+                    raise _reject(f.name, f"must be a boolean, got {type(v).__name__}")
             elif f.type == "int":
-                if not isinstance(v, int) or isinstance(v, bool):
-                    raise ValueError(
-                        f"metadata field {f.name!r} must be an integer, got {type(v).__name__}"
-                    )
-                if v < 0:
-                    raise ValueError(f"metadata field {f.name!r} must be >= 0, got {v}")
+                lo, hi = RANGES[f.name]
+                check_int(param, v, int(lo), int(hi), label=label)
             elif f.type == "float":
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                    raise ValueError(
-                        f"metadata field {f.name!r} must be a finite number, got {v!r}"
-                    )
-                if v < 0:
-                    raise ValueError(f"metadata field {f.name!r} must be >= 0, got {v}")
-        if self.similarity > 1:
-            raise ValueError(
-                f"metadata field 'similarity' must be in [0, 1], got {self.similarity}"
+                lo, hi = RANGES[f.name]
+                check_number(param, v, lo, hi, label=label)
+        if 0 < self.similarity < MIN_SIMILARITY:
+            raise _reject(
+                "similarity", f"must be 0 or in [{MIN_SIMILARITY:g}, 1], got {self.similarity!r}"
             )
-        if self.fanout_width < 1:
-            raise ValueError(f"metadata field 'fanout_width' must be >= 1, got {self.fanout_width}")
+        if self.lifecycle_id:
+            check_id(
+                "metadata.lifecycle_id", self.lifecycle_id, label="metadata field 'lifecycle_id'"
+            )
         if self.application_max_depth:
             if self.depth > self.application_max_depth:
-                raise ValueError("metadata field 'depth' must be <= application_max_depth")
+                raise _reject("depth", "must be <= application_max_depth")
             if self.remaining_depth > self.application_max_depth:
-                raise ValueError(
-                    "metadata field 'remaining_depth' must be <= application_max_depth"
-                )
+                raise _reject("remaining_depth", "must be <= application_max_depth")
+        if not isinstance(self.extra, dict):
+            raise _reject("extra", "must be a dict")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, strict_lifecycle_id: bool = False) -> AgentMetadata:
@@ -102,16 +143,23 @@ class AgentMetadata:
         (``tc-`` + UUID4 hex), which the HTTP server asks for; in-process callers may use any
         non-empty id."""
         if not isinstance(data, dict):
-            raise ValueError(f"metadata must be an object, got {type(data).__name__}")
+            raise RequestRejected(
+                "metadata", f"metadata must be an object, got {type(data).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
+        # Unknown keys are ignored; a few small scalars are kept for inspection, never large
+        # values (a per-request dict kept for a lifecycle's whole life must not hold MiBs).
+        extra: dict[str, Any] = {}
+        for k, v in data.items():
+            if k in names or len(extra) >= MAX_EXTRA_KEYS:
+                continue
+            if isinstance(k, str) and len(k) <= MAX_NAME_CHARS and is_small_scalar(v):
+                extra[k] = v
         if strict_lifecycle_id:
             lid = known.get("lifecycle_id")
             if not isinstance(lid, str) or not is_canonical_lifecycle_id(lid):
-                raise ValueError(
-                    "metadata field 'lifecycle_id' must be 'tc-' followed by a lowercase UUID4 hex"
-                )
+                raise _reject("lifecycle_id", "must be 'tc-' followed by a lowercase UUID4 hex")
         return cls(**known, extra=extra)
 
     # ---- derived views used by both schedulers ----------------------------------------------
@@ -127,10 +175,12 @@ class AgentMetadata:
 
 
 def coerce_metadata(value: Any) -> AgentMetadata | None:
-    """Normalise ``Request.metadata``: None stays None, dicts are validated (ValueError naming
-    the field), an ``AgentMetadata`` passes through."""
+    """Normalise ``Request.metadata``: None stays None, dicts are validated (RequestRejected
+    naming the field), an ``AgentMetadata`` passes through."""
     if value is None or isinstance(value, AgentMetadata):
         return value
     if isinstance(value, dict):
         return AgentMetadata.from_dict(value)
-    raise ValueError(f"metadata must be a dict or AgentMetadata, got {type(value).__name__}")
+    raise RequestRejected(
+        "metadata", f"metadata must be a dict or AgentMetadata, got {type(value).__name__}"
+    )

@@ -1,45 +1,95 @@
-"""The policy interface and the vLLM-style FCFS baseline.
+"""The policy interface, the typed view a policy is built with, and the vLLM-style baseline.
 
-A policy decides *order* (which waiting request is admitted next), *admission* (whether one
-more request may start now), and *victims* (whom to preempt when the running set needs blocks
-the pool does not have). The scheduler core owns the mechanics (blocks, budgets, chunking), so
-every policy runs on identical machinery and a comparison measures the policy alone.
+A policy decides *order* (which waiting request is considered for admission next),
+*admission* (whether one more request may start now), *victims* (whom to preempt when the
+running set needs blocks the pool does not have, and whether the victim's KV is swapped or
+recomputed) and what to do with KV between an agent's calls (the Time Scheduler). The
+scheduler core owns the mechanics (blocks, budgets, chunking, copies), so every policy runs on
+identical machinery and a comparison measures the policy alone.
+
+A policy is built once per scheduler from a :class:`PolicyContext` (``factory(ctx)``); it reads
+the pools, the clock, the cost model and the lifecycle registry through that view and never has
+attributes set on it afterwards. The hooks below are the whole interface; each has a default
+that keeps the baseline's behaviour, so a policy overrides only what it changes.
 """
 
 from __future__ import annotations
 
+import enum
 import math
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
-from tokencake.scheduler.plan import BlockCopy, StepPlan
+from tokencake.memory.block_pool import BlockPool
+from tokencake.memory.cost_model import CostModel
+from tokencake.memory.host_pool import HostBlockPool
+from tokencake.scheduler.config import SchedulerConfig
+from tokencake.scheduler.copies import CopyTracker
+from tokencake.scheduler.lifecycle import Lifecycle
 from tokencake.scheduler.request import Request
+from tokencake.scheduler.tokencake_config import TokencakeConfig
 
 
-class PoolView(Protocol):
-    """What a policy may read of the device block pool."""
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy may read (and, through the pools and the copy tracker, act on).
 
-    @property
-    def capacity(self) -> int: ...
-    @property
-    def num_free(self) -> int: ...
+    Built by the :class:`~tokencake.scheduler.core.Scheduler` before its policy; the objects
+    are the scheduler's own (one owner per state), so a policy sees the same pool, lifecycles
+    and copies as the core."""
+
+    config: SchedulerConfig
+    pool: BlockPool
+    host_pool: HostBlockPool | None
+    cost_model: CostModel
+    clock: Callable[[], float]
+    lifecycle: Lifecycle
+    copies: CopyTracker  # issue block copies here; completions come back to their callback
+    tokencake: TokencakeConfig  # the agent-aware policies' knobs (defaults: the paper's)
+
+
+PolicyFactory = Callable[[PolicyContext], "Policy"]
+
+
+class Admission(enum.Enum):
+    """A policy's verdict on admitting one waiting request (see :meth:`Policy.admit`)."""
+
+    ADMIT = "admit"
+    DEFER = "defer"  # not this one now, but later requests may still be considered this pass
+    STOP = "stop"  # not this one, and nobody behind it this pass (strict order)
 
 
 class Policy:
     """Base policy = vLLM-style FCFS: arrival order, admit while blocks last, preempt newest."""
 
-    name = "vllm"
+    name: ClassVar[str] = "vllm"
 
-    def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
-        """Waiting requests in the order they should be considered for admission."""
-        return sorted(waiting, key=lambda r: r.arrival_time)
+    def __init__(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
 
-    def can_admit(
-        self, request: Request, blocks_needed: int, pool: PoolView, running: Sequence[Request]
-    ) -> bool:
-        """Extra admission gate on top of 'the blocks for this step are available'."""
-        return True
+    # ---- admission ----------------------------------------------------------------------------
+    def admission_order(
+        self, pass_index: int, waiting: Sequence[Request], now: float
+    ) -> Sequence[Request] | None:
+        """Candidates of admission pass ``pass_index`` (0, 1, ..) in the order they are
+        considered; ``None`` ends admission for this step. Pass 0 sees the whole queue; a
+        later pass typically retries requests an earlier one deferred."""
+        return sorted(waiting, key=lambda r: r.arrival_time) if pass_index == 0 else None
 
+    def admit(self, request: Request, blocks_needed: int, running: Sequence[Request]) -> Admission:
+        """Gate on top of "the blocks for this step are free": ``request`` (its prefix hit
+        applied) needs ``blocks_needed`` more blocks now."""
+        return Admission.ADMIT
+
+    def on_admitted(self, request: Request, now: float) -> None:
+        """``request`` moved from waiting to running this step."""
+
+    def committed_blocks(self, now: float) -> int:
+        """Free blocks promised to restores in progress: admission may not use them."""
+        return 0
+
+    # ---- preemption ---------------------------------------------------------------------------
     def choose_victim(self, running: Sequence[Request], needy: Request) -> Request | None:
         """Running request to preempt so that ``needy`` can proceed (None: preempt ``needy``)."""
         candidates = [r for r in running if r is not needy]
@@ -47,72 +97,82 @@ class Policy:
             return None
         return max(candidates, key=lambda r: r.arrival_time)
 
-    def on_step(
-        self, now: float, running: Sequence[Request], waiting: Sequence[Request], pool: PoolView
-    ) -> None:
-        """Called once per schedule() before any decision (periodic housekeeping)."""
-
-    def on_finished(self, request: Request) -> None:
-        """Called when a request leaves the engine (finished or aborted)."""
-
-    # ---- agent-aware hooks (issue #5); the defaults keep the baseline's behaviour -----------
-    admission_passes: int = 1  # a second pass retries requests from ``retry_candidates``
-
-    def bind(self, scheduler: Any) -> None:
-        """Called once by the scheduler that owns this policy (read its pool, clock, tiers)."""
-
-    def begin_admission_pass(self, pass_index: int) -> None:
-        """Admission pass ``pass_index`` (0-based) is about to start."""
-
-    def retry_candidates(self) -> list[Request]:
-        """Requests for the next admission pass (after pass 0)."""
-        return []
-
-    def skip_denied(self, request: Request) -> bool:
-        """After ``request`` was refused: True lets later requests still be considered this
-        pass (the refusal concerned only this request), False stops admission (strict order)."""
-        return False
-
-    def on_admitted(self, request: Request, now: float) -> None:
-        """``request`` moved from waiting to running this step."""
+    def preemption_mode(self, victim: Request) -> str | None:
+        """``"swap"`` or ``"recompute"`` for this victim; None: the scheduler config's mode."""
+        return None
 
     def on_preempted(self, request: Request) -> None:
         """``request`` was preempted (its KV released or swapped) and requeued."""
 
-    def on_generation_finished(self, request: Request, pool: PoolView) -> None:
+    # ---- the step and request exits -----------------------------------------------------------
+    def on_step(self, now: float, running: Sequence[Request], waiting: Sequence[Request]) -> None:
+        """Called once per schedule() before any decision (periodic housekeeping)."""
+
+    def on_generation_finished(self, request: Request) -> None:
         """A metadata-carrying request finished normally; its blocks are still held (a policy
         may take its own references here to retain them)."""
 
-    def committed_blocks(self, now: float) -> int:
-        """Free blocks promised to restores in progress: admission may not use them."""
-        return 0
+    def on_finished(self, request: Request) -> None:
+        """Called when a request leaves the engine (finished or aborted)."""
 
-    def finalize_plan(self, plan: StepPlan, now: float) -> None:
-        """Last word on this step's plan (e.g. append the policy's own block copies)."""
-
-    @property
-    def copies_in_flight(self) -> int:
-        """Policy-issued copies not yet reported done."""
-        return 0
-
-    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy]) -> None:
-        """Completion of copies this policy issued."""
-        if done or failed:
-            raise ValueError(f"completion of unknown copy {(list(done) + list(failed))[0].tag!r}")
+    def writes_back(self, request: Request) -> bool:
+        """Whether the core copies ``request``'s computed full blocks to the host tier when it
+        finishes (vLLM CPU offloading / LMCache-style write-back; blocks the host already
+        holds are not copied again)."""
+        return False
 
     def on_admission_stalled(self) -> bool:
         """Nothing is running and no waiting request could start: release held capacity.
         Returns True if anything was released."""
         return False
 
-    def on_lifecycle_event(self, disposition: Any, body: dict) -> None:
-        """A client lifecycle event was applied (the lifecycle listeners already ran)."""
-
     def next_due(self) -> float:
         """Clock time at which this policy has timed work (an upload, a TTL) even if no
         request runs; ``math.inf`` when none. An idle engine steps once it is reached."""
         return math.inf
 
+    def check_request(self, request: Request, now: float) -> None:
+        """Recompute, uncached and for ``request`` alone, everything this policy derives from
+        its data; raise if any of it fails. The scheduler calls it on every live request when
+        a batch-wide phase raised without naming a request, to find the culprit."""
+
 
 class VLLMPolicy(Policy):
-    """Explicit name for the baseline."""
+    """vLLM V1's default scheduler, as far as a policy decides it (``bench/README.md`` lists
+    the remaining differences):
+
+    * FCFS admission that stops at the first request that does not fit;
+    * a waiting request is admitted only when its whole current sequence fits:
+      ``ceil(num_tokens / block_size) - len(block_ids) <= num_free`` (the "full-ISL check"
+      of the authors' baseline), although the core then allocates only the chunk it runs;
+    * when a running request cannot grow, the most recently admitted running request is
+      preempted (vLLM's ``self.running.pop()``), possibly the needy request itself.
+
+    Recompute preemption, prefix caching and chunked prefill under the token budget are the
+    core's own mechanics.
+    """
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        super().__init__(ctx)
+        self._admitted: dict[int, int] = {}  # id(request) -> admission sequence number
+        self._seq = 0
+
+    def admit(self, request: Request, blocks_needed: int, running: Sequence[Request]) -> Admission:
+        pool = self.ctx.pool
+        whole = math.ceil(request.num_tokens / pool.block_size) - len(request.block_ids)
+        return Admission.ADMIT if whole <= pool.num_free else Admission.STOP
+
+    def on_admitted(self, request: Request, now: float) -> None:
+        self._seq += 1
+        self._admitted[id(request)] = self._seq
+
+    def on_preempted(self, request: Request) -> None:
+        self._admitted.pop(id(request), None)
+
+    def on_finished(self, request: Request) -> None:
+        self._admitted.pop(id(request), None)
+
+    def choose_victim(self, running: Sequence[Request], needy: Request) -> Request | None:
+        if not running:
+            return None
+        return max(running, key=lambda r: self._admitted.get(id(r), 0))

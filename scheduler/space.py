@@ -16,17 +16,20 @@ equivalent under full-future admission and O(1) per request.)
 from __future__ import annotations
 
 import enum
+import logging
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tokencake.memory.block_pool import BlockPool
+from tokencake.scheduler.bounded import ByteLRU
+from tokencake.scheduler.faults import blame
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.tokencake_config import SpaceConfig
 
 Charge = list[tuple[str | None, int]]
+log = logging.getLogger(__name__)
 
 
 # ---- the per-request score (§4.2.1) ----------------------------------------------------------
@@ -91,39 +94,60 @@ class TypeStats:
 
 
 class AgentHistory:
-    """LRU of per-agent-type statistics (4096 types by default)."""
+    """Per-agent-type statistics: an LRU bounded by bytes (``max_bytes``, and at most
+    ``limit`` types) whose entries expire after ``ttl_s`` without use.
 
-    def __init__(self, limit: int = 4096) -> None:
+    Defence in depth: a type's statistics never hold a non-finite value. An update that would
+    make one non-finite is refused (ValueError, blamed on the request being admitted or
+    finished), and a score that still comes out non-finite resets that type's history instead
+    of failing the step for every request.
+    """
+
+    def __init__(
+        self, limit: int = 4096, max_bytes: int = 4 * 2**20, ttl_s: float = math.inf
+    ) -> None:
         self.limit = limit
-        self.stats: OrderedDict[str, TypeStats] = OrderedDict()
+        self.stats: ByteLRU[str, TypeStats] = ByteLRU(max_bytes, ttl_s, max_entries=limit)
+        self.resets = 0
+        self._now = -math.inf
+
+    def expire(self, now: float) -> None:
+        self._now = max(self._now, now)
+        self.stats.expire(self._now)
 
     def get(self, key: str) -> TypeStats:
-        st = self.stats.get(key)
+        st = self.stats.get(key, self._now)
         if st is None:
-            st = self.stats[key] = TypeStats()
-            while len(self.stats) > self.limit:
-                self.stats.popitem(last=False)
-        else:
-            self.stats.move_to_end(key)
+            st = TypeStats()
+            self.stats.put(key, st, self._now)
         return st
 
     def on_admit(self, key: str, req: Request, m: AgentMetadata, now: float) -> None:
+        self._now = max(self._now, now)
         st = self.get(key)
+        new = {
+            "depth": st.depth + m.depth,
+            "out_degree": st.out_degree + m.out_degree,
+            "in_degree": st.in_degree + m.in_degree,
+            "elapsed": st.elapsed + m.application_elapsed_s,
+            "remaining": st.remaining + m.remaining_depth,
+            "importance": max(st.importance, m.importance),
+        }
+        _require_finite(key, new)
         st.samples += 1
         st.input_tokens += req.num_prompt_tokens
-        st.depth += m.depth
-        st.out_degree += m.out_degree
-        st.in_degree += m.in_degree
-        st.elapsed += m.application_elapsed_s
-        st.remaining += m.remaining_depth
-        st.importance = max(st.importance, m.importance)
+        for k, v in new.items():
+            setattr(st, k, float(v))
         st.deferrals = max(0, st.deferrals - 1)
 
     def on_finish(self, key: str, req: Request, now: float) -> None:
+        self._now = max(self._now, now)
         st = self.get(key)
+        duration = st.duration + max(0.0, now - req.arrival_time)
+        _require_finite(key, {"duration": duration})
         st.output_tokens += len(req.output_token_ids)
         st.completed += 1
-        st.duration += max(0.0, now - req.arrival_time)
+        st.duration = duration
 
     def on_defer(self, key: str) -> None:
         self.get(key).deferrals += 1
@@ -133,17 +157,41 @@ class AgentHistory:
 
     def score(self, key: str, importance: float, avg_wait: float, n_waiting: int) -> float:
         st = self.get(key)
-        urgency = (math.log1p(avg_wait) + math.log1p(n_waiting) + math.log1p(st.deferrals)
-                   + 1.5 * math.log1p(st.preemptions))  # fmt: skip
-        n = max(1, st.samples)
-        tokens = (st.input_tokens + st.output_tokens) / n
-        dur = st.duration / max(1, st.completed)
-        cost = math.log1p(tokens)
-        if dur > 0 and tokens > 0:
-            cost += math.log1p(dur) + math.log1p(tokens / dur)
-        graph = (0.7 * st.depth / n + 0.5 * st.out_degree / n + 0.25 * st.in_degree / n
-                 + 0.20 * st.remaining / n + 0.10 * min(st.elapsed / n, 180))  # fmt: skip
-        return max(1.0, 2 * importance + urgency + 0.5 * cost + graph)
+        try:
+            s = _type_score(st, importance, avg_wait, n_waiting)
+        except (ArithmeticError, ValueError, TypeError):
+            s = math.nan
+        if math.isfinite(s) and all(math.isfinite(v) for v in vars(st).values()):
+            return s
+        # Unreachable with validated inputs; if it happens, forget the type, not the step.
+        log.warning("agent type %.64r: non-finite history score, history reset", key)
+        self.resets += 1
+        self.stats.put(key, TypeStats(), self._now)
+        return max(1.0, 2 * importance) if math.isfinite(importance) else 1.0
+
+
+def _require_finite(key: str, values: dict[str, float]) -> None:
+    for name, v in values.items():
+        if not math.isfinite(v):
+            raise ValueError(
+                f"agent type {key[:64]!r}: history field {name!r} would become {v!r}; "
+                "the update is refused"
+            )
+
+
+def _type_score(st: TypeStats, importance: float, avg_wait: float, n_waiting: int) -> float:
+    urgency = (math.log1p(avg_wait) + math.log1p(n_waiting) + math.log1p(st.deferrals)
+               + 1.5 * math.log1p(st.preemptions))  # fmt: skip
+    n = max(1, st.samples)
+    tokens = (st.input_tokens + st.output_tokens) / n
+    dur = st.duration / max(1, st.completed)
+    cost = math.log1p(tokens)
+    if dur > 0 and tokens > 0:
+        cost += math.log1p(dur) + math.log1p(tokens / dur)
+    graph = (0.7 * st.depth / n + 0.5 * st.out_degree / n + 0.25 * st.in_degree / n
+             + 0.20 * st.remaining / n + 0.10 * min(st.elapsed / n, 180))  # fmt: skip
+    raw = 2 * importance + urgency + 0.5 * cost + graph
+    return raw if math.isnan(raw) else max(1.0, raw)  # max() would hide a NaN
 
 
 # ---- partitioning (§4.3) -----------------------------------------------------------------------
@@ -229,7 +277,9 @@ class SpaceScheduler:
         self.cfg = config
         self.pool = pool
         self.max_model_len = max_model_len
-        self.history = AgentHistory(config.history_limit)
+        self.history = AgentHistory(
+            config.history_limit, config.history_max_bytes, config.history_ttl_s
+        )
         self.plan: PartitionPlan | None = None
         self.step = 0
         self.scores: dict[str, _Scored] = {}
@@ -261,14 +311,31 @@ class SpaceScheduler:
 
     # ---- scores -------------------------------------------------------------------------------
     def own_score(self, r: Request, now: float) -> int:
+        """``r``'s hybrid score; any failure is ``r``'s :class:`RequestFault`."""
         m = r.metadata
         if m is None:
             return 0
-        parts = self._static.get(r.request_id)
-        if parts is None:
-            parts = self._static[r.request_id] = _static_parts(m)
-        static, rr, pg = parts
-        return int(static + _time_parts(m, r.arrival_time, now, rr, pg))
+        with blame(r, "the Space Scheduler's score"):
+            parts = self._static.get(r.request_id)
+            if parts is None:
+                parts = _static_parts(m)
+                self._static[r.request_id] = parts
+            static, rr, pg = parts
+            return int(static + _time_parts(m, r.arrival_time, now, rr, pg))
+
+    def check_request(self, r: Request, now: float) -> None:
+        """The fault probe: ``r``'s score from scratch (no cache) and its type's score."""
+        m = r.metadata
+        if m is None:
+            return
+        static, rr, pg = _static_parts(m)
+        int(static + _time_parts(m, r.arrival_time, now, rr, pg))
+        if m.type_key:
+            st = self.history.stats.peek(m.type_key)
+            if st is not None:
+                s = _type_score(st, m.importance, 0.0, 1)
+                if not math.isfinite(s):
+                    raise ValueError(f"agent type score is {s!r}")
 
     def effective(self, r: Request) -> int:
         s = self.scores.get(r.request_id)
@@ -284,6 +351,7 @@ class SpaceScheduler:
     ) -> None:
         """Freeze this step's scores, repartition when due, recompute uncommitted capacity."""
         self.step += 1
+        self.history.expire(now)
         if now - self._scored_at >= self.cfg.score_refresh_s or self._scored_at > now:
             self._rescore(now, running, waiting)
         else:

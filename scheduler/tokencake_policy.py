@@ -14,13 +14,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
 
-from tokencake.scheduler.lifecycle import Lifecycle
+from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.metadata import AgentMetadata
-from tokencake.scheduler.plan import BlockCopy, StepPlan
-from tokencake.scheduler.policy import Policy, PoolView
+from tokencake.scheduler.policy import Admission, Policy, PolicyContext
 from tokencake.scheduler.request import Request
+from tokencake.scheduler.sharing import inflight_hashes, waits_for_inflight
 from tokencake.scheduler.space import Denial, SpaceScheduler
 from tokencake.scheduler.time_sched import (
     Decide,
@@ -31,7 +30,6 @@ from tokencake.scheduler.time_sched import (
     tokencake_decide,
     waiting_pressure,
 )
-from tokencake.scheduler.tokencake_config import TokencakeConfig
 
 
 def application_fcfs(waiting: Sequence[Request]) -> list[Request]:
@@ -57,7 +55,7 @@ class TokencakePolicy(Policy):
 
     def __init__(
         self,
-        config: TokencakeConfig | None = None,
+        ctx: PolicyContext,
         *,
         space: bool = True,
         time: bool = True,
@@ -65,43 +63,36 @@ class TokencakePolicy(Policy):
         predictive_upload: bool | None = None,
         reevaluate: bool = True,
         reuse_eviction: bool | None = None,
+        write_back_all: bool | None = None,
     ) -> None:
-        self.config = config or TokencakeConfig()
+        super().__init__(ctx)
+        self.config = ctx.tokencake
         self.use_space = space and self.config.scheduling.enabled
         self.use_time = time and self.config.offload.enabled
-        self._decide = decide
-        self._predictive = predictive_upload
-        self._reevaluate = reevaluate
-        self._reuse_eviction = reuse_eviction
+        self.write_back_all = self.use_time and (
+            self.config.offload.write_back_all if write_back_all is None else write_back_all
+        )
+        self._inflight: set[bytes] | None = None  # block hashes running prefills will compute
+        self.sharing_deferrals = 0
         self._leaf_blocks: dict[str, list[int]] = {}  # finished leaf agent -> blocks to demote
         self.space: SpaceScheduler | None = None
         self.time: TimeScheduler | None = None
-        self.sched: Any = None
-        self.admission_passes = 2 if self.use_space else 1
-        self._pass = 0
-        self._retry: list[Request] = []
-        self._denied: tuple[str, object] | None = None
-
-    def bind(self, scheduler: Any) -> None:
-        self.sched = scheduler
-        scheduler.lifecycle = Lifecycle(scheduler.clock, self.config.offload)
-        pool = scheduler.pool
         if self.use_space:
-            self.space = SpaceScheduler(
-                self.config.scheduling, pool, scheduler.config.max_model_len
-            )
+            self.space = SpaceScheduler(self.config.scheduling, ctx.pool, ctx.config.max_model_len)
         if self.use_time:
             self.time = TimeScheduler(
-                self.config.offload, pool, scheduler.lifecycle,
-                host=getattr(scheduler, "host_pool", None), cost=getattr(scheduler, "cost_model", None),
-                decide=self._decide, predictive_upload=self._predictive, reevaluate=self._reevaluate,
-                reuse_eviction=self._reuse_eviction,
+                self.config.offload, ctx.pool, ctx.lifecycle, ctx.copies, host=ctx.host_pool,
+                cost=ctx.cost_model, decide=decide, predictive_upload=predictive_upload,
+                reevaluate=reevaluate, reuse_eviction=reuse_eviction,
             )  # fmt: skip
+        self._passes = 2 if self.use_space else 1  # pass 1 retries reservation refusals
+        self._pass = 0
+        self._retry: list[Request] = []
 
     # ---- per step -----------------------------------------------------------------------------
-    def on_step(
-        self, now: float, running: Sequence[Request], waiting: Sequence[Request], pool: PoolView
-    ) -> None:
+    def on_step(self, now: float, running: Sequence[Request], waiting: Sequence[Request]) -> None:
+        if self.use_space and self.config.scheduling.defer_inflight_prefix:
+            self._inflight = inflight_hashes(running, self.ctx.pool.block_size)
         # Space first: the Time Scheduler's pressure forecast reads this step's plan (scores,
         # uncommitted capacity). Run after the tick, it read the previous step's plan, which
         # still counted a just-finished agent's growth and hid the queue's real fit demand.
@@ -109,12 +100,14 @@ class TokencakePolicy(Policy):
             self.space.begin_step(now, running, waiting, self.committed_blocks(now))
         if self.time is not None:
             ts = self.time
-            # The engine may attach its tiers after construction; pick them up.
-            ts.host = getattr(self.sched, "host_pool", None)
-            cost = getattr(self.sched, "cost_model", None)
-            if cost is not None:
-                ts.cost = cost
-            ts.tick(now, waiting, running, lambda: self._pressure(now, waiting), self._agent_score)
+            pressure = lambda: self._pressure(now, running, waiting)  # noqa: E731
+            try:
+                ts.tick(now, waiting, running, pressure, self._agent_score)
+            except Exception as exc:
+                # The tick works lifecycle by lifecycle: the one it was on is the culprit.
+                if ts.current is None or isinstance(exc, RequestFault):
+                    raise
+                raise RequestFault(ts.current, "the Time Scheduler", exc) from exc
             if self.space is not None:  # the tick's pins, uploads and releases moved capacity
                 self.space.refresh_uncommitted(running, self.committed_blocks(now))
 
@@ -123,9 +116,11 @@ class TokencakePolicy(Policy):
             return 0.0
         return self.space.plan.scores.get(m.agent_type, 0.0)
 
-    def _pressure(self, now: float, waiting: Sequence[Request]) -> Pressure:
-        pool = self.sched.pool
-        cfg = self.sched.config
+    def _pressure(
+        self, now: float, running: Sequence[Request], waiting: Sequence[Request]
+    ) -> Pressure:
+        pool = self.ctx.pool
+        cfg = self.ctx.config
         sp = self.space
         if sp is not None and sp.plan is not None:
             uncommitted = sp.uncommitted
@@ -135,67 +130,73 @@ class TokencakePolicy(Policy):
         else:
             uncommitted = pool.num_free - self.committed_blocks(now)
             shared, critical, adm = pool.num_free, set(), None
-        slots = cfg.max_num_seqs - len(self.sched.running)
+        slots = cfg.max_num_seqs - len(running)
         return waiting_pressure(pool, waiting, uncommitted, shared, critical,
                                 self.config.offload.eviction_window_blocks, cfg.max_prefill_chunk,
                                 slots, adm)  # fmt: skip
 
     # ---- ordering and admission -----------------------------------------------------------------
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
+        """Pass 0's order: the Space Scheduler's scores (or program-level FCFS), else FCFS."""
         if self.space is not None:
             if self.config.scheduling.admission_order == "application-fcfs":
                 return application_fcfs(waiting)
+            if self.config.scheduling.admission_order == "arrival":
+                return list(super().admission_order(0, waiting, now) or ())
             return self.space.order(waiting)
-        return super().order_waiting(waiting, now)
+        return list(super().admission_order(0, waiting, now) or ())
 
-    def begin_admission_pass(self, pass_index: int) -> None:
+    def admission_order(
+        self, pass_index: int, waiting: Sequence[Request], now: float
+    ) -> Sequence[Request] | None:
+        if pass_index >= self._passes:
+            return None
         self._pass = pass_index
-        self._denied = None
         if pass_index == 0:
+            order = self.order_waiting(waiting, now)
             self._retry = []
-
-    def retry_candidates(self) -> list[Request]:
+            return order
         return list(self._retry)
 
-    def can_admit(
-        self, request: Request, blocks_needed: int, pool: PoolView, running: Sequence[Request]
-    ) -> bool:
+    def admit(self, request: Request, blocks_needed: int, running: Sequence[Request]) -> Admission:
+        if self._inflight and waits_for_inflight(request, self._inflight, self.ctx.pool.block_size):
+            # A running prefill is computing its next block: hit it in a step or two instead
+            # of computing (and holding) a second copy.
+            self.sharing_deferrals += 1
+            return Admission.DEFER
         ts = self.time
         if ts is not None and ts.uploading:
             # Its next block is being uploaded right now: wait one step and hit it on device.
             i = len(request.block_ids)
             if i < len(request._block_hashes) and request._block_hashes[i] in ts.uploading:
-                self._denied = (request.request_id, "upload")
-                return False
+                return Admission.DEFER
         if self.space is None:
-            return True
+            return Admission.ADMIT
         d = self.space.check(request, blocks_needed, bool(running), self._pass == 1)
         if d is None:
-            return True
-        self._denied = (request.request_id, d)
-        if d is Denial.RESERVATION and self._pass == 0:
-            self._retry.append(request)
-        return False
-
-    def skip_denied(self, request: Request) -> bool:
-        d = self._denied
-        return (
-            d is not None and d[0] == request.request_id and d[1] in (Denial.RESERVATION, "upload")
-        )
+            return Admission.ADMIT
+        if d is Denial.RESERVATION:
+            if self._pass == 0:
+                self._retry.append(request)
+            return Admission.DEFER  # only this request's reservation is short
+        return Admission.STOP
 
     def on_admitted(self, request: Request, now: float) -> None:
+        if self._inflight is not None and request.is_prefill:
+            bs = self.ctx.pool.block_size
+            self._inflight.update(request.block_hashes(bs)[request.num_computed_tokens // bs :])
         if self.space is not None:
             self.space.commit(request, now, self._pass == 1)
 
     # ---- preemption and exits -------------------------------------------------------------------
     def choose_victim(self, running: Sequence[Request], needy: Request) -> Request | None:
         if self.space is not None:
-            pool = self.sched.pool
-            cfg = self.sched.config
+            pool = self.ctx.pool
+            cfg = self.ctx.config
             target = needy.num_computed_tokens + min(needy.remaining_tokens, cfg.max_prefill_chunk)
             needed = max(1, -(-target // pool.block_size) - len(needy.block_ids) - pool.num_free)
             v = self.space.victim(
-                running, needy, needed, self.sched.clock(), self._restorable(running)
+                running, needy, needed, self.ctx.clock(), self._restorable(running)
             )
             if v is not False:
                 return v  # type: ignore[return-value]
@@ -203,18 +204,32 @@ class TokencakePolicy(Policy):
 
     def _restorable(self, running: Sequence[Request]) -> dict[str, int]:
         """Tokens of each running request's prefix currently restorable from the host tier."""
-        host = getattr(self.sched, "host_pool", None)
+        host = self.ctx.host_pool
         if host is None:
             return {}
-        bs = self.sched.pool.block_size
+        bs = self.ctx.pool.block_size
         return {r.request_id: len(host.lookup_prefix(r._block_hashes[: r.num_computed_tokens // bs])) * bs
                 for r in running}  # fmt: skip
+
+    def check_request(self, request: Request, now: float) -> None:
+        if self.space is not None:
+            self.space.check_request(request, now)
+
+    def preemption_mode(self, victim: Request) -> str | None:
+        """Swap victims when every block is written back anyway (their pages come back by a
+        copy, not a recompute)."""
+        return "swap" if self.write_back_all and self.ctx.host_pool is not None else None
+
+    def writes_back(self, request: Request) -> bool:
+        """Every finished request's blocks go to the host tier, except a leaf agent's (no
+        successor reads them; they are demoted for eviction instead)."""
+        return self.write_back_all and request.request_id not in self._leaf_blocks
 
     def on_preempted(self, request: Request) -> None:
         if self.space is not None:
             self.space.on_preempted(request)
 
-    def on_generation_finished(self, request: Request, pool: PoolView) -> None:
+    def on_generation_finished(self, request: Request) -> None:
         m = request.metadata
         if (
             self.time is not None
@@ -224,12 +239,12 @@ class TokencakePolicy(Policy):
             and not m.reusable_prefix
         ):
             # Its own tokens (past the prefix it found cached) have no expected reader.
-            first = request.num_cached_tokens // self.sched.pool.block_size
+            first = request.num_cached_tokens // self.ctx.pool.block_size
             self._leaf_blocks[request.request_id] = list(request.block_ids[first:])
 
     def on_finished(self, request: Request) -> None:
         if self.space is not None:
-            self.space.on_finished(request, self.sched.clock())
+            self.space.on_finished(request, self.ctx.clock())
         leaf = self._leaf_blocks.pop(request.request_id, None)
         if leaf and self.time is not None:  # released by now: evict these first
             self.time.demote_unneeded(leaf)
@@ -237,20 +252,6 @@ class TokencakePolicy(Policy):
     # ---- the Time Scheduler's plumbing ----------------------------------------------------------
     def committed_blocks(self, now: float) -> int:
         return self.time.committed_blocks(now) if self.time is not None else 0
-
-    def finalize_plan(self, plan: StepPlan, now: float) -> None:
-        if self.time is not None:
-            self.time.emit(plan)
-
-    @property
-    def copies_in_flight(self) -> int:
-        return self.time.copies_in_flight if self.time is not None else 0
-
-    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy]) -> None:
-        if self.time is None:
-            super().on_copies_done(done, failed)
-            return
-        self.time.on_copies_done(done, failed)
 
     def on_admission_stalled(self) -> bool:
         return self.time.relieve() if self.time is not None else False
@@ -260,7 +261,7 @@ class TokencakePolicy(Policy):
 
     @property
     def counters(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        out: dict[str, int] = {"inflight_prefix_deferrals": self.sharing_deferrals}
         for part in (self.space, self.time):
             if part is not None:
                 for k, v in part.counters.items():
@@ -271,15 +272,15 @@ class TokencakePolicy(Policy):
 class TokencakeSpacePolicy(TokencakePolicy):
     name = "tokencake-space"
 
-    def __init__(self, config: TokencakeConfig | None = None) -> None:
-        super().__init__(config, space=True, time=False)
+    def __init__(self, ctx: PolicyContext) -> None:
+        super().__init__(ctx, space=True, time=False)
 
 
 class TokencakeTimePolicy(TokencakePolicy):
     name = "tokencake-time"
 
-    def __init__(self, config: TokencakeConfig | None = None) -> None:
-        super().__init__(config, space=False, time=True)
+    def __init__(self, ctx: PolicyContext) -> None:
+        super().__init__(ctx, space=False, time=True)
 
 
 class TokencakeAppFCFSPolicy(TokencakePolicy):
@@ -287,10 +288,11 @@ class TokencakeAppFCFSPolicy(TokencakePolicy):
 
     name = "tokencake-fcfs"
 
-    def __init__(self, config: TokencakeConfig | None = None) -> None:
-        config = config or TokencakeConfig()
-        sched = dataclasses.replace(config.scheduling, admission_order="application-fcfs")
-        super().__init__(dataclasses.replace(config, scheduling=sched))
+    def __init__(self, ctx: PolicyContext) -> None:
+        sched = dataclasses.replace(ctx.tokencake.scheduling, admission_order="application-fcfs")
+        super().__init__(
+            dataclasses.replace(ctx, tokencake=dataclasses.replace(ctx.tokencake, scheduling=sched))
+        )
 
 
 class InferCeptPolicy(TokencakePolicy):
@@ -298,9 +300,10 @@ class InferCeptPolicy(TokencakePolicy):
 
     name = "infercept"
 
-    def __init__(self, config: TokencakeConfig | None = None) -> None:
-        super().__init__(config, space=False, time=True, decide=infercept_decide,
-                         predictive_upload=False, reevaluate=False, reuse_eviction=False)  # fmt: skip
+    def __init__(self, ctx: PolicyContext) -> None:
+        super().__init__(ctx, space=False, time=True, decide=infercept_decide,
+                         predictive_upload=False, reevaluate=False, reuse_eviction=False,
+                         write_back_all=False)  # fmt: skip
 
 
 class ContinuumPolicy(TokencakePolicy):
@@ -308,10 +311,11 @@ class ContinuumPolicy(TokencakePolicy):
 
     name = "continuum"
 
-    def __init__(self, config: TokencakeConfig | None = None, pin_threshold_s: float = 2.0) -> None:
-        super().__init__(config, space=False, time=True,
+    def __init__(self, ctx: PolicyContext, pin_threshold_s: float = 2.0) -> None:
+        super().__init__(ctx, space=False, time=True,
                          decide=lambda ctx, ts: continuum_decide(ctx, ts, pin_threshold_s),
-                         predictive_upload=False, reevaluate=False, reuse_eviction=False)  # fmt: skip
+                         predictive_upload=False, reevaluate=False, reuse_eviction=False,
+                         write_back_all=False)  # fmt: skip
 
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
         return application_fcfs(waiting)

@@ -124,6 +124,13 @@ def write_gguf(
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_ids[0])
     w.add_chat_template(tokenizer.chat_template)
+    sampling = cfg.sampling_defaults  # llama.cpp's general.sampling.* keys
+    if "temperature" in sampling:
+        w.add_sampling_temp(sampling["temperature"])
+    if "top_p" in sampling:
+        w.add_sampling_top_p(sampling["top_p"])
+    if "top_k" in sampling:
+        w.add_sampling_top_k(int(sampling["top_k"]))
 
     def lin(name: str, m: np.ndarray) -> None:
         w.add_tensor(name, np.ascontiguousarray(m.T.astype(np.float32)))  # (out, in) on disk

@@ -9,6 +9,7 @@ import pytest
 
 from tokencake.async_engine import AsyncEngine
 from tokencake.sampling_params import SamplingParams
+from tokencake.scheduler.faults import StepFailed
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ def test_failing_step_fails_requests_but_engine_keeps_serving(async_engine):
 
     async def main():
         params = SamplingParams(max_tokens=8, ignore_eos=True)
-        with pytest.raises(RuntimeError, match="internal error"):
+        with pytest.raises(StepFailed, match="engine step failed"):
             await async_engine.generate("first", params)
         out = await async_engine.generate("second", params)
         assert out.finished and len(out.token_ids) == 8
@@ -84,3 +85,67 @@ def test_failing_step_fails_requests_but_engine_keeps_serving(async_engine):
         assert pool.num_free == pool.capacity
 
     asyncio.run(main())
+
+
+def test_named_engine_calls(async_engine):
+    """What the server and the runtime use: tokenize (typed refusals), kv_stats, lifecycle
+    events, alive/info; no closures over the engine's internals."""
+    from tokencake.scheduler.errors import RequestRejected
+    from tokencake.scheduler.lifecycle import Disposition
+
+    e = async_engine
+
+    async def main():
+        ids = await e.tokenize("hello")
+        assert ids == e.engine.tokenizer.encode("hello")
+        assert await e.tokenize([1, 2, 3]) == [1, 2, 3]
+        with pytest.raises(RequestRejected) as r:
+            await e.tokenize([1, e.info.vocab_size])
+        assert r.value.param == "prompt"
+        chat = await e.tokenize_chat([{"role": "user", "content": "hi"}])
+        assert chat == e.engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+        with pytest.raises(RequestRejected) as r:
+            await e.tokenize_chat([{"role": "user"}])
+        assert r.value.param == "messages"
+        kv = await e.kv_stats()
+        assert (kv.used, kv.waiting, kv.running) == (0, 0, 0) and kv.capacity > 0
+        disp, body = await e.lifecycle_event({"event": "stall_finished", "lifecycle_id": "nope"})
+        assert disp is Disposition.UNKNOWN and body["state"] == "unknown"
+
+    assert e.alive and e.info.max_seq_tokens <= e.info.max_model_len
+    asyncio.run(main())
+
+
+def test_token_texts_from_another_thread_while_the_engine_decodes(async_engine):
+    """The tokenizer is shared with the event loop's logprob decoding: it guards itself."""
+    import threading
+
+    e = async_engine
+    ids = e.engine.tokenizer.encode("multi-agent tool calls")
+    want = [e.engine.tokenizer.decode([t]) for t in ids]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer():
+        try:
+            while not stop.is_set():
+                assert e.token_texts(ids) == want
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+
+    async def main():
+        params = SamplingParams(max_tokens=24, ignore_eos=True)
+        outs = await asyncio.gather(*(e.generate(f"p{i}", params) for i in range(4)))
+        assert all(o.finished and len(o.token_ids) == 24 for o in outs)
+
+    try:
+        asyncio.run(main())
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.host_pool import HostBlockPool
+from tokencake.scheduler.ablations import ABLATIONS
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle, LifecycleState
 from tokencake.scheduler.metadata import AgentMetadata, coerce_metadata
-from tokencake.scheduler.policies import make_policy
-from tokencake.scheduler.policy import Policy
+from tokencake.scheduler.policies import policy_names
 from tokencake.scheduler.predictor import DurationPredictor
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
@@ -34,10 +34,11 @@ from tokencake.scheduler.space import (
 )
 from tokencake.scheduler.time_sched import Pressure, Reason, evaluate_benefit
 from tokencake.scheduler.tokencake_config import SpaceConfig, TimeConfig, TokencakeConfig
-from tokencake.scheduler.tokencake_policy import TokencakePolicy
 
-POLICIES = ["vllm", "tokencake", "tokencake-space", "tokencake-time", "tokencake-fcfs", "infercept",
-            "continuum"]  # fmt: skip
+# every registered policy but the ablations (tokencake with one knob changed), which get
+# their own identical-outputs run below
+ABLATION_NAMES = [f"tokencake-{a}" for a in ABLATIONS]
+POLICIES = [p for p in policy_names() if p not in ABLATION_NAMES]
 
 
 def test_scheduler_is_pure_python():
@@ -110,9 +111,8 @@ def test_join_priority_inheritance():
 def test_application_fcfs_admission_order():
     """``tokencake-fcfs``: requests of the earlier application go first, whatever their score;
     requests without an application start keep their own arrival."""
-    pol = make_policy("tokencake-fcfs")
+    pol = Scheduler(SchedulerConfig(), BlockPool(101, 16), "tokencake-fcfs", SimClock()).policy
     assert pol.config.scheduling.admission_order == "application-fcfs"
-    Scheduler(SchedulerConfig(), BlockPool(101, 16), pol, SimClock())  # binds the Space Scheduler
     old = Request(
         "old", [1], 4, 9.0, metadata=AgentMetadata(importance=0, application_started_at_s=1.0)
     )
@@ -147,7 +147,7 @@ def _two_requests(policy: str) -> list[str]:
     cfg = SchedulerConfig(
         max_num_seqs=8, max_num_batched_tokens=1024, max_prefill_chunk=512, max_model_len=2048
     )
-    s = Scheduler(cfg, pool, make_policy(policy), SimClock())
+    s = Scheduler(cfg, pool, policy, SimClock())
     for rid in ("A", "B"):  # 20 blocks now (320 tokens), 70 in total (320 + 800)
         s.add_request(
             Request(rid, list(range(1, 321)) if rid == "A" else list(range(2, 322)), 800, 0.0)
@@ -157,9 +157,11 @@ def _two_requests(policy: str) -> list[str]:
 
 
 def test_full_future_admission_example():
+    # Both fit now (20 + 20 of 100 blocks); with their growth (70 + 70) only one does. Since
+    # issue 12 the default admits by the current sequence; the paper's rule is an ablation.
     assert _two_requests("vllm") == ["A", "B"]
-    assert _two_requests("tokencake") == ["A"]
-    assert _two_requests("tokencake-space") == ["A"]
+    assert _two_requests("tokencake") == ["A", "B"]
+    assert _two_requests("tokencake-with-full-future-admission") == ["A"]
 
 
 # ---- partitioning (§4.3) ---------------------------------------------------------------------------
@@ -188,7 +190,7 @@ def test_partition_weights_and_largest_remainder():
 # ---- borrowing (§4.4) ------------------------------------------------------------------------------
 def _space_with_plan() -> SpaceScheduler:
     pool = BlockPool(101, 16)
-    sp = SpaceScheduler(SpaceConfig(), pool, 4096)
+    sp = SpaceScheduler(SpaceConfig(reserve_generation_tokens=True), pool, 4096)  # the paper's
     sp.plan = PartitionPlan(0.2, 60, {"A": 20, "B": 20}, {"A": 5.0, "B": 3.0})
     sp.uncommitted = 100
     sp.used = {None: 50}  # shared has 10 left
@@ -375,7 +377,7 @@ def _run_workload(policy: str, seed: int, n_agents: int, turns: int, blocks: int
     cfg = SchedulerConfig(
         max_num_seqs=6, max_num_batched_tokens=96, max_prefill_chunk=64, max_model_len=400
     )
-    s = Scheduler(cfg, pool, make_policy(policy), clock, host_pool=host)
+    s = Scheduler(cfg, pool, policy, clock, host_pool=host)
     ex = SimExecutor(clock)
     agents = [dict(prompt=[rng.randrange(1, 500) for _ in range(rng.randrange(20, 90))], turn=0,
                    due=rng.random() * 0.05, last=None, tool_end=None) for _ in range(n_agents)]  # fmt: skip
@@ -411,7 +413,7 @@ def _run_workload(policy: str, seed: int, n_agents: int, turns: int, blocks: int
         if host is not None:
             host.check_integrity()
         assert len({b for r in s.running for b in r.block_ids}) <= pool.capacity
-        if policy == "tokencake-space":  # full-future admission never over-commits
+        if policy == "tokencake-space" and s.policy.config.scheduling.reserve_generation_tokens:
             assert pool.num_free - sum(s.policy.space.remaining_growth(r) for r in s.running) >= 0
         for r in finished:
             i = int(r.request_id[1:].split("-")[0])
@@ -444,6 +446,11 @@ def _run_workload(policy: str, seed: int, n_agents: int, turns: int, blocks: int
 def test_sim_workload_outputs_identical_under_pressure(policy):
     base = _run_workload("vllm", 1, 6, 3, 40, 64)
     assert _run_workload(policy, 1, 6, 3, 40, 64) == base
+
+
+@pytest.mark.parametrize("policy", ABLATION_NAMES)
+def test_ablations_keep_outputs_identical(policy):
+    assert _run_workload(policy, 1, 6, 3, 40, 64) == _run_workload("vllm", 1, 6, 3, 40, 64)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -531,7 +538,9 @@ def test_engine_greedy_outputs_identical_under_every_policy():
 
 
 # ---- eviction ranked by expected reuse ------------------------------------------------------------
-def _eviction_scenario(policy: Policy) -> tuple[int, int, dict[str, int]]:
+def _eviction_scenario(
+    policy: str, tokencake: TokencakeConfig | None = None
+) -> tuple[int, int, dict[str, int]]:
     """Agent A finishes and waits on a 10 s tool (its KV is dropped, not kept: it is not
     preservable); then leaf agent L (last node of its DAG) finishes; then an ordinary request
     needs 6 of the 12 cached blocks. Returns how many of A's and of L's 6 full blocks are still
@@ -540,7 +549,7 @@ def _eviction_scenario(policy: Policy) -> tuple[int, int, dict[str, int]]:
     pool = BlockPool(21, 16)  # 20 usable blocks
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, max_prefill_chunk=256,
                           max_model_len=512)  # fmt: skip
-    s = Scheduler(cfg, pool, policy, clock)
+    s = Scheduler(cfg, pool, policy, clock, tokencake=tokencake)
     ex = SimExecutor(clock)
 
     def run(req: Request) -> Request:
@@ -566,10 +575,10 @@ def _eviction_scenario(policy: Policy) -> tuple[int, int, dict[str, int]]:
 
 
 def test_eviction_keeps_a_waiting_agents_kv_and_drops_a_finished_leaf_first():
-    a_kept, leaf_kept, _ = _eviction_scenario(make_policy("vllm"))
+    a_kept, leaf_kept, _ = _eviction_scenario("vllm")
     assert (a_kept, leaf_kept) == (0, 6)  # plain LRU: the older, still-needed prefix goes
-    a_kept, leaf_kept, counters = _eviction_scenario(make_policy("tokencake"))
+    a_kept, leaf_kept, counters = _eviction_scenario("tokencake")
     assert (a_kept, leaf_kept) == (6, 0)
     assert counters["eviction_ranked_blocks"] == 6 and counters["eviction_demoted_blocks"] == 6
-    off = TokencakePolicy(TokencakeConfig(offload=TimeConfig(reuse_aware_eviction=False)))
-    assert _eviction_scenario(off)[:2] == (0, 6)  # the knob turns it off
+    off = TokencakeConfig(offload=TimeConfig(reuse_aware_eviction=False))
+    assert _eviction_scenario("tokencake", off)[:2] == (0, 6)  # the knob turns it off

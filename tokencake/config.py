@@ -1,12 +1,23 @@
-"""Engine configuration: one frozen, validated object for every knob a user can turn."""
+"""Engine configuration: one frozen, validated object for every knob a user can turn.
+
+It is the head of the config chain: :meth:`EngineConfig.scheduler_config` and
+:meth:`EngineConfig.runner_config` build the scheduler's and the runner's configs from the
+fields they share (validated once, where they are defined), and ``tokencake`` carries the
+agent-aware policies' settings.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-POLICIES = ("vllm", "tokencake", "tokencake-space", "tokencake-time", "tokencake-fcfs", "infercept",
-            "continuum")  # fmt: skip
+from tokencake.scheduler.config import SchedulerConfig
+from tokencake.scheduler.policies import policy_names
+from tokencake.scheduler.tokencake_config import TokencakeConfig
+
+if TYPE_CHECKING:
+    from tokencake.runner import RunnerConfig
 
 
 @dataclass(frozen=True)
@@ -14,7 +25,9 @@ class EngineConfig:
     """Engine settings. ``num_pages`` wins over ``kv_cache_gib`` when both are given.
 
     ``max_num_batched_tokens`` is the per-step token budget (chunked prefill);
-    ``max_prefill_seqs`` bounds how many prompt chunks share one step.
+    ``max_prefill_seqs`` bounds how many prompt chunks share one step. ``policy`` is any
+    registered policy name (``tokencake.scheduler.policies.policy_names()``); ``tokencake``
+    (a :class:`TokencakeConfig` or its ``from_dict`` form) tunes the agent-aware policies.
     """
 
     model: str | None = None
@@ -31,6 +44,7 @@ class EngineConfig:
     max_prefill_seqs: int = 4
     enable_prefix_cache: bool = True
     policy: str = "vllm"
+    tokencake: TokencakeConfig | dict[str, Any] | None = None
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
     distributed: bool = False  # call jax.distributed.initialize() (multi-host SPMD)
@@ -40,8 +54,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        for name in ("page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                     "max_prefill_chunk", "max_prefill_seqs", "tensor_parallel_size"):  # fmt: skip
+        self.scheduler_config()  # validates the batch limits and the preemption mode
+        for name in ("page_size", "tensor_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -51,14 +65,27 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
         if self.host_kv_gib < 0:
             raise ValueError(f"host_kv_gib must be >= 0, got {self.host_kv_gib}")
-        if self.preemption_mode not in ("recompute", "swap"):
+        if self.policy not in policy_names():
             raise ValueError(
-                f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
+                f"unknown policy {self.policy!r}; choose one of {', '.join(policy_names())}"
             )
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if not isinstance(self.tokencake, TokencakeConfig):
+            if self.tokencake is not None and not isinstance(self.tokencake, dict):
+                raise TypeError("tokencake must be a TokencakeConfig, a dict or None")
+            # frozen: normalise once, so every reader sees a TokencakeConfig
+            object.__setattr__(self, "tokencake", TokencakeConfig.from_dict(self.tokencake))
         if self.max_prefill_chunk > self.max_num_batched_tokens:
             raise ValueError("max_prefill_chunk cannot exceed max_num_batched_tokens")
+
+    def scheduler_config(self, max_model_len: int | None = None) -> SchedulerConfig:
+        """The scheduler's config: the shared fields, ``max_model_len`` capped by the model."""
+        return _shared(self, SchedulerConfig, max_model_len=max_model_len or self.max_model_len)
+
+    def runner_config(self, num_pages: int, max_model_len: int) -> RunnerConfig:
+        """The runner's config for a pool of ``num_pages`` pages (sized from the model)."""
+        from tokencake.runner import RunnerConfig
+
+        return _shared(self, RunnerConfig, num_pages=num_pages, max_model_len=max_model_len)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -68,3 +95,11 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
         return cls(**kwargs)
+
+
+def _shared(cfg: EngineConfig, cls: type, **given: Any) -> Any:
+    """Build ``cls`` (a dataclass config) from ``given`` plus every field it shares by name
+    with ``cfg``: one rule instead of copying fields one by one."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names}
+    return cls(**{**shared, **given})

@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from tokencake.choices import ChoiceGroups
 from tokencake.config import EngineConfig
+from tokencake.executor import EngineExecutor
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
 from tokencake.memory.host_kv import allocate_host_kv
@@ -24,15 +26,22 @@ from tokencake.memory.host_pool import HostBlockPool
 from tokencake.memory.kv_cache import KVCacheSpec
 from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
-from tokencake.outputs import RequestOutput, TokenLogprob
-from tokencake.runner import ModelRunner, RunnerConfig, rows_from_chunks
+from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
+from tokencake.row_controls import RowControls
+from tokencake.runner import ModelRunner, RowSampling
 from tokencake.sampling_params import SamplingParams
-from tokencake.scheduler.core import Scheduler, SchedulerConfig
-from tokencake.scheduler.lifecycle import Disposition
-from tokencake.scheduler.plan import BlockCopy
-from tokencake.scheduler.policies import make_policy
-from tokencake.scheduler.policy import Policy
+from tokencake.scheduler.core import Scheduler
+from tokencake.scheduler.errors import RequestRejected
+from tokencake.scheduler.faults import RequestFault, StepFailed, blame
+from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
+from tokencake.scheduler.limits import check_id
+from tokencake.scheduler.plan import StepPlan
+from tokencake.scheduler.policy import PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
+from tokencake.scheduler.step_loop import StepLoop
+from tokencake.structured import GrammarCompiler
+from tokencake.toolcall.render import render_prompt
+from tokencake.toolcall.request import ToolRequest
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,8 @@ class _TextState:
     emitted_chars: int = 0
     emitted_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    controls: RowControls | None = None  # penalties / logit bias / grammar, if any
+    index: int = 0  # choice index (n > 1)
 
 
 class LLMEngine:
@@ -62,12 +73,12 @@ class LLMEngine:
         tokenizer: Tokenizer | None = None,
         model_name: str | None = None,
         clock: Callable[[], float] | None = None,
-        policy: Policy | None = None,
+        policy: PolicyFactory | None = None,
     ) -> None:
         """``clock`` (default ``time.monotonic``) drives the scheduler, the tool lifecycles and
         request arrival times, so tests can step the Time Scheduler deterministically;
-        ``policy`` replaces ``make_policy(config.policy)`` (e.g. a TokencakePolicy with a
-        non-default TokencakeConfig)."""
+        ``policy`` (a factory taking the scheduler's ``PolicyContext``) replaces the policy
+        registered as ``config.policy``, e.g. one not in the registry."""
         self.config = config or EngineConfig()
         if self.config.distributed:
             _init_distributed()
@@ -86,56 +97,42 @@ class LLMEngine:
             int(cfg.kv_cache_gib * 2**30), model_config.num_layers, cfg.page_size,
             model_config.num_kv_heads, model_config.head_dim, cfg.dtype,
         )  # fmt: skip
-        self.runner = ModelRunner(
-            model_config,
-            params,
-            RunnerConfig(
-                num_pages=num_pages,
-                page_size=cfg.page_size,
-                max_model_len=max_len,
-                max_num_seqs=cfg.max_num_seqs,
-                max_prefill_chunk=cfg.max_prefill_chunk,
-                max_prefill_seqs=cfg.max_prefill_seqs,
-                dtype=cfg.dtype,
-                attention_backend=cfg.attention_backend,
-                tensor_parallel_size=cfg.tensor_parallel_size,
-            ),  # fmt: skip
-        )
+        self.runner = ModelRunner(model_config, params, cfg.runner_config(num_pages, max_len))
         self.pool = BlockPool(num_pages, cfg.page_size, cfg.enable_prefix_cache)
         self.cost_model = CostModel(self.runner.kv_spec.bytes_per_page)
         self.host_pool: HostBlockPool | None = None
         self.transfer = None  # TransferEngine when the host tier is on
-        self._copy_of: dict[int, BlockCopy] = {}  # transfer handle id -> the plan's copy
         if cfg.host_kv_gib > 0:
             self._build_host_tier()
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=cfg.max_num_seqs,
-                max_num_batched_tokens=cfg.max_num_batched_tokens,
-                max_prefill_chunk=cfg.max_prefill_chunk,
-                max_prefill_seqs=cfg.max_prefill_seqs,
-                max_model_len=max_len,
-                preemption_mode=cfg.preemption_mode,
-            ),  # fmt: skip
-            self.pool,
-            policy if policy is not None else make_policy(cfg.policy),
-            clock=clock,
-            host_pool=self.host_pool,
+            cfg.scheduler_config(max_len), self.pool, policy or cfg.policy, clock,
+            self.host_pool, cost_model=self.cost_model, tokencake=cfg.tokencake,
+        )  # fmt: skip
+        self.executor = EngineExecutor(
+            self.runner, self.transfer, self.scheduler.copies, self._sampling_of
         )
-        self.scheduler.cost_model = self.cost_model  # Time Scheduler transfer/recompute costs
+        self.loop = StepLoop(self.scheduler, self.executor)  # the simulator's loop too
         self.eos_ids = frozenset(model_config.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
+        self._grammars = GrammarCompiler(tokenizer.hf, model_config.vocab_size, self.eos_ids)
+        self._choices = ChoiceGroups()  # n > 1 requests
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
         if cfg.warmup:
-            self.runner.warmup()
-            if self.transfer is not None:
-                self.transfer.warmup()
-            if cfg.policy != "vllm" or self.transfer is not None:
-                # Only the agent-aware policies and the host tier consult recompute costs;
-                # profiling costs seconds of start-up, so the FCFS baseline skips it.
-                self.cost_model.profile_recompute(self.runner)
+            self.warmup()
+
+    def warmup(self, progress: bool = False) -> None:
+        """Compile every step and transfer shape (``progress``: a bar on stderr) and profile
+        recompute costs where they are used. Runs at construction unless ``warmup=False``."""
+        self._grammars.prepare_in_background()  # else the first structured request waits ~2 s
+        self.runner.warmup(progress=progress)
+        if self.transfer is not None:
+            self.transfer.warmup()
+        if self.config.policy != "vllm" or self.transfer is not None:
+            # Only the agent-aware policies and the host tier consult recompute costs;
+            # profiling costs seconds of start-up, so the FCFS baseline skips it.
+            self.cost_model.fit_recompute(self.runner.recompute_samples())
 
     def _build_host_tier(self) -> None:
         """Host block pool, host KV arrays (allocated once) and the transfer engine."""
@@ -163,44 +160,148 @@ class LLMEngine:
         request_id: str | None = None,
         metadata: Any = None,
     ) -> str:
-        """Queue a request; returns its id. Raises ValueError for bad input (nothing queued)."""
+        """Queue a request; returns its id. Bad input raises :class:`RequestRejected` naming
+        it (nothing queued)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
+        token_ids = self.tokenize(prompt)
+        request_id = request_id or f"req-{next(self._ids)}"
+        check_id("request_id", request_id)
+        member_ids = [ChoiceGroups.member_id(request_id, i) for i in range(params.n)]
+        if any(m in self._text for m in member_ids):
+            raise RequestRejected(
+                "request_id", f"duplicate request id {request_id!r}", 409, "duplicate_request_id"
+            )
+        states = [self._text_state(params, token_ids, i) for i in range(params.n)]
+        eos = frozenset() if params.ignore_eos else self.eos_ids
+        eos |= frozenset(params.stop_token_ids)
+        req = Request(
+            request_id, token_ids, params.max_tokens, self.scheduler.clock(),
+            eos_token_ids=eos, metadata=metadata,
+        )  # fmt: skip
+        self.scheduler.add_request(req)  # validates lengths; raises before any state changes
+        # Choices 1.. join once choice 0 has computed the prompt (see choices.py); agent
+        # hints and the tool lifecycle stay with choice 0.
+        children = [
+            Request(m, list(token_ids), params.max_tokens, req.arrival_time, eos_token_ids=eos)
+            for m in member_ids[1:]
+        ]
+        if children:
+            self._choices.add(request_id, children)
+        for m, state in zip(member_ids, states, strict=True):
+            self._text[m] = state
+        self.stats["prompt_tokens"] += len(token_ids) * params.n
+        return request_id
+
+    def _text_state(self, params: SamplingParams, prompt: list[int], index: int) -> _TextState:
+        if params.seed is None:
+            seed = self._rng.randrange(2**31)
+        else:  # distinct, reproducible streams per choice
+            seed = (params.seed + index) % 2**31
+        return _TextState(
+            params, seed, IncrementalDetokenizer(self.tokenizer),
+            controls=self._controls_for(params, prompt), index=index,
+        )  # fmt: skip
+
+    def _controls_for(self, params: SamplingParams, prompt: list[int]) -> RowControls | None:
+        """Host state of the request's logit adjustments; None (no per-step work) if unused.
+        Raises :class:`RequestRejected` for a bias on a token outside the vocabulary and
+        its subclass ``GrammarError`` for a structured-output spec that does not compile."""
+        if not params.uses_logit_controls:
+            return None
+        vocab = self.model_config.vocab_size
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise RequestRejected(
+                "logit_bias", f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            )
+        grammar = None
+        if params.structured is not None:
+            grammar = self._grammars.compile(params.structured)
+        return RowControls(
+            prompt=prompt,
+            capacity=self.runner.penalty_capacity,
+            presence=params.presence_penalty,
+            frequency=params.frequency_penalty,
+            repetition=params.repetition_penalty,
+            logit_bias=params.logit_bias,
+            grammar=grammar,
+        )
+
+    def tokenize(self, prompt: str | list[int], tokenizer: Tokenizer | None = None) -> list[int]:
+        """Token ids of a text prompt, or a token-id prompt checked against the vocabulary.
+        Bad input raises :class:`RequestRejected` on ``prompt``. Reads no engine state, so
+        another thread may call it with its own ``tokenizer`` (``AsyncEngine.tokenize``)."""
         if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
+            token_ids = (tokenizer or self.tokenizer).encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
             token_ids = list(prompt)
         else:
-            raise TypeError("prompt must be a string or a list of token ids")
+            raise RequestRejected("prompt", "prompt must be a string or a list of token ids")
         vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestRejected(
+                "prompt", f"token id {bad} is outside the vocabulary [0, {vocab})"
+            )
         if not token_ids:
-            raise ValueError("prompt is empty")
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._text:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        eos = frozenset() if params.ignore_eos else self.eos_ids
-        req = Request(
-            request_id, token_ids, params.max_tokens, self.scheduler.clock(),
-            eos_token_ids=eos | frozenset(params.stop_token_ids), metadata=metadata,
-        )  # fmt: skip
-        self.scheduler.add_request(req)  # validates lengths; raises before any state changes
-        seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
-        self._text[request_id] = _TextState(params, seed, IncrementalDetokenizer(self.tokenizer))
-        self.stats["prompt_tokens"] += len(token_ids)
-        return request_id
+            raise RequestRejected("prompt", "prompt is empty")
+        return token_ids
+
+    def tokenize_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tool_request: ToolRequest | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template. With a
+        ``tool_request`` its validated conversation (tool calls and results included) and tools
+        are rendered instead, through the template or the fallback prompt
+        (:mod:`tokencake.toolcall.render`). A conversation the template refuses (e.g. roles
+        that must alternate) raises :class:`RequestRejected` on ``messages``."""
+        import jinja2  # the chat template's own refusals are jinja2 errors
+
+        try:
+            tok = tokenizer or self.tokenizer
+            if tool_request is None:
+                return list(tok.apply_chat_template(messages, add_generation_prompt))
+            text, _ = render_prompt(
+                tok,
+                list(tool_request.messages),
+                tool_request.tools,
+                tool_request.choice,
+                add_generation_prompt,
+            )
+            # Templates write BOS/special tokens themselves: no post-processor additions.
+            return tok.encode(text, add_special_tokens=False)
+        except (ValueError, TypeError, jinja2.TemplateError) as exc:
+            raise RequestRejected("messages", f"messages: {exc}") from None
+
+    def kv_stats(self) -> KVStats:
+        """Device KV pool and queue occupancy now (call from the engine's thread)."""
+        return KVStats(
+            capacity=self.pool.capacity,
+            used=self.pool.num_used,
+            cached=self.pool.num_cached,
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+        )
 
     def abort_request(self, request_id: str) -> bool:
-        """Abort a request; its blocks are freed. False if it is unknown or already done."""
-        self._text.pop(request_id, None)
-        return self.scheduler.abort(request_id) is not None
+        """Abort a request (every choice); its blocks are freed. False if it is unknown or
+        already done."""
+        found = False
+        for m in self._choices.members(request_id):
+            self._text.pop(m, None)
+            found |= self.scheduler.abort(m) is not None
+        self._choices.drop(request_id)
+        return found
 
-    def lifecycle_event(self, event: dict) -> tuple[Disposition, dict]:
+    def lifecycle_event(self, event: LifecycleEvent | dict) -> tuple[Disposition, dict]:
         """Apply one tool-lifecycle event (``stall_started`` / ``stall_finished``, paper §8.2).
 
         Returns the disposition (``.http_status`` is what the server answers) and the body
@@ -220,83 +321,102 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine iteration; returns outputs for every request that progressed or ended."""
-        self._poll_transfers()
-        plan = self.scheduler.schedule()
-        # Copies go first: a copy-out must read pages before this step's writes, and JAX's
-        # dataflow then orders them; the scheduler's fences make that order not matter.
-        self._issue_copies(plan.copies)
+        """One engine iteration; returns outputs for every request that progressed or ended.
+
+        A request aborted by a fault (its own data broke scheduling, a policy or
+        postprocessing) comes back finished with ``error`` set; the others are unaffected.
+        If the device step itself fails, only that step's requests are aborted
+        (``error`` is a :class:`StepFailed`). Choices of an ``n > 1`` request report under
+        its id with their ``index`` (see :class:`RequestOutput`)."""
+        return self.run_step(self.plan_step())
+
+    def plan_step(self) -> StepPlan:
+        """The first phase of :meth:`step`: report landed copies and schedule. An observer
+        (the benchmark's metrics) may read the plan before :meth:`run_step` executes it."""
+        return self.loop.plan()
+
+    def run_step(self, plan: StepPlan) -> list[RequestOutput]:
+        """The rest of :meth:`step`: execute ``plan``, update, detokenize and stop."""
+        outputs = self._run(plan)
+        return self._choices.relabel(outputs) if self._choices else outputs
+
+    def _run(self, plan: StepPlan) -> list[RequestOutput]:
+        outputs = self._fault_outputs()
+        try:
+            tokens = self.loop.execute(plan)
+        except Exception as exc:
+            log.exception("device step failed; aborting the %d requests of that step",
+                          len(plan.chunks))  # fmt: skip
+            return outputs + self._fail_step(plan, exc)
         if not plan.chunks:
-            if self.scheduler.copies_in_flight and self.transfer is not None:
-                # Nothing runnable until a copy lands: wait a little instead of spinning.
-                self._poll_transfers(self.transfer.wait(timeout=0.01))
-            return []
-        rows = rows_from_chunks(plan.chunks, self._sampling_of)
-        if self.transfer is not None:
-            self._check_fences(plan)
-        sampled = self.runner.execute(rows)
-        produced = self.scheduler.update(plan, {k: v.token for k, v in sampled.items()})
+            return outputs
+        produced = self.loop.update(plan, tokens)
+        sampled = self.executor.samples
         self.stats["steps"] += 1
-        outputs = []
         for req in produced:
             state = self._text.get(req.request_id)
             if state is None:
                 continue
-            tok = req.output_token_ids[-1]
-            self.stats["generation_tokens"] += 1
-            if state.params.logprobs is not None:
-                s = sampled[req.request_id]
-                top = tuple(
-                    zip(
-                        s.top_ids[: state.params.logprobs].tolist(),
-                        s.top_logprobs[: state.params.logprobs].tolist(),
-                        strict=True,
-                    )
-                )
-                state.logprobs.append(TokenLogprob(tok, s.logprob, top))
-            outputs.append(self._postprocess(req, state, tok))
-        return outputs
+            try:
+                with blame(req, "postprocessing"):
+                    outputs.append(self._postprocess(req, state, sampled[req.request_id]))
+            except RequestFault as fault:
+                self.scheduler.fail(fault)  # aborts it unless it had already finished
+                if self._text.pop(req.request_id, None) is not None:
+                    outputs.append(_error_output(req, fault))
+        return outputs + self._fault_outputs()
+
+    def _fault_outputs(self) -> list[RequestOutput]:
+        """Finished outputs carrying the error of every request a fault aborted."""
+        out = []
+        for req, fault in self.scheduler.pop_faults():
+            if req is not None and self._text.pop(req.request_id, None) is not None:
+                out.append(_error_output(req, fault))
+        return out
+
+    def _fail_step(self, plan, exc: Exception) -> list[RequestOutput]:
+        """The device step failed: abort its rows (only those) with a :class:`StepFailed`."""
+        err = StepFailed(f"the engine step failed ({type(exc).__name__})")
+        out = []
+        for c in plan.chunks:
+            req = c.request
+            if not req.status.finished:
+                self.scheduler.abort(req.request_id)
+            if self._text.pop(req.request_id, None) is not None:
+                out.append(_error_output(req, err))
+        return out
 
     # ---- the memory hierarchy -------------------------------------------------------------
-    def _issue_copies(self, copies: list[BlockCopy]) -> None:
-        if not copies:
-            return
-        if self.transfer is None:
-            raise RuntimeError("the scheduler emitted KV copies but the host tier is off")
-        for c in copies:
-            h = self.transfer.issue(c.direction, c.device_blocks, c.host_blocks, c.tag)
-            self._copy_of[h.id] = c
-
-    def _poll_transfers(self, handles=None) -> None:
-        if self.transfer is None:
-            return
-        finished = self.transfer.poll() if handles is None else handles
-        if finished:
-            done = [self._copy_of.pop(h.id) for h in finished if h.error is None]
-            failed = [self._copy_of.pop(h.id) for h in finished if h.error is not None]
-            self.scheduler.on_copies_done(done, failed)
-
     def sync_transfers(self) -> None:
         """Wait for every KV copy in flight and report it to the scheduler."""
-        if self.transfer is not None:
-            self._poll_transfers(self.transfer.wait())
+        self.executor.wait_copies()
+        self.loop.report_copies()
 
-    def _check_fences(self, plan) -> None:
-        bs = self.pool.block_size
-        attended, written = [], []
-        for c in plan.chunks:
-            end = -(-(c.start + c.num_tokens) // bs)
-            attended.append(c.request.block_ids[:end])
-            written.append(c.request.block_ids[c.start // bs : end])
-        self.transfer.check_step(attended, written)
-
-    def _sampling_of(self, req: Request) -> tuple[float, int, float, int, bool]:
+    def _sampling_of(self, req: Request) -> RowSampling:
         state = self._text[req.request_id]
         p = state.params
-        return p.temperature, p.top_k, p.top_p, state.seed, bool(p.logprobs)
+        return RowSampling(
+            p.temperature, p.top_k, p.top_p, state.seed, bool(p.logprobs), p.min_p, state.controls
+        )
 
-    def _postprocess(self, req: Request, state: _TextState, tok: int) -> RequestOutput:
+    def _postprocess(self, req: Request, state: _TextState, s) -> RequestOutput:
+        """Logprobs, detokenization and stop conditions for ``req``'s new token ``s``."""
         params = state.params
+        tok = req.output_token_ids[-1]
+        self.stats["generation_tokens"] += 1
+        if state.controls is not None:
+            state.controls.accept(tok)
+        for child in self._choices.release(req.request_id):
+            self.scheduler.add_request(child)  # the prompt's full blocks are cached now
+        if params.logprobs is not None:
+            top = tuple(
+                zip(
+                    s.top_ids[: params.logprobs].tolist(),
+                    s.top_logprobs[: params.logprobs].tolist(),
+                    strict=True,
+                )
+            )
+            state.logprobs.append(TokenLogprob(tok, s.logprob, top))
         if tok in req.eos_token_ids:
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
         else:
@@ -339,6 +459,19 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             metrics=_metrics(req) if finished else {},
         )
+
+
+def _error_output(req: Request, error: BaseException) -> RequestOutput:
+    return RequestOutput(
+        request_id=req.request_id,
+        prompt_token_ids=req.prompt_token_ids,
+        token_ids=list(req.output_token_ids),
+        finished=True,
+        finish_reason=RequestStatus.FINISHED_ABORTED.value,
+        num_cached_tokens=req.num_cached_tokens,
+        metrics=_metrics(req),
+        error=error,
+    )
 
 
 def _metrics(req: Request) -> dict[str, float]:
