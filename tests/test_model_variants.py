@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from tests.conftest import lively_params
 from tokencake.models.config import tiny_config
@@ -164,7 +163,7 @@ def test_packed_weights_alias_one_buffer_and_match():
     params = scaled_params(cfg)
     ids = np.random.default_rng(4).integers(8, cfg.vocab_size, 19).tolist()
     packed = variant_runner(cfg, params, "switch", pack_weights=True)
-    model = nnx.merge(packed.graphdef, packed.state)
+    model = packed.model(packed.state)
     ptrs = [
         model.matrices[i][k][...].unsafe_buffer_pointer() for i in range(3) for k in MATRIX_KEYS
     ]
