@@ -145,7 +145,8 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         try:
-            self._on_generation_finished(req, status)
+            with blame(req, "the finish hooks"):
+                self._on_generation_finished(req, status)
         except RequestFault as fault:
             self._log_fault(fault)
             self.lifecycle.generation_finished(req.request_id, ok=False)
