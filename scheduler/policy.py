@@ -25,8 +25,8 @@ from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
 from tokencake.memory.host_pool import HostBlockPool
 from tokencake.scheduler.config import SchedulerConfig
+from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.lifecycle import Lifecycle
-from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.tokencake_config import TokencakeConfig
 
@@ -45,6 +45,7 @@ class PolicyContext:
     cost_model: CostModel
     clock: Callable[[], float]
     lifecycle: Lifecycle
+    copies: CopyTracker  # issue block copies here; completions come back to their callback
     tokencake: TokencakeConfig  # the agent-aware policies' knobs (defaults: the paper's)
 
 
@@ -114,6 +115,12 @@ class Policy:
     def on_finished(self, request: Request) -> None:
         """Called when a request leaves the engine (finished or aborted)."""
 
+    def writes_back(self, request: Request) -> bool:
+        """Whether the core copies ``request``'s computed full blocks to the host tier when it
+        finishes (vLLM CPU offloading / LMCache-style write-back; blocks the host already
+        holds are not copied again)."""
+        return False
+
     def on_admission_stalled(self) -> bool:
         """Nothing is running and no waiting request could start: release held capacity.
         Returns True if anything was released."""
@@ -124,21 +131,6 @@ class Policy:
         request runs; ``math.inf`` when none. An idle engine steps once it is reached."""
         return math.inf
 
-    # ---- policy-issued block copies (interim: these three go once the core's copy tracker
-    # serves the Time Scheduler too) -------------------------------------------------------------
-    def finalize_plan(self, plan: StepPlan, now: float) -> None:
-        """Last word on this step's plan (append the policy's own block copies)."""
-
-    @property
-    def copies_in_flight(self) -> int:
-        """Policy-issued copies not yet reported done."""
-        return 0
-
-    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy]) -> None:
-        """Completion of copies this policy issued."""
-        if done or failed:
-            raise ValueError(f"completion of unknown copy {(list(done) + list(failed))[0].tag!r}")
-
     def check_request(self, request: Request, now: float) -> None:
         """Recompute, uncached and for ``request`` alone, everything this policy derives from
         its data; raise if any of it fails. The scheduler calls it on every live request when
@@ -146,4 +138,41 @@ class Policy:
 
 
 class VLLMPolicy(Policy):
-    """Explicit name for the baseline."""
+    """vLLM V1's default scheduler, as far as a policy decides it (``bench/README.md`` lists
+    the remaining differences):
+
+    * FCFS admission that stops at the first request that does not fit;
+    * a waiting request is admitted only when its whole current sequence fits:
+      ``ceil(num_tokens / block_size) - len(block_ids) <= num_free`` (the "full-ISL check"
+      of the authors' baseline), although the core then allocates only the chunk it runs;
+    * when a running request cannot grow, the most recently admitted running request is
+      preempted (vLLM's ``self.running.pop()``), possibly the needy request itself.
+
+    Recompute preemption, prefix caching and chunked prefill under the token budget are the
+    core's own mechanics.
+    """
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        super().__init__(ctx)
+        self._admitted: dict[int, int] = {}  # id(request) -> admission sequence number
+        self._seq = 0
+
+    def admit(self, request: Request, blocks_needed: int, running: Sequence[Request]) -> Admission:
+        pool = self.ctx.pool
+        whole = math.ceil(request.num_tokens / pool.block_size) - len(request.block_ids)
+        return Admission.ADMIT if whole <= pool.num_free else Admission.STOP
+
+    def on_admitted(self, request: Request, now: float) -> None:
+        self._seq += 1
+        self._admitted[id(request)] = self._seq
+
+    def on_preempted(self, request: Request) -> None:
+        self._admitted.pop(id(request), None)
+
+    def on_finished(self, request: Request) -> None:
+        self._admitted.pop(id(request), None)
+
+    def choose_victim(self, running: Sequence[Request], needy: Request) -> Request | None:
+        if not running:
+            return None
+        return max(running, key=lambda r: self._admitted.get(id(r), 0))

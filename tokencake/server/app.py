@@ -229,7 +229,7 @@ async def _tokenize(st: State, p: GenerationRequest) -> list[int]:
     if p.chat:
         # Tool definitions, calls and results go through the model's template (or the fallback
         # prompt); the template's tool-call format decides how the output is parsed.
-        p.template = template_info(st.engine.engine.tokenizer.chat_template)
+        p.template = template_info(st.engine.info.chat_template)
         return await st.engine.tokenize_chat(
             p.messages or [], p.add_generation_prompt, p.tool_request
         )

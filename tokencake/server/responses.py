@@ -86,14 +86,16 @@ def chat_finish_reason(out: RequestOutput, called: bool) -> str | None:
 
 def split_tool_calls(p: GenerationRequest, text: str) -> tuple[str | None, list[ToolCall]]:
     """A finished chat output as ``(content, tool calls)``; plain text when calls are not
-    parsed or malformed (the client then sees what the model wrote)."""
+    parsed or none is well-formed (the client then sees what the model wrote)."""
     parser = output_parser(p)
     if parser is None:
         return text, []
     parser.feed(text)
     parser.finish()
-    if parser.malformed or not parser.calls:
+    if not parser.calls:
         return text, []
+    # Complete calls stand even if a later one was cut off (max_tokens): the streamed answer
+    # delivered them too. Only the broken call's fragment is dropped.
     return parser.content or None, list(parser.calls)
 
 
