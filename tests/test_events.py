@@ -42,7 +42,7 @@ def annotated(server: BackgroundServer, **meta) -> str:
     }
     r = post(server.url + "/v1/completions", json=body)
     assert r.status_code == 200, r.text
-    assert r.json()["id"] == i
+    assert r.json()["tokencake"]["lifecycle_id"] == i
     return i
 
 

@@ -24,6 +24,7 @@ from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.lifecycle import Disposition
 from tokencake.server.errors import APIError, bad, fault_error, rejection_error
+from tokencake.server.lifecycles import calls_of, open_lifecycle
 from tokencake.server.metrics import record
 from tokencake.server.openapi import openapi_spec
 from tokencake.server.protocol import (
@@ -286,6 +287,7 @@ async def _generate(request: web.Request, st: State, p: GenerationRequest) -> we
         if not token_ids:
             raise bad("the prompt is empty after tokenization", "messages" if p.chat else "prompt")
         params = _sampling(st, p, len(token_ids))
+        await open_lifecycle(st, p)  # a tool return ends its stall before this is queued
         start = time.perf_counter()
         outputs = _open_stream(st, p, token_ids, params)
         first = await _first(outputs)
@@ -299,7 +301,10 @@ async def _generate(request: web.Request, st: State, p: GenerationRequest) -> we
         async for out in outputs:
             final = out
         record(st.metrics, p.chat, final, start)
-        return web.json_response(final_body(st, p, final, params))
+        body = final_body(st, p, final, params)
+        if p.on_done is not None:
+            await p.on_done(calls_of(body))
+        return web.json_response({**body, **p.response_extra}, headers=p.response_headers)
     finally:
         if outputs is not None:
             await close_stream(outputs)  # aborts the request unless it finished
@@ -310,7 +315,7 @@ def _open_stream(
     st: State, p: GenerationRequest, token_ids: list[int], params: SamplingParams
 ) -> AsyncIterator[RequestOutput]:
     return st.engine.stream(
-        token_ids, params, request_id=p.request_id, metadata=p.metadata
+        token_ids, params, request_id=p.request_id, metadata=p.ticket or p.metadata
     ).__aiter__()
 
 

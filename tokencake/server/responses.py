@@ -160,12 +160,14 @@ async def stream_response(
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
+            **p.response_headers,
         }
     )
     await resp.prepare(request)
     created = int(time.time())
     obj = "chat.completion.chunk" if p.chat else "text_completion"
-    base = {"id": p.request_id, "object": obj, "created": created, "model": st.model_name}
+    base = {"id": p.request_id, "object": obj, "created": created, "model": st.model_name,
+            **p.response_extra}  # fmt: skip
     n_lp = 0
     text_offset = 0
     parser = output_parser(p) if p.chat else None
@@ -233,6 +235,8 @@ async def stream_response(
                 break
             o = await outputs.__anext__()
         record(st.metrics, p.chat, o, start)
+        if p.on_done is not None:  # before [DONE]: the client may act on the calls at once
+            await p.on_done(list(parser.calls) if parser is not None and called else [])
         if p.include_usage:
             await send({**base, "choices": [], "usage": _usage(o)})
         await send("[DONE]")
