@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import sys
 
 from tokencake.app import App, FuncNode, Stage
-from tokencake.runtime import EngineTarget, HTTPTarget, Runtime
+from tokencake.runtime import EngineTarget, HTTPTarget, HTTPTargetError, Runtime
 
 
 async def search(call):
@@ -70,6 +72,13 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--apps", type=int, default=3)
     p.add_argument("--url", default=None, help="a running tokencake server (default: in process)")
-    p.add_argument("--api-key", default=None)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TOKENCAKE_API_KEY"),
+        help="the server's key (default: $TOKENCAKE_API_KEY)",
+    )
     p.add_argument("--policy", default="tokencake")
-    asyncio.run(main(p.parse_args()))
+    try:
+        asyncio.run(main(p.parse_args()))
+    except HTTPTargetError as exc:  # unreachable server or refused key: one line, no traceback
+        sys.exit(f"{os.path.basename(__file__)}: {exc}")

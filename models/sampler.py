@@ -7,6 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from tokencake.models.logits_adjust import LogitsAdjust, adjust_logits
+
 TOP_LOGPROBS = 20  # alternatives always computed; the engine keeps what a request asked for
 
 
@@ -19,6 +21,7 @@ class SamplingInputs(NamedTuple):
     seeds: jax.Array  # [S] i32
     counters: jax.Array  # [S] i32: tokens generated so far, folded into the key
     want_top: jax.Array  # [S] i32: 1 where the request asked for top logprobs
+    min_p: jax.Array  # [S] f32, 0 = off: drop tokens below min_p * p(most likely token)
 
 
 class SampleOutput(NamedTuple):
@@ -44,13 +47,24 @@ def _filtered_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> j
     return jnp.where(keep, logits, -jnp.inf)
 
 
-def sample(logits: jax.Array, inputs: SamplingInputs) -> SampleOutput:
+def _min_p_filtered(scaled: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Drop tokens whose probability is below ``min_p`` times the row's top probability
+    (log space: ``logit < max_logit + log(min_p)``); ``min_p == 0`` keeps every token."""
+    floor = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]
+    return jnp.where(scaled >= floor, scaled, -jnp.inf)
+
+
+def sample(logits: jax.Array, inputs: SamplingInputs, adjust: LogitsAdjust) -> SampleOutput:
     """Sample one token per row of float32 ``logits[S, V]``.
 
+    ``adjust`` (grammar mask, logit bias, penalties) changes what is sampled; the reported
+    log-probabilities are of the model's raw distribution (vLLM's default ``raw_logprobs``).
     The expensive parts (random draws over the vocabulary, sorting for top-k/top-p, the top-20
     alternatives) sit behind ``lax.cond`` so an all-greedy batch without logprobs pays only for
     an argmax and a log-sum-exp: at B=32 the unconditional version cost more than the model.
     """
+    raw = logits
+    logits = adjust_logits(logits, adjust)
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     random_rows = inputs.temperature > 0
 
@@ -62,15 +76,23 @@ def sample(logits: jax.Array, inputs: SamplingInputs) -> SampleOutput:
             lambda: logits,
         )
         temp = jnp.where(random_rows, inputs.temperature, 1.0)[:, None]
+        scaled = filtered / temp
+        scaled = jax.lax.cond(
+            jnp.any(random_rows & (inputs.min_p > 0)),
+            lambda x: _min_p_filtered(x, inputs.min_p),
+            lambda x: x,
+            scaled,
+        )
 
         def draw(seed, counter, row):
             key = jax.random.fold_in(jax.random.PRNGKey(seed), counter)
             return jax.random.categorical(key, row)
 
-        sampled = jax.vmap(draw)(inputs.seeds, inputs.counters, filtered / temp).astype(jnp.int32)
+        sampled = jax.vmap(draw)(inputs.seeds, inputs.counters, scaled).astype(jnp.int32)
         return jnp.where(random_rows, sampled, greedy_tok)
 
     tokens = jax.lax.cond(jnp.any(random_rows), draw_all, lambda: greedy_tok)
+    logits = raw
     lse = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
     s = logits.shape[0]

@@ -8,6 +8,8 @@ for tests.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import threading
@@ -94,6 +96,22 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         """The Jinja chat template, if any."""
         return self.hf.chat_template
+
+    def clone(self) -> Tokenizer:
+        """An independent copy with its own lock: a thread that tokenizes long client text
+        on its own copy never makes the engine thread's detokenizer wait for the lock."""
+        with self._lock:
+            hf = copy.deepcopy(self.hf)
+        return Tokenizer(hf, self._eos)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry (special tokens included). Every token
+        covers at most this many characters of text, so a text longer than
+        ``n * max_token_chars`` cannot fit in ``n`` tokens: a bound checked before tokenizing."""
+        with self._lock:
+            pieces = self.hf.convert_ids_to_tokens(list(range(len(self.hf))))
+        return max([len(p) for p in pieces if p] + [1])
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -194,6 +194,18 @@ def test_no_compilation_after_warmup(make_engine):
             [p * 2 for p in PROMPTS[:2]],
             SamplingParams(max_tokens=40, temperature=0.7, top_p=0.8, seed=1),
         )
+        # Constrained, penalized, biased, min_p and plain rows mixed in one batch.
+        from tokencake.structured import JsonObject, JsonSchema
+
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+        mixed = [
+            SamplingParams(max_tokens=30, structured=JsonSchema(schema)),
+            SamplingParams(max_tokens=30, temperature=1.0, seed=3, structured=JsonObject()),
+            SamplingParams(max_tokens=30, presence_penalty=1.0, repetition_penalty=1.2),
+            SamplingParams(max_tokens=30, logit_bias={70: 5.0}, temperature=0.9, min_p=0.1),
+            GREEDY,
+        ]
+        LLM.from_engine(engine).generate(PROMPTS[: len(mixed)], mixed)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [], f"compiled after warm-up: {compiles}"

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from tokencake.engine import LLMEngine
 from tokencake.errors import EngineDeadError
 from tokencake.outputs import KVStats, RequestOutput
 from tokencake.sampling_params import SamplingParams
+from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
 from tokencake.toolcall.request import ToolRequest
 
@@ -69,6 +71,10 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.error: BaseException | None = None
+        # Request text is tokenized on this worker, with its own tokenizer copy (see tokenize).
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokencake-tokenize")
+        self._request_tokenizer: Any = None
+        self.max_prompt_chars = self.info.max_seq_tokens * engine.tokenizer.max_token_chars
         self._thread = threading.Thread(target=self._loop, name="tokencake-engine", daemon=True)
         self._thread.start()
 
@@ -123,7 +129,7 @@ class AsyncEngine:
         if target is None:
             return
         loop, q = target
-        if isinstance(item, BaseException) or item.finished:
+        if isinstance(item, BaseException) or item.request_finished:
             self._streams.pop(request_id, None)
         with contextlib.suppress(RuntimeError):  # loop closed: the consumer is gone
             loop.call_soon_threadsafe(q.put_nowait, item)
@@ -142,11 +148,16 @@ class AsyncEngine:
         request_id: str | None = None,
         metadata: Any = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield a :class:`RequestOutput` per new token; the last one has ``finished=True``.
+        """Yield a :class:`RequestOutput` per new token; the last one has ``finished=True``
+        (with ``n > 1``: outputs of every choice, told apart by ``index``; the stream ends
+        after the output with ``request_finished``).
 
         Bad input raises ValueError/TypeError before anything is queued. Leaving the loop early
-        (or the task being cancelled) aborts the request and frees its blocks.
+        (or the task being cancelled) aborts the request and frees its blocks. A text prompt
+        is tokenized off the engine thread first (:meth:`tokenize`).
         """
+        if isinstance(prompt, str):
+            prompt = await self.tokenize(prompt)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         done = loop.create_future()
@@ -180,7 +191,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finished:
+                if item.request_finished:
                     finished = True
                     return
         finally:
@@ -221,9 +232,16 @@ class AsyncEngine:
         return self.error is None and self._thread.is_alive()
 
     async def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt (text, or ids checked against the vocabulary), computed on
-        the engine thread; bad input raises ``RequestRejected`` on ``prompt``."""
-        return await self.call(lambda e: e.tokenize(prompt))
+        """Token ids of a prompt (text, or ids checked against the vocabulary); bad input
+        raises ``RequestRejected`` on ``prompt``.
+
+        Client-sized work stays off the engine thread (issue 15, finding 5): a text longer
+        than could ever fit the context (``max_prompt_chars``) is refused before tokenizing,
+        and the rest is tokenized on a worker thread with its own tokenizer copy (the
+        engine's detokenizer never waits on its lock; the fast tokenizer releases the GIL)."""
+        if isinstance(prompt, str):
+            self._check_chars("prompt", len(prompt))
+        return await self._off_engine(lambda tok: self.engine.tokenize(prompt, tok))
 
     async def tokenize_chat(
         self,
@@ -231,11 +249,31 @@ class AsyncEngine:
         add_generation_prompt: bool = True,
         tool_request: ToolRequest | None = None,
     ) -> list[int]:
-        """Token ids of a conversation under the model's chat template (engine thread);
-        ``tool_request`` adds tools, calls and results (see :meth:`LLMEngine.tokenize_chat`)."""
-        return await self.call(
-            lambda e: e.tokenize_chat(messages, add_generation_prompt, tool_request)
+        """Token ids of a conversation under the model's chat template; ``tool_request`` adds
+        tools, calls and results (see :meth:`LLMEngine.tokenize_chat`). On a worker thread, as
+        :meth:`tokenize`; the text of the messages is bounded the same way first."""
+        self._check_chars("messages", _text_chars(messages))
+        return await self._off_engine(
+            lambda tok: self.engine.tokenize_chat(
+                messages, add_generation_prompt, tool_request, tok
+            )
         )
+
+    def _check_chars(self, param: str, n: int) -> None:
+        if n > self.max_prompt_chars:
+            raise RequestRejected(
+                param,
+                f"the {param} has {n} characters; at most {self.max_prompt_chars} can fit the "
+                f"{self.info.max_seq_tokens}-token context",
+            )
+
+    async def _off_engine(self, fn: Callable[[Any], list[int]]) -> list[int]:
+        def run() -> list[int]:
+            if self._request_tokenizer is None:  # only ever touched on the worker thread
+                self._request_tokenizer = self.engine.tokenizer.clone()
+            return fn(self._request_tokenizer)
+
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, run)
 
     def token_texts(self, token_ids: Sequence[int]) -> list[str]:
         """The text of each token on its own (logprob entries). Callable from any thread: the
@@ -269,6 +307,7 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:
@@ -279,3 +318,17 @@ def _set_result(fut: asyncio.Future, value: Any) -> None:
 def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
+
+
+def _text_chars(messages: Any) -> int:
+    """Characters of the text in chat messages (string contents and text parts): a lower
+    bound on the rendered prompt's length."""
+    n = 0
+    for m in messages if isinstance(messages, list) else ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            n += len(content)
+        elif isinstance(content, list):
+            n += sum(len(p["text"]) for p in content
+                     if isinstance(p, dict) and isinstance(p.get("text"), str))  # fmt: skip
+    return n

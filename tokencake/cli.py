@@ -142,8 +142,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = engine_config_from_args(args)
     sock = listen_socket(args.host, args.port)  # before JAX loads: a taken port fails at once
+    from tokencake.server.connections import ConnectionLimits
     from tokencake.server.run import run_server
 
+    limits = ConnectionLimits(
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keepalive_timeout_s=args.keepalive_timeout,
+    )
     run_server(
         config,
         args.host,
@@ -151,7 +158,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.api_key,
         log_format=args.log_format,
         sock=sock,
+        limits=limits,
         lenient=args.lenient,
+        max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout,
     )
     return 0
 
@@ -211,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ignore unknown request fields (default: refuse the request, listing every one)",
     )
+    limits = serve.add_argument_group("limits against hostile clients")
+    limits.add_argument("--max-connections", type=int, default=1000,
+                        help="open connections at most; one more is answered 503 at once")  # fmt: skip
+    limits.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a new connection has to send complete request headers")  # fmt: skip
+    limits.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds to receive a request body (408 past it)")  # fmt: skip
+    limits.add_argument("--keepalive-timeout", type=float, default=15.0,
+                        help="seconds an idle keep-alive connection stays open")  # fmt: skip
+    limits.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                        help="largest request body after decoding (413 past it)")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
     return parser
 

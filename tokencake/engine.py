@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tokencake.choices import ChoiceGroups
 from tokencake.config import EngineConfig
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
@@ -25,7 +26,8 @@ from tokencake.memory.kv_cache import KVCacheSpec
 from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
-from tokencake.runner import ModelRunner, rows_from_chunks
+from tokencake.row_controls import RowControls
+from tokencake.runner import ModelRunner, RowSampling, rows_from_chunks
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.core import Scheduler
 from tokencake.scheduler.errors import RequestRejected
@@ -52,6 +54,8 @@ class _TextState:
     emitted_chars: int = 0
     emitted_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    controls: RowControls | None = None  # penalties / logit bias / grammar, if any
+    index: int = 0  # choice index (n > 1)
 
 
 class LLMEngine:
@@ -106,6 +110,8 @@ class LLMEngine:
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
+        self._grammars = None  # GrammarCompiler, built on the first structured request
+        self._choices = ChoiceGroups()  # n > 1 requests
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
         if cfg.warmup:
             self.warmup()
@@ -155,26 +161,77 @@ class LLMEngine:
         token_ids = self.tokenize(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         check_id("request_id", request_id)
-        if request_id in self._text:
+        member_ids = [ChoiceGroups.member_id(request_id, i) for i in range(params.n)]
+        if any(m in self._text for m in member_ids):
             raise RequestRejected(
                 "request_id", f"duplicate request id {request_id!r}", 409, "duplicate_request_id"
             )
+        states = [self._text_state(params, token_ids, i) for i in range(params.n)]
         eos = frozenset() if params.ignore_eos else self.eos_ids
+        eos |= frozenset(params.stop_token_ids)
         req = Request(
             request_id, token_ids, params.max_tokens, self.scheduler.clock(),
-            eos_token_ids=eos | frozenset(params.stop_token_ids), metadata=metadata,
+            eos_token_ids=eos, metadata=metadata,
         )  # fmt: skip
         self.scheduler.add_request(req)  # validates lengths; raises before any state changes
-        seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
-        self._text[request_id] = _TextState(params, seed, IncrementalDetokenizer(self.tokenizer))
-        self.stats["prompt_tokens"] += len(token_ids)
+        # Choices 1.. join once choice 0 has computed the prompt (see choices.py); agent
+        # hints and the tool lifecycle stay with choice 0.
+        children = [
+            Request(m, list(token_ids), params.max_tokens, req.arrival_time, eos_token_ids=eos)
+            for m in member_ids[1:]
+        ]
+        if children:
+            self._choices.add(request_id, children)
+        for m, state in zip(member_ids, states, strict=True):
+            self._text[m] = state
+        self.stats["prompt_tokens"] += len(token_ids) * params.n
         return request_id
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def _text_state(self, params: SamplingParams, prompt: list[int], index: int) -> _TextState:
+        if params.seed is None:
+            seed = self._rng.randrange(2**31)
+        else:  # distinct, reproducible streams per choice
+            seed = (params.seed + index) % 2**31
+        return _TextState(
+            params, seed, IncrementalDetokenizer(self.tokenizer),
+            controls=self._controls_for(params, prompt), index=index,
+        )  # fmt: skip
+
+    def _controls_for(self, params: SamplingParams, prompt: list[int]) -> RowControls | None:
+        """Host state of the request's logit adjustments; None (no per-step work) if unused.
+        Raises :class:`RequestRejected` for a bias on a token outside the vocabulary and
+        its subclass ``GrammarError`` for a structured-output spec that does not compile."""
+        if not params.uses_logit_controls:
+            return None
+        vocab = self.model_config.vocab_size
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise RequestRejected(
+                "logit_bias", f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            )
+        grammar = None
+        if params.structured is not None:
+            if self._grammars is None:
+                from tokencake.structured import GrammarCompiler
+
+                self._grammars = GrammarCompiler(self.tokenizer.hf, vocab, sorted(self.eos_ids))
+            grammar = self._grammars.compile(params.structured)
+        return RowControls(
+            prompt=prompt,
+            capacity=self.runner.penalty_capacity,
+            presence=params.presence_penalty,
+            frequency=params.frequency_penalty,
+            repetition=params.repetition_penalty,
+            logit_bias=params.logit_bias,
+            grammar=grammar,
+        )
+
+    def tokenize(self, prompt: str | list[int], tokenizer: Tokenizer | None = None) -> list[int]:
         """Token ids of a text prompt, or a token-id prompt checked against the vocabulary.
-        Bad input raises :class:`RequestRejected` on ``prompt``."""
+        Bad input raises :class:`RequestRejected` on ``prompt``. Reads no engine state, so
+        another thread may call it with its own ``tokenizer`` (``AsyncEngine.tokenize``)."""
         if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
+            token_ids = (tokenizer or self.tokenizer).encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
@@ -196,6 +253,7 @@ class LLMEngine:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tool_request: ToolRequest | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template. With a
         ``tool_request`` its validated conversation (tool calls and results included) and tools
@@ -205,17 +263,18 @@ class LLMEngine:
         import jinja2  # the chat template's own refusals are jinja2 errors
 
         try:
+            tok = tokenizer or self.tokenizer
             if tool_request is None:
-                return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt))
+                return list(tok.apply_chat_template(messages, add_generation_prompt))
             text, _ = render_prompt(
-                self.tokenizer,
+                tok,
                 list(tool_request.messages),
                 tool_request.tools,
                 tool_request.choice,
                 add_generation_prompt,
             )
             # Templates write BOS/special tokens themselves: no post-processor additions.
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            return tok.encode(text, add_special_tokens=False)
         except (ValueError, TypeError, jinja2.TemplateError) as exc:
             raise RequestRejected("messages", f"messages: {exc}") from None
 
@@ -230,9 +289,14 @@ class LLMEngine:
         )
 
     def abort_request(self, request_id: str) -> bool:
-        """Abort a request; its blocks are freed. False if it is unknown or already done."""
-        self._text.pop(request_id, None)
-        return self.scheduler.abort(request_id) is not None
+        """Abort a request (every choice); its blocks are freed. False if it is unknown or
+        already done."""
+        found = False
+        for m in self._choices.members(request_id):
+            self._text.pop(m, None)
+            found |= self.scheduler.abort(m) is not None
+        self._choices.drop(request_id)
+        return found
 
     def lifecycle_event(self, event: LifecycleEvent | dict) -> tuple[Disposition, dict]:
         """Apply one tool-lifecycle event (``stall_started`` / ``stall_finished``, paper §8.2).
@@ -259,7 +323,12 @@ class LLMEngine:
         A request aborted by a fault (its own data broke scheduling, a policy or
         postprocessing) comes back finished with ``error`` set; the others are unaffected.
         If the device step itself fails, only that step's requests are aborted
-        (``error`` is a :class:`StepFailed`)."""
+        (``error`` is a :class:`StepFailed`). Choices of an ``n > 1`` request report under
+        its id with their ``index`` (see :class:`RequestOutput`)."""
+        outputs = self._step()
+        return self._choices.relabel(outputs) if self._choices else outputs
+
+    def _step(self) -> list[RequestOutput]:
         self._poll_transfers()
         plan = self.scheduler.schedule()
         outputs = self._fault_outputs()
@@ -348,16 +417,22 @@ class LLMEngine:
             written.append(c.request.block_ids[c.start // bs : end])
         self.transfer.check_step(attended, written)
 
-    def _sampling_of(self, req: Request) -> tuple[float, int, float, int, bool]:
+    def _sampling_of(self, req: Request) -> RowSampling:
         state = self._text[req.request_id]
         p = state.params
-        return p.temperature, p.top_k, p.top_p, state.seed, bool(p.logprobs)
+        return RowSampling(
+            p.temperature, p.top_k, p.top_p, state.seed, bool(p.logprobs), p.min_p, state.controls
+        )
 
     def _postprocess(self, req: Request, state: _TextState, s) -> RequestOutput:
         """Logprobs, detokenization and stop conditions for ``req``'s new token ``s``."""
         params = state.params
         tok = req.output_token_ids[-1]
         self.stats["generation_tokens"] += 1
+        if state.controls is not None:
+            state.controls.accept(tok)
+        for child in self._choices.release(req.request_id):
+            self.scheduler.add_request(child)  # the prompt's full blocks are cached now
         if params.logprobs is not None:
             top = tuple(
                 zip(

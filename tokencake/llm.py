@@ -78,10 +78,14 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
-        final: dict[str, RequestOutput] = {}
-        wanted = set(ids)
-        while len(final) < len(ids) and self.engine.has_unfinished_requests():
+        """Final outputs in request order; a request with ``n > 1`` contributes its choices
+        in index order."""
+        final: dict[str, dict[int, RequestOutput]] = {i: {} for i in ids}
+        done: set[str] = set()
+        while len(done) < len(ids) and self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                if out.finished and out.request_id in wanted:
-                    final[out.request_id] = out
-        return [final[i] for i in ids]
+                if out.finished and out.request_id in final:
+                    final[out.request_id][out.index] = out
+                    if out.request_finished:
+                        done.add(out.request_id)
+        return [final[i][k] for i in ids for k in sorted(final[i])]

@@ -15,7 +15,11 @@ class TokenLogprob:
 @dataclass
 class RequestOutput:
     """Progress of one request. ``text``/``token_ids`` are cumulative; ``delta_text`` and
-    ``delta_token_ids`` are what is new since the previous report (what a stream emits)."""
+    ``delta_token_ids`` are what is new since the previous report (what a stream emits).
+
+    With ``n > 1`` each choice reports under the request's id with its ``index``;
+    ``finished`` is per choice, and the request is done when a finished output has
+    ``choices_left == 0`` (:attr:`request_finished`)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -31,6 +35,13 @@ class RequestOutput:
     # Set when the request was aborted by a failure: a RequestFault (its own data broke the
     # scheduler, a policy or postprocessing) or a StepFailed (the device step it was in failed).
     error: BaseException | None = None
+    index: int = 0  # choice index (n > 1)
+    choices_left: int = 0  # other choices of this request still running (n > 1)
+
+    @property
+    def request_finished(self) -> bool:
+        """True on the last output of the request (every choice finished)."""
+        return self.finished and self.choices_left == 0
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,11 @@ from tokencake.models import sharding
 from tokencake.models.attention.backend import get_backend
 from tokencake.models.config import ModelConfig
 from tokencake.models.llama import Batch, DecoderLM
+from tokencake.models.logits_adjust import LogitsAdjust, mask_words
 from tokencake.models.sampler import SampleOutput, SamplingInputs, sample
+from tokencake.row_controls import MAX_LOGIT_BIAS, RowControls
 from tokencake.scheduler.plan import ScheduledChunk
+from tokencake.scheduler.request import Request
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,8 @@ class RowRequest:
     seed: int
     counter: int
     want_top: bool = False  # compute the top-20 logprobs for this row
+    min_p: float = 0.0
+    controls: RowControls | None = None  # penalties, logit bias, grammar mask (None: none)
 
 
 @dataclass(frozen=True)
@@ -157,19 +163,46 @@ class ModelRunner:
         self.k, self.v = allocate_kv_cache(self.kv_spec, kv_sharding)
         self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
         self._compiled: dict[tuple[int, int, int], jax.stages.Compiled] = {}
+        # Distinct tokens of a row's context never exceed its length nor the vocabulary, so
+        # this capacity holds every penalized row without a per-request bucket.
+        self.penalty_capacity = min(cfg.max_model_len, model_cfg.vocab_size)
+        self._neutral: dict[int, LogitsAdjust] = {}  # row bucket -> no-op adjustment arrays
+        self._neutral_dev: dict[int, LogitsAdjust] = {}  # the same, resident on the device
         self.compile_seconds = 0.0
         self.strict = False  # after warm-up, a missing shape is an error
 
     # ---- the jitted step ---------------------------------------------------------------------
-    def _step_fn(self, state, k, v, batch: Batch, sampling: SamplingInputs):
+    def _step_fn(self, state, k, v, batch: Batch, sampling: SamplingInputs, adj: LogitsAdjust):
         model = nnx.merge(self.graphdef, state)
         hidden, k, v = model(batch, k, v, self.attention_fn)
         rows = jnp.arange(hidden.shape[0])
         last = hidden[rows, jnp.maximum(batch.q_lens - 1, 0)]
-        out = sample(model.logits(last), sampling)
+        out = sample(model.logits(last), sampling, adj)
         return out, k, v
 
-    def _abstract_inputs(self, rows: int, q: int, pages: int) -> tuple[Batch, SamplingInputs]:
+    def neutral_adjust(self, rows: int) -> LogitsAdjust:
+        """The no-op adjustment arrays of a row bucket, built once and reused by every step
+        whose rows use no penalty, bias or grammar (so those steps do no extra host work)."""
+        adj = self._neutral.get(rows)
+        if adj is None:
+            v, pc = self.model_cfg.vocab_size, self.penalty_capacity
+            zf, one = np.zeros((rows,), np.float32), np.ones((rows,), np.float32)
+            adj = LogitsAdjust(
+                np.full((rows, mask_words(v)), -1, np.int32),
+                np.zeros((rows, MAX_LOGIT_BIAS), np.int32),
+                np.zeros((rows, MAX_LOGIT_BIAS), np.float32),
+                np.full((rows, pc), v, np.int32),
+                np.zeros((rows, pc), np.float32),
+                zf, zf, one,
+            )  # fmt: skip
+            for a in adj:
+                a.setflags(write=False)  # shared by every step: a stray write would leak
+            self._neutral[rows] = adj
+        return adj
+
+    def _abstract_inputs(
+        self, rows: int, q: int, pages: int
+    ) -> tuple[Batch, SamplingInputs, LogitsAdjust]:
         i32 = jax.ShapeDtypeStruct
         batch = Batch(
             i32((rows, q), jnp.int32), i32((rows, q), jnp.int32), i32((rows,), jnp.int32),
@@ -178,8 +211,10 @@ class ModelRunner:
         samp = SamplingInputs(
             i32((rows,), jnp.float32), i32((rows,), jnp.int32), i32((rows,), jnp.float32),
             i32((rows,), jnp.int32), i32((rows,), jnp.int32), i32((rows,), jnp.int32),
+            i32((rows,), jnp.float32),
         )  # fmt: skip
-        return batch, samp
+        adj = LogitsAdjust(*(i32(a.shape, a.dtype) for a in self.neutral_adjust(rows)))
+        return batch, samp, adj
 
     def _compile(self, shape: tuple[int, int, int]) -> jax.stages.Compiled:
         if shape in self._compiled:
@@ -187,8 +222,8 @@ class ModelRunner:
         if self.strict:
             raise RuntimeError(f"step shape {shape} was not compiled at warm-up (bucketing bug)")
         t0 = time.perf_counter()
-        batch, samp = self._abstract_inputs(*shape)
-        compiled = self._step.lower(self.state, self.k, self.v, batch, samp).compile()
+        batch, samp, adj = self._abstract_inputs(*shape)
+        compiled = self._step.lower(self.state, self.k, self.v, batch, samp, adj).compile()
         self.compile_seconds += time.perf_counter() - t0
         self._compiled[shape] = compiled
         return compiled
@@ -225,12 +260,13 @@ class ModelRunner:
         zi, zf, one = np.zeros((s,), np.int32), np.zeros((s,), np.float32), np.ones((s,), np.int32)
         batch = Batch(np.zeros((s, q), np.int32), np.zeros((s, q), np.int32), one, one,
                       np.full((s, p), DUMMY_PAGE, np.int32))  # fmt: skip
-        samp = SamplingInputs(zf, zi, np.ones((s,), np.float32), zi, zi, zi)
+        samp = SamplingInputs(zf, zi, np.ones((s,), np.float32), zi, zi, zi, zf)
+        adj = self.neutral_adjust(s)
         compiled = self._compile(shape)
         times = []
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            res, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp)
+            res, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj)
             jax.block_until_ready(res)
             if i:  # the first call pays one-off allocation
                 times.append(time.perf_counter() - t0)
@@ -286,17 +322,29 @@ class ModelRunner:
 
     # ---- execution ------------------------------------------------------------------------
     def execute(self, rows: Sequence[RowRequest]) -> dict[str, SampledToken]:
-        """Run all rows (decode and prefill chunks); return one sampled token per row."""
-        out: dict[str, SampledToken] = {}
+        """Run all rows (decode and prefill chunks); return one sampled token per row.
+
+        Every call is dispatched before any result is read (JAX dispatch is asynchronous), so
+        the host builds a later call's inputs (grammar masks included) while the device runs
+        the earlier one."""
         buckets = self.cfg.buckets
         spans = [(r.start, len(r.token_ids)) for r in rows]
+        pending = []
         for prefill, idx in buckets.split(spans):
             group = [rows[i] for i in idx]
             shape = buckets.group_shape([spans[i] for i in idx], prefill)
-            out.update(self._run_group(group, shape))
+            pending.append((group, self._dispatch_group(group, shape)))
+        out: dict[str, SampledToken] = {}
+        for group, res in pending:
+            res = SampleOutput(*jax.device_get(tuple(res)))
+            out.update(
+                (r.request_id, SampledToken(int(res.tokens[i]), float(res.logprob[i]),
+                                            res.top_ids[i], res.top_logprobs[i]))
+                for i, r in enumerate(group)
+            )  # fmt: skip
         return out
 
-    def _run_group(self, rows: Sequence[RowRequest], shape: Shape) -> dict[str, SampledToken]:
+    def _dispatch_group(self, rows: Sequence[RowRequest], shape: Shape) -> SampleOutput:
         s, q, p = shape
         ids = np.zeros((s, q), np.int32)
         pos = np.zeros((s, q), np.int32)
@@ -309,6 +357,7 @@ class ModelRunner:
         seeds = np.zeros((s,), np.int32)
         counters = np.zeros((s,), np.int32)
         want_top = np.zeros((s,), np.int32)
+        min_p = np.zeros((s,), np.float32)
         for i, r in enumerate(rows):
             n = len(r.token_ids)
             ids[i, :n] = r.token_ids
@@ -323,41 +372,69 @@ class ModelRunner:
                 r.top_p,
             )
             seeds[i], counters[i], want_top[i] = r.seed, r.counter, r.want_top
+            min_p[i] = r.min_p
         compiled = self._compile((s, q, p))
         # numpy goes straight to the executable: jnp.asarray would compile a staging program per
         # new shape, which breaks the no-compilation-after-warm-up rule.
         batch = Batch(ids, pos, q_lens, kv_lens, tables)
-        samp = SamplingInputs(temp, top_k, top_p, seeds, counters, want_top)
-        res, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp)
-        res = SampleOutput(*jax.device_get(tuple(res)))
-        return {
-            r.request_id: SampledToken(
-                int(res.tokens[i]), float(res.logprob[i]), res.top_ids[i], res.top_logprobs[i]
-            )
-            for i, r in enumerate(rows)
-        }
+        samp = SamplingInputs(temp, top_k, top_p, seeds, counters, want_top, min_p)
+        adj = self._adjust_inputs(rows, s)
+        res, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj)
+        return res
+
+    def _adjust_inputs(self, rows: Sequence[RowRequest], s: int) -> LogitsAdjust:
+        """The group's adjustment arrays: the shared neutral ones unless a row uses one."""
+        neutral = self.neutral_adjust(s)
+        used = [(i, r.controls) for i, r in enumerate(rows) if r.controls is not None]
+        if not used:
+            if self.mesh is not None:  # let the executable place them on its mesh
+                return neutral
+            # Kept on the device: a plain step transfers nothing for them (~0.8 MB at S=32).
+            dev = self._neutral_dev.get(s)
+            if dev is None:
+                dev = self._neutral_dev[s] = LogitsAdjust(*jax.device_put(tuple(neutral)))
+            return dev
+        adj = LogitsAdjust(*(a.copy() for a in neutral))
+        for i, c in used:
+            c.fill(i, adj)
+        return adj
 
 
-def rows_from_chunks(chunks: Sequence[ScheduledChunk], sampling_of) -> list[RowRequest]:
-    """Build runner rows from scheduler chunks; ``sampling_of(request)`` gives
-    ``(temperature, top_k, top_p, seed, want_top_logprobs)``."""
+class RowSampling(NamedTuple):
+    """A request's per-row sampling inputs, as the engine hands them to :func:`rows_from_chunks`."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    want_top: bool
+    min_p: float = 0.0
+    controls: RowControls | None = None
+
+
+def rows_from_chunks(
+    chunks: Sequence[ScheduledChunk], sampling_of: Callable[[Request], RowSampling]
+) -> list[RowRequest]:
+    """Build runner rows from scheduler chunks; ``sampling_of(request)`` gives its sampling."""
     rows = []
     for c in chunks:
         req = c.request
         tokens = req.all_token_ids[c.start : c.start + c.num_tokens]
-        t, k, p, seed, want_top = sampling_of(req)
+        rs = sampling_of(req)
         rows.append(
             RowRequest(
                 req.request_id,
                 tokens,
                 c.start,
                 req.block_ids,
-                t,
-                k,
-                p,
-                seed,
+                rs.temperature,
+                rs.top_k,
+                rs.top_p,
+                rs.seed,
                 len(req.output_token_ids),
-                want_top,
-            )
+                rs.want_top,
+                rs.min_p,
+                rs.controls,
+            )  # fmt: skip
         )
     return rows

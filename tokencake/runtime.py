@@ -95,10 +95,16 @@ class EngineTarget:
         return disposition.value
 
 
+class HTTPTargetError(RuntimeError):
+    """The server could not be reached or refused the client as a whole (a wrong or missing
+    API key); the message says what to do, so a script can print it as its one line."""
+
+
 class HTTPTarget:
     """A remote Tokencake (or OpenAI-compatible) server, via ``/v1/completions``.
 
-    Use as an async context manager (it owns an ``aiohttp.ClientSession``).
+    Use as an async context manager (it owns an ``aiohttp.ClientSession``). An unreachable
+    server or a refused API key raises :class:`HTTPTargetError`.
     """
 
     def __init__(
@@ -142,10 +148,9 @@ class HTTPTarget:
         }
         if self.model:
             body["model"] = self.model
-        async with self._session.post(f"{self.base_url}/v1/completions", json=body) as resp:
-            data = await resp.json(content_type=None)
-            if resp.status != 200:
-                raise RuntimeError(f"completion {request_id} failed with {resp.status}: {data}")
+        status, data = await self._post("/v1/completions", body)
+        if status != 200:
+            raise RuntimeError(f"completion {request_id} failed with {status}: {data}")
         usage = data.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         choice = data["choices"][0]
@@ -155,13 +160,31 @@ class HTTPTarget:
         )  # fmt: skip
 
     async def event(self, body: dict[str, Any]) -> str:
-        async with self._session.post(f"{self.base_url}/v1/tokencake/events", json=body) as resp:
-            data = await resp.json(content_type=None)
-        if resp.status == 400:
+        status, data = await self._post("/v1/tokencake/events", body)
+        if status == 400:
             raise ValueError(f"event refused: {data}")
-        return str(
-            data.get("disposition") or ("unavailable" if resp.status == 503 else resp.status)
-        )
+        return str(data.get("disposition") or ("unavailable" if status == 503 else status))
+
+    async def _post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        import aiohttp
+
+        url = self.base_url + path
+        try:
+            async with self._session.post(url, json=body) as resp:
+                data = await resp.json(content_type=None)
+                status = resp.status
+        except aiohttp.ClientConnectionError as exc:
+            raise HTTPTargetError(
+                f"cannot reach {self.base_url} ({exc.__class__.__name__}); is `tokencake serve` "
+                "running there?"
+            ) from None
+        if status == 401:
+            how = "is wrong" if self.headers else "is missing"
+            raise HTTPTargetError(
+                f"{self.base_url} requires an API key and this one {how} (401): pass --api-key "
+                "or set TOKENCAKE_API_KEY"
+            )
+        return status, data
 
 
 @dataclass
@@ -240,6 +263,11 @@ class Runtime:
                 done[name].set_result(
                     await self._run_node(app, graph, name, preds, inputs, started, offset)
                 )
+            except asyncio.CancelledError:
+                # Cancelled (a sibling failed, or the loop is closing): a cancelled future, not
+                # one holding an exception nobody reads (asyncio logs those with a traceback).
+                done[name].cancel()
+                raise
             except BaseException as exc:
                 done[name].set_exception(exc)
                 raise

@@ -23,6 +23,7 @@ from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.lifecycle import Disposition
+from tokencake.server.body import read_json
 from tokencake.server.errors import APIError, bad, fault_error, rejection_error
 from tokencake.server.lifecycles import calls_of, open_lifecycle
 from tokencake.server.metrics import record
@@ -129,14 +130,8 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 # ---- handlers ----------------------------------------------------------------------------------
 async def _json_body(request: web.Request) -> Any:
-    limit = state_of(request).max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise APIError(413, f"request body exceeds the {limit} byte limit", None)
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise bad("request body is not valid JSON", None) from None
+    st = state_of(request)
+    return await read_json(request, st.max_body_bytes, st.body_timeout_s)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -332,6 +327,7 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_tokens_limit: int | None = None,
     drain_timeout_s: float = 30.0,
+    body_timeout_s: float = 30.0,
     lenient: bool = False,
     response_store: ResponseStore | None = None,
 ) -> web.Application:
@@ -343,7 +339,8 @@ def build_app(
     ``response_store`` holds ``/v1/responses`` conversations for ``previous_response_id``
     (default: 1024 responses / 64 MiB, least recently used dropped first). On shutdown the app
     refuses new generations and waits up to ``drain_timeout_s`` for in-flight ones; the caller
-    owns the engine and shuts it down after the app.
+    owns the engine and shuts it down after the app. Reading a body may take at most
+    ``body_timeout_s`` (408 past it); connection limits live in ``start_site``.
     """
     app = web.Application(middlewares=[_errors_and_logs, _auth], client_max_size=max_body_bytes)
     app[ENGINE_KEY] = async_engine
@@ -353,6 +350,7 @@ def build_app(
         max_tokens_limit,
         drain_timeout_s,
         max_body_bytes,
+        body_timeout_s,
         lenient=lenient,
         response_store=response_store,
     )

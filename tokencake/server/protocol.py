@@ -27,6 +27,13 @@ from tokencake.toolcall.render import TemplateInfo
 MAX_STOP_SEQUENCES = 16
 
 
+def _shown(v: int | float) -> str:
+    """A number for an error message (never hundreds of digits)."""
+    if isinstance(v, int) and not -(10**30) < v < 10**30:
+        return f"an integer of {len(str(abs(v)))} digits"
+    return repr(v)
+
+
 class Fields:
     """Typed access to a JSON object's fields; every failure is a 400 naming the field.
 
@@ -63,7 +70,7 @@ class Fields:
                 raise bad(f"{self.prefix}{name} must be an integer", self.prefix + name)
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise bad(
-                f"{self.prefix}{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}",
+                f"{self.prefix}{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {_shown(v)}",
                 self.prefix + name,
             )
         return v
@@ -74,11 +81,15 @@ class Fields:
         v = self.body.get(name)
         if v is None:
             return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        # An int is compared exactly before any float conversion: math.isfinite(10**400)
+        # raises OverflowError, which would have been a 500.
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise bad(f"{self.prefix}{name} must be a number", self.prefix + name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise bad(f"{self.prefix}{name} must be a finite number", self.prefix + name)
         if v > hi or v < lo or (lo_open and v == lo):
             span = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-            raise bad(f"{self.prefix}{name} must be in {span}, got {v}", self.prefix + name)
+            raise bad(f"{self.prefix}{name} must be in {span}, got {_shown(v)}", self.prefix + name)
         return float(v)
 
     def boolean(self, name: str, default: bool = False) -> bool:
@@ -289,7 +300,7 @@ def _parse_metadata(f: Fields) -> tuple[AgentMetadata | None, str | None, str]:
     if isinstance(direct, str):  # vllm_xargs values are sometimes JSON-encoded strings
         try:
             direct = json.loads(direct)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested ~1,000 deep
             raise bad(f"{param} must be a JSON object", param) from None
     if not isinstance(direct, dict):
         raise bad(f"{param} must be an object", param)

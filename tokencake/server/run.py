@@ -21,6 +21,13 @@ from tokencake.async_engine import AsyncEngine
 from tokencake.config import EngineConfig
 from tokencake.logs import setup_json_logging
 from tokencake.server.app import build_app
+from tokencake.server.connections import (
+    AcceptErrorLimiter,
+    ConnectionLimits,
+    GuardedSockSite,
+    GuardedTCPSite,
+    raise_fd_limit,
+)
 from tokencake.server.listen import listen_socket
 from tokencake.server.state import STATE_KEY
 
@@ -33,23 +40,27 @@ async def start_site(
     port: int = 8000,
     shutdown_timeout: float = 60.0,
     sock: socket.socket | None = None,
+    limits: ConnectionLimits | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Start serving ``app`` on ``host:port`` (or an already listening ``sock``); returns the
     runner (``await runner.cleanup()`` drains and stops) and the bound port (useful with
     ``port=0``).
 
     Handlers are cancelled when their client disconnects: that is what aborts an abandoned
-    generation and frees its blocks.
+    generation and frees its blocks. ``limits`` (default :class:`ConnectionLimits`) sets the
+    connection cap and the header and keep-alive timeouts (see ``connections.py``).
     """
+    limits = limits or ConnectionLimits()
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
-    )
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=limits.keepalive_timeout_s,
+    )  # fmt: skip
     await runner.setup()
     site: web.BaseSite
     if sock is not None:
-        site = web.SockSite(runner, sock)
+        site = GuardedSockSite(runner, sock, limits)
     else:
-        site = web.TCPSite(runner, host, port)
+        site = GuardedTCPSite(runner, host, port, limits)
     await site.start()
     if sock is not None:
         return runner, sock.getsockname()[1]
@@ -66,6 +77,7 @@ def run_server(
     *,
     log_format: str = "text",
     sock: socket.socket | None = None,
+    limits: ConnectionLimits | None = None,
     **app_options: Any,
 ) -> None:
     """Load the model, serve until SIGINT/SIGTERM, then drain in-flight requests and stop.
@@ -74,13 +86,16 @@ def run_server(
     rather than after the warm-up. ``log_format="text"`` shows a warm-up progress bar and one
     line ``serving <model> on http://HOST:PORT``; ``"json"`` logs every event (requests
     included) as one JSON object a line instead. ``sock``: an already listening socket
-    (:func:`listen_socket`) to serve on instead of binding ``host:port``.
+    (:func:`listen_socket`) to serve on instead of binding ``host:port``. ``limits``: the
+    connection limits (cap, header / body / keep-alive timeouts); accept errors are logged at
+    most once per 10 s and the soft open-file limit is raised to the hard one.
     """
     if log_format not in ("text", "json"):
         raise ValueError(f"log_format must be 'text' or 'json', got {log_format!r}")
     json_logs = log_format == "json"
     if json_logs:
         setup_json_logging()
+    raise_fd_limit()
     if sock is None:
         sock = listen_socket(host, port)
     try:
@@ -92,8 +107,9 @@ def run_server(
     url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
 
     async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(AcceptErrorLimiter())
         app = build_app(engine, api_key, **app_options)
-        runner, _ = await start_site(app, sock=sock)
+        runner, _ = await start_site(app, sock=sock, limits=limits)
         name = engine.info.model_name
         if json_logs:
             log.info(json.dumps({"event": "listening", "host": host, "port": bound, "url": url,
@@ -136,7 +152,12 @@ class BackgroundServer:
     """
 
     def __init__(
-        self, async_engine: AsyncEngine, host: str = "127.0.0.1", port: int = 0, **app_options: Any
+        self,
+        async_engine: AsyncEngine,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: ConnectionLimits | None = None,
+        **app_options: Any,
     ) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -144,7 +165,9 @@ class BackgroundServer:
         )
         self._thread.start()
         self.app = build_app(async_engine, **app_options)
-        self.runner, self.port = self.run(start_site(self.app, host, port, shutdown_timeout=5.0))
+        self.runner, self.port = self.run(
+            start_site(self.app, host, port, shutdown_timeout=5.0, limits=limits)
+        )
         self.url = f"http://{host}:{self.port}"
 
     def run(self, coro: Awaitable[Any], timeout: float | None = 60.0) -> Any:

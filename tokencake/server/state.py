@@ -28,11 +28,13 @@ class State:
         max_tokens_limit: int | None,
         drain_timeout_s: float,
         max_body_bytes: int,
+        body_timeout_s: float = 30.0,
         lenient: bool = False,
         response_store: ResponseStore | None = None,
     ) -> None:
         self.engine = engine
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.api_key = api_key
         self.max_tokens_limit = max_tokens_limit
         self.drain_timeout_s = drain_timeout_s
