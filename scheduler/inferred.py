@@ -13,7 +13,9 @@ the tool exactly as it does for annotated agents, and the return is a prefix hit
   ordering, reservations and victims) and the client-visible handle.
 * :class:`ToolCallIndex` maps each pending ``tool_call_id`` to the record that made it, bounded
   by count and bytes (ids are server-made, but every pending call costs memory until its
-  conversation returns or expires); a record's ids go when it ends.
+  conversation returns or expires); a record's ids go when it ends. It also remembers when each
+  conversation started and how many calls it made (same bounds), the program-level facts the
+  Space Scheduler's score ages by (:meth:`ToolCallIndex.hints`).
 
 Everything here runs on the engine thread, like every lifecycle call.
 """
@@ -69,6 +71,10 @@ class ToolCallIndex:
         self.calls: ByteLRU[str, str] = ByteLRU(
             max_bytes, lifecycle.config.safety_max_s, max_entries=max_entries
         )
+        # conversation handle -> (its first call's arrival, calls so far)
+        self.conversations: ByteLRU[str, tuple[float, int]] = ByteLRU(
+            max_bytes, lifecycle.config.safety_max_s, max_entries=max_entries
+        )
         self.counters: dict[str, int] = {}
         lifecycle.listeners.append(self._on_lifecycle)
 
@@ -122,6 +128,24 @@ class ToolCallIndex:
         if result_ids:
             self._count("unmatched_returns")
         return None
+
+    def hints(self, handle: str, identity: str) -> AgentMetadata:
+        """What the protocol tells the Space Scheduler about the next call of conversation
+        ``handle`` by agent ``identity`` (no client hints): the identity stands for the agent
+        type (agents of one kind share instructions, hence a system prompt), the conversation's
+        start for the application's (its calls age together, program-level), the call count
+        for the depth; the KV may be kept (the conversation goes on after a tool)."""
+        now = self.lifecycle.clock()
+        start, calls = self.conversations.get(handle, now) or (now, 0)
+        self.conversations.put(handle, (start, calls + 1), now)
+        return AgentMetadata(
+            agent_type=identity,
+            agent_name=identity,
+            application_started_at_s=max(0.0, start),
+            depth=min(calls + 1, 1000),
+            offload_eligible=True,
+            reusable_prefix=True,
+        )
 
     def close(self, key: str) -> None:
         """The response of an inferred lifecycle made no tool call: nothing to wait for."""

@@ -14,6 +14,7 @@ unannotated conversations mixed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -91,7 +92,12 @@ def test_explicit_events_win():
     # An explicit start (by the handle) replaces the inferred kind and estimate, not the start.
     assert lc.stall_started("tc-x", "web", 30.0) is Disposition.APPLIED
     rec = lc.records["r1"]
-    assert (rec.source, rec.kind, rec.estimate, rec.started_at) == ("explicit", "web", 30.0, started)
+    assert (rec.source, rec.kind, rec.estimate, rec.started_at) == (
+        "explicit",
+        "web",
+        30.0,
+        started,
+    )
     assert rec.predicted == 30.0
     # An explicit finish first: the inferred return finds nothing left to end.
     clock.t += 1.0
@@ -159,23 +165,30 @@ WEATHER = {
     "type": "function",
     "function": {
         "name": "get_weather",
-        "description": "Weather for a city",
+        # An enum keeps the random model's forced arguments short.
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string"}},
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
             "required": ["city"],
+            "additionalProperties": False,
         },
     },
 }
-SYSTEM = "You are a weather agent. Always call get_weather before you answer the user."
+SYSTEM = "Weather agent."
 
 
 @pytest.fixture(scope="module")
 def tc_served(tiny_model):
     cfg, params, tok = tiny_model
+    # The fallback tool prompt is ~700 bytes (a byte-level tokenizer): room past 512 positions.
+    cfg = dataclasses.replace(cfg, max_position_embeddings=2048)
     engine = AsyncEngine(
         LLMEngine(
-            EngineConfig(**{**ENGINE, "max_model_len": 512}, policy="tokencake", host_kv_gib=0.01),
+            EngineConfig(
+                **{**ENGINE, "max_model_len": 1024, "num_pages": 192},
+                policy="tokencake",
+                host_kv_gib=0.01,
+            ),  # fmt: skip
             model_config=cfg,
             params=params,
             tokenizer=tok,
@@ -212,9 +225,10 @@ def _conversation(client, server, engine, extra_body=None, user=None):
     """One agent turn with a tool call and its return; returns what the assertions need."""
     messages = [
         {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": "What is the weather in Paris today? Answer in one line."},
+        {"role": "user", "content": "Paris?"},
     ]
-    kw = dict(model=MODEL, tools=[WEATHER], max_tokens=40, temperature=0.0)
+    kw = dict(model=MODEL, tools=[WEATHER], max_tokens=150, temperature=0.0)
+    kw["parallel_tool_calls"] = False  # one forced call, then the grammar ends the output
     if user is not None:
         kw["user"] = user
     raw = client.chat.completions.with_raw_response.create(
@@ -236,8 +250,10 @@ def _conversation(client, server, engine, extra_body=None, user=None):
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 18})},
     ]
+    # "required" again: the fallback prompt (the tiny model has no tool template) words the
+    # tool instructions by tool_choice, and the return's prompt should start with the first's.
     raw2 = client.chat.completions.with_raw_response.create(
-        messages=messages, tool_choice="auto", extra_body=extra_body, **kw
+        messages=messages, tool_choice="required", extra_body=extra_body, **kw
     )
     second = raw2.parse()
     return first, second, handle, raw2.headers[HEADER], state, pstate, key
@@ -247,11 +263,15 @@ def test_openai_client_tool_conversation_keeps_kv_and_hits_it_on_return(tc_serve
     server, engine = tc_served
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     first, second, h1, h2, state, pstate, key = _conversation(client, server, engine)
-    assert state[:3] == ("active", "inferred", "get_weather")
+    # (released: the predicted return is near, the upload may begin)
+    assert state[0] in ("active", "released") and state[1:3] == ("inferred", "get_weather")
     assert pstate in (PState.KEPT, PState.OFFLOADED, PState.OFFLOADING)
     # The return ended the stall, kept the conversation's id and hit the prefix cache: at least
     # every full block of the first call's prompt.
-    assert h2 == h1 and second.model_extra["tokencake"] == {"lifecycle_id": h1, "source": "inferred"}
+    assert h2 == h1 and second.model_extra["tokencake"] == {
+        "lifecycle_id": h1,
+        "source": "inferred",
+    }
     rec, _, counters = _engine_view(server, engine, key)
     assert rec is None or rec[3] == "finished"
     assert counters.get("inferred_returns", 0) >= 1
@@ -274,16 +294,20 @@ def test_mixed_annotated_and_unannotated_traffic(tc_served):
     lid = hints["tokencake"]["lifecycle_id"]
     a1, a2, ha1, ha2, state, _, _ = _conversation(client, server, engine, extra_body=hints)
     assert ha1 == ha2 == lid and a1.model_extra["tokencake"]["source"] == "annotated"
-    assert state[:3] == ("active", "inferred", "get_weather")  # hinted record, inferred stall
+    # The hinted record, its stall inferred.
+    assert state[0] in ("active", "released") and state[1:3] == ("inferred", "get_weather")
     # An unannotated conversation with a `user` alongside.
     u1, u2, hu1, hu2, _, _, _ = _conversation(client, server, engine, user="bob")
     assert hu1 == hu2 != lid and u1.model_extra["tokencake"]["source"] == "inferred"
-    for first, second in ((a1, a2), (u1, u2)):
+    for second in (a2, u2):
         assert second.usage.prompt_tokens_details.cached_tokens > 0
     # Learned per agent: the hinted type and the inferred identity, for the same function.
     pred = server.run(engine.call(lambda e: e.scheduler.lifecycle.predictor))
     assert pred.history(("type", "forecaster", "get_weather")) is not None
-    assert pred.history(("name", "user:bob", "get_weather")) is not None
+    # (the inferred identity stands for the agent type: agents of one kind share instructions)
+    assert pred.history(("type", "user:bob", "get_weather")) is not None
+    hints = server.run(engine.call(lambda e: e.scheduler.tool_calls.hints(hu1, "user:bob")))
+    assert hints.depth == 3 and hints.agent_type == "user:bob"  # the conversation's 3rd call
     # A plain chat request without tools opens no lifecycle and carries no lifecycle field.
     plain = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
@@ -301,14 +325,15 @@ def test_streamed_tool_call_and_never_returning_conversation_expires(tc_served):
             messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Rome?"}],
             tools=[WEATHER],
             tool_choice={"type": "function", "function": {"name": "get_weather"}},
-            max_tokens=40,
+            max_tokens=150,
+            parallel_tool_calls=False,
             stream=True,
         )
     )
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     key = chunks[0].id
     assert chunks[0].model_extra["tokencake"]["source"] == "inferred"
-    _wait(lambda: (_engine_view(server, engine, key)[0] or ("",))[0] == "active")
+    _wait(lambda: (_engine_view(server, engine, key)[0] or ("",))[0] in ("active", "released"))
     # Nobody returns: past the safety deadline the lifecycle expires and releases its KV.
     lc = server.run(engine.call(lambda e: e.scheduler.lifecycle))
     real = lc.clock

@@ -14,8 +14,10 @@ the client's ``agent_type`` / ``agent_name`` over the inferred identity, its ``l
 over the conversation's, its ``stall_started`` kind and estimate over the function name, and
 whichever ``stall_finished`` comes first ends the stall.
 
-Agent identity without hints (the duration predictor's key, with the function name): the
-request's ``user``, else a hash of its system prompt; none -> the function name alone.
+Agent identity without hints: the request's ``user``, else a hash of its system prompt (agents
+of one kind share their instructions); it keys the duration predictor (with the function name;
+none -> the function name alone) and stands for the agent type, with the conversation's start
+and call count, in the hints the Space Scheduler gets (``ToolCallIndex.hints``).
 
 The lifecycle id (``tc-`` + UUID4 hex) is returned in the ``X-Tokencake-Lifecycle-Id`` header
 and in the response's ``tokencake`` field; a conversation's return reuses the id of the call it
@@ -31,7 +33,6 @@ from typing import Any
 
 from tokencake.scheduler.inferred import LifecycleTicket
 from tokencake.scheduler.limits import MAX_NAME_CHARS
-from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.server.protocol import GenerationRequest
 from tokencake.server.state import State
 from tokencake.toolcall import ToolCall
@@ -78,15 +79,15 @@ async def open_lifecycle(st: State, p: GenerationRequest) -> None:
     if hints is None and not (_tool_calling(p) and _index(st) is not None):
         return
     handle = p.lifecycle_handle or known_handle or new_handle()
-    if hints is None:
-        record = AgentMetadata(
-            agent_name=agent_identity(p), offload_eligible=True, reusable_prefix=True
-        )
+    identity = agent_identity(p)
+    if hints is None:  # inferred: identity, conversation start and turn from the protocol
+        record = await st.engine.call(lambda e: e.scheduler.tool_calls.hints(handle, identity))
     elif not (hints.agent_type or hints.agent_name):
-        record = dataclasses.replace(hints, agent_name=agent_identity(p))
+        record = dataclasses.replace(hints, agent_name=identity)
     else:
         record = hints
-    p.ticket = LifecycleTicket(handle, record, hints, inferred=hints is None)
+    # An inferred record is also what the policies see (the hints the protocol gave).
+    p.ticket = LifecycleTicket(handle, record, hints or record, inferred=hints is None)
     source = "inferred" if hints is None else "annotated"
     p.response_headers[HEADER] = handle
     p.response_extra["tokencake"] = {"lifecycle_id": handle, "source": source}
