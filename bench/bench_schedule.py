@@ -17,6 +17,7 @@ from tokencake.memory.host_pool import HostBlockPool
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor
+from tokencake.scheduler.step_loop import StepLoop
 
 
 def build(policy: str, running: int, waiting: int, seed: int = 0) -> tuple[Scheduler, SimExecutor]:
@@ -64,16 +65,13 @@ def main() -> None:
     args = ap.parse_args()
     for policy in args.policies.split(","):
         s, ex = build(policy, args.running, args.waiting)
+        loop = StepLoop(s, ex)
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            plan = s.schedule()
+            plan = loop.plan()
             times.append(time.perf_counter() - t0)
-            sampled = ex.execute(plan)
-            if ex.completed:
-                done, ex.completed = ex.completed, []
-                s.on_copies_done(done, [])
-            s.update(plan, sampled)
+            loop.update(plan, loop.execute(plan))
         times.sort()
         print(f"{policy:16s} running={len(s.running):4d} waiting={len(s.waiting):5d} "
               f"schedule() median {1e3 * times[len(times) // 2]:.3f} ms  p90 {1e3 * times[int(len(times) * 0.9)]:.3f} ms")  # fmt: skip

@@ -497,6 +497,7 @@ class SimBackend:
         from tokencake.memory.host_pool import HostBlockPool
         from tokencake.scheduler.core import Scheduler
         from tokencake.scheduler.sim_executor import SimClock
+        from tokencake.scheduler.step_loop import StepLoop
 
         self.policy = policy
         self.preset = preset
@@ -508,6 +509,7 @@ class SimBackend:
         self.scheduler = Scheduler(preset.scheduler_config(), self.pool, policy, self.clock, host,
                                    cost_model=self.cost_model)  # fmt: skip
         self.executor = preset.executor(self.clock, self.cost_model, vocab_size)
+        self.loop = StepLoop(self.scheduler, self.executor)
         self.last_plan: StepPlan | None = None
         self.plan_running_blocks: tuple[float, int] | None = None
 
@@ -532,22 +534,14 @@ class SimBackend:
         return self.scheduler.has_work or self.scheduler.copies_in_flight > 0
 
     def step(self) -> tuple[list[Completion], bool]:
-        s = self.scheduler
         t_plan = self.clock()
-        plan = s.schedule()
+        plan = self.loop.plan()
         self.last_plan = plan
-        self.plan_running_blocks = (t_plan, running_blocks(s))
+        self.plan_running_blocks = (t_plan, running_blocks(self.scheduler))
         if plan.empty:
-            return [], False
-        sampled = self.executor.execute(plan)
-        if self.executor.completed:
-            done, self.executor.completed = self.executor.completed, []
-            s.on_copies_done(done, [])
-        out = []
-        for req in s.update(plan, sampled):
-            if req.status.finished:
-                out.append(_completion(req))
-        return out, True
+            return [], False  # nothing to run: no step time passes (the driver waits instead)
+        produced = self.loop.update(plan, self.loop.execute(plan))
+        return [_completion(req) for req in produced if req.status.finished], True
 
     def wait_until(self, t: float) -> None:
         if t > self.clock():
@@ -584,17 +578,6 @@ class EngineBackend:
         self.step_wall_s = 0.0
         self.step_pred_s = 0.0
         self._reqs: dict[str, Any] = {}
-        sched = engine.scheduler
-        inner = sched.schedule
-
-        def schedule() -> StepPlan:  # keep the plan for the metrics collector
-            t_plan = time.monotonic()
-            plan = inner()
-            self.last_plan = plan
-            self.plan_running_blocks = (t_plan, running_blocks(sched))
-            return plan
-
-        sched.schedule = schedule  # type: ignore[method-assign]
 
     def now(self) -> float:
         return time.monotonic()
@@ -617,11 +600,12 @@ class EngineBackend:
         return self.engine.has_unfinished_requests()
 
     def step(self) -> tuple[list[Completion], bool]:
-        self.last_plan = None
         t0 = time.monotonic()
-        outs = self.engine.step()
-        plan = self.last_plan
-        worked = plan is not None and not plan.empty
+        plan = self.engine.plan_step()  # the metrics collector reads the plan as planned
+        self.last_plan = plan
+        self.plan_running_blocks = (t0, running_blocks(self.scheduler))
+        outs = self.engine.run_step(plan)
+        worked = not plan.empty
         if worked and self.step_model is not None:
             # measured step wall time vs the calibrated model's prediction for the same plan
             self.step_wall_s += time.monotonic() - t0

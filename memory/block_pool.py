@@ -165,6 +165,17 @@ class BlockPool:
             self._ref[b] += 1
         self.hits += len(blocks)
 
+    def hold(self, blocks: Sequence[int]) -> None:
+        """Add one reference to each block, in use or cached (a cached one leaves the eviction
+        order until released). Unlike :meth:`take_cached` this is not a prefix-cache hit: it
+        is how a pin or an in-flight copy keeps pages from being recycled."""
+        for b in blocks:
+            if self._ref[b] == 0:
+                if b not in self._hash_of:
+                    raise ValueError(f"cannot hold block {b}: it is free")
+                self._unrank(b)
+            self._ref[b] += 1
+
     def register(self, block: int, h: bytes) -> None:
         """Record that in-use ``block`` now holds the full block with chained hash ``h``."""
         if not self.enable_prefix_cache or block in self._hash_of:

@@ -21,12 +21,8 @@ Id lists are padded to power-of-two buckets with the dummy page / dummy host blo
 Copies are asynchronous: :meth:`TransferEngine.issue` dispatches and returns a handle at once;
 :meth:`TransferEngine.poll` reports handles whose results are ready (``jax.Array.is_ready``).
 
-**Fences.** JAX's dataflow already orders a copy against later steps that use the same arrays,
-but the engine must not depend on one executor's ordering (the simulator has none, and a
-deferred or failed copy breaks it), so the engine keeps explicit sets:
-``pending_out`` (device pages an in-flight copy-out still reads: the pool must not reuse them)
-and ``pending_in`` (device pages an in-flight copy-in is writing: nothing may attend to them).
-:meth:`TransferEngine.check_step` asserts a step respects both.
+The transfer engine only moves bytes: which pages are under a copy (the fences) is tracked
+once, by the scheduler's ``CopyTracker``, which also checks every step against them.
 """
 
 from __future__ import annotations
@@ -36,7 +32,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,10 +47,6 @@ from tokencake.memory.host_pool import DUMMY_HOST_BLOCK
 from tokencake.memory.kv_cache import DUMMY_PAGE
 
 log = logging.getLogger(__name__)
-
-
-class FenceViolationError(RuntimeError):
-    """A step or copy would touch device pages that an in-flight copy still owns."""
 
 
 class KVOwner(Protocol):
@@ -120,9 +111,6 @@ class TransferEngine:
         self.bytes_per_block = host_kv.spec.bytes_per_page
         cap = max(1, min(max_bucket, host_kv.num_blocks - 1, owner.k.shape[1] - 1))
         self.buckets = transfer_buckets(cap)
-        # Counters, not sets: two in-flight copies may read the same shared page.
-        self.pending_out: Counter[int] = Counter()
-        self.pending_in: Counter[int] = Counter()
         self.in_flight: dict[int, TransferHandle] = {}
         self.completed = 0
         self.failed = 0
@@ -217,14 +205,10 @@ class TransferEngine:
             raise ValueError("a copy lists the same block twice")
         if DUMMY_PAGE in dev or DUMMY_HOST_BLOCK in host:
             raise ValueError("the dummy page / host block cannot be copied")
-        busy = set(dev) & (self.pending_out.keys() | self.pending_in.keys())
-        if direction == "h2d" and busy:
-            raise FenceViolationError(f"copy-in targets pages still in flight: {sorted(busy)}")
         h = TransferHandle(
             next(self._ids), direction, dev, host, len(dev) * self.bytes_per_block, tag
         )
         h.issued_at = time.perf_counter()
-        (self.pending_out if direction == "d2h" else self.pending_in).update(dev)
         self.in_flight[h.id] = h
         try:
             step = self.buckets[-1]
@@ -320,8 +304,6 @@ class TransferEngine:
         now = time.perf_counter()
         h.completed_at = h._ready_at or now
         del self.in_flight[h.id]
-        (self.pending_out if h.direction == "d2h" else self.pending_in).subtract(h.device_blocks)
-        self.pending_out, self.pending_in = +self.pending_out, +self.pending_in  # drop zeros
         if h.error is not None:
             self.failed += 1
             return
@@ -330,25 +312,6 @@ class TransferEngine:
         start = max(h.issued_at, self._last_done[h.direction])
         self._last_done[h.direction] = h.completed_at
         self.bandwidth.observe(h.direction, h.nbytes, h.completed_at - start)
-
-    # ---- fences ----------------------------------------------------------------------------
-    def check_step(
-        self, attended: Sequence[Sequence[int]], written: Sequence[Sequence[int]]
-    ) -> None:
-        """Raise if a step would attend pages still being copied in, or write pages still
-        being copied out (``attended`` / ``written``: block lists per row)."""
-        for blocks in attended:
-            bad = set(blocks) & self.pending_in.keys()
-            if bad:
-                raise FenceViolationError(
-                    f"step attends pages still being copied in: {sorted(bad)}"
-                )
-        for blocks in written:
-            bad = set(blocks) & self.pending_out.keys()
-            if bad:
-                raise FenceViolationError(
-                    f"step overwrites pages still being copied out: {sorted(bad)}"
-                )
 
 
 class _Ready:

@@ -59,42 +59,35 @@ class CopyTracker:
         self.num_failed = 0
 
     # ---- issue ----------------------------------------------------------------------------
-    def copy_out(
+    def issue(
         self,
+        direction: str,
         device_blocks: Sequence[int],
         host_blocks: Sequence[int],
         tag_prefix: str,
         issuer: object,
         on_done: OnDone | None = None,
     ) -> BlockCopy:
-        """Copy device pages (in use or cached) to host pages the caller allocated and
-        registered pending; the device pages are held until the copy lands."""
-        self.pool.hold(device_blocks)
-        return self._issue("d2h", device_blocks, host_blocks, tag_prefix, issuer, on_done)
-
-    def copy_in(
-        self,
-        device_blocks: Sequence[int],
-        host_blocks: Sequence[int],
-        tag_prefix: str,
-        issuer: object,
-        on_done: OnDone | None = None,
-    ) -> BlockCopy:
-        """Copy written host pages into device pages the caller just allocated; both sides
-        are held until the copy lands. Nothing may attend those device pages before then."""
-        busy = set(device_blocks) & self.fenced_blocks().keys()
-        if busy:
-            raise FenceViolationError(f"copy-in targets pages still in flight: {sorted(busy)}")
-        if self.host is None:
-            raise RuntimeError("a copy-in needs the host tier")
-        self.pool.fork(device_blocks)
-        self.host.acquire(host_blocks)
-        return self._issue("h2d", device_blocks, host_blocks, tag_prefix, issuer, on_done)
-
-    def _issue(self, direction: str, dev: Sequence[int], host: Sequence[int], tag_prefix: str,
-               issuer: object, on_done: OnDone | None) -> BlockCopy:  # fmt: skip
-        copy = BlockCopy(direction, tuple(dev), tuple(host), f"{tag_prefix}:{next(self._ids)}")
-        self._in_flight[copy.tag] = _InFlight(copy, issuer, on_done)
+        """Start copying ``device_blocks[i] <-> host_blocks[i]``. A copy-out (``"d2h"``)
+        reads device pages in use or cached into host pages the caller allocated and
+        registered pending; a copy-in (``"h2d"``) writes published host pages into device
+        pages the caller just allocated, and nothing may attend those before it lands. The
+        device pages (and a copy-in's host pages) are held until completion."""
+        if direction == "h2d":
+            busy = set(device_blocks) & self.fenced_blocks().keys()
+            if busy:
+                raise FenceViolationError(f"copy-in targets pages still in flight: {sorted(busy)}")
+            if self.host is None:
+                raise RuntimeError("a copy-in needs the host tier")
+            self.pool.fork(device_blocks)
+            self.host.acquire(host_blocks)
+        elif direction == "d2h":
+            self.pool.hold(device_blocks)
+        else:
+            raise ValueError(f"unknown copy direction {direction!r}")
+        tag = f"{tag_prefix}:{next(self._ids)}"
+        copy = BlockCopy(direction, tuple(device_blocks), tuple(host_blocks), tag)
+        self._in_flight[tag] = _InFlight(copy, issuer, on_done)
         self._new.append(copy)
         return copy
 

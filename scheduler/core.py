@@ -14,13 +14,14 @@ import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
 from tokencake.memory.host_pool import HostBlockPool
 from tokencake.scheduler.config import SchedulerConfig
+from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault, blame
 from tokencake.scheduler.inferred import LifecycleTicket, ToolCallIndex
@@ -34,17 +35,6 @@ from tokencake.scheduler.tokencake_config import TokencakeConfig
 
 log = logging.getLogger(__name__)
 MAX_FAULT_RETRIES = 16  # culprits removed per schedule() before a failure counts as the engine's
-
-
-@dataclass
-class _InflightCopy:
-    """Scheduler-side record of one issued copy. It holds its own reference on every device
-    block and host block it touches, so finishing or preempting the owner cannot recycle a
-    block under a copy in flight (the fence); the references drop in ``on_copies_done``."""
-
-    copy: BlockCopy
-    request_id: str
-    computed_after: int = 0  # h2d: the owner's computed tokens once the pages have landed
 
 
 class Scheduler:
@@ -69,15 +59,12 @@ class Scheduler:
         self.config = config
         self.pool = pool
         self.host_pool = host_pool
-        self._copy_ids = itertools.count()
-        self._new_copies: list[BlockCopy] = []  # emitted into the next StepPlan
-        self._inflight: dict[str, _InflightCopy] = {}  # tag -> record
+        self.copies = CopyTracker(pool, host_pool)  # every block copy, the policies' too
         self._awaiting: dict[str, str] = {}  # request id -> tag of the copy-in it waits for
         self._host_hit: dict[str, tuple[int, list[int]]] = {}  # id -> (first block, host ids)
         self._swapped: dict[str, list[bytes]] = {}  # request id -> host hashes retained for it
         self.num_swap_outs = 0
         self.num_swap_fallbacks = 0
-        self.num_failed_copies = 0
         self._refused: tuple[str, Admission] | None = None  # latest refusal this admission pass
         self.clock = clock or time.monotonic
         self.waiting: list[Request] = []
@@ -98,7 +85,14 @@ class Scheduler:
         factory = policy_factory(policy) if isinstance(policy, str) else policy
         self.policy = factory(
             PolicyContext(
-                config, pool, host_pool, self.cost_model, self.clock, self.lifecycle, tokencake
+                config,
+                pool,
+                host_pool,
+                self.cost_model,
+                self.clock,
+                self.lifecycle,
+                self.copies,
+                tokencake,
             )  # fmt: skip
         )
 
@@ -227,7 +221,12 @@ class Scheduler:
     @property
     def copies_in_flight(self) -> int:
         """Copies issued to the executor whose completion has not been reported yet."""
-        return len(self._inflight) + self.policy.copies_in_flight
+        return self.copies.in_flight
+
+    @property
+    def num_failed_copies(self) -> int:
+        """Copies the executor reported failed (their tokens are recomputed instead)."""
+        return self.copies.num_failed
 
     # ---- block accounting -------------------------------------------------------------------
     def _blocks_for(self, num_tokens: int) -> int:
@@ -418,9 +417,7 @@ class Scheduler:
             # Nothing runs and nothing could start: let the policy give back held capacity
             # (pins, restore reservations) so the next step can admit the head.
             self.policy.on_admission_stalled()
-        self.policy.finalize_plan(plan, now)
-        plan.copies.extend(self._new_copies)
-        self._new_copies = []
+        plan.copies.extend(self.copies.take_new())
         return plan
 
     def _policy_admits(self, req: Request, blocks_needed: int) -> bool:
@@ -432,7 +429,7 @@ class Scheduler:
         self._refused = (req.request_id, verdict)
         return False
 
-    def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Request]:
+    def update(self, plan: StepPlan, sampled: Mapping[str, int]) -> list[Request]:
         """Advance progress after the executor ran ``plan``; append sampled tokens.
 
         Returns requests that got a new token this step (the caller checks stop conditions
@@ -470,9 +467,6 @@ class Scheduler:
         config's."""
         return self.policy.preemption_mode(req) or self.config.preemption_mode
 
-    def _next_tag(self, direction: str, req: Request) -> str:
-        return f"{direction}:{req.request_id}:{next(self._copy_ids)}"
-
     def _lookup_host_hit(self, req: Request, first: int, usable: int) -> None:
         """Note the host blocks that continue ``req``'s device prefix hit (not taken yet)."""
         self._host_hit.pop(req.request_id, None)
@@ -501,14 +495,10 @@ class Scheduler:
         host_blocks = host_blocks[:m]
         dev = self.pool.allocate(m)
         req.block_ids.extend(dev)
-        self.pool.fork(dev)  # the copy's own reference: the fence against reuse
-        self.host_pool.acquire(host_blocks)
-        tag = self._next_tag("h2d", req)
-        copy = BlockCopy("h2d", tuple(dev), tuple(host_blocks), tag)
         bs = self.pool.block_size
-        self._inflight[tag] = _InflightCopy(copy, req.request_id, (first + m) * bs)
-        self._new_copies.append(copy)
-        self._awaiting[req.request_id] = tag
+        landed = partial(self._copied_in, req.request_id, (first + m) * bs)
+        copy = self.copies.issue("h2d", dev, host_blocks, f"h2d:{req.request_id}", self, landed)
+        self._awaiting[req.request_id] = copy.tag
         if req.num_preemptions == 0 and req.first_scheduled_time is None:
             req.num_cached_tokens = (first + m) * bs
         self.waiting.remove(req)
@@ -565,16 +555,8 @@ class Scheduler:
                 dst.append(got[0])
             # Retain as we go, so a later allocation cannot evict an earlier kept block.
             kept += host.retain([h]) if retain else [h]
-        for b in dev:  # the copy's own reference: freed only when the copy-out has landed
-            if self.pool.ref_count(b) == 0:
-                self.pool.take_cached([b])
-            else:
-                self.pool.fork([b])
-        if dev:
-            tag = f"d2h:{owner}:{next(self._copy_ids)}"
-            copy = BlockCopy("d2h", tuple(dev), tuple(dst), tag)
-            self._inflight[tag] = _InflightCopy(copy, owner)
-            self._new_copies.append(copy)
+        if dev:  # the copy holds the device pages until it has landed
+            self.copies.issue("d2h", dev, dst, f"d2h:{owner}", self)
         return kept
 
     def _swap_out_will_cover(self, req: Request, n: int) -> bool:
@@ -582,11 +564,11 @@ class Scheduler:
         should wait a step for them rather than preempt yet another request."""
         short = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
         short -= self.pool.num_free
+        # Only the core's own swap-outs count: a policy's copy-out may keep its pages pinned.
         held = {
             b
-            for rec in self._inflight.values()
-            if rec.copy.direction == "d2h"
-            for b in rec.copy.device_blocks
+            for c in self.copies.copies_from(self, "d2h")
+            for b in c.device_blocks
             if self.pool.ref_count(b) == 1
         }
         return 0 < short <= len(held)
@@ -597,40 +579,19 @@ class Scheduler:
             self.host_pool.release(hashes)
 
     def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy] = ()) -> None:
-        """The executor finished (``done``) or gave up on (``failed``) these copies: drop
-        their fences, publish or discard host pages, and let a request waiting on a copy-in
-        continue (after a failed copy-in it simply recomputes those tokens)."""
-        host = self.host_pool
-        mine = [c for c in done if c.tag in self._inflight]
-        mine_failed = [c for c in failed if c.tag in self._inflight]
-        if len(mine) + len(mine_failed) < len(done) + len(failed):
-            # Copies the policy issued (Time Scheduler offload/upload) report to the policy.
-            self.policy.on_copies_done(
-                [c for c in done if c.tag not in self._inflight],
-                [c for c in failed if c.tag not in self._inflight],
-            )
-            done, failed = mine, mine_failed
-        for copy, ok in [(c, True) for c in done] + [(c, False) for c in failed]:
-            rec = self._inflight.pop(copy.tag, None)
-            if rec is None or host is None:
-                raise ValueError(f"completion of unknown copy {copy.tag!r}")
-            c = rec.copy
-            if c.direction == "d2h":
-                if ok:
-                    host.complete_write(c.host_blocks)
-                    host.free(c.host_blocks)
-                else:
-                    host.discard(c.host_blocks)
-            else:
-                host.free(c.host_blocks)
-                req = self.requests.get(rec.request_id)
-                if req is not None and self._awaiting.get(req.request_id) == c.tag:
-                    del self._awaiting[req.request_id]
-                    if ok:
-                        req.num_computed_tokens = rec.computed_after
-                        self._register_full_blocks(req)
-            self.pool.free(c.device_blocks)
-            self.num_failed_copies += not ok
+        """The executor finished (``done``) or gave up on (``failed``) these copies (the core's
+        and the policy's alike): see :class:`CopyTracker`."""
+        self.copies.complete(done, failed)
+
+    def _copied_in(self, request_id: str, computed_after: int, copy: BlockCopy, ok: bool) -> None:
+        """A host prefix hit's copy-in ended: the request it still belongs to continues (after
+        a failed copy it simply recomputes those tokens)."""
+        req = self.requests.get(request_id)
+        if req is not None and self._awaiting.get(request_id) == copy.tag:
+            del self._awaiting[request_id]
+            if ok:
+                req.num_computed_tokens = computed_after
+                self._register_full_blocks(req)
 
     # ---- agent-aware hooks (issue #5) ---------------------------------------------------------
     def _associate(self, request: Request) -> None:

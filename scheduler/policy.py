@@ -25,8 +25,8 @@ from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
 from tokencake.memory.host_pool import HostBlockPool
 from tokencake.scheduler.config import SchedulerConfig
+from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.lifecycle import Lifecycle
-from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.tokencake_config import TokencakeConfig
 
@@ -45,6 +45,7 @@ class PolicyContext:
     cost_model: CostModel
     clock: Callable[[], float]
     lifecycle: Lifecycle
+    copies: CopyTracker  # issue block copies here; completions come back to their callback
     tokencake: TokencakeConfig  # the agent-aware policies' knobs (defaults: the paper's)
 
 
@@ -123,21 +124,6 @@ class Policy:
         """Clock time at which this policy has timed work (an upload, a TTL) even if no
         request runs; ``math.inf`` when none. An idle engine steps once it is reached."""
         return math.inf
-
-    # ---- policy-issued block copies (interim: these three go once the core's copy tracker
-    # serves the Time Scheduler too) -------------------------------------------------------------
-    def finalize_plan(self, plan: StepPlan, now: float) -> None:
-        """Last word on this step's plan (append the policy's own block copies)."""
-
-    @property
-    def copies_in_flight(self) -> int:
-        """Policy-issued copies not yet reported done."""
-        return 0
-
-    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy]) -> None:
-        """Completion of copies this policy issued."""
-        if done or failed:
-            raise ValueError(f"completion of unknown copy {(list(done) + list(failed))[0].tag!r}")
 
     def check_request(self, request: Request, now: float) -> None:
         """Recompute, uncached and for ``request`` alone, everything this policy derives from

@@ -3,7 +3,8 @@
 ``execute(plan)`` returns one deterministic fake token per sampling chunk (a hash of the
 sequence so far, so outputs are identical under every policy, as a greedy model's would be)
 and advances a simulated clock by a linear step cost; block copies cost what the cost model
-says and complete within the step (reported through ``completed``).
+says and complete within the step (reported through ``landed_copies``). The step itself is
+the shared :class:`~tokencake.scheduler.step_loop.StepLoop`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 from tokencake.memory.cost_model import CostModel
+from tokencake.scheduler.core import Scheduler
 from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.request import Request, RequestStatus
+from tokencake.scheduler.step_loop import StepLoop
 
 
 class SimClock:
@@ -93,17 +95,18 @@ class SimExecutor:
         self.clock.advance(dt)
         return out
 
+    def landed_copies(self) -> tuple[list[BlockCopy], list[BlockCopy]]:
+        """Copies of the steps executed since the last call (they never fail here)."""
+        done, self.completed = self.completed, []
+        return done, []
 
-def sim_step(scheduler: Any, executor: SimExecutor) -> tuple[StepPlan, list[Request]]:
-    """One engine iteration on the simulator: schedule, execute, report copies, update, stop
-    on EOS. Returns the plan and the requests that finished."""
-    plan = scheduler.schedule()
-    sampled = executor.execute(plan)
-    if executor.completed:
-        done, executor.completed = executor.completed, []
-        scheduler.on_copies_done(done, [])
+
+def sim_step(scheduler: Scheduler, executor: SimExecutor) -> tuple[StepPlan, list[Request]]:
+    """One engine iteration on the simulator (the shared step loop), stopping on EOS.
+    Returns the plan and the requests that finished."""
+    plan, produced = StepLoop(scheduler, executor).step()
     finished = []
-    for req in scheduler.update(plan, sampled):
+    for req in produced:
         if not req.status.finished and req.output_token_ids[-1] in req.eos_token_ids:
             scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
         if req.status.finished:

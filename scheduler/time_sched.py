@@ -12,7 +12,8 @@ as evictable cached blocks. Per tool call (a lifecycle in ``active``) one of thr
   tool returns early, give the device blocks back if it runs long;
 * **DROP**: nothing; the successor hits whatever survived or recomputes.
 
-The paper's pressure model (§5.4) and benefit function (§5.6) gate OFFLOAD exactly; one cost
+The paper's pressure model (§5.4) and benefit function (§5.6) (``offload_benefit.py``) gate
+OFFLOAD exactly; one cost
 model in seconds (transfer time, recompute time, memory-time held under queue pressure) chooses
 between KEEP and DROP. Pins and copies change only *when* tokens are computed, never which.
 """
@@ -24,135 +25,29 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
+from tokencake.memory.host_pool import HostBlockPool
+from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.lifecycle import Lifecycle, LifecycleRecord
 from tokencake.scheduler.metadata import AgentMetadata
-from tokencake.scheduler.plan import BlockCopy, StepPlan
+from tokencake.scheduler.offload_benefit import (  # noqa: F401  (re-exported)
+    Pressure,
+    Reason,
+    evaluate_benefit,
+    waiting_pressure,
+)
+from tokencake.scheduler.plan import BlockCopy
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.tokencake_config import TimeConfig
-
-
-class Reason(enum.Enum):
-    """Outcome of the benefit cascade (§5.6) plus the evaluation-pass outcomes (§5.5)."""
-
-    NOT_ELIGIBLE = "not_eligible"
-    EMPTY = "empty"
-    NO_WAITING_DEMAND = "no_waiting_demand"
-    CPU_CAPACITY = "cpu_capacity"
-    UNPROFITABLE = "unprofitable"
-    LOW_PRESSURE = "low_pressure"
-    SELECTED = "selected"
-    BACKOFF = "backoff"
 
 
 class Action(enum.Enum):
     KEEP = "keep"
     OFFLOAD = "offload"
     DROP = "drop"
-
-
-@dataclass(frozen=True)
-class Pressure:
-    """Read-only forecast of who could be admitted now and overwrite free cached blocks."""
-
-    usage: float
-    free: int
-    waiting_count: int
-    waiting_demand: int
-    critical_demand: int
-    shared_available: int
-    fit_demand: int
-    uncommitted: int = 0  # ours: free minus admitted requests' remaining growth and restores
-
-
-def waiting_pressure(
-    pool: BlockPool,
-    waiting: Sequence[Request],
-    uncommitted: int,
-    shared_available: int,
-    critical: set[str],
-    window: int,
-    chunk_tokens: int,
-    slots: int,
-    admission_blocks: Callable[[Request], int] | None = None,
-) -> Pressure:
-    """§5.4, first-fit: greedy-pack admissible waiting requests in queue order into the free
-    blocks, uncommitted capacity and free run slots; ``fit_demand`` is capped at ``window``."""
-    bs = pool.block_size
-    free = pool.num_free
-    wd = cd = fit = 0
-    free_left, unc_left = free, uncommitted
-    for r in waiting:
-        d = -(-r.remaining_tokens // bs)
-        wd += d
-        m = r.metadata
-        if m is not None and m.agent_type in critical:
-            cd += d
-        if slots <= 0 or fit >= window:
-            continue
-        chunk = -(-min(r.remaining_tokens, chunk_tokens) // bs)
-        adm = max(chunk, admission_blocks(r) if admission_blocks else chunk)
-        if 0 < chunk <= free_left and adm <= unc_left:
-            fit += chunk
-            free_left -= chunk
-            unc_left -= adm
-            slots -= 1
-    usage = pool.num_used / max(1, pool.capacity)
-    return Pressure(
-        usage, free, len(waiting), wd, cd, shared_available, min(window, fit), uncommitted
-    )
-
-
-def evaluate_benefit(
-    m: AgentMetadata,
-    agent_score: float,
-    duration: float,
-    transfer_s: float,
-    blocks: int,
-    cpu_needed: int,
-    cpu_available: int,
-    p: Pressure,
-    churn: float,
-    cfg: TimeConfig,
-) -> tuple[Reason, float]:
-    """The repository's ``evaluate_benefit``, term for term (§5.6). Returns (reason, score)."""
-    T = transfer_s
-    imp = min(10.0, max(m.importance, min(10.0, agent_score / 2)))
-    near = m.near_completion or (m.application_max_depth > 0 and m.remaining_depth <= 1)
-    margin = duration - T
-    pressure_s = max(0.0, (p.usage - cfg.min_gpu_usage) * 6) + min(
-        2.0, p.waiting_demand / (blocks + 1)
-    )
-    fit_s = min(2.0, p.fit_demand / max(1, blocks))
-    stall_s = min(6.0, margin / max(0.25, T))
-    upload_ok = 1 if duration >= 2 * T else -1
-    cpu_s = 1 if cpu_available >= cpu_needed else -4
-    score = stall_s + pressure_s + fit_s + upload_ok + cpu_s - 0.35 * imp - 2 * near - churn
-    emergency = (
-        p.usage >= cfg.high_pressure_gpu_usage and margin >= max(4 * T, 5.0) and p.waiting_count > 0
-    )
-    low_press = p.usage < cfg.min_gpu_usage
-    no_queue_p = p.waiting_demand <= p.free and p.critical_demand <= p.shared_available
-    if not m.preservable:
-        return Reason.NOT_ELIGIBLE, score
-    if blocks <= 0:
-        return Reason.EMPTY, score
-    if p.fit_demand <= 0:
-        return Reason.NO_WAITING_DEMAND, score
-    if cpu_available < cpu_needed:
-        return Reason.CPU_CAPACITY, score
-    if duration <= T or (margin < max(0.05, 2 * T) and not emergency):
-        return Reason.UNPROFITABLE, score
-    if low_press and (no_queue_p or p.fit_demand < blocks or p.waiting_count == 0):
-        return Reason.LOW_PRESSURE, score
-    if (imp >= 8 and not emergency and (near or margin < max(0.5, 8 * T) or upload_ok < 0)) or (
-        score < cfg.score_threshold and not emergency
-    ):
-        return Reason.UNPROFITABLE, score
-    return Reason.SELECTED, score
 
 
 # ---- preservation state per lifecycle --------------------------------------------------------
@@ -177,7 +72,7 @@ class Preservation:
     ttl: float = math.inf
     next_eval_step: int = 0
     last_sig: tuple | None = None
-    inflight: Any = None  # (direction, device blocks, host blocks, hashes)
+    inflight: BlockCopy | None = None  # the copy in flight for this call (at most one)
     decided: bool = False
     ttl_spent: bool = False  # a keep already ran out its TTL: never pin this call again
     ranked_for: float = math.nan  # predicted return its cached blocks were last ranked for
@@ -239,13 +134,6 @@ def infercept_decide(ctx: DecisionContext, ts: TimeScheduler) -> Action:
     return min(options)[2]
 
 
-def _pin(pool: BlockPool, blocks: Sequence[int]) -> None:
-    """Hold one reference on valid (hashed) device blocks; keeps hit statistics untouched."""
-    q, h = pool.queries, pool.hits
-    pool.take_cached(blocks)
-    pool.queries, pool.hits = q, h
-
-
 class TimeScheduler:
     """Per-tool-call KV actions, predictive upload and the copies they need."""
 
@@ -254,7 +142,8 @@ class TimeScheduler:
         config: TimeConfig,
         pool: BlockPool,
         lifecycle: Lifecycle,
-        host: Any = None,
+        copies: CopyTracker,
+        host: HostBlockPool | None = None,
         cost: CostModel | None = None,
         decide: Decide = tokencake_decide,
         predictive_upload: bool | None = None,
@@ -264,6 +153,7 @@ class TimeScheduler:
         self.cfg = config
         self.pool = pool
         self.lifecycle = lifecycle
+        self.copies = copies
         self.host = host
         self.cost: CostModel = cost or CostModel.paper_default()
         self.decide = decide
@@ -276,9 +166,6 @@ class TimeScheduler:
         )
         self.items: dict[str, Preservation] = {}
         self.step = 0
-        self._copies: list[BlockCopy] = []
-        self._inflight: dict[str, Preservation] = {}  # copy tag -> owner
-        self._seq = 0
         self._stores: deque[int] = deque(maxlen=96)
         self._last_store_step = -(10**9)
         self.counters: dict[str, int] = {}
@@ -357,8 +244,17 @@ class TimeScheduler:
 
     @property
     def stalled_blocks(self) -> int:
-        """Device blocks pinned for agents that are waiting on a tool."""
-        return sum(len(p.pins) for p in self.items.values())
+        """Device blocks held for agents that are waiting on a tool: pinned, or read by the
+        copy-out of their offload."""
+        n = 0
+        for p in self.items.values():
+            c = p.inflight
+            n += (
+                len(set(p.pins) | set(c.device_blocks))
+                if c and c.direction == "d2h"
+                else len(p.pins)
+            )
+        return n
 
     # ---- the tick ---------------------------------------------------------------------------
     def tick(
@@ -540,7 +436,7 @@ class TimeScheduler:
             self._offload(p, dev, count, now)
         elif action is Action.KEEP:
             if p.state is not PState.KEPT:
-                _pin(pool, dev)
+                pool.hold(dev)
                 p.pins = list(dev)
                 p.state = PState.KEPT
             ttl = min(
@@ -583,10 +479,6 @@ class TimeScheduler:
             p.host_retained += host.retain([h])
             src.append(dev[i])
             dst.append(got[0])
-        if p.state is not PState.KEPT:
-            fence = [b for b in src]
-            _pin(self.pool, fence)
-            p.pins = fence
         p.n_restore = count
         h2d = self.cost.copy_time(count, "h2d")
         self.lifecycle.set_h2d_estimate(p.rec, h2d)
@@ -594,8 +486,10 @@ class TimeScheduler:
         self._stores.append(self.step)
         self._last_store_step = self.step
         self._count("offloads")
-        if dst:
-            self._issue(p, "d2h", src, dst, [])
+        if dst:  # the tracker holds ``src`` until the copy lands (a kept call keeps its pins)
+            landed = partial(self._offloaded, p)
+            p.inflight = self.copies.issue("d2h", src, dst, self._tag("d2h", p), self, landed)
+            self.copy_blocks["d2h"] += len(src)
             p.state = PState.OFFLOADING
         else:
             self._unpin(p)
@@ -604,81 +498,58 @@ class TimeScheduler:
     def _upload(self, p: Preservation, now: float) -> None:
         host, pool = self.host, self.pool
         hits = pool.lookup_prefix(p.hashes[: p.n_restore])
-        _pin(pool, hits)
+        pool.hold(hits)
         rest = p.hashes[len(hits) : p.n_restore]
         hblocks = host.lookup_prefix(rest)
         n = min(len(hblocks), pool.num_free)
-        dev = pool.allocate(n)
-        host.acquire(hblocks[:n])
+        dev = pool.allocate(n)  # ours; registered and pinned for the successor once landed
         p.pins = list(hits)
         p.upload_at = math.inf
         self._count("uploads")
         if n:
-            self._issue(p, "h2d", dev, hblocks[:n], rest[:n])
+            landed = partial(self._uploaded, p, rest[:n])
+            p.inflight = self.copies.issue(
+                "h2d", dev, hblocks[:n], self._tag("h2d", p), self, landed
+            )
+            self.copy_blocks["h2d"] += n
             self.uploading.update(rest[:n])
             p.state = PState.UPLOADING
         else:
             p.state = PState.RESTORED
 
-    # ---- plan plumbing ------------------------------------------------------------------------
-    def emit(self, plan: StepPlan) -> None:
-        """Hand this step's copies to the executor (they run before the step's compute)."""
-        if self._copies:
-            plan.copies.extend(self._copies)
-            self._copies = []
+    # ---- copy completions (the shared CopyTracker calls these) --------------------------------
+    @staticmethod
+    def _tag(direction: str, p: Preservation) -> str:
+        return f"tc-{direction}:{p.rec.lifecycle_id}"
 
-    def _issue(self, p: Preservation, direction: str, dev: list[int], hblocks: list[int],
-               hashes: list[bytes]) -> None:  # fmt: skip
-        self._seq += 1
-        tag = f"tc-{direction}:{p.rec.lifecycle_id}:{self._seq}"
-        self._copies.append(BlockCopy(direction, tuple(dev), tuple(hblocks), tag))
-        self.copy_blocks[direction] += len(dev)
-        p.inflight = (direction, list(dev), list(hblocks), list(hashes))
-        self._inflight[tag] = p
+    def _offloaded(self, p: Preservation, copy: BlockCopy, ok: bool) -> None:
+        """The offload's copy-out ended (host pages already published or discarded)."""
+        p.inflight = None
+        self._unpin(p)  # a kept call's device copies become evictable cached blocks
+        if ok:
+            p.state = PState.OFFLOADED
+        else:
+            self._count("failed_copies")
+            self._drop(p)
 
-    def owns(self, tag: str) -> bool:
-        return tag in self._inflight
-
-    @property
-    def copies_in_flight(self) -> int:
-        return len(self._inflight)
-
-    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy] = ()) -> None:
-        """Copies this scheduler issued have landed (``done``) or failed: publish or discard
-        host pages, register uploaded device pages, drop the fences."""
-        for copy, ok in [(c, True) for c in done] + [(c, False) for c in failed]:
-            p = self._inflight.pop(copy.tag, None)
-            if p is None:
-                raise ValueError(f"completion of unknown copy {copy.tag!r}")
-            direction, dev, hblocks, hashes = p.inflight
-            p.inflight = None
-            host, pool = self.host, self.pool
-            if direction == "d2h":
-                self._unpin(p)  # the device copies become evictable cached blocks
-                if ok:
-                    host.complete_write(hblocks)
-                    host.free(hblocks)
-                    p.state = PState.OFFLOADED
-                else:
-                    self._count("failed_copies")
-                    host.discard(hblocks)
-                    self._drop(p)
-                continue
-            host.free(hblocks)
-            for h in hashes:
-                self.uploading.discard(h)
-            if not ok:
-                self._count("failed_copies")
-                pool.free(dev)  # never registered: back to the free list, no stale hash
-                p.state = PState.OFFLOADED
-                continue
-            for b, h in zip(dev, hashes, strict=True):
-                pool.register(b, h)
-                if pool.hash_of(b) == h:
-                    p.pins.append(b)
-                else:
-                    pool.free([b])  # an identical block got cached meanwhile: ours is moot
-            p.state = PState.RESTORED
+    def _uploaded(self, p: Preservation, hashes: list[bytes], copy: BlockCopy, ok: bool) -> None:
+        """The upload's copy-in ended: register the pages and pin them for the successor."""
+        p.inflight = None
+        pool = self.pool
+        for h in hashes:
+            self.uploading.discard(h)
+        if not ok:
+            self._count("failed_copies")
+            pool.free(copy.device_blocks)  # never registered: back to the free list, no stale hash
+            p.state = PState.OFFLOADED
+            return
+        for b, h in zip(copy.device_blocks, hashes, strict=True):
+            pool.register(b, h)
+            if pool.hash_of(b) == h:
+                p.pins.append(b)
+            else:
+                pool.free([b])  # an identical block got cached meanwhile: ours is moot
+        p.state = PState.RESTORED
 
     def relieve(self) -> bool:
         """Nothing runs and the queue head cannot start: give back every pin and reservation

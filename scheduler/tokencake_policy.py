@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.metadata import AgentMetadata
-from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.policy import Admission, Policy, PolicyContext
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.space import Denial, SpaceScheduler
@@ -75,7 +74,7 @@ class TokencakePolicy(Policy):
             self.space = SpaceScheduler(self.config.scheduling, ctx.pool, ctx.config.max_model_len)
         if self.use_time:
             self.time = TimeScheduler(
-                self.config.offload, ctx.pool, ctx.lifecycle, host=ctx.host_pool,
+                self.config.offload, ctx.pool, ctx.lifecycle, ctx.copies, host=ctx.host_pool,
                 cost=ctx.cost_model, decide=decide, predictive_upload=predictive_upload,
                 reevaluate=reevaluate, reuse_eviction=reuse_eviction,
             )  # fmt: skip
@@ -224,20 +223,6 @@ class TokencakePolicy(Policy):
     # ---- the Time Scheduler's plumbing ----------------------------------------------------------
     def committed_blocks(self, now: float) -> int:
         return self.time.committed_blocks(now) if self.time is not None else 0
-
-    def finalize_plan(self, plan: StepPlan, now: float) -> None:
-        if self.time is not None:
-            self.time.emit(plan)
-
-    @property
-    def copies_in_flight(self) -> int:
-        return self.time.copies_in_flight if self.time is not None else 0
-
-    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy]) -> None:
-        if self.time is None:
-            super().on_copies_done(done, failed)
-            return
-        self.time.on_copies_done(done, failed)
 
     def on_admission_stalled(self) -> bool:
         return self.time.relieve() if self.time is not None else False

@@ -84,3 +84,37 @@ def served(tiny_model):
     yield server, engine
     server.stop()
     engine.shutdown()
+
+
+# Room for agent-framework prompts (instructions, tool schemas, handoffs, the fallback tool
+# prompt) on the byte-level tiny model, where one character is one token.
+AGENT_ENGINE = dict(
+    num_pages=1100,
+    page_size=16,
+    max_model_len=4096,
+    max_num_seqs=4,
+    max_num_batched_tokens=512,
+    max_prefill_chunk=512,
+    max_prefill_seqs=2,
+    warmup=False,
+)
+
+
+@pytest.fixture(scope="module")
+def agent_served(tiny_model):
+    """A tiny-model server with a 4096-token context for agent frameworks, per test module:
+    ``(BackgroundServer, AsyncEngine)``."""
+    import dataclasses
+
+    from tokencake.async_engine import AsyncEngine
+    from tokencake.server import BackgroundServer
+
+    cfg, params, tok = tiny_model
+    cfg = dataclasses.replace(cfg, max_position_embeddings=AGENT_ENGINE["max_model_len"])
+    engine = AsyncEngine(
+        LLMEngine(EngineConfig(**AGENT_ENGINE), model_config=cfg, params=params, tokenizer=tok)
+    )
+    server = BackgroundServer(engine)
+    yield server, engine
+    server.stop()
+    engine.shutdown()

@@ -12,13 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokencake.llm import LLM
-from tokencake.memory.block_pool import block_hashes
+from tokencake.memory.block_pool import BlockPool, block_hashes
 from tokencake.memory.cost_model import BandwidthEstimator, CostModel
 from tokencake.memory.host_kv import allocate_host_kv, host_memory_kind
 from tokencake.memory.host_pool import HostBlockPool, HostPoolExhaustedError
 from tokencake.memory.kv_cache import KVCacheSpec
-from tokencake.memory.transfer import FenceViolationError, TransferEngine
+from tokencake.memory.transfer import TransferEngine
 from tokencake.sampling_params import SamplingParams
+from tokencake.scheduler.copies import CopyTracker, FenceViolationError
+from tokencake.scheduler.faults import StepFailed
+from tokencake.scheduler.plan import BlockCopy
 from tokencake.scheduler.policy import Policy
 
 PROMPTS = [
@@ -131,13 +134,13 @@ def test_round_trip_is_bit_exact(dtype, kind):
     src, hb, dst = [3, 5, 7, 1, 2, 20], [1, 2, 3, 4, 5, 11], [9, 10, 11, 4, 6, 23]
     out = te.issue("d2h", src, hb)
     te.wait()
-    assert out.ok and not te.pending_out
+    assert out.ok and not te.in_flight
     for s, h in zip(src, hb, strict=True):
         hk, hv = host.block(h)
         assert hk.tobytes() == owner.k0[:, s].tobytes() and hv.tobytes() == owner.v0[:, s].tobytes()
     back = te.issue("h2d", dst, hb)
     te.wait()
-    assert back.ok and not te.pending_in
+    assert back.ok and not te.in_flight
     k, v = np.asarray(owner.k), np.asarray(owner.v)
     assert k[:, dst].tobytes() == owner.k0[:, src].tobytes()
     assert v[:, dst].tobytes() == owner.v0[:, src].tobytes()
@@ -159,11 +162,46 @@ def test_host_memory_kind_and_buckets():
     assert len(te._compiled) == 8 and te.completed == 1
     with pytest.raises(ValueError):
         te.issue("d2h", [0], [1])  # the dummy page is never copied
-    te.pending_out[5] += 1
+
+
+def test_copy_tracker_fences_and_completion():
+    """One tracker: a copy holds its device pages (and a copy-in its host pages) until it is
+    reported; steps touching pages in flight are refused; completion publishes host pages,
+    drops the fence before the issuer's callback and routes the callback by the copy."""
+    pool, host = BlockPool(9, 4), HostBlockPool(5, 4)
+    tr = CopyTracker(pool, host)
+    dev = pool.allocate(2)
+    hb = host.allocate(2)
+    for i, b in enumerate(hb):
+        host.register(b, H(i), pending=True)
+    seen = []
+    out = tr.issue(
+        "d2h",
+        dev,
+        hb,
+        "d2h:r",
+        "core",
+        lambda c, ok: seen.append((c.tag, ok, pool.ref_count(c.device_blocks[0]))),
+    )
+    assert [pool.ref_count(b) for b in dev] == [2, 2] and tr.in_flight == 1
+    assert tr.take_new() == [out] and tr.take_new() == []
     with pytest.raises(FenceViolationError):
-        te.issue("h2d", [5], [2])
+        tr.check_step(attended=[[dev[0]]], written=[[dev[1]]])
+    tr.check_step(attended=[dev], written=[])  # reading pages under a copy-out is fine
     with pytest.raises(FenceViolationError):
-        te.check_step(attended=[[1]], written=[[5]])
+        tr.issue("h2d", [dev[0]], [hb[0]], "h2d:r", "core")
+    tr.complete([out])
+    assert seen == [(out.tag, True, 1)] and tr.in_flight == 0  # fence gone before the callback
+    assert not host.is_pending(hb[0])
+    new = pool.allocate(1)
+    back = tr.issue("h2d", new, [hb[0]], "h2d:r", "time")
+    assert pool.ref_count(new[0]) == 2 and tr.copies_from("time", "h2d") == [back]
+    with pytest.raises(FenceViolationError):
+        tr.check_step(attended=[new], written=[])
+    tr.complete([], [back])
+    assert pool.ref_count(new[0]) == 1 and tr.num_failed == 1
+    with pytest.raises(ValueError, match="unknown copy"):
+        tr.complete([BlockCopy("d2h", (1,), (1,), "nope")])
 
 
 def test_cost_model():
@@ -330,7 +368,7 @@ def test_fence_copy_in_waits_for_landing(make_engine, reference):
     for _ in range(5):  # the copy-in has not landed: the request must not run
         engine.step()
         assert queued and engine.scheduler.requests[rid].output_token_ids == []
-    assert engine.transfer.pending_in
+    assert engine.scheduler.copies.fenced_blocks("h2d")
     release()
     out = None
     while engine.has_unfinished_requests():
@@ -340,9 +378,10 @@ def test_fence_copy_in_waits_for_landing(make_engine, reference):
     settle(engine)
 
 
-def test_fence_copy_in_is_needed(make_engine, reference):
+def test_fence_copy_in_is_needed(make_engine, reference, caplog):
     """Without the fence (counting host pages as computed at once) the deferred copy-in
-    makes the step attend garbage: the check fails loudly instead of corrupting output."""
+    makes the step attend garbage: the check refuses the step loudly (the fence violation is
+    logged and the step's request aborted with StepFailed) instead of corrupting output."""
     engine = make_engine(**HOST)
     generate(engine)
     offload_cached_prefixes(engine, PROMPTS[:1])
@@ -352,16 +391,16 @@ def test_fence_copy_in_is_needed(make_engine, reference):
 
     def unfenced(req, now):
         admitted = real(req, now)
-        if admitted:
-            tag = sched._awaiting.pop(req.request_id)
-            req.num_computed_tokens = sched._inflight[tag].computed_after
+        if admitted:  # count the host pages as computed before the copy-in has landed
+            sched._awaiting.pop(req.request_id)
+            req.num_computed_tokens = len(req.block_ids) * engine.pool.block_size
         return admitted
 
     sched._admit_with_copy_in = unfenced
-    engine.add_request(PROMPTS[0], GREEDY)
-    with pytest.raises(FenceViolationError):
-        for _ in range(3):
-            engine.step()
+    rid = engine.add_request(PROMPTS[0], GREEDY)
+    outs = [o for _ in range(3) for o in engine.step()]
+    assert [(o.request_id, o.token_ids, type(o.error)) for o in outs] == [(rid, [], StepFailed)]
+    assert any(isinstance(r.exc_info[1], FenceViolationError) for r in caplog.records if r.exc_info)
 
 
 def test_fence_copy_out_holds_device_blocks(make_engine, reference):
@@ -376,7 +415,7 @@ def test_fence_copy_out_holds_device_blocks(make_engine, reference):
             if o.finished:
                 outputs[o.request_id] = o.token_ids
         steps += 1
-        held = set(engine.transfer.pending_out)
+        held = set(engine.scheduler.copies.fenced_blocks("d2h"))
         # Pages under a copy-out are never free, whatever happened to their owner.
         assert all(engine.pool.ref_count(b) > 0 for b in held)
         held_seen |= bool(held)

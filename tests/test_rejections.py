@@ -113,10 +113,15 @@ def test_concurrently_reused_lifecycle_id_is_a_409_naming_the_metadata_field(ser
         err = r.json()["error"]
         assert (err["param"], err["code"]) == ("tokencake.lifecycle_id", "duplicate_lifecycle_id")
         # The same refusal for metadata sent the authors' way names that field instead.
-        xbody = {"prompt": "agent", "max_tokens": 2, "vllm_xargs": {"tokencake": {"lifecycle_id": i}}}
+        xbody = {
+            "prompt": "agent",
+            "max_tokens": 2,
+            "vllm_xargs": {"tokencake": {"lifecycle_id": i}},
+        }
         r = post(server.url + "/v1/completions", json=xbody)
         assert (
-            r.status_code == 409 and r.json()["error"]["param"] == "vllm_xargs.tokencake.lifecycle_id"
+            r.status_code == 409
+            and r.json()["error"]["param"] == "vllm_xargs.tokencake.lifecycle_id"
         )
     wait_pool_idle(server, engine)
 

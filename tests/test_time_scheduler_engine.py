@@ -158,8 +158,7 @@ def _check_clean(run: Run) -> None:
         eng.host_pool.check_integrity()
         assert eng.host_pool.num_retained == 0
         assert eng.host_pool.num_pending == 0
-        assert not eng.transfer.in_flight and not eng.transfer.pending_in
-        assert not eng.transfer.pending_out
+        assert not eng.transfer.in_flight and not eng.scheduler.copies.fenced_blocks()
         assert eng.transfer.failed == 0
     eng.pool.evict_cached()
     assert eng.pool.num_free == eng.pool.capacity and eng.pool.num_cached == 0

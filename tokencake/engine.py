@@ -18,6 +18,7 @@ import numpy as np
 
 from tokencake.choices import ChoiceGroups
 from tokencake.config import EngineConfig
+from tokencake.executor import EngineExecutor
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
 from tokencake.memory.host_kv import allocate_host_kv
@@ -27,16 +28,18 @@ from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
 from tokencake.row_controls import RowControls
-from tokencake.runner import ModelRunner, RowSampling, rows_from_chunks
+from tokencake.runner import ModelRunner, RowSampling
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.core import Scheduler
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault, StepFailed, blame
 from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
 from tokencake.scheduler.limits import check_id
-from tokencake.scheduler.plan import BlockCopy
+from tokencake.scheduler.plan import StepPlan
 from tokencake.scheduler.policy import PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
+from tokencake.scheduler.step_loop import StepLoop
+from tokencake.structured import GrammarCompiler
 from tokencake.toolcall.render import render_prompt
 from tokencake.toolcall.request import ToolRequest
 
@@ -99,18 +102,21 @@ class LLMEngine:
         self.cost_model = CostModel(self.runner.kv_spec.bytes_per_page)
         self.host_pool: HostBlockPool | None = None
         self.transfer = None  # TransferEngine when the host tier is on
-        self._copy_of: dict[int, BlockCopy] = {}  # transfer handle id -> the plan's copy
         if cfg.host_kv_gib > 0:
             self._build_host_tier()
         self.scheduler = Scheduler(
             cfg.scheduler_config(max_len), self.pool, policy or cfg.policy, clock,
             self.host_pool, cost_model=self.cost_model, tokencake=cfg.tokencake,
         )  # fmt: skip
+        self.executor = EngineExecutor(
+            self.runner, self.transfer, self.scheduler.copies, self._sampling_of
+        )
+        self.loop = StepLoop(self.scheduler, self.executor)  # the simulator's loop too
         self.eos_ids = frozenset(model_config.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
-        self._grammars = None  # GrammarCompiler, built on the first structured request
+        self._grammars = GrammarCompiler(tokenizer.hf, model_config.vocab_size, self.eos_ids)
         self._choices = ChoiceGroups()  # n > 1 requests
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
         if cfg.warmup:
@@ -119,6 +125,7 @@ class LLMEngine:
     def warmup(self, progress: bool = False) -> None:
         """Compile every step and transfer shape (``progress``: a bar on stderr) and profile
         recompute costs where they are used. Runs at construction unless ``warmup=False``."""
+        self._grammars.prepare_in_background()  # else the first structured request waits ~2 s
         self.runner.warmup(progress=progress)
         if self.transfer is not None:
             self.transfer.warmup()
@@ -211,10 +218,6 @@ class LLMEngine:
             )
         grammar = None
         if params.structured is not None:
-            if self._grammars is None:
-                from tokencake.structured import GrammarCompiler
-
-                self._grammars = GrammarCompiler(self.tokenizer.hf, vocab, sorted(self.eos_ids))
             grammar = self._grammars.compile(params.structured)
         return RowControls(
             prompt=prompt,
@@ -325,31 +328,30 @@ class LLMEngine:
         If the device step itself fails, only that step's requests are aborted
         (``error`` is a :class:`StepFailed`). Choices of an ``n > 1`` request report under
         its id with their ``index`` (see :class:`RequestOutput`)."""
-        outputs = self._step()
+        return self.run_step(self.plan_step())
+
+    def plan_step(self) -> StepPlan:
+        """The first phase of :meth:`step`: report landed copies and schedule. An observer
+        (the benchmark's metrics) may read the plan before :meth:`run_step` executes it."""
+        return self.loop.plan()
+
+    def run_step(self, plan: StepPlan) -> list[RequestOutput]:
+        """The rest of :meth:`step`: execute ``plan``, update, detokenize and stop."""
+        outputs = self._run(plan)
         return self._choices.relabel(outputs) if self._choices else outputs
 
-    def _step(self) -> list[RequestOutput]:
-        self._poll_transfers()
-        plan = self.scheduler.schedule()
+    def _run(self, plan: StepPlan) -> list[RequestOutput]:
         outputs = self._fault_outputs()
-        # Copies go first: a copy-out must read pages before this step's writes, and JAX's
-        # dataflow then orders them; the scheduler's fences make that order not matter.
         try:
-            self._issue_copies(plan.copies)
-            if not plan.chunks:
-                if self.scheduler.copies_in_flight and self.transfer is not None:
-                    # Nothing runnable until a copy lands: wait a little instead of spinning.
-                    self._poll_transfers(self.transfer.wait(timeout=0.01))
-                return outputs
-            rows = rows_from_chunks(plan.chunks, self._sampling_of)
-            if self.transfer is not None:
-                self._check_fences(plan)
-            sampled = self.runner.execute(rows)
+            tokens = self.loop.execute(plan)
         except Exception as exc:
             log.exception("device step failed; aborting the %d requests of that step",
                           len(plan.chunks))  # fmt: skip
             return outputs + self._fail_step(plan, exc)
-        produced = self.scheduler.update(plan, {k: v.token for k, v in sampled.items()})
+        if not plan.chunks:
+            return outputs
+        produced = self.loop.update(plan, tokens)
+        sampled = self.executor.samples
         self.stats["steps"] += 1
         for req in produced:
             state = self._text.get(req.request_id)
@@ -385,37 +387,10 @@ class LLMEngine:
         return out
 
     # ---- the memory hierarchy -------------------------------------------------------------
-    def _issue_copies(self, copies: list[BlockCopy]) -> None:
-        if not copies:
-            return
-        if self.transfer is None:
-            raise RuntimeError("the scheduler emitted KV copies but the host tier is off")
-        for c in copies:
-            h = self.transfer.issue(c.direction, c.device_blocks, c.host_blocks, c.tag)
-            self._copy_of[h.id] = c
-
-    def _poll_transfers(self, handles=None) -> None:
-        if self.transfer is None:
-            return
-        finished = self.transfer.poll() if handles is None else handles
-        if finished:
-            done = [self._copy_of.pop(h.id) for h in finished if h.error is None]
-            failed = [self._copy_of.pop(h.id) for h in finished if h.error is not None]
-            self.scheduler.on_copies_done(done, failed)
-
     def sync_transfers(self) -> None:
         """Wait for every KV copy in flight and report it to the scheduler."""
-        if self.transfer is not None:
-            self._poll_transfers(self.transfer.wait())
-
-    def _check_fences(self, plan) -> None:
-        bs = self.pool.block_size
-        attended, written = [], []
-        for c in plan.chunks:
-            end = -(-(c.start + c.num_tokens) // bs)
-            attended.append(c.request.block_ids[:end])
-            written.append(c.request.block_ids[c.start // bs : end])
-        self.transfer.check_step(attended, written)
+        self.executor.wait_copies()
+        self.loop.report_copies()
 
     def _sampling_of(self, req: Request) -> RowSampling:
         state = self._text[req.request_id]

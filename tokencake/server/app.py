@@ -26,7 +26,6 @@ from tokencake.scheduler.lifecycle import Disposition
 from tokencake.server.body import read_json
 from tokencake.server.errors import APIError, bad, fault_error, rejection_error
 from tokencake.server.lifecycles import calls_of, open_lifecycle
-from tokencake.server.metrics import record
 from tokencake.server.openapi import openapi_spec
 from tokencake.server.protocol import (
     GenerationRequest,
@@ -35,7 +34,7 @@ from tokencake.server.protocol import (
     parse_event,
     with_sampling_defaults,
 )
-from tokencake.server.responses import close_stream, final_body, stream_response
+from tokencake.server.responses import close_stream, final_body, record_choices, stream_response
 from tokencake.server.responses_route import parse_responses, responses_json, responses_stream
 from tokencake.server.state import (
     ENGINE_KEY,
@@ -231,7 +230,7 @@ async def _tokenize(st: State, p: GenerationRequest) -> list[int]:
     if p.chat:
         # Tool definitions, calls and results go through the model's template (or the fallback
         # prompt); the template's tool-call format decides how the output is parsed.
-        p.template = template_info(st.engine.engine.tokenizer.chat_template)
+        p.template = template_info(st.engine.info.chat_template)
         return await st.engine.tokenize_chat(
             p.messages or [], p.add_generation_prompt, p.tool_request
         )
@@ -292,11 +291,14 @@ async def _generate(request: web.Request, st: State, p: GenerationRequest) -> we
             return await responses_json(st, p, outputs, first, start)
         if p.stream:
             return await stream_response(request, st, p, outputs, first, start)
-        final = first
-        async for out in outputs:
-            final = out
-        record(st.metrics, p.chat, final, start)
-        body = final_body(st, p, final, params)
+        last = first
+        finals = {first.index: first} if first.finished else {}
+        async for last in outputs:
+            if last.finished:
+                finals[last.index] = last
+        outs = [finals[i] for i in sorted(finals)] or [last]
+        record_choices(st.metrics, p.chat, outs, start)
+        body = final_body(st, p, outs, params)
         if p.on_done is not None:
             await p.on_done(calls_of(body))
         return web.json_response({**body, **p.response_extra}, headers=p.response_headers)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokencake.sampling_params import MAX_LOGPROBS
+from tokencake.row_controls import MAX_LOGIT_BIAS
+from tokencake.sampling_params import MAX_LOGPROBS, MAX_N
 from tokencake.server.openapi_schemas import (
     chat_properties,
     chat_schemas,
@@ -38,7 +39,7 @@ def openapi_spec(model_name: str = "model") -> dict[str, Any]:
         "temperature": {**num, "minimum": 0, "maximum": 2, "nullable": True},
         "top_p": {**num, "exclusiveMinimum": True, "minimum": 0, "maximum": 1, "nullable": True},
         "top_k": {"type": "integer", "minimum": -1, "nullable": True},
-        "n": {"type": "integer", "enum": [1], "nullable": True},
+        "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "nullable": True},
         "stream": {"type": "boolean", "nullable": True},
         "stream_options": {
             "type": "object",
@@ -56,8 +57,23 @@ def openapi_spec(model_name: str = "model") -> dict[str, Any]:
             k: {"description": "accepted and ignored", "nullable": True}
             for k in sorted(IGNORED_FIELDS - {"user"})
         },
-        "presence_penalty": {"type": "number", "enum": [0]},
-        "frequency_penalty": {"type": "number", "enum": [0]},
+        "presence_penalty": {**num, "minimum": -2, "maximum": 2, "nullable": True},
+        "frequency_penalty": {**num, "minimum": -2, "maximum": 2, "nullable": True},
+        "repetition_penalty": {
+            **num,
+            "exclusiveMinimum": True,
+            "minimum": 0,
+            "maximum": 10,
+            "nullable": True,
+        },
+        "min_p": {**num, "minimum": 0, "maximum": 1, "nullable": True},
+        "logit_bias": {
+            "type": "object",
+            "description": "token id (as a string) -> bias in [-100, 100]",
+            "additionalProperties": {**num, "minimum": -100, "maximum": 100},
+            "maxProperties": MAX_LOGIT_BIAS,
+            "nullable": True,
+        },
         "request_id": {"type": "string", "minLength": 1, "maxLength": 128},
         "tokencake": {"$ref": "#/components/schemas/AgentMetadata"},
         "vllm_xargs": {

@@ -93,7 +93,7 @@ def chat_schemas() -> dict[str, dict[str, Any]]:
 def chat_properties() -> dict[str, Any]:
     """The chat request's tool-calling properties."""
     return {
-        "tools": {"type": "array", "items": _ref("Tool"), "minItems": 1},
+        "tools": {"type": "array", "items": _ref("Tool")},
         "tool_choice": _ref("ToolChoice"),
         "parallel_tool_calls": {"type": "boolean", "nullable": True},
         "response_format": _ref("ResponseFormat"),
@@ -127,7 +127,7 @@ def responses_schemas() -> dict[str, dict[str, Any]]:
             "input": {"oneOf": [_STR, {"type": "array", "items": _ref("ResponseInputItem")}]},
             "instructions": _NULL_STR,
             "previous_response_id": {**_NULL_STR, "description": "continue a stored response (404 if unknown or evicted)"},
-            "tools": {"type": "array", "items": tool, "minItems": 1},
+            "tools": {"type": "array", "items": tool},
             "tool_choice": {"oneOf": [{"type": "string", "enum": ["none", "auto", "required"]}, _obj({"type": {"type": "string", "enum": ["function"]}, "name": _STR}, ["type", "name"])]},
             "parallel_tool_calls": {"type": "boolean", "nullable": True},
             "max_output_tokens": {"type": "integer", "minimum": 1, "nullable": True},
@@ -173,7 +173,11 @@ def responses_schemas() -> dict[str, dict[str, Any]]:
 def response_body_schemas() -> dict[str, dict[str, Any]]:
     """What the other routes answer (JSON bodies; streams are SSE of the chunk shapes)."""
     usage = _obj({"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT, "prompt_tokens_details": _obj({"cached_tokens": _INT})}, ["prompt_tokens", "completion_tokens", "total_tokens"])  # fmt: skip
-    finish = {"type": "string", "enum": ["stop", "length", "tool_calls", "abort"], "nullable": True}
+    finish = {
+        "type": "string",
+        "enum": ["stop", "length", "tool_calls", "abort", None],
+        "nullable": True,
+    }
     chat_msg = _obj({"role": {"type": "string", "enum": ["assistant"]}, "content": _NULL_STR, "tool_calls": {"type": "array", "items": _ref("ToolCall")}}, ["role", "content"])  # fmt: skip
     chat = _obj(
         {"id": _STR, "object": {"type": "string", "enum": ["chat.completion"]}, "created": _INT, "model": _STR, "usage": usage,

@@ -16,7 +16,7 @@ from typing import Any
 
 from tokencake.fieldpolicy import unknown_fields
 from tokencake.responses_api import ResponsesRequest
-from tokencake.sampling_params import MAX_LOGPROBS
+from tokencake.sampling_params import MAX_LOGPROBS, MAX_N
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.lifecycle import LifecycleEvent
 from tokencake.scheduler.metadata import AgentMetadata
@@ -135,6 +135,7 @@ _COMMON_FIELDS = IGNORED_FIELDS | {
     "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
     "stop", "stop_token_ids", "seed", "ignore_eos", "include_stop_str_in_output",
     "presence_penalty", "frequency_penalty", "logit_bias", "tokencake", "vllm_xargs", "request_id",
+    "repetition_penalty", "min_p",
 }  # fmt: skip
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 _CHAT_FIELDS = _COMMON_FIELDS | {
@@ -163,6 +164,7 @@ class GenerationRequest:
     # chat only: tools, tool choice and the conversation's tool history (issue 14 keys on it)
     tool_request: ToolRequest | None = None
     structured: Any = None  # a tokencake.structured spec (response_format or a forced call)
+    structured_param: str = "response_format"  # ... or "tools" when the grammar forces a call
     template: TemplateInfo | None = None  # set at tokenization: the model template's tool format
     responses: ResponsesRequest | None = None  # set when the request came to /v1/responses
     # The tool-call lifecycle (tokencake.server.lifecycles): the client's `user` and lifecycle
@@ -180,6 +182,8 @@ class GenerationRequest:
         """How this request spells the engine's parameter names (see ``RequestRejected``)."""
         return {
             "prompt": "input" if self.responses else "messages" if self.chat else "prompt",
+            # a grammar that does not compile: the field the client constrained decoding with
+            "structured": self.structured_param,
             "max_tokens": self.max_tokens_param,
             "metadata": self.metadata_param,
         }
@@ -194,12 +198,7 @@ def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
             "model",
             code="model_not_found",
         )
-    n = f.integer("n", 1)
-    if n not in (None, 1):
-        raise bad("only n=1 is supported", "n")
-    f.neutral("presence_penalty", (0,))
-    f.neutral("frequency_penalty", (0,))
-    f.neutral("logit_bias", ({},))
+    n = f.integer("n", 1, MAX_N, default=1)
     user = f.string("user")
     stream = f.boolean("stream")
     include_usage = False
@@ -239,6 +238,13 @@ def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
         "stop_token_ids": tuple(stop_ids),
         "ignore_eos": f.boolean("ignore_eos"),
         "include_stop_str_in_output": f.boolean("include_stop_str_in_output"),
+        # logit controls, applied inside the jitted step (SamplingParams validates the bias map)
+        "presence_penalty": f.number("presence_penalty", -2.0, 2.0, 0.0),
+        "frequency_penalty": f.number("frequency_penalty", -2.0, 2.0, 0.0),
+        "repetition_penalty": f.number("repetition_penalty", 0.0, 10.0, 1.0, lo_open=True),
+        "min_p": f.number("min_p", 0.0, 1.0, 0.0),
+        "logit_bias": f.raw("logit_bias"),
+        "n": n,
     }
     if chat:
         mt_param = "max_completion_tokens" if f.has("max_completion_tokens") else "max_tokens"
@@ -367,6 +373,7 @@ def parse_chat(body: Any, model_name: str, lenient: bool = False) -> GenerationR
                 "response_format cannot be combined with a forced tool_choice", "response_format"
             )
         structured = tr.grammar()
+        p.structured_param = "tools"
     if structured is not None and p.params["ignore_eos"]:
         raise bad("ignore_eos cannot be combined with structured output", "ignore_eos")
     p.tool_request = tr

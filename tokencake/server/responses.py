@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -85,14 +86,16 @@ def chat_finish_reason(out: RequestOutput, called: bool) -> str | None:
 
 def split_tool_calls(p: GenerationRequest, text: str) -> tuple[str | None, list[ToolCall]]:
     """A finished chat output as ``(content, tool calls)``; plain text when calls are not
-    parsed or malformed (the client then sees what the model wrote)."""
+    parsed or none is well-formed (the client then sees what the model wrote)."""
     parser = output_parser(p)
     if parser is None:
         return text, []
     parser.feed(text)
     parser.finish()
-    if parser.malformed or not parser.calls:
+    if not parser.calls:
         return text, []
+    # Complete calls stand even if a later one was cut off (max_tokens): the streamed answer
+    # delivered them too. Only the broken call's fragment is dropped.
     return parser.content or None, list(parser.calls)
 
 
@@ -121,30 +124,56 @@ def tool_call_deltas(events: list[Event]) -> tuple[str, list[dict[str, Any]]]:
     return "".join(text), calls
 
 
+def _usage_n(outs: list[RequestOutput]) -> dict[str, Any]:
+    """Usage of all choices: the prompt once, every choice's completion tokens."""
+    u = _usage(outs[0])
+    u["completion_tokens"] = sum(len(o.token_ids) for o in outs)
+    u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
+    return u
+
+
 def final_body(
-    st: State, p: GenerationRequest, out: RequestOutput, params: SamplingParams
+    st: State, p: GenerationRequest, outs: list[RequestOutput], params: SamplingParams
 ) -> dict[str, Any]:
+    """The JSON answer; ``outs`` are the finished choices in index order (``n`` of them)."""
     base = {
         "id": p.request_id,
         "created": int(time.time()),
         "model": st.model_name,
-        "usage": _usage(out),
+        "usage": _usage_n(outs),
     }
-    if p.chat:
-        content, calls = split_tool_calls(p, out.text)
-        message: dict[str, Any] = {"role": "assistant", "content": content}
-        if calls:
-            message["tool_calls"] = [c.openai() for c in calls]
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": message,
-            "logprobs": _chat_logprobs(st, out.logprobs or []) if p.chat_logprobs else None,
-            "finish_reason": chat_finish_reason(out, bool(calls)),
-        }
-        return {**base, "object": "chat.completion", "choices": [choice]}
-    lp = _completion_logprobs(st, out.logprobs or [], 0) if params.logprobs is not None else None
-    choice = {"index": 0, "text": out.text, "logprobs": lp, "finish_reason": _finish_reason(out)}
-    return {**base, "object": "text_completion", "choices": [choice]}
+    choices: list[dict[str, Any]] = []
+    for out in outs:
+        if p.chat:
+            content, calls = split_tool_calls(p, out.text)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = [c.openai() for c in calls]
+            choices.append({
+                "index": out.index,
+                "message": message,
+                "logprobs": _chat_logprobs(st, out.logprobs or []) if p.chat_logprobs else None,
+                "finish_reason": chat_finish_reason(out, bool(calls)),
+            })  # fmt: skip
+        else:
+            lp = (
+                _completion_logprobs(st, out.logprobs or [], 0)
+                if params.logprobs is not None
+                else None
+            )
+            choices.append({"index": out.index, "text": out.text, "logprobs": lp, "finish_reason": _finish_reason(out)})  # fmt: skip
+    obj = "chat.completion" if p.chat else "text_completion"
+    return {**base, "object": obj, "choices": choices}
+
+
+@dataclass
+class _ChoiceStream:
+    """One choice's progress in a stream (``n > 1`` interleaves several)."""
+
+    parser: ToolCallParser | None
+    n_lp: int = 0
+    text_offset: int = 0
+    called: bool = False
 
 
 async def stream_response(
@@ -168,77 +197,39 @@ async def stream_response(
     obj = "chat.completion.chunk" if p.chat else "text_completion"
     base = {"id": p.request_id, "object": obj, "created": created, "model": st.model_name,
             **p.response_extra}  # fmt: skip
-    n_lp = 0
-    text_offset = 0
-    parser = output_parser(p) if p.chat else None
-    called = False
+    choices: dict[int, _ChoiceStream] = {}
+    finals: dict[int, RequestOutput] = {}
 
     async def send(payload: dict[str, Any] | str) -> None:
         data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
         await resp.write(f"data: {data}\n\n".encode())
 
     try:
-        if p.chat:
-            await send(
-                {
-                    **base,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-            )
         o = first
         while True:
-            new_lps = (o.logprobs or [])[n_lp:]
-            n_lp += len(new_lps)
-            if o.delta_text or o.finished or new_lps:
+            c = choices.get(o.index)
+            if c is None:
+                c = choices[o.index] = _ChoiceStream(output_parser(p) if p.chat else None)
                 if p.chat:
-                    delta: dict[str, Any] = {"content": o.delta_text} if o.delta_text else {}
-                    if parser is not None:
-                        events = parser.feed(o.delta_text)
-                        if o.finished:
-                            events += parser.finish()
-                        text, calls = tool_call_deltas(events)
-                        delta = {"content": text} if text else {}
-                        if calls:
-                            delta["tool_calls"] = calls
-                            called = True
-                    if parser is not None and not (delta or o.finished or new_lps):
-                        o = await outputs.__anext__()  # the parser holds possible call text
-                        continue
-                    choice = {
-                        "index": 0,
-                        "delta": delta,
-                        "logprobs": _chat_logprobs(st, new_lps) if p.chat_logprobs else None,
-                        "finish_reason": chat_finish_reason(o, called),
-                    }
-                else:
-                    lp = (
-                        _completion_logprobs(st, new_lps, text_offset)
-                        if o.logprobs is not None
-                        else None
-                    )
-                    choice = {
-                        "index": 0,
-                        "text": o.delta_text,
-                        "logprobs": lp,
-                        "finish_reason": _finish_reason(o),
-                    }
-                text_offset += len(o.delta_text)
-                await send({**base, "choices": [choice]})
+                    role = {"role": "assistant", "content": ""}
+                    await send({**base, "choices": [{"index": o.index, "delta": role, "logprobs": None, "finish_reason": None}]})  # fmt: skip
+            chunk = _chunk(st, p, c, o)
+            if chunk is not None:
+                await send({**base, "choices": [chunk]})
             if o.finished:
+                finals[o.index] = o
+            if o.request_finished:
                 break
             o = await outputs.__anext__()
-        record(st.metrics, p.chat, o, start)
+        outs = [finals[i] for i in sorted(finals)] or [o]
+        record_choices(st.metrics, p.chat, outs, start)
         if p.on_done is not None:  # before [DONE]: the client may act on the calls at once
-            await p.on_done(list(parser.calls) if parser is not None and called else [])
+            made = [
+                c for ch in choices.values() if ch.called and ch.parser for c in ch.parser.calls
+            ]
+            await p.on_done(made)
         if p.include_usage:
-            await send({**base, "choices": [], "usage": _usage(o)})
+            await send({**base, "choices": [], "usage": _usage_n(outs)})
         await send("[DONE]")
     except (asyncio.CancelledError, ConnectionResetError):
         raise  # the client left; the finally of AsyncEngine.stream aborts the request
@@ -257,6 +248,46 @@ async def stream_response(
     with contextlib.suppress(Exception):
         await resp.write_eof()
     return resp
+
+
+def _chunk(
+    st: State, p: GenerationRequest, c: _ChoiceStream, o: RequestOutput
+) -> dict[str, Any] | None:
+    """One stream chunk's choice for output ``o`` (None when there is nothing to send yet)."""
+    new_lps = (o.logprobs or [])[c.n_lp :]
+    c.n_lp += len(new_lps)
+    if not (o.delta_text or o.finished or new_lps):
+        return None
+    if not p.chat:
+        lp = _completion_logprobs(st, new_lps, c.text_offset) if o.logprobs is not None else None
+        c.text_offset += len(o.delta_text)
+        return {"index": o.index, "text": o.delta_text, "logprobs": lp, "finish_reason": _finish_reason(o)}  # fmt: skip
+    delta: dict[str, Any] = {"content": o.delta_text} if o.delta_text else {}
+    if c.parser is not None:
+        events = c.parser.feed(o.delta_text)
+        if o.finished:
+            events += c.parser.finish()
+        text, calls = tool_call_deltas(events)
+        delta = {"content": text} if text else {}
+        if calls:
+            delta["tool_calls"] = calls
+            c.called = True
+        if not (delta or o.finished or new_lps):
+            return None  # the parser holds text that may start a call
+    return {
+        "index": o.index,
+        "delta": delta,
+        "logprobs": _chat_logprobs(st, new_lps) if p.chat_logprobs else None,
+        "finish_reason": chat_finish_reason(o, c.called),
+    }
+
+
+def record_choices(m: Any, chat: bool, outs: list[RequestOutput], start: float) -> None:
+    """Metrics of a finished request: the prompt once, every choice's tokens and reason."""
+    record(m, chat, outs[0], start)
+    for o in outs[1:]:
+        m.generation_tokens.inc(len(o.token_ids))
+        m.finished.labels(o.finish_reason or "unknown").inc()
 
 
 async def close_stream(outputs: AsyncIterator[RequestOutput]) -> None:

@@ -9,10 +9,12 @@ whatever format the model's own template teaches; so even a 135M model emits val
 
 ``response_format`` ``json_object`` / ``json_schema`` become
 :class:`~tokencake.structured.JsonObject` / :class:`~tokencake.structured.JsonSchema`.
+Schemas are used with their objects closed (:func:`closed_objects`).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from tokencake.fieldpolicy import InvalidField
@@ -31,6 +33,27 @@ def _structured(*names: str, param: str) -> tuple[Any, ...]:
     return tuple(getattr(structured, n) for n in names)
 
 
+def closed_objects(schema: Any) -> Any:
+    """A copy of ``schema`` whose objects that list ``properties`` without saying
+    ``additionalProperties`` forbid other keys. Every output valid for the copy is valid for the
+    original; the grammar just cannot wander into keys nobody declared (a weak model would
+    invent them until ``max_tokens``), as OpenAI's strict mode requires anyway."""
+
+    def close(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("properties"), dict) and "additionalProperties" not in node:
+                node["additionalProperties"] = False
+            for v in node.values():
+                close(v)
+        elif isinstance(node, list):
+            for v in node:
+                close(v)
+
+    out = copy.deepcopy(schema)
+    close(out)
+    return out
+
+
 def forced_call_grammar(tools: tuple[ToolSpec, ...], choice: ToolChoice, parallel: bool) -> Any:
     """The grammar forcing a call (``required``: any tool; named: that one), else ``None``."""
     if not choice.forced:
@@ -39,7 +62,7 @@ def forced_call_grammar(tools: tuple[ToolSpec, ...], choice: ToolChoice, paralle
 
     chosen = [t for t in tools if choice.mode == "required" or t.name == choice.name]
     return ToolCallGrammar(
-        tools=tuple(GrammarTool(t.name, t.parameters_schema) for t in chosen),
+        tools=tuple(GrammarTool(t.name, closed_objects(t.parameters_schema)) for t in chosen),
         parallel=parallel and choice.mode == "required",
     )
 
@@ -80,4 +103,4 @@ def response_format_spec(fmt: Any, param: str = "response_format") -> Any:
     strict = js.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise InvalidField(f"{jp}.strict must be a boolean", f"{jp}.strict")
-    return JsonSchema(schema, strict=bool(strict))
+    return JsonSchema(closed_objects(schema), strict=bool(strict))

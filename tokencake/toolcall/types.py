@@ -149,11 +149,12 @@ def parse_tool(obj: Any, param: str, flat: bool = False) -> ToolSpec:
 
 
 def parse_tools(v: Any, param: str = "tools", flat: bool = False) -> tuple[ToolSpec, ...]:
-    """The ``tools`` list (``None`` -> no tools). Names must be unique."""
+    """The ``tools`` list (``None`` or ``[]`` -> no tools; the Agents SDK sends ``[]``).
+    Names must be unique."""
     if v is None:
         return ()
-    if not isinstance(v, list) or not v:
-        raise InvalidToolRequest(f"{param} must be a non-empty list (omit it for no tools)", param)
+    if not isinstance(v, list):
+        raise InvalidToolRequest(f"{param} must be a list", param)
     tools = tuple(parse_tool(t, f"{param}[{i}]", flat) for i, t in enumerate(v))
     seen: set[str] = set()
     for i, t in enumerate(tools):
