@@ -14,9 +14,11 @@ unannotated conversations mixed.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
+from typing import Literal
 
 import openai
 import pytest
@@ -361,3 +363,41 @@ def test_ticket_keeps_unannotated_requests_ordinary(make_engine):
         engine.step()
     assert engine.scheduler.lifecycle.records[rid].state is LifecycleState.AWAITING_START
     assert engine.scheduler.tool_calls.enter(rid, [("call_1", "t")])
+
+
+def test_agents_sdk_run_gets_its_tool_call_inferred(tc_served):
+    """The OpenAI Agents SDK, unchanged (no hints, no events): its function-tool loop's first
+    response is a forced call, the SDK runs the tool and sends the result back; the server
+    ends that conversation's stall on the return and the return hits the cached prefix."""
+    agents = pytest.importorskip("agents")
+    from openai import AsyncOpenAI
+
+    server, engine = tc_served
+    agents.set_tracing_disabled(True)
+    ran: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:
+        """Weather in a city."""
+        ran.append(city)
+        return "sunny"
+
+    client = AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    agent = agents.Agent(
+        name="weather",
+        instructions="Weather agent.",
+        tools=[get_weather],
+        model=agents.OpenAIChatCompletionsModel(model=MODEL, openai_client=client),
+        # required once (the SDK resets tool_choice after a call): then free text ends the run
+        model_settings=agents.ModelSettings(
+            tool_choice="required", parallel_tool_calls=False, max_tokens=96, temperature=0.0
+        ),
+    )
+    before = _engine_view(server, engine, "")[2].get("inferred_returns", 0)
+    hits0 = server.run(engine.call(lambda e: e.pool.hits))
+    result = asyncio.run(agents.Runner.run(agent, "Paris?", max_turns=3))
+    assert len(ran) == 1 and result.final_output is not None
+    after = _engine_view(server, engine, "")[2].get("inferred_returns", 0)
+    assert after == before + 1  # the SDK's second request was recognised as the tool's return
+    assert server.run(engine.call(lambda e: e.pool.hits)) > hits0  # ... and hit the prefix
+    wait_pool_idle(server, engine)
