@@ -183,7 +183,7 @@ class Backend(Protocol):
 
     def now(self) -> float: ...
     def submit(
-        self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | LifecycleTicket
+        self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | LifecycleTicket | None
     ) -> None: ...
     def event(self, body: dict[str, Any]) -> str: ...
     def busy(self) -> bool: ...
@@ -213,6 +213,7 @@ class CallRecord:
     preemptions: int = 0
     recomputed_tokens: int = 0
     tool_s: float = 0.0  # the actual tool duration that followed this call
+    traffic: str = "agent"  # or bench.mixed's "chat-plain" / "chat-annotated"
 
 
 @dataclass
@@ -355,15 +356,17 @@ class Driver:
         md["application_started_at_s"] = st.start
         md["application_start_offset_s"] = st.app.arrival_s
         md["application_elapsed_s"] = max(0.0, now - st.start)
+        traffic = str(st.app.metadata.get("traffic", "agent"))
         rec = CallRecord(
             st.app.app_id, node.id, now - self._t0, prompt_tokens=len(ctx),
             after_tool=any(d in st.after_tool for d in node.deps),
-            critical=bool(md.get("critical_path")),
+            critical=bool(md.get("critical_path")), traffic=traffic,
         )  # fmt: skip
         self.calls.append(rec)
         self._pending[rid] = (st, node, rec, ctx)
         if not self._tool_calling(st):
-            self.be.submit(rid, ctx, node.max_tokens, md)
+            # An ordinary client (bench.mixed's plain chat) sends no metadata at all.
+            self.be.submit(rid, ctx, node.max_tokens, None if traffic == "chat-plain" else md)
             return
         # The request carries its predecessors' tool results: their tool calls have returned.
         index = self.be.scheduler.tool_calls
@@ -484,6 +487,20 @@ def running_blocks(scheduler: Any) -> int:
     return len(held)
 
 
+def read_blocks(plan: StepPlan, block_size: int) -> int:
+    """Distinct device blocks a step reads: for every chunk, its request's blocks up to the
+    chunk's end (a request that computes attends its whole context so far)."""
+    read: set[int] = set()
+    for ch in plan.chunks:
+        read.update(ch.request.block_ids[: -(-(ch.start + ch.num_tokens) // block_size)])
+    return len(read)
+
+
+def plan_snapshot(scheduler: Any, plan: StepPlan) -> tuple[int, int]:
+    """(blocks held by running requests, blocks read by the plan), taken when it is planned."""
+    return running_blocks(scheduler), read_blocks(plan, scheduler.pool.block_size)
+
+
 # ---- simulator backend ------------------------------------------------------------------
 class SimBackend:
     """The scheduler core and a policy on a virtual clock, with a preset's step costs.
@@ -511,7 +528,7 @@ class SimBackend:
         self.executor = preset.executor(self.clock, self.cost_model, vocab_size)
         self.loop = StepLoop(self.scheduler, self.executor)
         self.last_plan: StepPlan | None = None
-        self.plan_running_blocks: tuple[float, int] | None = None
+        self.plan_running_blocks: tuple[float, int, int] | None = None  # t, held, read
 
     def now(self) -> float:
         return self.clock()
@@ -519,7 +536,9 @@ class SimBackend:
     def tokenize(self, text: str) -> list[int]:
         return hashed_text_tokens(text, self.vocab_size)
 
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict) -> None:
+    def submit(
+        self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | LifecycleTicket | None
+    ) -> None:
         from tokencake.scheduler.request import Request
 
         self.scheduler.add_request(
@@ -537,7 +556,7 @@ class SimBackend:
         t_plan = self.clock()
         plan = self.loop.plan()
         self.last_plan = plan
-        self.plan_running_blocks = (t_plan, running_blocks(self.scheduler))
+        self.plan_running_blocks = (t_plan, *plan_snapshot(self.scheduler, plan))
         if plan.empty:
             return [], False  # nothing to run: no step time passes (the driver waits instead)
         produced = self.loop.update(plan, self.loop.execute(plan))
@@ -548,9 +567,14 @@ class SimBackend:
             self.clock.advance(t - self.clock())
 
 
-def _metadata(metadata: dict | LifecycleTicket) -> AgentMetadata | LifecycleTicket:
-    """Wire metadata as the scheduler takes it (a ticket: an inferred lifecycle, no hints)."""
-    return metadata if isinstance(metadata, LifecycleTicket) else AgentMetadata.from_dict(metadata)
+def _metadata(
+    metadata: dict | LifecycleTicket | None,
+) -> AgentMetadata | LifecycleTicket | None:
+    """Wire metadata as the scheduler takes it (a ticket: an inferred lifecycle; None: an
+    ordinary request)."""
+    if metadata is None or isinstance(metadata, LifecycleTicket):
+        return metadata
+    return AgentMetadata.from_dict(metadata)
 
 
 def _completion(req: Any) -> Completion:
@@ -573,7 +597,7 @@ class EngineBackend:
         self.vocab_size = engine.model_config.vocab_size
         self.cost_model = engine.cost_model
         self.last_plan: StepPlan | None = None
-        self.plan_running_blocks: tuple[float, int] | None = None
+        self.plan_running_blocks: tuple[float, int, int] | None = None  # t, held, read
         self.step_model: Any = None  # a preset StepModel: compare real steps with it
         self.step_wall_s = 0.0
         self.step_pred_s = 0.0
@@ -585,7 +609,9 @@ class EngineBackend:
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer.encode(text)
 
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict) -> None:
+    def submit(
+        self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | LifecycleTicket | None
+    ) -> None:
         from tokencake.sampling_params import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -603,7 +629,7 @@ class EngineBackend:
         t0 = time.monotonic()
         plan = self.engine.plan_step()  # the metrics collector reads the plan as planned
         self.last_plan = plan
-        self.plan_running_blocks = (t0, running_blocks(self.scheduler))
+        self.plan_running_blocks = (t0, *plan_snapshot(self.scheduler, plan))
         outs = self.engine.run_step(plan)
         worked = not plan.empty
         if worked and self.step_model is not None:
