@@ -163,7 +163,9 @@ class Backend(Protocol):
     policy: str
 
     def now(self) -> float: ...
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict) -> None: ...
+    def submit(
+        self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | None
+    ) -> None: ...
     def event(self, body: dict[str, Any]) -> str: ...
     def busy(self) -> bool: ...
     def step(self) -> tuple[list[Completion], bool]:
@@ -192,6 +194,7 @@ class CallRecord:
     preemptions: int = 0
     recomputed_tokens: int = 0
     tool_s: float = 0.0  # the actual tool duration that followed this call
+    traffic: str = "agent"  # or bench.mixed's "chat-plain" / "chat-annotated"
 
 
 @dataclass
@@ -328,14 +331,16 @@ class Driver:
         md["application_started_at_s"] = st.start
         md["application_start_offset_s"] = st.app.arrival_s
         md["application_elapsed_s"] = max(0.0, now - st.start)
+        traffic = str(st.app.metadata.get("traffic", "agent"))
         rec = CallRecord(
             st.app.app_id, node.id, now - self._t0, prompt_tokens=len(ctx),
             after_tool=any(d in st.after_tool for d in node.deps),
-            critical=bool(md.get("critical_path")),
+            critical=bool(md.get("critical_path")), traffic=traffic,
         )  # fmt: skip
         self.calls.append(rec)
         self._pending[rid] = (st, node, rec, ctx)
-        self.be.submit(rid, ctx, node.max_tokens, md)
+        # An ordinary client (bench.mixed's plain chat) sends no metadata at all.
+        self.be.submit(rid, ctx, node.max_tokens, None if traffic == "chat-plain" else md)
 
     def _generated(self, c: Completion, now: float) -> None:
         st, node, rec, prompt = self._pending.pop(c.request_id)
@@ -443,6 +448,20 @@ def running_blocks(scheduler: Any) -> int:
     return len(held)
 
 
+def read_blocks(plan: StepPlan, block_size: int) -> int:
+    """Distinct device blocks a step reads: for every chunk, its request's blocks up to the
+    chunk's end (a request that computes attends its whole context so far)."""
+    read: set[int] = set()
+    for ch in plan.chunks:
+        read.update(ch.request.block_ids[: -(-(ch.start + ch.num_tokens) // block_size)])
+    return len(read)
+
+
+def plan_snapshot(scheduler: Any, plan: StepPlan) -> tuple[int, int]:
+    """(blocks held by running requests, blocks read by the plan), taken when it is planned."""
+    return running_blocks(scheduler), read_blocks(plan, scheduler.pool.block_size)
+
+
 # ---- simulator backend ------------------------------------------------------------------
 class SimBackend:
     """The scheduler core and a policy on a virtual clock, with a preset's step costs.
@@ -470,7 +489,7 @@ class SimBackend:
         self.executor = preset.executor(self.clock, self.cost_model, vocab_size)
         self.loop = StepLoop(self.scheduler, self.executor)
         self.last_plan: StepPlan | None = None
-        self.plan_running_blocks: tuple[float, int] | None = None
+        self.plan_running_blocks: tuple[float, int, int] | None = None  # t, held, read
 
     def now(self) -> float:
         return self.clock()
@@ -478,14 +497,11 @@ class SimBackend:
     def tokenize(self, text: str) -> list[int]:
         return hashed_text_tokens(text, self.vocab_size)
 
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict) -> None:
+    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | None) -> None:
         from tokencake.scheduler.request import Request
 
-        self.scheduler.add_request(
-            Request(
-                rid, prompt, max_tokens, self.clock(), metadata=AgentMetadata.from_dict(metadata)
-            )
-        )
+        md = None if metadata is None else AgentMetadata.from_dict(metadata)
+        self.scheduler.add_request(Request(rid, prompt, max_tokens, self.clock(), metadata=md))
 
     def event(self, body: dict[str, Any]) -> str:
         disp, _ = self.scheduler.lifecycle_event(body)
@@ -498,7 +514,7 @@ class SimBackend:
         t_plan = self.clock()
         plan = self.loop.plan()
         self.last_plan = plan
-        self.plan_running_blocks = (t_plan, running_blocks(self.scheduler))
+        self.plan_running_blocks = (t_plan, *plan_snapshot(self.scheduler, plan))
         if plan.empty:
             return [], False  # nothing to run: no step time passes (the driver waits instead)
         produced = self.loop.update(plan, self.loop.execute(plan))
@@ -529,7 +545,7 @@ class EngineBackend:
         self.vocab_size = engine.model_config.vocab_size
         self.cost_model = engine.cost_model
         self.last_plan: StepPlan | None = None
-        self.plan_running_blocks: tuple[float, int] | None = None
+        self.plan_running_blocks: tuple[float, int, int] | None = None  # t, held, read
         self.step_model: Any = None  # a preset StepModel: compare real steps with it
         self.step_wall_s = 0.0
         self.step_pred_s = 0.0
@@ -541,11 +557,12 @@ class EngineBackend:
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer.encode(text)
 
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict) -> None:
+    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | None) -> None:
         from tokencake.sampling_params import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        self.engine.add_request(prompt, params, rid, AgentMetadata.from_dict(metadata))
+        md = None if metadata is None else AgentMetadata.from_dict(metadata)
+        self.engine.add_request(prompt, params, rid, md)
         self._reqs[rid] = self.scheduler.requests[rid]
 
     def event(self, body: dict[str, Any]) -> str:
@@ -559,7 +576,7 @@ class EngineBackend:
         t0 = time.monotonic()
         plan = self.engine.plan_step()  # the metrics collector reads the plan as planned
         self.last_plan = plan
-        self.plan_running_blocks = (t0, running_blocks(self.scheduler))
+        self.plan_running_blocks = (t0, *plan_snapshot(self.scheduler, plan))
         outs = self.engine.run_step(plan)
         worked = not plan.empty
         if worked and self.step_model is not None:

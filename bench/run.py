@@ -53,6 +53,7 @@ GENERATOR_NAMES = {
     "code-writer": "code_writer",
     "deep-research": "deep_research",
     "multi-turn": "multi_turn",
+    "mixed": "mixed",  # code-writer apps + plain chat traffic (bench/mixed.py)
 }
 
 
@@ -274,6 +275,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--max-wall-s", type=float, default=600.0, help="per real-engine run")
     ap.add_argument("--out", default="runs/latest")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the no-pressure floor run (vllm with the KV pool x10) of simulator reports",
+    )
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
@@ -324,6 +330,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     f"eff. KV util {row['effective_kv_utilization']:.1%}  "
                     f"wall {row['wall_s']:.0f} s"
                 )
+        if "sim" in executors and not args.no_floor:
+            bar.set_description(f"rate={rate} floor")
+            row, _, _ = run_sim(wl, "vllm", floor_preset(preset), seed=args.seed)
+            rows.append({"rate": rate, "executor": "sim", **row, "policy": FLOOR})
+            bar.write(f"rate={rate} {FLOOR}: total E2E {row['total_e2e_s']:8.1f} s")
     bar.close()
     extra = comparison_notes(rows, executors, preset.name, args)
     if timed_out:
@@ -343,6 +354,67 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+#: Name of the no-pressure floor row: ``vllm`` with ten times the device KV pool.
+FLOOR = "floor (vllm, KV x10)"
+FLOOR_FACTOR = 10
+
+
+def floor_preset(preset: Any) -> Any:
+    """``preset`` with ``FLOOR_FACTOR`` times the device KV blocks (same compute, no memory
+    pressure): what no KV policy can beat at this compute."""
+    import dataclasses
+
+    return dataclasses.replace(
+        preset,
+        name=f"{preset.name} (KV x{FLOOR_FACTOR})",
+        num_blocks=preset.num_blocks * FLOOR_FACTOR,
+    )
+
+
+def floor_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: each policy's total E2E and app mean as multiples of the floor's."""
+    floors = {r["rate"]: r for r in rows if r["policy"] == FLOOR}
+    if not floors:
+        return []
+    out = ["## No-pressure floor (same workload and compute, KV pool x10)", "",
+           "| rate | policy | total E2E (s) | floor (s) | x floor | app mean (s) | floor app mean (s) |"
+           " x floor |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        f = floors.get(r["rate"])
+        if f is None or r["policy"] == FLOOR or r["executor"] != "sim":
+            continue
+        out.append(
+            f"| {r['rate']} | {r['policy']} | {r['total_e2e_s']:.1f} | {f['total_e2e_s']:.1f} | "
+            f"{r['total_e2e_s'] / f['total_e2e_s']:.2f} | {r['app_latency_mean_s']:.1f} | "
+            f"{f['app_latency_mean_s']:.1f} | {r['app_latency_mean_s'] / f['app_latency_mean_s']:.2f} |"
+        )
+    return [*out, ""]
+
+
+def starvation_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: chat calls' mean and P95 latency per policy, as multiples of ``vllm``'s in
+    the same run (the no-starvation bound of issue 12 is 1.2x)."""
+    kinds = sorted({k[: -len("_latency_mean_s")] for r in rows for k in r
+                    if k.startswith("chat-") and k.endswith("_latency_mean_s")})  # fmt: skip
+    if not kinds:
+        return []
+    by = {(r["rate"], r["policy"], r["executor"]): r for r in rows}
+    out = ["## Starvation: chat calls next to agent applications (vs vllm, same run)", "",
+           "| rate | policy | traffic | calls | mean (s) | x vllm | P95 (s) | x vllm |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        b = by.get((r["rate"], "vllm", r["executor"]))
+        for k in kinds:
+            if f"{k}_latency_mean_s" not in r or r["policy"] == FLOOR:
+                continue
+            m, p = r[f"{k}_latency_mean_s"], r[f"{k}_latency_p95_s"]
+            bm = b[f"{k}_latency_mean_s"] if b else math.nan
+            bp = b[f"{k}_latency_p95_s"] if b else math.nan
+            out.append(f"| {r['rate']} | {r['policy']} | {k} | {r[f'{k}_calls']} | {m:.2f} | "
+                       f"{m / bm:.2f} | {p:.2f} | {p / bp:.2f} |")  # fmt: skip
+    return [*out, ""]
+
+
 def comparison_notes(
     rows: list[dict[str, Any]], executors: list[str], preset: str, args: argparse.Namespace
 ) -> str:
@@ -352,7 +424,7 @@ def comparison_notes(
     lines = []
     for (rate, pol, ex), r in by.items():
         b = by.get((rate, "vllm", ex))
-        if b and pol != "vllm":
+        if b and pol not in ("vllm", FLOOR):
             red = 1 - r["total_e2e_s"] / b["total_e2e_s"]
             du = r["effective_kv_utilization"] - b["effective_kv_utilization"]
             lines.append(f"| {rate} | {ex} | {pol} | {red:+.1%} | {du * 100:+.1f} pp |")
@@ -360,6 +432,8 @@ def comparison_notes(
         out += ["## E2E reduction vs vllm", "",
                 "| rate | executor | policy | total E2E reduction | eff. KV util change |",
                 "|---|---|---|---|---|", *lines, ""]  # fmt: skip
+    out += floor_notes(rows)
+    out += starvation_notes(rows)
     if "real" in executors and "sim" in executors:
         out += ["## Simulator (local preset) vs real engine", "",
                 "| rate | policy | real E2E (s) | sim E2E (s) | error | real app mean | sim app mean |"

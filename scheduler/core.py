@@ -145,6 +145,8 @@ class Scheduler:
             self.lifecycle.generation_finished(req.request_id, ok=False)
         self._release(req)
         self._release_swap(req)
+        if status is not RequestStatus.FINISHED_ABORTED and self.policy.writes_back(req):
+            self._write_back(req)
         req.status = status
         req.finish_time = self.clock()
         self.requests.pop(req.request_id, None)
@@ -251,9 +253,8 @@ class Scheduler:
         """Recompute preemption: drop the KV (cached blocks stay revivable) and requeue. In
         swap mode the full blocks are first copied to the host tier (see ``_swap_out``)."""
         self.running.remove(req)
-        swapped = self._swap_out(req)
+        self._swap_out(req)  # (tokens kept on the host are not recomputed; ``update`` counts)
         self._release(req)
-        req.num_recomputed_tokens += req.num_computed_tokens - swapped
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
@@ -438,7 +439,13 @@ class Scheduler:
             req = chunk.request
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens = chunk.start + chunk.num_tokens
+            end = chunk.start + chunk.num_tokens
+            # Re-execution: the part of this chunk the request already had once (its start
+            # is what it holds now, by computation, prefix hit or copy-in).
+            hwm = max(req.max_computed_tokens, chunk.start)
+            req.num_recomputed_tokens += max(0, min(end, hwm) - chunk.start)
+            req.max_computed_tokens = max(hwm, end)
+            req.num_computed_tokens = end
             self._register_full_blocks(req)
             if chunk.samples and req.request_id in sampled:
                 req.output_token_ids.append(sampled[req.request_id])
@@ -555,6 +562,19 @@ class Scheduler:
         if dev:  # the copy holds the device pages until it has landed
             self.copies.issue("d2h", dev, dst, f"d2h:{owner}", self)
         return kept
+
+    def _write_back(self, req: Request) -> None:
+        """Copy the full blocks of a just-finished request's computed tokens that are still
+        cached on the device and that the host tier lacks (LRU there, not retained)."""
+        if self.host_pool is None:
+            return
+        bs = self.pool.block_size
+        hashes = req.block_hashes(bs)[: req.num_computed_tokens // bs]
+        q, h = self.pool.queries, self.pool.hits  # a write-back is not a cache lookup
+        blocks = self.pool.lookup_prefix(hashes)
+        self.pool.queries, self.pool.hits = q, h
+        if blocks:
+            self.offload_blocks(blocks, hashes[: len(blocks)], req.request_id, retain=False)
 
     def _swap_out_will_cover(self, req: Request, n: int) -> bool:
         """True when pages held only by in-flight copy-outs cover ``req``'s shortfall, so it
