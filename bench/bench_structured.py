@@ -36,19 +36,22 @@ LONG_SCHEMA = {
 PROMPT = "List sixty numbers between 0 and 99 as JSON: "
 
 
-def decode_rate(engine: LLMEngine, params: list[SamplingParams], steps: int) -> float:
-    """Generated tokens per second over ``steps`` steps once every request is decoding."""
+def decode_step_times(engine: LLMEngine, params: list[SamplingParams], steps: int) -> list[float]:
+    """Seconds of each of ``steps`` engine steps once every request is decoding (each step
+    must produce a token for every request, else the batch shrank and the run is invalid)."""
     ids = [engine.add_request(PROMPT + str(i), p) for i, p in enumerate(params)]
     while any(len(engine.scheduler.requests[i].output_token_ids) == 0 for i in ids):
         engine.step()
-    tokens = 0
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
-        tokens += len(engine.step())
-    dt = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n = len(engine.step())
+        times.append(time.perf_counter() - t0)
+        if n != len(ids):
+            raise RuntimeError(f"a step produced {n} tokens for {len(ids)} requests")
     for i in ids:
         engine.abort_request(i)
-    return tokens / dt
+    return times
 
 
 def main() -> None:
@@ -90,16 +93,20 @@ def main() -> None:
         + [plain] * (args.batch - 1),
     }
     for params in variants.values():  # compile the shapes and build the grammar tokenizer
-        decode_rate(engine, params, 2)
-    rates: dict[str, list[float]] = {k: [] for k in variants}
+        decode_step_times(engine, params, 2)
+    times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.repeats):
         for name, params in variants.items():
-            rates[name].append(decode_rate(engine, params, args.steps))
-    base = statistics.median(rates["plain"])
-    print(f"batch {args.batch}, {args.steps} decode steps, median of {args.repeats}")
-    for name, r in rates.items():
-        med = statistics.median(r)
-        print(f"{name:>16}: {med:8.1f} tok/s  ratio {med / base:.3f}  runs {[round(x) for x in r]}")
+            times[name] += decode_step_times(engine, params, args.steps)
+    b = args.batch
+    base_med, base_min = statistics.median(times["plain"]), min(times["plain"])
+    print(f"batch {b}, {args.repeats} x {args.steps} decode steps per variant")
+    for name, t in times.items():
+        med, best = statistics.median(t), min(t)
+        print(
+            f"{name:>16}: median {b / med:8.1f} tok/s (ratio {base_med / med:.3f})   "
+            f"best {b / best:8.1f} tok/s (ratio {base_min / best:.3f})"
+        )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def main() -> None:
     for turn in range(args.max_turns):
         # first turn forced (a tiny model would not call on its own), then the model decides
         choice = "required" if args.force and turn == 0 else "auto"
-        ai = llm.bind_tools(list(tools.values()), tool_choice=choice).invoke(messages)
+        bound = llm.bind_tools(list(tools.values()), tool_choice=choice, parallel_tool_calls=False)
+        ai = bound.invoke(messages)
         messages.append(ai)
         if not ai.tool_calls:
             print("answer:", ai.content)

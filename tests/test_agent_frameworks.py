@@ -198,3 +198,30 @@ def test_litellm_tools(agent_served):
         tools=tools, **kw,
     )  # fmt: skip
     assert follow.choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------- the examples, unchanged
+@pytest.mark.slow  # subprocesses importing the frameworks; the flows are covered above
+@pytest.mark.parametrize(
+    "script, expect",
+    [
+        ("agents_triage.py", ["[triage_agent] handoff_output_item", "final answer from weather_agent:"]),
+        ("agents_triage.py --api chat_completions", ["[weather_agent] tool_call_output_item"]),
+        ("langchain_tools.py", ["tool get_weather(", "structured: city="]),
+    ],
+)  # fmt: skip
+def test_examples_run_against_the_server(agent_served, script, expect):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    name, *args = script.split()
+    env = {**os.environ, "OPENAI_BASE_URL": url(agent_served)}
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / name), *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in expect:
+        assert line in proc.stdout, proc.stdout

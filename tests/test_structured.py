@@ -211,3 +211,30 @@ def test_bad_specs_are_refused(make_engine, spec, message):
 def test_structured_refuses_ignore_eos():
     with pytest.raises(ValueError, match="ignore_eos"):
         SamplingParams(ignore_eos=True, structured=JsonObject())
+
+
+class _BrokenMatcher:
+    """Stands in for an llguidance matcher that hit an internal limit mid-generation."""
+
+    def unsafe_compute_mask_ptr(self, ptr: int, size: int) -> None:
+        pass
+
+    def is_error(self) -> bool:
+        return True
+
+    def get_error(self) -> str:
+        return "step lexer fuel exhausted"
+
+
+def test_failing_matcher_aborts_only_its_request(make_engine):
+    engine = make_engine()
+    bad = engine.add_request("x", SamplingParams(max_tokens=20, structured=JsonObject()))
+    good = engine.add_request("x", SamplingParams(max_tokens=5))
+    engine._text[bad].controls.grammar.matcher = _BrokenMatcher()
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs[bad].finish_reason == "abort" and "lexer fuel" in str(outs[bad].error)
+    assert outs[bad].token_ids == [2]  # the mask allowed only EOS
+    assert outs[good].finish_reason == "length" and outs[good].error is None
+    assert engine.pool.num_used == 0

@@ -341,6 +341,12 @@ def test_truncated_call_is_malformed_and_whole_parse_keeps_text():
     events = p.feed(text) + p.finish()
     assert p.malformed and not p.calls and isinstance(events[-1], CallEnd)
     assert parse_tool_calls(text, "hermes", NAMES).content == text
+    # a complete call before the cut-off one stands; the fragment is dropped
+    two = '<tool_call>{"name": "now", "arguments": {}}</tool_call>\n' + text
+    out = parse_tool_calls(two, "hermes", NAMES)
+    assert out.content is None and [(c.name, c.arguments) for c in out.tool_calls] == [
+        ("now", "{}")
+    ]
 
 
 def test_mistral_ids():

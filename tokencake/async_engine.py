@@ -39,6 +39,7 @@ class EngineInfo:
     vocab_size: int
     # temperature / top_p / top_k the model's files recommend (ModelConfig.sampling_defaults)
     sampling_defaults: Mapping[str, float | int] = field(default_factory=dict)
+    chat_template: str | None = None  # the tokenizer's Jinja template (None: the fallback)
 
 
 LifecycleHandler = Callable[[Any], tuple[Any, dict[str, Any]]]
@@ -65,6 +66,7 @@ class AsyncEngine:
             max_seq_tokens=min(engine.max_model_len, pool.capacity * pool.block_size),
             vocab_size=engine.model_config.vocab_size,
             sampling_defaults=dict(engine.model_config.sampling_defaults),
+            chat_template=engine.tokenizer.chat_template,
         )
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

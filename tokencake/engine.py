@@ -39,6 +39,7 @@ from tokencake.scheduler.plan import StepPlan
 from tokencake.scheduler.policy import PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
 from tokencake.scheduler.step_loop import StepLoop
+from tokencake.structured import GrammarCompiler
 from tokencake.toolcall.render import render_prompt
 from tokencake.toolcall.request import ToolRequest
 
@@ -115,7 +116,7 @@ class LLMEngine:
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
-        self._grammars = None  # GrammarCompiler, built on the first structured request
+        self._grammars = GrammarCompiler(tokenizer.hf, model_config.vocab_size, self.eos_ids)
         self._choices = ChoiceGroups()  # n > 1 requests
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
         if cfg.warmup:
@@ -124,6 +125,7 @@ class LLMEngine:
     def warmup(self, progress: bool = False) -> None:
         """Compile every step and transfer shape (``progress``: a bar on stderr) and profile
         recompute costs where they are used. Runs at construction unless ``warmup=False``."""
+        self._grammars.prepare_in_background()  # else the first structured request waits ~2 s
         self.runner.warmup(progress=progress)
         if self.transfer is not None:
             self.transfer.warmup()
@@ -216,10 +218,6 @@ class LLMEngine:
             )
         grammar = None
         if params.structured is not None:
-            if self._grammars is None:
-                from tokencake.structured import GrammarCompiler
-
-                self._grammars = GrammarCompiler(self.tokenizer.hf, vocab, sorted(self.eos_ids))
             grammar = self._grammars.compile(params.structured)
         return RowControls(
             prompt=prompt,

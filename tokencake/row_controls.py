@@ -81,11 +81,6 @@ class RowControls:
         self.bias_values = np.array([b for _, b in logit_bias], np.float32)
         self.grammar = grammar
 
-    @property
-    def active(self) -> bool:
-        """False when nothing here changes the logits (the row can skip the controls)."""
-        return self.penalized or bool(np.any(self.bias_values != 0)) or self.grammar is not None
-
     def accept(self, token: int) -> None:
         """Record a generated token (penalty counts, grammar state)."""
         if self.counts is not None:

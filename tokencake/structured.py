@@ -18,6 +18,7 @@ self-contained Rust wheel (abi3) and reads the Hugging Face ``tokenizers`` JSON 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from tokencake.scheduler.errors import RequestRejected
+
+log = logging.getLogger(__name__)
 
 # JSON layout the grammar allows: no free whitespace (a weak model would otherwise pad
 # forever), separators as json.dumps writes them (what models saw in training).
@@ -182,17 +185,32 @@ Structured = JsonObject | JsonSchema | ToolCallGrammar | LarkGrammar
 class GrammarState:
     """One request's position in its grammar (an llguidance matcher)."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, eos_ids: Sequence[int]) -> None:
         self.matcher = matcher
+        self._eos = tuple(eos_ids)
+        self._error: str | None = None
 
     def fill_mask(self, words: np.ndarray) -> None:
         """Write the packed mask of tokens the grammar allows next into ``words`` (int32,
-        contiguous, ``ceil(V / 32)`` words); EOS is set only where the grammar accepts."""
-        self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
-        if self.matcher.is_error():
-            raise GrammarError(f"grammar matcher failed: {self.matcher.get_error()}")
+        contiguous, ``ceil(V / 32)`` words); EOS is set only where the grammar accepts.
+
+        Never raises: it runs while the whole batch's step is built. If the matcher fails
+        (e.g. a pathological grammar exhausts llguidance's per-step limits) the mask allows
+        only EOS and the next :meth:`accept` raises, which aborts just this request."""
+        if self._error is None:
+            self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+            if self.matcher.is_error():
+                self._error = self.matcher.get_error()
+        if self._error is not None:
+            words[:] = 0
+            for e in self._eos:
+                words[e // 32] |= np.array(1 << (e % 32), np.uint32).view(np.int32)
 
     def accept(self, token: int) -> None:
+        """Advance past a sampled token; GrammarError if the matcher failed or the token is
+        outside the grammar."""
+        if self._error is not None:
+            raise GrammarError(f"grammar matcher failed: {self._error}")
         if not self.matcher.consume_token(token):
             raise GrammarError(f"token {token} left the grammar: {self.matcher.get_error()}")
 
@@ -220,6 +238,18 @@ class GrammarCompiler:
         self._lock = threading.Lock()  # prepare() may run on another thread than the engine
         self._templates: OrderedDict[Structured, Any] = OrderedDict()
         self._cache_size = cache_size
+
+    def prepare_in_background(self) -> None:
+        """Start :meth:`prepare` on a daemon thread (e.g. during warm-up); a structured
+        request arriving before it is done waits for it."""
+        if self._ll is None:
+            threading.Thread(target=self._prepare_logged, daemon=True).start()
+
+    def _prepare_logged(self) -> None:
+        try:
+            self.prepare()
+        except Exception:  # the first structured request will raise it again, in context
+            log.exception("building the grammar tokenizer failed")
 
     def prepare(self) -> None:
         """Build the tokenizer view now (idempotent, thread-safe)."""
@@ -252,4 +282,4 @@ class GrammarCompiler:
                 self._templates.popitem(last=False)
         else:
             self._templates.move_to_end(spec)
-        return GrammarState(template.deep_copy())
+        return GrammarState(template.deep_copy(), self._eos)

@@ -4,9 +4,12 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 JSON or SSE streams), ``POST /v1/tokencake/events`` (tool-lifecycle ``stall_started`` /
 ``stall_finished``), ``GET /metrics`` (Prometheus), ``GET /health`` and ``GET /openapi.json``.
 
-Modules: ``protocol`` (JSON bodies -> typed requests), ``errors`` (the HTTP error body),
-``app`` (middleware, handlers, generation), ``responses`` (JSON bodies and SSE), ``openapi``,
-``metrics``, ``state`` and ``run`` (serving, ``BackgroundServer``).
+Modules: ``body`` (reading a JSON body) and ``protocol`` (JSON bodies -> typed requests),
+``errors`` (the HTTP error body and the one map from typed rejections), ``app`` (middleware,
+handlers, generation), ``responses`` (JSON bodies and SSE), ``responses_route``
+(``/v1/responses``), ``openapi`` / ``openapi_schemas``, ``metrics``, ``state``,
+``connections`` (timeouts, connection cap), ``listen`` (the socket, bound before the model
+loads) and ``run`` (serving, ``BackgroundServer``).
 
 Rules the handlers keep:
 

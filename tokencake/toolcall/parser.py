@@ -370,11 +370,12 @@ def parse_tool_calls(
     tool_names: Iterable[str],
     id_style: Literal["openai", "mistral"] = "openai",
 ) -> ParsedOutput:
-    """Parse a whole generation. If any call is malformed the text stays content, untouched
-    (nothing was executed, so the client sees what the model wrote)."""
+    """Parse a whole generation. Without a well-formed call the text stays content, untouched
+    (the client sees what the model wrote); a broken call after complete ones (cut off by
+    ``max_tokens``) is dropped, the complete ones stand."""
     p = ToolCallParser(fmt, tool_names, id_style)
     p.feed(text)
     p.finish()
-    if p.malformed or not p.calls:
+    if not p.calls:
         return ParsedOutput(text, ())
     return ParsedOutput(p.content or None, tuple(p.calls))
