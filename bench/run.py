@@ -43,7 +43,7 @@ from typing import Any
 from bench.driver import Driver, EngineBackend, RunResult, SimBackend, filler_tokens
 from bench.presets import describe, local_engine_kwargs, make_preset
 from bench.report import Collector, summarize, write_reports
-from bench.workload import Workload
+from bench.workload import CLIENTS, Workload
 
 #: The authors' native vLLM and combined (agent_offload) total E2E per rate (digest §7.2).
 AUTHORS_BASE_E2E = {0.05: 875.74, 0.1: 940.76, 0.2: 938.79, 0.5: 938.99, 1.0: 960.44}
@@ -97,18 +97,28 @@ def build_workload(args: argparse.Namespace, rate: float | None) -> Workload:
 
 
 # ---- one policy ---------------------------------------------------------------------------------
+def split_policy(spec: str) -> tuple[str, str | None]:
+    """``policy[@client]``: ``tokencake@tool-calling`` runs every application as a plain
+    tool-calling client (no hints, no events); no suffix: each application's own ``client``."""
+    policy, _, client = spec.partition("@")
+    if client and client not in CLIENTS:
+        raise SystemExit(f"unknown client {client!r} in {spec!r}; use one of {', '.join(CLIENTS)}")
+    return policy, client or None
+
+
 def run_sim(
     wl: Workload, policy: str, preset: Any, *, seed: int = 0, progress: Any = None,
-    sample_s: float | None = None,
+    sample_s: float | None = None, client: str | None = None,
 ) -> tuple[dict[str, Any], RunResult, Collector]:  # fmt: skip
-    """One policy on the simulator; returns (metrics, raw result, collector)."""
+    """One policy on the simulator; returns (metrics, raw result, collector). ``client``
+    overrides every application's client (``annotated`` / ``tool-calling``)."""
     be = SimBackend(policy, preset, vocab_size=preset.vocab_size)
     horizon = max(a.arrival_s for a in wl.applications) + 60.0
     col = Collector(be, sample_s=sample_s or max(0.05, horizon / 400))
     drv = Driver(
         wl, be, seed=seed, observe=col.observe,
         on_progress=None if progress is None else progress.update,
-        idle_quantum_s=max(preset.step.idle, 1e-3),
+        idle_quantum_s=max(preset.step.idle, 1e-3), client=client,
     )  # fmt: skip
     col.start(be.now())
     res = drv.run()
@@ -132,9 +142,9 @@ def make_real_engine(policy: str, model: Any = None, engine_kwargs: dict | None 
 def run_real(
     wl: Workload, policy: str, *, model: Any = None, engine_kwargs: dict | None = None,
     seed: int = 0, progress: Any = None, max_wall_s: float | None = None,
-    sample_s: float = 0.25,
+    sample_s: float = 0.25, client: str | None = None,
 ) -> tuple[dict[str, Any], RunResult, Collector]:  # fmt: skip
-    """One policy on the real in-process engine (wall clock)."""
+    """One policy on the real in-process engine (wall clock); ``client`` as for run_sim."""
     engine = make_real_engine(policy, model, engine_kwargs)
     be = EngineBackend(engine, policy)
     try:
@@ -145,7 +155,7 @@ def run_real(
     drv = Driver(
         wl, be, seed=seed, observe=col.observe,
         on_progress=None if progress is None else progress.update,
-        idle_quantum_s=0.002, max_wall_s=max_wall_s,
+        idle_quantum_s=0.002, max_wall_s=max_wall_s, client=client,
     )  # fmt: skip
     col.start(be.now())
     res = drv.run()
@@ -302,11 +312,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row = run_http(wl, args.url, seed=args.seed, progress=bar)
             rows.append({"rate": rate, "executor": "http", **row})
             continue
-        for policy in policies:
+        for spec in policies:
+            policy, client = split_policy(spec)
             for ex in executors:
-                bar.set_description(f"rate={rate} {policy} {ex}")
+                bar.set_description(f"rate={rate} {spec} {ex}")
                 if ex == "sim":
-                    row, _, col = run_sim(wl, policy, preset, seed=args.seed, progress=bar)
+                    row, _, col = run_sim(wl, policy, preset, seed=args.seed, progress=bar,
+                                          client=client)  # fmt: skip
                 elif ex == "real":
                     if model is None:
                         from tokencake.models.hub import resolve_model
@@ -315,17 +327,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         model = (mc, params, tok)
                     try:
                         row, _, col = run_real(wl, policy, model=model, seed=args.seed,
-                                               progress=bar, max_wall_s=args.max_wall_s)  # fmt: skip
+                                               progress=bar, max_wall_s=args.max_wall_s,
+                                               client=client)  # fmt: skip
                     except TimeoutError as e:  # report it and go on with the other policies
-                        bar.write(f"rate={rate} {policy:16s} {ex:4s} TIMED OUT: {e}")
-                        timed_out.append(f"rate={rate} {policy} {ex}: {e}")
+                        bar.write(f"rate={rate} {spec:16s} {ex:4s} TIMED OUT: {e}")
+                        timed_out.append(f"rate={rate} {spec} {ex}: {e}")
                         continue
                 else:
                     raise SystemExit(f"unknown executor {ex!r}; use sim, real, http or real,sim")
-                rows.append({"rate": rate, "executor": ex, **row})
-                timelines[f"rate={rate} {policy} {ex}"] = col.timeline
+                rows.append({"rate": rate, "executor": ex, **row, "policy": spec})
+                timelines[f"rate={rate} {spec} {ex}"] = col.timeline
                 bar.write(
-                    f"rate={rate} {policy:16s} {ex:4s} total E2E {row['total_e2e_s']:8.1f} s  "
+                    f"rate={rate} {spec:16s} {ex:4s} total E2E {row['total_e2e_s']:8.1f} s  "
                     f"app mean {row['app_latency_mean_s']:7.1f} s  "
                     f"eff. KV util {row['effective_kv_utilization']:.1%}  "
                     f"wall {row['wall_s']:.0f} s"
@@ -432,6 +445,22 @@ def comparison_notes(
         out += ["## E2E reduction vs vllm", "",
                 "| rate | executor | policy | total E2E reduction | eff. KV util change |",
                 "|---|---|---|---|---|", *lines, ""]  # fmt: skip
+    inferred = []
+    for (rate, pol, ex), r in by.items():
+        base_pol, client = split_policy(pol)
+        a = by.get((rate, base_pol, ex))
+        v = by.get((rate, "vllm", ex))
+        if client == "tool-calling" and a:
+            vs_v = f"{1 - r['total_e2e_s'] / v['total_e2e_s']:+.1%}" if v else "—"
+            inferred.append(
+                f"| {rate} | {ex} | {base_pol} | {a['total_e2e_s']:.1f} | {r['total_e2e_s']:.1f} | "
+                f"{r['total_e2e_s'] / a['total_e2e_s'] - 1:+.1%} | {vs_v} |"
+            )
+    if inferred:
+        out += ["## Inferred lifecycles (tool-calling clients) vs annotated", "",
+                "| rate | executor | policy | annotated E2E (s) | inferred E2E (s) |"
+                " inferred vs annotated | inferred E2E reduction vs vllm |",
+                "|---|---|---|---|---|---|---|", *inferred, ""]  # fmt: skip
     out += floor_notes(rows)
     out += starvation_notes(rows)
     if "real" in executors and "sim" in executors:

@@ -24,6 +24,7 @@ from tokencake.scheduler.config import SchedulerConfig
 from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault, blame
+from tokencake.scheduler.inferred import LifecycleTicket, ToolCallIndex
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle
 from tokencake.scheduler.metadata import coerce_metadata
 from tokencake.scheduler.plan import BlockCopy, ScheduledChunk, StepPlan
@@ -78,6 +79,8 @@ class Scheduler:
         tokencake = tokencake or TokencakeConfig()
         # Tool-call lifecycles live here for every policy (the baseline only tracks them).
         self.lifecycle = Lifecycle(self.clock, tokencake.offload)
+        # Lifecycles inferred from the tool-calling protocol feed the same records (rule 10).
+        self.tool_calls = ToolCallIndex(self.lifecycle)
         self.cost_model = cost_model or CostModel.paper_default()
         factory = policy_factory(policy) if isinstance(policy, str) else policy
         self.policy = factory(
@@ -139,7 +142,8 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         try:
-            self._on_generation_finished(req, status)
+            with blame(req, "the finish hooks"):
+                self._on_generation_finished(req, status)
         except RequestFault as fault:
             self._log_fault(fault)
             self.lifecycle.generation_finished(req.request_id, ok=False)
@@ -612,7 +616,14 @@ class Scheduler:
 
     # ---- agent-aware hooks (issue #5) ---------------------------------------------------------
     def _associate(self, request: Request) -> None:
-        """Validate agent metadata (RequestRejected naming the field) and open its lifecycle."""
+        """Validate agent metadata (RequestRejected naming the field) and open its lifecycle.
+        A :class:`LifecycleTicket` opens one for the record's metadata under its handle and
+        leaves the request only its hints (``None``: an ordinary request to the policies)."""
+        if isinstance(request.metadata, LifecycleTicket):
+            t = request.metadata
+            request.metadata = coerce_metadata(t.hints)
+            self.lifecycle.associate(request.request_id, t.record, handle=t.handle)
+            return
         request.metadata = coerce_metadata(request.metadata)
         m = request.metadata
         if m is None:
@@ -628,10 +639,10 @@ class Scheduler:
     def _on_generation_finished(self, req: Request, status: RequestStatus) -> None:
         """Before a finished request's blocks are released: snapshot its hashed prefix for its
         lifecycle (the successor's prefix) and let the policy act on the live blocks."""
-        if req.metadata is None:
+        if req.metadata is None and req.request_id not in self.lifecycle.records:
             return
         ok = status is not RequestStatus.FINISHED_ABORTED
-        if ok:
+        if ok and req.metadata is not None:
             self.policy.on_generation_finished(req)
         snapshot = tuple(req._block_hashes[: req._hashed_blocks]) if ok else None
         self.lifecycle.generation_finished(req.request_id, ok, snapshot)

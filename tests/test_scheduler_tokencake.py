@@ -364,7 +364,10 @@ def test_predictor_blends():
     p.learn("t", "n", "k", 4.0)  # EWMA: 0.5*4 + 0.5*2
     assert p.predict("t", "", "k", None) == 3.0
     p.learn("", "name", "k", 8.0)  # falls back to the agent name
-    assert p.predict("", "name", "k", None) == 8.0 and p.predict("", "", "k", None) == 1.0
+    assert p.predict("", "name", "k", None) == 8.0
+    # ... then to the kind's function-wide history (every sample: 2, 4, 8 -> EWMA 5.5)
+    assert p.predict("", "", "k", None) == 5.5 and p.predict("other", "", "k", None) == 5.5
+    assert p.predict("", "", "unseen", None) == 1.0
 
 
 # ---- whole-system properties on the simulator -----------------------------------------------------
