@@ -21,6 +21,13 @@ per-node hints from ``node.metadata``, application timing) and, for a node with 
 ``stall_started`` (with the estimate only when the workload has one) once the generation is
 done and ``stall_finished`` when the tool's true duration (with its seeded noise) has passed.
 The HTTP path uses :mod:`tokencake.runtime` instead (see ``bench/run.py``).
+
+An application whose ``client`` is ``tool-calling`` (or every application, with the driver's
+``client`` override) sends neither metadata nor events, as a plain OpenAI tool-calling client:
+its call opens an inferred lifecycle (no hints for the policies), a call followed by a tool
+"responds" with one tool call of the tool's kind, and the successor's request carries the
+result, which is when the server learns that the tool returned (issue 14; the same transitions
+the HTTP server makes from ``tool_calls`` and ``tool`` messages, ``tokencake.server.lifecycles``).
 """
 
 from __future__ import annotations
@@ -36,8 +43,19 @@ from typing import Any, Protocol
 import numpy as np
 
 from bench.workload import Application, Node, Workload
+from tokencake.scheduler.inferred import LifecycleTicket
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.plan import StepPlan
+
+
+def system_prompt_identity(agent_type: str) -> str:
+    """The identity the server infers for a tool-calling client's agent: a hash of its system
+    prompt (``tokencake.server.lifecycles.agent_identity``). Agent frameworks send each agent
+    kind's instructions as its system prompt; synthetic workloads have no such text, so the
+    driver stands one in per agent type (the type itself is never sent)."""
+    instructions = f"You are the {agent_type} agent."
+    return "system:" + hashlib.sha256(instructions.encode()).hexdigest()[:16]
+
 
 _META_FIELDS = {f for f in AgentMetadata.__dataclass_fields__ if f != "extra"}
 
@@ -161,9 +179,12 @@ class Backend(Protocol):
 
     vocab_size: int
     policy: str
+    scheduler: Any  # its ``tool_calls`` index: a tool-calling client's lifecycle
 
     def now(self) -> float: ...
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict) -> None: ...
+    def submit(
+        self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | LifecycleTicket | None
+    ) -> None: ...
     def event(self, body: dict[str, Any]) -> str: ...
     def busy(self) -> bool: ...
     def step(self) -> tuple[list[Completion], bool]:
@@ -192,6 +213,7 @@ class CallRecord:
     preemptions: int = 0
     recomputed_tokens: int = 0
     tool_s: float = 0.0  # the actual tool duration that followed this call
+    traffic: str = "agent"  # or bench.mixed's "chat-plain" / "chat-annotated"
 
 
 @dataclass
@@ -225,6 +247,7 @@ class _AppState:
     remaining: set[str] = field(default_factory=set)
     done: set[str] = field(default_factory=set)
     after_tool: set[str] = field(default_factory=set)  # nodes whose tool has returned
+    call_ids: dict[str, str] = field(default_factory=dict)  # tool-calling: node -> its call id
 
 
 class Driver:
@@ -246,8 +269,10 @@ class Driver:
         on_progress: Callable[[int], None] | None = None,
         idle_quantum_s: float = 0.005,
         max_wall_s: float | None = None,
+        client: str | None = None,
     ) -> None:
         self.wl = workload
+        self.client = client  # None: each application's own ``client``
         self.be = backend
         self.seed = seed
         self.send_events = send_events
@@ -302,8 +327,11 @@ class Driver:
             d *= max(0.0, 1.0 + tool.duration_noise * float(np.random.default_rng(s).normal()))
         return d
 
-    def _send(self, body: dict[str, Any]) -> None:
-        if not self.send_events:
+    def _tool_calling(self, st: _AppState) -> bool:
+        return (self.client or st.app.client) == "tool-calling"
+
+    def _send(self, body: dict[str, Any], st: _AppState | None = None) -> None:
+        if not self.send_events or (st is not None and self._tool_calling(st)):
             return
         disp = self.be.event(body)
         self.events[disp] = self.events.get(disp, 0) + 1
@@ -328,14 +356,24 @@ class Driver:
         md["application_started_at_s"] = st.start
         md["application_start_offset_s"] = st.app.arrival_s
         md["application_elapsed_s"] = max(0.0, now - st.start)
+        traffic = str(st.app.metadata.get("traffic", "agent"))
         rec = CallRecord(
             st.app.app_id, node.id, now - self._t0, prompt_tokens=len(ctx),
             after_tool=any(d in st.after_tool for d in node.deps),
-            critical=bool(md.get("critical_path")),
+            critical=bool(md.get("critical_path")), traffic=traffic,
         )  # fmt: skip
         self.calls.append(rec)
         self._pending[rid] = (st, node, rec, ctx)
-        self.be.submit(rid, ctx, node.max_tokens, md)
+        if not self._tool_calling(st):
+            # An ordinary client (bench.mixed's plain chat) sends no metadata at all.
+            self.be.submit(rid, ctx, node.max_tokens, None if traffic == "chat-plain" else md)
+            return
+        # The request carries its predecessors' tool results: their tool calls have returned.
+        index = self.be.scheduler.tool_calls
+        handles = [index.resume([st.call_ids.pop(d)]) for d in node.deps if d in st.call_ids]
+        handle = next((h for h in handles if h), rid)
+        hints = index.hints(handle, system_prompt_identity(node.agent_type))
+        self.be.submit(rid, ctx, node.max_tokens, LifecycleTicket(handle, hints, hints))
 
     def _generated(self, c: Completion, now: float) -> None:
         st, node, rec, prompt = self._pending.pop(c.request_id)
@@ -346,10 +384,16 @@ class Driver:
         rec.preemptions = c.preemptions
         rec.recomputed_tokens = c.recomputed_tokens
         self.outputs[c.request_id] = list(c.output_ids)
+        tool_calling = self._tool_calling(st)
         if node.tool is None:
+            if tool_calling:  # a plain answer: the inferred lifecycle has nothing to wait for
+                self.be.scheduler.tool_calls.close(c.request_id)
             self._complete(st, node, prompt + list(c.output_ids), now)
             return
         tool = node.tool
+        if tool_calling:  # the response ends in one call of the tool's kind
+            st.call_ids[node.id] = f"call-{c.request_id}"
+            self.be.scheduler.tool_calls.enter(c.request_id, [(st.call_ids[node.id], tool.kind)])
         start: dict[str, Any] = {
             "event": "stall_started",
             "lifecycle_id": c.request_id,
@@ -357,7 +401,7 @@ class Driver:
         }
         if tool.estimate_s is not None and tool.estimate_s * self.tool_time_scale > 0:
             start["estimated_duration_s"] = tool.estimate_s * self.tool_time_scale
-        self._send(start)
+        self._send(start, st)
         dur = self.tool_duration(st.app.app_id, node)
         rec.tool_s = dur
         ctx = prompt + (list(c.output_ids) if tool.preserve_generation else [])
@@ -395,7 +439,7 @@ class Driver:
                     self._arrive(payload, now)
                 else:
                     st, node, ctx, rid = payload
-                    self._send({"event": "stall_finished", "lifecycle_id": rid})
+                    self._send({"event": "stall_finished", "lifecycle_id": rid}, st)
                     st.after_tool.add(node.id)
                     self._complete(st, node, ctx, now)
             left = sum(1 for r in self._finished_apps.values() if math.isnan(r.finished_s))
@@ -443,6 +487,20 @@ def running_blocks(scheduler: Any) -> int:
     return len(held)
 
 
+def read_blocks(plan: StepPlan, block_size: int) -> int:
+    """Distinct device blocks a step reads: for every chunk, its request's blocks up to the
+    chunk's end (a request that computes attends its whole context so far)."""
+    read: set[int] = set()
+    for ch in plan.chunks:
+        read.update(ch.request.block_ids[: -(-(ch.start + ch.num_tokens) // block_size)])
+    return len(read)
+
+
+def plan_snapshot(scheduler: Any, plan: StepPlan) -> tuple[int, int]:
+    """(blocks held by running requests, blocks read by the plan), taken when it is planned."""
+    return running_blocks(scheduler), read_blocks(plan, scheduler.pool.block_size)
+
+
 # ---- simulator backend ------------------------------------------------------------------
 class SimBackend:
     """The scheduler core and a policy on a virtual clock, with a preset's step costs.
@@ -470,7 +528,7 @@ class SimBackend:
         self.executor = preset.executor(self.clock, self.cost_model, vocab_size)
         self.loop = StepLoop(self.scheduler, self.executor)
         self.last_plan: StepPlan | None = None
-        self.plan_running_blocks: tuple[float, int] | None = None
+        self.plan_running_blocks: tuple[float, int, int] | None = None  # t, held, read
 
     def now(self) -> float:
         return self.clock()
@@ -478,13 +536,13 @@ class SimBackend:
     def tokenize(self, text: str) -> list[int]:
         return hashed_text_tokens(text, self.vocab_size)
 
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict) -> None:
+    def submit(
+        self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | LifecycleTicket | None
+    ) -> None:
         from tokencake.scheduler.request import Request
 
         self.scheduler.add_request(
-            Request(
-                rid, prompt, max_tokens, self.clock(), metadata=AgentMetadata.from_dict(metadata)
-            )
+            Request(rid, prompt, max_tokens, self.clock(), metadata=_metadata(metadata))
         )
 
     def event(self, body: dict[str, Any]) -> str:
@@ -498,7 +556,7 @@ class SimBackend:
         t_plan = self.clock()
         plan = self.loop.plan()
         self.last_plan = plan
-        self.plan_running_blocks = (t_plan, running_blocks(self.scheduler))
+        self.plan_running_blocks = (t_plan, *plan_snapshot(self.scheduler, plan))
         if plan.empty:
             return [], False  # nothing to run: no step time passes (the driver waits instead)
         produced = self.loop.update(plan, self.loop.execute(plan))
@@ -507,6 +565,16 @@ class SimBackend:
     def wait_until(self, t: float) -> None:
         if t > self.clock():
             self.clock.advance(t - self.clock())
+
+
+def _metadata(
+    metadata: dict | LifecycleTicket | None,
+) -> AgentMetadata | LifecycleTicket | None:
+    """Wire metadata as the scheduler takes it (a ticket: an inferred lifecycle; None: an
+    ordinary request)."""
+    if metadata is None or isinstance(metadata, LifecycleTicket):
+        return metadata
+    return AgentMetadata.from_dict(metadata)
 
 
 def _completion(req: Any) -> Completion:
@@ -529,7 +597,7 @@ class EngineBackend:
         self.vocab_size = engine.model_config.vocab_size
         self.cost_model = engine.cost_model
         self.last_plan: StepPlan | None = None
-        self.plan_running_blocks: tuple[float, int] | None = None
+        self.plan_running_blocks: tuple[float, int, int] | None = None  # t, held, read
         self.step_model: Any = None  # a preset StepModel: compare real steps with it
         self.step_wall_s = 0.0
         self.step_pred_s = 0.0
@@ -541,11 +609,13 @@ class EngineBackend:
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer.encode(text)
 
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, metadata: dict) -> None:
+    def submit(
+        self, rid: str, prompt: list[int], max_tokens: int, metadata: dict | LifecycleTicket | None
+    ) -> None:
         from tokencake.sampling_params import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        self.engine.add_request(prompt, params, rid, AgentMetadata.from_dict(metadata))
+        self.engine.add_request(prompt, params, rid, _metadata(metadata))
         self._reqs[rid] = self.scheduler.requests[rid]
 
     def event(self, body: dict[str, Any]) -> str:
@@ -559,7 +629,7 @@ class EngineBackend:
         t0 = time.monotonic()
         plan = self.engine.plan_step()  # the metrics collector reads the plan as planned
         self.last_plan = plan
-        self.plan_running_blocks = (t0, running_blocks(self.scheduler))
+        self.plan_running_blocks = (t0, *plan_snapshot(self.scheduler, plan))
         outs = self.engine.run_step(plan)
         worked = not plan.empty
         if worked and self.step_model is not None:

@@ -512,7 +512,8 @@ GENERATORS: dict[str, Callable[..., Workload]] = {
 
 
 def make_workload(name: str, **params: Any) -> Workload:
-    """Build a workload by generator name (``code_writer``, ``deep_research``, ``multi_turn``).
+    """Build a workload by generator name (``code_writer``, ``deep_research``, ``multi_turn``,
+    or ``mixed``: one of them plus plain chat traffic, see :mod:`bench.mixed`).
 
     Also accepts ``authors`` (the authors' file via
     :func:`bench.authors_workload.load_conversation_tools`; params are ``path`` and the
@@ -528,6 +529,10 @@ def make_workload(name: str, **params: Any) -> Workload:
             if path is None
             else load_conversation_tools(path, scale=scale)
         )
+    if name == "mixed":
+        from bench.mixed import mixed
+
+        return mixed(**params)
     try:
         gen = GENERATORS[name]
     except KeyError:

@@ -4,17 +4,27 @@
 before every idle wait) and integrates KV occupancy over time by state:
 
 * ``running`` — device blocks owned by running (admitted) requests; its time average over the
-  capacity is the **effective KV utilization** (KV idle behind a tool call, cached or free
-  does not count). While a step executes, the count is the one at the moment the step was
+  capacity is the effective KV utilization **held** (``kv_util_held``; KV idle behind a tool
+  call, cached or free does not count). While a step executes, the count is the one at the moment the step was
   planned (the backends record it as ``plan_running_blocks``), so a request counts from the
   step that admits it through the step that finishes it; between steps, the state after the
   last step is held;
+* effective KV utilization **read** (``kv_util_read``): the time average of the blocks the
+  executing step reads (each computing request's blocks up to its chunk's end) over the
+  capacity; zero between steps. Held-but-unread KV (admitted growth headroom, requests
+  waiting for a copy-in, rows the token budget left out) counts only in the first;
 * ``stalled_pinned`` — blocks a policy pins for agents waiting on a tool (Time Scheduler keep
   / Continuum TTL);
 * ``stalled_resident`` — device blocks holding a stalled agent's prefix, pinned or merely
   cached (vLLM keeps it only while nothing evicts it): the "KV held by stalled agents";
 * ``cached`` — evictable prefix-cache blocks; ``free`` — never-used or released blocks;
   ``other`` — the rest (copies in flight, blocks of waiting requests mid-restore).
+
+``idle_tool_kv_block_s`` is the ``stalled_resident`` integral (block-seconds of device KV
+behind tool calls), ``idle_tool_kv_share`` its time average over the capacity.
+``recomputed_tokens`` counts tokens executed a second time (the scheduler's per-request
+high-water mark); ``recomputed_tokens_check`` is the independent count: executed tokens
+minus every call's first pass.
 
 :func:`summarize` turns a :class:`~bench.driver.RunResult` plus its collector into one flat
 dict of metrics; :func:`write_reports` writes ``results.json``, ``report.md`` and the plots.
@@ -49,7 +59,10 @@ class Collector:
     integral: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STATES, 0.0))
     timeline: list[dict[str, float]] = field(default_factory=list)
     copy_bytes: dict[str, int] = field(default_factory=lambda: {"d2h": 0, "h2d": 0})
-    executed: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    executed: dict[str, int] = field(
+        default_factory=lambda: {"prefill": 0, "decode": 0, "total": 0}
+    )
+    read_integral: float = 0.0  # blocks read by computing requests x seconds
     steps: int = 0
     peak: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     _state: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
@@ -109,6 +122,8 @@ class Collector:
                 if k != "running":
                     self.integral[k] += v * (now - t_plan)
             self.integral["running"] += snap[1] * (now - t_plan)
+            if len(snap) > 2:  # blocks the step reads (only while it executes)
+                self.read_integral += snap[2] * (now - t_plan)
         else:
             dt = now - self.last_t
             for k, v in self._state.items():
@@ -120,6 +135,7 @@ class Collector:
             for c in plan.copies:
                 self.copy_bytes[c.direction] += len(c.device_blocks) * self._bytes_per_block()
             for ch in plan.chunks:
+                self.executed["total"] += ch.num_tokens
                 if ch.num_tokens == 1 and ch.start >= ch.request.num_prompt_tokens:  # a decode row
                     self.executed["decode"] += 1
                 else:
@@ -153,7 +169,8 @@ def _pct(xs: list[float], q: float) -> float:
 
 def summarize(res: RunResult, col: Collector) -> dict[str, Any]:
     """One flat dict of every metric of one policy run (times in seconds)."""
-    lat = [a.latency_s for a in res.apps]
+    chat = {c.app_id: c.traffic for c in res.calls if c.traffic != "agent"}
+    lat = [a.latency_s for a in res.apps if a.app_id not in chat] or [math.nan]
     first = min(a.arrival_s for a in res.apps)
     last = max(a.finished_s for a in res.apps)
     crit: dict[str, float] = {}
@@ -173,6 +190,12 @@ def summarize(res: RunResult, col: Collector) -> dict[str, Any]:
     cap = s.pool.capacity
     avg = {k: v / total_t for k, v in col.integral.items()}
     ts = getattr(s.policy, "time", None)
+    # Independent count of re-executed tokens: every executed token minus each call's first
+    # pass (its prompt past the cache hit at first admission, and its output but the last
+    # sampled token, which is never computed).
+    first_pass = sum(
+        c.prompt_tokens - c.cached_tokens + max(0, c.output_tokens - 1) for c in res.calls
+    )
     out: dict[str, Any] = {
         "policy": res.policy,
         "apps": len(res.apps),
@@ -197,9 +220,15 @@ def summarize(res: RunResult, col: Collector) -> dict[str, Any]:
         "input_reuse": cached / prompt if prompt else 0.0,
         "preemptions": int(s.num_preemptions),
         "recomputed_tokens": sum(c.recomputed_tokens for c in res.calls),
+        "recomputed_tokens_check": col.executed["total"] - first_pass,
+        "executed_tokens": col.executed["total"],
         "copy_out_bytes": col.copy_bytes["d2h"],
         "copy_in_bytes": col.copy_bytes["h2d"],
         "effective_kv_utilization": avg["running"] / cap,
+        "kv_util_held": avg["running"] / cap,
+        "kv_util_read": col.read_integral / total_t / cap,
+        "idle_tool_kv_block_s": col.integral["stalled_resident"],
+        "idle_tool_kv_share": avg["stalled_resident"] / cap,
         "stalled_kv_pinned_blocks_mean": avg["stalled_pinned"],
         "stalled_kv_resident_blocks_mean": avg["stalled_resident"],
         "stalled_kv_resident_blocks_peak": col.peak["stalled_resident"],
@@ -209,6 +238,11 @@ def summarize(res: RunResult, col: Collector) -> dict[str, Any]:
         "events": res.events,
         "wall_s": res.wall_s,
     }
+    for kind in sorted(set(chat.values())):  # starvation check (bench.mixed)
+        xs = [c.finished_s - c.submitted_s for c in res.calls if c.traffic == kind]
+        out[f"{kind}_calls"] = len(xs)
+        out[f"{kind}_latency_mean_s"] = float(np.mean(xs))
+        out[f"{kind}_latency_p95_s"] = _pct(xs, 95)
     if ts is not None:
         out["time_scheduler_counters"] = dict(ts.counters)
     return out
@@ -230,7 +264,9 @@ TABLE_COLS = [
     ("copy_out_bytes", "copy-out B", "{:.3g}"),
     ("copy_in_bytes", "copy-in B", "{:.3g}"),
     ("stalled_kv_resident_blocks_mean", "stalled KV (blk)", "{:.0f}"),
-    ("effective_kv_utilization", "eff. KV util", "{:.1%}"),
+    ("kv_util_held", "KV held", "{:.1%}"),
+    ("kv_util_read", "KV read", "{:.1%}"),
+    ("idle_tool_kv_share", "KV idle on tools", "{:.1%}"),
 ]
 
 

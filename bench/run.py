@@ -43,7 +43,7 @@ from typing import Any
 from bench.driver import Driver, EngineBackend, RunResult, SimBackend, filler_tokens
 from bench.presets import describe, local_engine_kwargs, make_preset
 from bench.report import Collector, summarize, write_reports
-from bench.workload import Workload
+from bench.workload import CLIENTS, Workload
 
 #: The authors' native vLLM and combined (agent_offload) total E2E per rate (digest §7.2).
 AUTHORS_BASE_E2E = {0.05: 875.74, 0.1: 940.76, 0.2: 938.79, 0.5: 938.99, 1.0: 960.44}
@@ -53,6 +53,7 @@ GENERATOR_NAMES = {
     "code-writer": "code_writer",
     "deep-research": "deep_research",
     "multi-turn": "multi_turn",
+    "mixed": "mixed",  # code-writer apps + plain chat traffic (bench/mixed.py)
 }
 
 
@@ -96,18 +97,28 @@ def build_workload(args: argparse.Namespace, rate: float | None) -> Workload:
 
 
 # ---- one policy ---------------------------------------------------------------------------------
+def split_policy(spec: str) -> tuple[str, str | None]:
+    """``policy[@client]``: ``tokencake@tool-calling`` runs every application as a plain
+    tool-calling client (no hints, no events); no suffix: each application's own ``client``."""
+    policy, _, client = spec.partition("@")
+    if client and client not in CLIENTS:
+        raise SystemExit(f"unknown client {client!r} in {spec!r}; use one of {', '.join(CLIENTS)}")
+    return policy, client or None
+
+
 def run_sim(
     wl: Workload, policy: str, preset: Any, *, seed: int = 0, progress: Any = None,
-    sample_s: float | None = None,
+    sample_s: float | None = None, client: str | None = None,
 ) -> tuple[dict[str, Any], RunResult, Collector]:  # fmt: skip
-    """One policy on the simulator; returns (metrics, raw result, collector)."""
+    """One policy on the simulator; returns (metrics, raw result, collector). ``client``
+    overrides every application's client (``annotated`` / ``tool-calling``)."""
     be = SimBackend(policy, preset, vocab_size=preset.vocab_size)
     horizon = max(a.arrival_s for a in wl.applications) + 60.0
     col = Collector(be, sample_s=sample_s or max(0.05, horizon / 400))
     drv = Driver(
         wl, be, seed=seed, observe=col.observe,
         on_progress=None if progress is None else progress.update,
-        idle_quantum_s=max(preset.step.idle, 1e-3),
+        idle_quantum_s=max(preset.step.idle, 1e-3), client=client,
     )  # fmt: skip
     col.start(be.now())
     res = drv.run()
@@ -131,9 +142,9 @@ def make_real_engine(policy: str, model: Any = None, engine_kwargs: dict | None 
 def run_real(
     wl: Workload, policy: str, *, model: Any = None, engine_kwargs: dict | None = None,
     seed: int = 0, progress: Any = None, max_wall_s: float | None = None,
-    sample_s: float = 0.25,
+    sample_s: float = 0.25, client: str | None = None,
 ) -> tuple[dict[str, Any], RunResult, Collector]:  # fmt: skip
-    """One policy on the real in-process engine (wall clock)."""
+    """One policy on the real in-process engine (wall clock); ``client`` as for run_sim."""
     engine = make_real_engine(policy, model, engine_kwargs)
     be = EngineBackend(engine, policy)
     try:
@@ -144,7 +155,7 @@ def run_real(
     drv = Driver(
         wl, be, seed=seed, observe=col.observe,
         on_progress=None if progress is None else progress.update,
-        idle_quantum_s=0.002, max_wall_s=max_wall_s,
+        idle_quantum_s=0.002, max_wall_s=max_wall_s, client=client,
     )  # fmt: skip
     col.start(be.now())
     res = drv.run()
@@ -274,6 +285,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--max-wall-s", type=float, default=600.0, help="per real-engine run")
     ap.add_argument("--out", default="runs/latest")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the no-pressure floor run (vllm with the KV pool x10) of simulator reports",
+    )
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
@@ -296,11 +312,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row = run_http(wl, args.url, seed=args.seed, progress=bar)
             rows.append({"rate": rate, "executor": "http", **row})
             continue
-        for policy in policies:
+        for spec in policies:
+            policy, client = split_policy(spec)
             for ex in executors:
-                bar.set_description(f"rate={rate} {policy} {ex}")
+                bar.set_description(f"rate={rate} {spec} {ex}")
                 if ex == "sim":
-                    row, _, col = run_sim(wl, policy, preset, seed=args.seed, progress=bar)
+                    row, _, col = run_sim(wl, policy, preset, seed=args.seed, progress=bar,
+                                          client=client)  # fmt: skip
                 elif ex == "real":
                     if model is None:
                         from tokencake.models.hub import resolve_model
@@ -309,21 +327,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         model = (mc, params, tok)
                     try:
                         row, _, col = run_real(wl, policy, model=model, seed=args.seed,
-                                               progress=bar, max_wall_s=args.max_wall_s)  # fmt: skip
+                                               progress=bar, max_wall_s=args.max_wall_s,
+                                               client=client)  # fmt: skip
                     except TimeoutError as e:  # report it and go on with the other policies
-                        bar.write(f"rate={rate} {policy:16s} {ex:4s} TIMED OUT: {e}")
-                        timed_out.append(f"rate={rate} {policy} {ex}: {e}")
+                        bar.write(f"rate={rate} {spec:16s} {ex:4s} TIMED OUT: {e}")
+                        timed_out.append(f"rate={rate} {spec} {ex}: {e}")
                         continue
                 else:
                     raise SystemExit(f"unknown executor {ex!r}; use sim, real, http or real,sim")
-                rows.append({"rate": rate, "executor": ex, **row})
-                timelines[f"rate={rate} {policy} {ex}"] = col.timeline
+                rows.append({"rate": rate, "executor": ex, **row, "policy": spec})
+                timelines[f"rate={rate} {spec} {ex}"] = col.timeline
                 bar.write(
-                    f"rate={rate} {policy:16s} {ex:4s} total E2E {row['total_e2e_s']:8.1f} s  "
+                    f"rate={rate} {spec:16s} {ex:4s} total E2E {row['total_e2e_s']:8.1f} s  "
                     f"app mean {row['app_latency_mean_s']:7.1f} s  "
                     f"eff. KV util {row['effective_kv_utilization']:.1%}  "
                     f"wall {row['wall_s']:.0f} s"
                 )
+        if "sim" in executors and not args.no_floor:
+            bar.set_description(f"rate={rate} floor")
+            row, _, _ = run_sim(wl, "vllm", floor_preset(preset), seed=args.seed)
+            rows.append({"rate": rate, "executor": "sim", **row, "policy": FLOOR})
+            bar.write(f"rate={rate} {FLOOR}: total E2E {row['total_e2e_s']:8.1f} s")
     bar.close()
     extra = comparison_notes(rows, executors, preset.name, args)
     if timed_out:
@@ -343,6 +367,67 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+#: Name of the no-pressure floor row: ``vllm`` with ten times the device KV pool.
+FLOOR = "floor (vllm, KV x10)"
+FLOOR_FACTOR = 10
+
+
+def floor_preset(preset: Any) -> Any:
+    """``preset`` with ``FLOOR_FACTOR`` times the device KV blocks (same compute, no memory
+    pressure): what no KV policy can beat at this compute."""
+    import dataclasses
+
+    return dataclasses.replace(
+        preset,
+        name=f"{preset.name} (KV x{FLOOR_FACTOR})",
+        num_blocks=preset.num_blocks * FLOOR_FACTOR,
+    )
+
+
+def floor_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: each policy's total E2E and app mean as multiples of the floor's."""
+    floors = {r["rate"]: r for r in rows if r["policy"] == FLOOR}
+    if not floors:
+        return []
+    out = ["## No-pressure floor (same workload and compute, KV pool x10)", "",
+           "| rate | policy | total E2E (s) | floor (s) | x floor | app mean (s) | floor app mean (s) |"
+           " x floor |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        f = floors.get(r["rate"])
+        if f is None or r["policy"] == FLOOR or r["executor"] != "sim":
+            continue
+        out.append(
+            f"| {r['rate']} | {r['policy']} | {r['total_e2e_s']:.1f} | {f['total_e2e_s']:.1f} | "
+            f"{r['total_e2e_s'] / f['total_e2e_s']:.2f} | {r['app_latency_mean_s']:.1f} | "
+            f"{f['app_latency_mean_s']:.1f} | {r['app_latency_mean_s'] / f['app_latency_mean_s']:.2f} |"
+        )
+    return [*out, ""]
+
+
+def starvation_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: chat calls' mean and P95 latency per policy, as multiples of ``vllm``'s in
+    the same run (the no-starvation bound of issue 12 is 1.2x)."""
+    kinds = sorted({k[: -len("_latency_mean_s")] for r in rows for k in r
+                    if k.startswith("chat-") and k.endswith("_latency_mean_s")})  # fmt: skip
+    if not kinds:
+        return []
+    by = {(r["rate"], r["policy"], r["executor"]): r for r in rows}
+    out = ["## Starvation: chat calls next to agent applications (vs vllm, same run)", "",
+           "| rate | policy | traffic | calls | mean (s) | x vllm | P95 (s) | x vllm |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        b = by.get((r["rate"], "vllm", r["executor"]))
+        for k in kinds:
+            if f"{k}_latency_mean_s" not in r or r["policy"] == FLOOR:
+                continue
+            m, p = r[f"{k}_latency_mean_s"], r[f"{k}_latency_p95_s"]
+            bm = b[f"{k}_latency_mean_s"] if b else math.nan
+            bp = b[f"{k}_latency_p95_s"] if b else math.nan
+            out.append(f"| {r['rate']} | {r['policy']} | {k} | {r[f'{k}_calls']} | {m:.2f} | "
+                       f"{m / bm:.2f} | {p:.2f} | {p / bp:.2f} |")  # fmt: skip
+    return [*out, ""]
+
+
 def comparison_notes(
     rows: list[dict[str, Any]], executors: list[str], preset: str, args: argparse.Namespace
 ) -> str:
@@ -352,7 +437,7 @@ def comparison_notes(
     lines = []
     for (rate, pol, ex), r in by.items():
         b = by.get((rate, "vllm", ex))
-        if b and pol != "vllm":
+        if b and pol not in ("vllm", FLOOR):
             red = 1 - r["total_e2e_s"] / b["total_e2e_s"]
             du = r["effective_kv_utilization"] - b["effective_kv_utilization"]
             lines.append(f"| {rate} | {ex} | {pol} | {red:+.1%} | {du * 100:+.1f} pp |")
@@ -360,6 +445,24 @@ def comparison_notes(
         out += ["## E2E reduction vs vllm", "",
                 "| rate | executor | policy | total E2E reduction | eff. KV util change |",
                 "|---|---|---|---|---|", *lines, ""]  # fmt: skip
+    inferred = []
+    for (rate, pol, ex), r in by.items():
+        base_pol, client = split_policy(pol)
+        a = by.get((rate, base_pol, ex))
+        v = by.get((rate, "vllm", ex))
+        if client == "tool-calling" and a:
+            vs_v = f"{1 - r['total_e2e_s'] / v['total_e2e_s']:+.1%}" if v else "—"
+            inferred.append(
+                f"| {rate} | {ex} | {base_pol} | {a['total_e2e_s']:.1f} | {r['total_e2e_s']:.1f} | "
+                f"{r['total_e2e_s'] / a['total_e2e_s'] - 1:+.1%} | {vs_v} |"
+            )
+    if inferred:
+        out += ["## Inferred lifecycles (tool-calling clients) vs annotated", "",
+                "| rate | executor | policy | annotated E2E (s) | inferred E2E (s) |"
+                " inferred vs annotated | inferred E2E reduction vs vllm |",
+                "|---|---|---|---|---|---|---|", *inferred, ""]  # fmt: skip
+    out += floor_notes(rows)
+    out += starvation_notes(rows)
     if "real" in executors and "sim" in executors:
         out += ["## Simulator (local preset) vs real engine", "",
                 "| rate | policy | real E2E (s) | sim E2E (s) | error | real app mean | sim app mean |"

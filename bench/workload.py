@@ -296,6 +296,13 @@ _NODE_FIELDS = (
 )
 
 
+#: How an application's client talks to the server: ``annotated`` sends agent metadata with
+#: every call and posts stall_started / stall_finished around every tool; ``tool-calling``
+#: sends neither (a plain OpenAI tool-calling client): the server infers each tool call from
+#: the protocol (the response's tool calls, the next request's tool results; issue 14).
+CLIENTS = ("annotated", "tool-calling")
+
+
 @dataclass(frozen=True)
 class Application:
     """One multi-agent application: a DAG of nodes arriving at ``arrival_s``.
@@ -308,10 +315,16 @@ class Application:
     arrival_s: float
     nodes: tuple[Node, ...]
     metadata: dict[str, Any] = field(default_factory=dict, hash=False)
+    client: str = "annotated"  # see CLIENTS
 
     def __post_init__(self) -> None:
         if not isinstance(self.app_id, str) or not self.app_id:
             raise ValueError("Application.app_id must be a non-empty string")
+        if self.client not in CLIENTS:
+            raise ValueError(
+                f"Application {self.app_id!r}: client must be one of {', '.join(CLIENTS)}, "
+                f"got {self.client!r}"
+            )
         _check_finite_nonneg(f"Application {self.app_id!r}: arrival_s", self.arrival_s)
         object.__setattr__(self, "nodes", tuple(self.nodes))
         if not self.nodes:
@@ -514,6 +527,7 @@ class Application:
         return {
             "app_id": self.app_id,
             "arrival_s": self.arrival_s,
+            "client": self.client,
             "metadata": self.metadata,
             "nodes": [n.to_dict() for n in self.nodes],
         }
@@ -532,10 +546,11 @@ class Application:
             arrival_s=obj.get("arrival_s", 0.0),
             nodes=tuple(Node.from_dict(n, f"{where}.nodes[{i}]") for i, n in enumerate(nodes_raw)),
             metadata=dict(obj.get("metadata") or {}),
+            client=obj.get("client", "annotated"),
         )
 
 
-_APP_FIELDS = ("app_id", "arrival_s", "metadata", "nodes")
+_APP_FIELDS = ("app_id", "arrival_s", "client", "metadata", "nodes")
 
 
 @dataclass(frozen=True)

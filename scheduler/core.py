@@ -24,6 +24,7 @@ from tokencake.scheduler.config import SchedulerConfig
 from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault, blame
+from tokencake.scheduler.inferred import LifecycleTicket, ToolCallIndex
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle
 from tokencake.scheduler.metadata import coerce_metadata
 from tokencake.scheduler.plan import BlockCopy, ScheduledChunk, StepPlan
@@ -78,6 +79,8 @@ class Scheduler:
         tokencake = tokencake or TokencakeConfig()
         # Tool-call lifecycles live here for every policy (the baseline only tracks them).
         self.lifecycle = Lifecycle(self.clock, tokencake.offload)
+        # Lifecycles inferred from the tool-calling protocol feed the same records (rule 10).
+        self.tool_calls = ToolCallIndex(self.lifecycle)
         self.cost_model = cost_model or CostModel.paper_default()
         factory = policy_factory(policy) if isinstance(policy, str) else policy
         self.policy = factory(
@@ -139,12 +142,15 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         try:
-            self._on_generation_finished(req, status)
+            with blame(req, "the finish hooks"):
+                self._on_generation_finished(req, status)
         except RequestFault as fault:
             self._log_fault(fault)
             self.lifecycle.generation_finished(req.request_id, ok=False)
         self._release(req)
         self._release_swap(req)
+        if status is not RequestStatus.FINISHED_ABORTED and self.policy.writes_back(req):
+            self._write_back(req)
         req.status = status
         req.finish_time = self.clock()
         self.requests.pop(req.request_id, None)
@@ -251,9 +257,8 @@ class Scheduler:
         """Recompute preemption: drop the KV (cached blocks stay revivable) and requeue. In
         swap mode the full blocks are first copied to the host tier (see ``_swap_out``)."""
         self.running.remove(req)
-        swapped = self._swap_out(req)
+        self._swap_out(req)  # (tokens kept on the host are not recomputed; ``update`` counts)
         self._release(req)
-        req.num_recomputed_tokens += req.num_computed_tokens - swapped
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
@@ -438,7 +443,13 @@ class Scheduler:
             req = chunk.request
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens = chunk.start + chunk.num_tokens
+            end = chunk.start + chunk.num_tokens
+            # Re-execution: the part of this chunk the request already had once (its start
+            # is what it holds now, by computation, prefix hit or copy-in).
+            hwm = max(req.max_computed_tokens, chunk.start)
+            req.num_recomputed_tokens += max(0, min(end, hwm) - chunk.start)
+            req.max_computed_tokens = max(hwm, end)
+            req.num_computed_tokens = end
             self._register_full_blocks(req)
             if chunk.samples and req.request_id in sampled:
                 req.output_token_ids.append(sampled[req.request_id])
@@ -556,6 +567,19 @@ class Scheduler:
             self.copies.issue("d2h", dev, dst, f"d2h:{owner}", self)
         return kept
 
+    def _write_back(self, req: Request) -> None:
+        """Copy the full blocks of a just-finished request's computed tokens that are still
+        cached on the device and that the host tier lacks (LRU there, not retained)."""
+        if self.host_pool is None:
+            return
+        bs = self.pool.block_size
+        hashes = req.block_hashes(bs)[: req.num_computed_tokens // bs]
+        q, h = self.pool.queries, self.pool.hits  # a write-back is not a cache lookup
+        blocks = self.pool.lookup_prefix(hashes)
+        self.pool.queries, self.pool.hits = q, h
+        if blocks:
+            self.offload_blocks(blocks, hashes[: len(blocks)], req.request_id, retain=False)
+
     def _swap_out_will_cover(self, req: Request, n: int) -> bool:
         """True when pages held only by in-flight copy-outs cover ``req``'s shortfall, so it
         should wait a step for them rather than preempt yet another request."""
@@ -592,7 +616,14 @@ class Scheduler:
 
     # ---- agent-aware hooks (issue #5) ---------------------------------------------------------
     def _associate(self, request: Request) -> None:
-        """Validate agent metadata (RequestRejected naming the field) and open its lifecycle."""
+        """Validate agent metadata (RequestRejected naming the field) and open its lifecycle.
+        A :class:`LifecycleTicket` opens one for the record's metadata under its handle and
+        leaves the request only its hints (``None``: an ordinary request to the policies)."""
+        if isinstance(request.metadata, LifecycleTicket):
+            t = request.metadata
+            request.metadata = coerce_metadata(t.hints)
+            self.lifecycle.associate(request.request_id, t.record, handle=t.handle)
+            return
         request.metadata = coerce_metadata(request.metadata)
         m = request.metadata
         if m is None:
@@ -608,10 +639,10 @@ class Scheduler:
     def _on_generation_finished(self, req: Request, status: RequestStatus) -> None:
         """Before a finished request's blocks are released: snapshot its hashed prefix for its
         lifecycle (the successor's prefix) and let the policy act on the live blocks."""
-        if req.metadata is None:
+        if req.metadata is None and req.request_id not in self.lifecycle.records:
             return
         ok = status is not RequestStatus.FINISHED_ABORTED
-        if ok:
+        if ok and req.metadata is not None:
             self.policy.on_generation_finished(req)
         snapshot = tuple(req._block_hashes[: req._hashed_blocks]) if ok else None
         self.lifecycle.generation_finished(req.request_id, ok, snapshot)

@@ -1,6 +1,16 @@
 """Tool-call lifecycle state machine (paper digest §5.3, §8.2).
 
-One record per annotated request (keyed by its lifecycle id, which is the request id):
+One record per LLM call that may be followed by a tool call (keyed by the request id); a
+client-visible *handle* (the ``lifecycle_id`` of the wire protocol) names the conversation's
+current record and is reusable once that record's request has finished (a new call of the same
+agent supersedes the old record: an open stall ends, the agent is back).
+
+Lifecycles have two sources, one model (DESIGN.md rule 10): explicit events (below) and the
+tool-calling protocol (``inferred.py``). Both drive the same records; explicit events win: an
+explicit ``stall_started`` replaces an inferred stall's kind and estimate, and whichever
+``stall_finished`` comes first ends the stall.
+
+States:
 
 ``generating`` -> ``awaiting_start`` (generation finished) -> ``active`` (stall started)
 -> ``released`` (the predicted return is near: host ownership handed to the upload) -> terminal
@@ -135,6 +145,9 @@ class LifecycleRecord:
     finish_seen: bool = False
     h2d_estimate: float = 0.0
     snapshot: Any = None  # the finished request's (device block, hash) prefix; see time_sched
+    handle: str = ""  # the client-visible lifecycle id ("" -> the key)
+    source: str = ""  # who started the stall: "explicit" (an event) or "inferred" (tool_calls)
+    call_ids: tuple[str, ...] = ()  # the tool calls the response made (inferred.py)
 
     @property
     def terminal(self) -> bool:
@@ -153,7 +166,7 @@ class LifecycleRecord:
         return (self.started_at or 0.0) + self.predicted
 
     def body(self, event: str, disposition: Disposition) -> dict[str, Any]:
-        return {"lifecycle_id": self.lifecycle_id, "event": event, "state": self.state.value,
+        return {"lifecycle_id": self.handle or self.lifecycle_id, "event": event, "state": self.state.value,
                 "disposition": disposition.value}  # fmt: skip
 
 
@@ -175,6 +188,7 @@ class Lifecycle:
             self.config.ewma_alpha, self.config.default_stall_s, clock=clock
         )
         self.records: dict[str, LifecycleRecord] = {}
+        self.handles: dict[str, str] = {}  # client-visible lifecycle id -> its current record key
         self.listeners: list[Listener] = []
         self.available = True  # False -> every event answers 503 (engine dead / disabled)
         self.counters: dict[str, int] = {}
@@ -212,21 +226,58 @@ class Lifecycle:
         self._notify(rec, cause)
 
     # ---- request-side events ----------------------------------------------------------------
-    def associate(self, lifecycle_id: str, metadata: AgentMetadata) -> LifecycleRecord:
-        """Open a record when an annotated request arrives."""
+    def associate(
+        self, lifecycle_id: str, metadata: AgentMetadata, handle: str | None = None
+    ) -> LifecycleRecord:
+        """Open a record (key ``lifecycle_id``, the request id) when a request that may call a
+        tool arrives. ``handle`` is the client-visible id (default: the key); reusing it is a
+        409 only while its previous request is still generating (a genuinely concurrent reuse).
+        Otherwise the previous record is superseded: the agent made a new call, so its tool
+        call (if one was open) has ended."""
         self.expire()
-        if lifecycle_id in self.records:
+        handle = handle or lifecycle_id
+        prev = self.records.get(self.handles.get(handle, ""))
+        if lifecycle_id in self.records or (
+            prev is not None and prev.state is LifecycleState.GENERATING
+        ):
             self._count("conflict")
             raise RequestRejected(
                 "metadata.lifecycle_id",
-                f"lifecycle id {lifecycle_id!r} is already in use (every attempt needs a fresh id)",
+                f"lifecycle id {handle!r} is in use by a request that is still generating",
                 409,
                 "duplicate_lifecycle_id",
             )
-        rec = LifecycleRecord(lifecycle_id, metadata, self.clock())
+        if prev is not None and not prev.terminal:
+            self.supersede(prev)
+        rec = LifecycleRecord(lifecycle_id, metadata, self.clock(), handle=handle)
         self.records[lifecycle_id] = rec
+        self.handles[handle] = lifecycle_id
         self._count("associated")
         return rec
+
+    def resolve(self, lifecycle_id: str) -> str:
+        """The record key a lifecycle id names: a record key itself, else the record a
+        client-visible handle points at now (itself when unmapped)."""
+        if lifecycle_id in self.records:
+            return lifecycle_id
+        return self.handles.get(lifecycle_id, lifecycle_id)
+
+    def supersede(self, rec: LifecycleRecord) -> None:
+        """The agent is back with a new call: an open stall finishes (its duration is
+        learned), a record whose tool never started ends as ``superseded``."""
+        if rec.terminal:
+            return
+        if rec.started_at is not None:
+            self.stall_finished(rec.lifecycle_id)
+        else:
+            self._terminate(rec, "superseded", self.clock())
+
+    def end(self, lifecycle_id: str, cause: str) -> None:
+        """End a live record that will see no tool call (e.g. an inferred lifecycle whose
+        response made none); listeners release whatever they hold for it."""
+        rec = self.records.get(lifecycle_id)
+        if rec is not None and not rec.terminal:
+            self._terminate(rec, cause, self.clock())
 
     def generation_finished(self, lifecycle_id: str, ok: bool = True, snapshot: Any = None) -> None:
         """The request's generation ended; ``ok=False`` (abort/error) ends the lifecycle."""
@@ -282,7 +333,7 @@ class Lifecycle:
             disp = self.stall_started(lid, event.kind, event.estimated_duration_s)
         else:
             disp = self.stall_finished(lid)
-        rec = self.records.get(lid)
+        rec = self.records.get(self.resolve(lid))
         if rec is None:
             return disp, {
                 "lifecycle_id": lid,
@@ -293,13 +344,29 @@ class Lifecycle:
         return disp, rec.body(name, disp)
 
     def stall_started(
-        self, lifecycle_id: str, kind: str = "stall", estimate: float | None = None
+        self,
+        lifecycle_id: str,
+        kind: str = "stall",
+        estimate: float | None = None,
+        source: str = "explicit",
     ) -> Disposition:
         self.expire()
+        lifecycle_id = self.resolve(lifecycle_id)
         rec = self.records.get(lifecycle_id)
         if rec is None:
             self._count("unknown")
             return Disposition.UNKNOWN
+        if rec.started_at is not None and rec.source == "inferred" and source == "explicit":
+            if rec.terminal:
+                self._count("conflict")
+                return Disposition.CONFLICT
+            # Explicit wins: the client's kind and estimate replace the inferred ones; the
+            # stall started when the response ended (the inferred start time stays).
+            rec.source, rec.kind, rec.estimate = source, kind, estimate
+            self._predict(rec)
+            self._count("explicit_override")
+            self._notify(rec, "started")
+            return Disposition.APPLIED
         if rec.started_at is not None:
             same = rec.kind == kind and rec.estimate == estimate
             self._count("duplicate" if same else "conflict")
@@ -307,23 +374,28 @@ class Lifecycle:
         if rec.terminal:
             self._count("conflict")
             return Disposition.CONFLICT
-        now = self.clock()
-        m = rec.metadata
-        cfg = self.config
-        rec.started_at, rec.kind, rec.estimate = now, kind, estimate
-        rec.predicted = self.predictor.predict(m.agent_type, m.agent_name, kind, estimate)
-        rec.safety_deadline = now + min(
-            max(cfg.safety_factor * rec.predicted, cfg.safety_min_s), cfg.safety_max_s
-        )
+        rec.started_at, rec.kind, rec.estimate, rec.source = self.clock(), kind, estimate, source
         rec.state = LifecycleState.ACTIVE
-        self.set_h2d_estimate(rec, rec.h2d_estimate)
+        self._predict(rec)
         self._count("started")
-        self._touch(rec)
         self._notify(rec, "started")
         return Disposition.APPLIED
 
+    def _predict(self, rec: LifecycleRecord) -> None:
+        """Predicted duration, safety deadline and release deadline of a started stall."""
+        m, cfg = rec.metadata, self.config
+        start = rec.started_at or 0.0
+        rec.predicted = self.predictor.predict(m.agent_type, m.agent_name, rec.kind or "stall",
+                                               rec.estimate)  # fmt: skip
+        rec.safety_deadline = start + min(
+            max(cfg.safety_factor * rec.predicted, cfg.safety_min_s), cfg.safety_max_s
+        )
+        self.set_h2d_estimate(rec, rec.h2d_estimate)
+        self._touch(rec)
+
     def stall_finished(self, lifecycle_id: str) -> Disposition:
         self.expire()
+        lifecycle_id = self.resolve(lifecycle_id)
         rec = self.records.get(lifecycle_id)
         if rec is None:
             self._count("unknown")
@@ -378,6 +450,8 @@ class Lifecycle:
             if st is LifecycleState.TERMINAL:
                 if now >= (rec.terminal_at or 0.0) + self.config.tombstone_seconds:
                     del self.records[lid]
+                    if self.handles.get(rec.handle) == lid:
+                        del self.handles[rec.handle]
                     continue
             elif st is LifecycleState.AWAITING_START:
                 if now >= (rec.completed_at or 0.0) + self.config.attach_seconds:

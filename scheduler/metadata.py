@@ -140,7 +140,7 @@ class AgentMetadata:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, strict_lifecycle_id: bool = False) -> AgentMetadata:
         """Build from a JSON object. ``strict_lifecycle_id`` enforces the wire format
-        (``tc-`` + UUID4 hex), which the HTTP server asks for; in-process callers may use any
+        (``tc-`` + UUID4 hex) when an id is given, which the HTTP server asks for; in-process callers may use any
         non-empty id."""
         if not isinstance(data, dict):
             raise RequestRejected(
@@ -156,8 +156,10 @@ class AgentMetadata:
                 continue
             if isinstance(k, str) and len(k) <= MAX_NAME_CHARS and is_small_scalar(v):
                 extra[k] = v
-        if strict_lifecycle_id:
-            lid = known.get("lifecycle_id")
+        if known.get("lifecycle_id", "") is None:
+            del known["lifecycle_id"]  # null counts as absent
+        if strict_lifecycle_id and "lifecycle_id" in known:
+            lid = known.get("lifecycle_id")  # optional: the server makes one when absent
             if not isinstance(lid, str) or not is_canonical_lifecycle_id(lid):
                 raise _reject("lifecycle_id", "must be 'tc-' followed by a lowercase UUID4 hex")
         return cls(**known, extra=extra)

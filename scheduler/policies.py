@@ -40,10 +40,16 @@ def make_policy(name: str, ctx: PolicyContext) -> Policy:
 def _register_agent_policies() -> None:
     """The agent-aware policies (issue #5); imported lazily to keep this module light."""
     from tokencake.scheduler import tokencake_policy as tp
+    from tokencake.scheduler.vllm_offload import VLLMOffloadPolicy
 
+    register_policy(VLLMOffloadPolicy.name, VLLMOffloadPolicy)
     for cls in (tp.TokencakePolicy, tp.TokencakeSpacePolicy, tp.TokencakeTimePolicy,
                 tp.TokencakeAppFCFSPolicy, tp.InferCeptPolicy, tp.ContinuumPolicy):  # fmt: skip
         register_policy(cls.name, cls)
+    from tokencake.scheduler.ablations import ABLATIONS, ablation_policy
+
+    for suffix in ABLATIONS:  # tokencake with one mechanism changed (bench/RESULTS.md)
+        register_policy(f"tokencake-{suffix}", ablation_policy(suffix))
 
 
 _register_agent_policies()

@@ -115,6 +115,12 @@ class Policy:
     def on_finished(self, request: Request) -> None:
         """Called when a request leaves the engine (finished or aborted)."""
 
+    def writes_back(self, request: Request) -> bool:
+        """Whether the core copies ``request``'s computed full blocks to the host tier when it
+        finishes (vLLM CPU offloading / LMCache-style write-back; blocks the host already
+        holds are not copied again)."""
+        return False
+
     def on_admission_stalled(self) -> bool:
         """Nothing is running and no waiting request could start: release held capacity.
         Returns True if anything was released."""
@@ -132,4 +138,41 @@ class Policy:
 
 
 class VLLMPolicy(Policy):
-    """Explicit name for the baseline."""
+    """vLLM V1's default scheduler, as far as a policy decides it (``bench/README.md`` lists
+    the remaining differences):
+
+    * FCFS admission that stops at the first request that does not fit;
+    * a waiting request is admitted only when its whole current sequence fits:
+      ``ceil(num_tokens / block_size) - len(block_ids) <= num_free`` (the "full-ISL check"
+      of the authors' baseline), although the core then allocates only the chunk it runs;
+    * when a running request cannot grow, the most recently admitted running request is
+      preempted (vLLM's ``self.running.pop()``), possibly the needy request itself.
+
+    Recompute preemption, prefix caching and chunked prefill under the token budget are the
+    core's own mechanics.
+    """
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        super().__init__(ctx)
+        self._admitted: dict[int, int] = {}  # id(request) -> admission sequence number
+        self._seq = 0
+
+    def admit(self, request: Request, blocks_needed: int, running: Sequence[Request]) -> Admission:
+        pool = self.ctx.pool
+        whole = math.ceil(request.num_tokens / pool.block_size) - len(request.block_ids)
+        return Admission.ADMIT if whole <= pool.num_free else Admission.STOP
+
+    def on_admitted(self, request: Request, now: float) -> None:
+        self._seq += 1
+        self._admitted[id(request)] = self._seq
+
+    def on_preempted(self, request: Request) -> None:
+        self._admitted.pop(id(request), None)
+
+    def on_finished(self, request: Request) -> None:
+        self._admitted.pop(id(request), None)
+
+    def choose_victim(self, running: Sequence[Request], needy: Request) -> Request | None:
+        if not running:
+            return None
+        return max(running, key=lambda r: self._admitted.get(id(r), 0))

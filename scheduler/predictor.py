@@ -2,7 +2,10 @@
 
 A prediction blends the client's estimate with the learned history, 50/50 when both exist.
 History is an EWMA (alpha 0.5 by default; the first sample is stored raw) of server-measured
-durations, keyed by (agent type, tool kind), falling back to (agent name, tool kind). Memory is
+durations, keyed by (agent type, tool kind), falling back to (agent name, tool kind), then to the
+tool kind alone (every sample also feeds the kind's function-wide history: an agent seen for the
+first time, or one with no identity at all, still gets the function's typical duration; a tool
+call inferred from the protocol has the function name as its kind). Memory is
 bounded by bytes (keys are client strings; see ``bounded.py``) and a key unused for ``ttl_s``
 expires. With neither estimate nor history the default is 1 s.
 
@@ -67,6 +70,8 @@ class DurationPredictor:
     def predict(self, agent_type: str, agent_name: str, kind: str, estimate: float | None) -> float:
         """Seconds the stall is expected to last (table in §5.2)."""
         hist = self.history(self.key(agent_type, agent_name, kind))
+        if hist is None:
+            hist = self.history(("tool", "", kind))
         if estimate is not None and not (math.isfinite(estimate) and estimate > 0):
             estimate = None
         if estimate is None:
@@ -74,13 +79,15 @@ class DurationPredictor:
         return estimate if hist is None else 0.5 * (estimate + hist)
 
     def learn(self, agent_type: str, agent_name: str, kind: str, sample_s: float) -> None:
-        """Fold one observed duration into the history (no key: nothing to learn into)."""
-        key = self.key(agent_type, agent_name, kind)
-        if key is None or not (math.isfinite(sample_s) and sample_s >= 0):
+        """Fold one observed duration into the agent's history and the kind's."""
+        if not (math.isfinite(sample_s) and sample_s >= 0):
             return
         now = self.clock()
         self._history.expire(now)
-        prev = self._history.get(key, now)
-        value = sample_s if prev is None else self.alpha * sample_s + (1 - self.alpha) * prev
-        if math.isfinite(value):
-            self._history.put(key, value, now)
+        for key in (self.key(agent_type, agent_name, kind), ("tool", "", kind)):
+            if key is None:
+                continue
+            prev = self._history.get(key, now)
+            value = sample_s if prev is None else self.alpha * sample_s + (1 - self.alpha) * prev
+            if math.isfinite(value):
+                self._history.put(key, value, now)

@@ -45,7 +45,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     num_preemptions: int = 0
+    # Tokens executed a second time: a chunk's part below ``max_computed_tokens`` (after a
+    # preemption dropped KV the request had, by computation, prefix hit or copy-in).
     num_recomputed_tokens: int = 0
+    max_computed_tokens: int = 0  # high-water mark of num_computed_tokens
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -103,9 +103,9 @@ Decide = Callable[[DecisionContext, "TimeScheduler"], Action]
 def tokencake_decide(ctx: DecisionContext, ts: TimeScheduler) -> Action:
     """OFFLOAD when the benefit function selects it; else KEEP when holding the blocks for the
     rest of the stall costs less throughput than recomputing them later, else DROP."""
-    if ctx.reason is Reason.SELECTED:
+    if ctx.reason is Reason.SELECTED and ts.cfg.selective_offload:
         return Action.OFFLOAD
-    if not ctx.rec.metadata.preservable or ctx.device_blocks == 0:
+    if not ctx.rec.metadata.preservable or ctx.device_blocks == 0 or not ts.cfg.keep:
         return Action.DROP
     return Action.KEEP if ts.keep_cost(ctx) <= ts.recompute_cost(ctx) else Action.DROP
 
@@ -186,7 +186,15 @@ class TimeScheduler:
         return ctx.remaining * (ctx.device_blocks / max(1, ctx.capacity)) * q
 
     def recompute_cost(self, ctx: DecisionContext) -> float:
-        return self.cost.recompute_time(ctx.device_blocks * self.pool.block_size, 0)
+        """Cost of getting the blocks back once dropped: the prefix the host tier holds is
+        copied in, the rest recomputed."""
+        n = ctx.device_blocks
+        on_host = 0
+        if self.host is not None and ctx.rec.snapshot:
+            on_host = len(self.host.lookup_prefix(list(ctx.rec.snapshot[:n])))
+        return self.cost.copy_time(on_host, "h2d") + self.cost.recompute_time(
+            (n - on_host) * self.pool.block_size, 0
+        )
 
     # ---- lifecycle events ---------------------------------------------------------------------
     def _on_lifecycle(self, rec: LifecycleRecord, transition: str) -> None:

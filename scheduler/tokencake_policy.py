@@ -19,6 +19,7 @@ from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.policy import Admission, Policy, PolicyContext
 from tokencake.scheduler.request import Request
+from tokencake.scheduler.sharing import inflight_hashes, waits_for_inflight
 from tokencake.scheduler.space import Denial, SpaceScheduler
 from tokencake.scheduler.time_sched import (
     Decide,
@@ -62,11 +63,17 @@ class TokencakePolicy(Policy):
         predictive_upload: bool | None = None,
         reevaluate: bool = True,
         reuse_eviction: bool | None = None,
+        write_back_all: bool | None = None,
     ) -> None:
         super().__init__(ctx)
         self.config = ctx.tokencake
         self.use_space = space and self.config.scheduling.enabled
         self.use_time = time and self.config.offload.enabled
+        self.write_back_all = self.use_time and (
+            self.config.offload.write_back_all if write_back_all is None else write_back_all
+        )
+        self._inflight: set[bytes] | None = None  # block hashes running prefills will compute
+        self.sharing_deferrals = 0
         self._leaf_blocks: dict[str, list[int]] = {}  # finished leaf agent -> blocks to demote
         self.space: SpaceScheduler | None = None
         self.time: TimeScheduler | None = None
@@ -84,6 +91,8 @@ class TokencakePolicy(Policy):
 
     # ---- per step -----------------------------------------------------------------------------
     def on_step(self, now: float, running: Sequence[Request], waiting: Sequence[Request]) -> None:
+        if self.use_space and self.config.scheduling.defer_inflight_prefix:
+            self._inflight = inflight_hashes(running, self.ctx.pool.block_size)
         # Space first: the Time Scheduler's pressure forecast reads this step's plan (scores,
         # uncommitted capacity). Run after the tick, it read the previous step's plan, which
         # still counted a just-finished agent's growth and hid the queue's real fit demand.
@@ -132,6 +141,8 @@ class TokencakePolicy(Policy):
         if self.space is not None:
             if self.config.scheduling.admission_order == "application-fcfs":
                 return application_fcfs(waiting)
+            if self.config.scheduling.admission_order == "arrival":
+                return list(super().admission_order(0, waiting, now) or ())
             return self.space.order(waiting)
         return list(super().admission_order(0, waiting, now) or ())
 
@@ -148,6 +159,11 @@ class TokencakePolicy(Policy):
         return list(self._retry)
 
     def admit(self, request: Request, blocks_needed: int, running: Sequence[Request]) -> Admission:
+        if self._inflight and waits_for_inflight(request, self._inflight, self.ctx.pool.block_size):
+            # A running prefill is computing its next block: hit it in a step or two instead
+            # of computing (and holding) a second copy.
+            self.sharing_deferrals += 1
+            return Admission.DEFER
         ts = self.time
         if ts is not None and ts.uploading:
             # Its next block is being uploaded right now: wait one step and hit it on device.
@@ -166,6 +182,9 @@ class TokencakePolicy(Policy):
         return Admission.STOP
 
     def on_admitted(self, request: Request, now: float) -> None:
+        if self._inflight is not None and request.is_prefill:
+            bs = self.ctx.pool.block_size
+            self._inflight.update(request.block_hashes(bs)[request.num_computed_tokens // bs :])
         if self.space is not None:
             self.space.commit(request, now, self._pass == 1)
 
@@ -195,6 +214,16 @@ class TokencakePolicy(Policy):
     def check_request(self, request: Request, now: float) -> None:
         if self.space is not None:
             self.space.check_request(request, now)
+
+    def preemption_mode(self, victim: Request) -> str | None:
+        """Swap victims when every block is written back anyway (their pages come back by a
+        copy, not a recompute)."""
+        return "swap" if self.write_back_all and self.ctx.host_pool is not None else None
+
+    def writes_back(self, request: Request) -> bool:
+        """Every finished request's blocks go to the host tier, except a leaf agent's (no
+        successor reads them; they are demoted for eviction instead)."""
+        return self.write_back_all and request.request_id not in self._leaf_blocks
 
     def on_preempted(self, request: Request) -> None:
         if self.space is not None:
@@ -232,7 +261,7 @@ class TokencakePolicy(Policy):
 
     @property
     def counters(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        out: dict[str, int] = {"inflight_prefix_deferrals": self.sharing_deferrals}
         for part in (self.space, self.time):
             if part is not None:
                 for k, v in part.counters.items():
@@ -273,7 +302,8 @@ class InferCeptPolicy(TokencakePolicy):
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx, space=False, time=True, decide=infercept_decide,
-                         predictive_upload=False, reevaluate=False, reuse_eviction=False)  # fmt: skip
+                         predictive_upload=False, reevaluate=False, reuse_eviction=False,
+                         write_back_all=False)  # fmt: skip
 
 
 class ContinuumPolicy(TokencakePolicy):
@@ -284,7 +314,8 @@ class ContinuumPolicy(TokencakePolicy):
     def __init__(self, ctx: PolicyContext, pin_threshold_s: float = 2.0) -> None:
         super().__init__(ctx, space=False, time=True,
                          decide=lambda ctx, ts: continuum_decide(ctx, ts, pin_threshold_s),
-                         predictive_upload=False, reevaluate=False, reuse_eviction=False)  # fmt: skip
+                         predictive_upload=False, reevaluate=False, reuse_eviction=False,
+                         write_back_all=False)  # fmt: skip
 
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
         return application_fcfs(waiting)

@@ -159,3 +159,20 @@ def test_http_conversion_routes_successors_of_a_collect_node():
     assert arrival == 0.0 and app.system_prompt == "Task.\n"
     assert list(app.agents) == ["a", "b", "review"]
     assert app.preds == {"a": [], "b": [], "review": ["a", "b"]}
+
+
+def test_sim_tool_calling_clients_send_no_hints_and_no_events():
+    """``policy@tool-calling``: no metadata, no events; every tool call is inferred (started
+    by the response, ended by the successor's request) and the outputs stay identical."""
+    from bench.run import split_policy
+
+    assert split_policy("tokencake@tool-calling") == ("tokencake", "tool-calling")
+    assert split_policy("vllm") == ("vllm", None)
+    with pytest.raises(SystemExit, match="unknown client"):
+        split_policy("tokencake@psychic")
+    wl, preset = tiny_workload(), tiny_preset()
+    _, annotated, _ = run_sim(wl, "tokencake", preset, seed=3)
+    m, inferred, _ = run_sim(wl, "tokencake", preset, seed=3, client="tool-calling")
+    assert annotated.events and not inferred.events  # events: annotated only
+    assert m["calls"] == wl.num_llm_calls and inferred.outputs == annotated.outputs
+    assert all(not math.isnan(a.finished_s) for a in inferred.apps)

@@ -86,3 +86,27 @@ def test_duplicate_choice_ids_are_refused(make_engine):
     else:
         raise AssertionError("a choice id collided silently")
     assert len(engine.scheduler.requests) == 1
+
+
+def test_async_stream_yields_every_choice_then_ends(make_engine):
+    import asyncio
+
+    from tokencake.async_engine import AsyncEngine
+
+    engine = AsyncEngine(make_engine())
+
+    async def main():
+        params = SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=1, ignore_eos=True)
+        text = {0: "", 1: "", 2: ""}
+        last = None
+        async for out in engine.stream(PROMPT, params):
+            text[out.index] += out.delta_text
+            last = out
+        assert last.request_finished
+        return text
+
+    try:
+        text = asyncio.run(main())
+        assert all(text.values()) and len(set(text.values())) > 1
+    finally:
+        engine.shutdown()

@@ -42,7 +42,7 @@ def annotated(server: BackgroundServer, **meta) -> str:
     }
     r = post(server.url + "/v1/completions", json=body)
     assert r.status_code == 200, r.text
-    assert r.json()["id"] == i
+    assert r.json()["tokencake"]["lifecycle_id"] == i
     return i
 
 
@@ -124,18 +124,22 @@ def test_start_before_generation_finishes(served):
     wait_pool_idle(server, engine)
 
 
-def test_reused_lifecycle_id_is_refused(served):
+def test_lifecycle_id_is_reusable_once_its_request_ended(served):
+    """Issue 14: a static extra_body sends the same id with every call of one agent. Once its
+    request has ended the id names the new call's lifecycle (the old one's stall finishes);
+    events then address the new record. A concurrent reuse is a 409 (test_rejections)."""
     server, _ = served
-    i = annotated(server)
+    i = annotated(server, offload_eligible=True, reusable_prefix=True)
+    assert event(server, "stall_started", i, kind="search")[0] == 200
     r = post(
         server.url + "/v1/completions",
         json={"prompt": "again", "max_tokens": 2, "tokencake": {"lifecycle_id": i}},
     )
-    assert r.status_code in (400, 409) and r.json()["error"]["param"] in (
-        "request_id",
-        "tokencake",
-        "tokencake.lifecycle_id",
-    )
+    assert r.status_code == 200 and r.json()["tokencake"]["lifecycle_id"] == i
+    # The first call's stall ended with the new call; the new record awaits its own start.
+    status, body = event(server, "stall_finished", i)
+    assert status == 409 and body["disposition"] == "conflict"  # a finish before any start
+    assert event(server, "stall_started", i, kind="search")[1]["state"] == "active"
 
 
 def test_expiry_late_finish_and_tombstones(served, clock):

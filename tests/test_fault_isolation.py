@@ -141,8 +141,12 @@ class _Picky(Policy):
         if self.where == "on_finished" and self._bad(request):
             raise RuntimeError("finish hook")
 
+    def on_generation_finished(self, request) -> None:
+        if self.where == "on_generation_finished" and self._bad(request):
+            raise RuntimeError("generation-finished hook")
 
-@pytest.mark.parametrize("where", ["on_step", "admit", "on_finished"])
+
+@pytest.mark.parametrize("where", ["on_step", "admit", "on_finished", "on_generation_finished"])
 def test_culprit_found_by_probe_by_admission_or_logged_at_finish(where):
     s, ex, pool, host, clock = _sim(lambda ctx: _Picky(ctx, where))
     good = _requests(clock, 5)
@@ -154,7 +158,7 @@ def test_culprit_found_by_probe_by_admission_or_logged_at_finish(where):
         s.add_request(r)
     faults = _drive(s, ex, pool, host)
     assert all(r.status is RequestStatus.FINISHED_LENGTH for r in good)
-    if where == "on_finished":  # the request had ended: the fault is logged, nothing aborted
+    if where in ("on_finished", "on_generation_finished"):  # it had ended: logged, not aborted
         assert faults == [] and s.num_faults == 1
         assert bad.status is RequestStatus.FINISHED_LENGTH
     else:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers.copies import defer_copies
 from tokencake.llm import LLM
 from tokencake.memory.block_pool import BlockPool, block_hashes
 from tokencake.memory.cost_model import BandwidthEstimator, CostModel
@@ -327,36 +328,6 @@ def test_failed_copies_degrade_to_recompute(make_engine, reference):
     te._dispatch = broken
     assert generate(engine) == reference
     settle(engine)
-
-
-class _Deferred:
-    def __init__(self) -> None:
-        self.ready = False
-
-    def is_ready(self) -> bool:
-        return self.ready
-
-
-def defer_copies(te: TransferEngine, direction: str):
-    """Hold ``direction`` copies back: nothing is read or written until ``release()``."""
-    queued = []
-    real = te._dispatch
-
-    def dispatch(d, dev, host):
-        if d != direction:
-            return real(d, dev, host)
-        marker = _Deferred()
-        queued.append((marker, dev, host))
-        return marker
-
-    def release():
-        for marker, dev, host in queued:
-            real(direction, dev, host)
-            marker.ready = True
-        queued.clear()
-
-    te._dispatch = dispatch
-    return queued, release
 
 
 def test_fence_copy_in_waits_for_landing(make_engine, reference):

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tests.test_server import post, wait_pool_idle
+from tests.test_server import post, stream, wait_pool_idle
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle, LifecycleEvent
@@ -97,21 +97,32 @@ def test_a_rejection_raised_in_the_core_keeps_its_param_whatever_its_message(ser
     wait_pool_idle(server, engine)
 
 
-def test_reused_lifecycle_id_is_a_409_naming_the_metadata_field(served):
+def test_concurrently_reused_lifecycle_id_is_a_409_naming_the_metadata_field(served):
     server, engine = served
     i = lid()
     body = {"prompt": "agent", "max_tokens": 2, "tokencake": {"lifecycle_id": i}}
+    # Reused once its request has finished: the conversation's next call (issue 14).
     assert post(server.url + "/v1/completions", json=body).status_code == 200
-    r = post(server.url + "/v1/completions", json=body)
-    assert r.status_code == 409, r.text
-    err = r.json()["error"]
-    assert (err["param"], err["code"]) == ("tokencake.lifecycle_id", "duplicate_lifecycle_id")
-    # The same refusal for metadata sent the authors' way names that field instead.
-    body = {"prompt": "agent", "max_tokens": 2, "vllm_xargs": {"tokencake": {"lifecycle_id": i}}}
-    r = post(server.url + "/v1/completions", json=body)
-    assert (
-        r.status_code == 409 and r.json()["error"]["param"] == "vllm_xargs.tokencake.lifecycle_id"
-    )
+    assert post(server.url + "/v1/completions", json=body).status_code == 200
+    # Reused while a request under it is still generating: a 409.
+    long = {**body, "prompt": "x" * 40, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with stream(server.url + "/v1/completions", long) as (_, lines):
+        next(lines)
+        r = post(server.url + "/v1/completions", json=body)
+        assert r.status_code == 409, r.text
+        err = r.json()["error"]
+        assert (err["param"], err["code"]) == ("tokencake.lifecycle_id", "duplicate_lifecycle_id")
+        # The same refusal for metadata sent the authors' way names that field instead.
+        xbody = {
+            "prompt": "agent",
+            "max_tokens": 2,
+            "vllm_xargs": {"tokencake": {"lifecycle_id": i}},
+        }
+        r = post(server.url + "/v1/completions", json=xbody)
+        assert (
+            r.status_code == 409
+            and r.json()["error"]["param"] == "vllm_xargs.tokencake.lifecycle_id"
+        )
     wait_pool_idle(server, engine)
 
 

@@ -284,7 +284,8 @@ def test_agent_metadata_both_spellings(served, client):
     out = client.completions.create(
         model=MODEL, prompt="x", max_tokens=2, extra_body={"tokencake": meta}
     )
-    assert out.id == lid
+    # The lifecycle id names the lifecycle (reusable per conversation), not the request.
+    assert out.model_extra["tokencake"] == {"lifecycle_id": lid, "source": "annotated"}
     lid2 = lifecycle_id()
     out = client.chat.completions.create(
         model=MODEL,
@@ -353,7 +354,11 @@ BAD_REQUESTS = [
         {"prompt": "x", "tokencake": {"lifecycle_id": "not-an-id"}},
         "tokencake.lifecycle_id",
     ),
-    ("/v1/completions", {"prompt": "x", "tokencake": {"depth": 1}}, "tokencake.lifecycle_id"),
+    (
+        "/v1/completions",
+        {"prompt": "x", "tokencake": {"lifecycle_id": ""}},
+        "tokencake.lifecycle_id",
+    ),
     ("/v1/completions", {"prompt": "x", "tokencake": [1]}, "tokencake"),
     (
         "/v1/completions",
@@ -361,11 +366,6 @@ BAD_REQUESTS = [
         "vllm_xargs.tokencake.similarity",
     ),
     ("/v1/completions", {"prompt": "x", "vllm_xargs": {"other": 1}}, "vllm_xargs.other"),
-    (
-        "/v1/completions",
-        {"prompt": "x", "tokencake": GOOD_META, "request_id": "other"},
-        "tokencake.lifecycle_id",
-    ),
     ("/v1/chat/completions", {}, "messages"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, "messages"),

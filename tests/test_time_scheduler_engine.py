@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.conftest import TINY_ENGINE, lively_params
+from tests.helpers.copies import defer_copies
 from tokencake.config import EngineConfig
 from tokencake.engine import LLMEngine
 from tokencake.models.config import tiny_config
@@ -289,8 +290,13 @@ def test_early_return_hurries_the_upload(model, reference):
 def test_return_while_the_copy_out_is_in_flight(model, reference):
     run = _start_turn(model, "tokencake", 3.0)
     ts = run.ts
+    _, release = defer_copies(run.engine.transfer, "d2h")
     run.step_until(lambda: ts.items["A"].state is PState.OFFLOADING)
-    run.event("stall_finished")  # before the d2h has been reported
+    run.step()
+    assert ts.items["A"].state is PState.OFFLOADING  # not landed: nothing reported
+    run.event("stall_finished")  # before the d2h has landed
+    release()
+    del run.engine.transfer._dispatch  # later copies run normally
     run.successor()
     run.drain()
     assert ts.counters.get("offloads") == 1

@@ -25,6 +25,7 @@ from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.lifecycle import Disposition
 from tokencake.server.body import read_json
 from tokencake.server.errors import APIError, bad, fault_error, rejection_error
+from tokencake.server.lifecycles import calls_of, open_lifecycle
 from tokencake.server.openapi import openapi_spec
 from tokencake.server.protocol import (
     GenerationRequest,
@@ -280,6 +281,7 @@ async def _generate(request: web.Request, st: State, p: GenerationRequest) -> we
         if not token_ids:
             raise bad("the prompt is empty after tokenization", "messages" if p.chat else "prompt")
         params = _sampling(st, p, len(token_ids))
+        await open_lifecycle(st, p)  # a tool return ends its stall before this is queued
         start = time.perf_counter()
         outputs = _open_stream(st, p, token_ids, params)
         first = await _first(outputs)
@@ -296,7 +298,10 @@ async def _generate(request: web.Request, st: State, p: GenerationRequest) -> we
                 finals[last.index] = last
         outs = [finals[i] for i in sorted(finals)] or [last]
         record_choices(st.metrics, p.chat, outs, start)
-        return web.json_response(final_body(st, p, outs, params))
+        body = final_body(st, p, outs, params)
+        if p.on_done is not None:
+            await p.on_done(calls_of(body))
+        return web.json_response({**body, **p.response_extra}, headers=p.response_headers)
     finally:
         if outputs is not None:
             await close_stream(outputs)  # aborts the request unless it finished
@@ -307,7 +312,7 @@ def _open_stream(
     st: State, p: GenerationRequest, token_ids: list[int], params: SamplingParams
 ) -> AsyncIterator[RequestOutput]:
     return st.engine.stream(
-        token_ids, params, request_id=p.request_id, metadata=p.metadata
+        token_ids, params, request_id=p.request_id, metadata=p.ticket or p.metadata
     ).__aiter__()
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokencake.fieldpolicy import unknown_fields
@@ -21,7 +21,7 @@ from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.lifecycle import LifecycleEvent
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.server.errors import APIError, bad, rejection_error
-from tokencake.toolcall import ToolRequest, parse_tool_request, response_format_spec
+from tokencake.toolcall import ToolCall, ToolRequest, parse_tool_request, response_format_spec
 from tokencake.toolcall.render import TemplateInfo
 
 MAX_STOP_SEQUENCES = 16
@@ -167,6 +167,15 @@ class GenerationRequest:
     structured_param: str = "response_format"  # ... or "tools" when the grammar forces a call
     template: TemplateInfo | None = None  # set at tokenization: the model template's tool format
     responses: ResponsesRequest | None = None  # set when the request came to /v1/responses
+    # The tool-call lifecycle (tokencake.server.lifecycles): the client's `user` and lifecycle
+    # id, the ticket that opens the record, what the response carries about it, and the hook
+    # the response writers call with the tool calls they sent.
+    user: str | None = None
+    lifecycle_handle: str | None = None
+    ticket: Any = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    response_extra: dict[str, Any] = field(default_factory=dict)
+    on_done: Callable[[list[ToolCall]], Awaitable[None]] | None = None
 
     @property
     def wire_names(self) -> dict[str, str]:
@@ -190,7 +199,7 @@ def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
             code="model_not_found",
         )
     n = f.integer("n", 1, MAX_N, default=1)
-    f.string("user")
+    user = f.string("user")
     stream = f.boolean("stream")
     include_usage = False
     opts = f.obj("stream_options")
@@ -246,12 +255,14 @@ def _parse_common(f: Fields, chat: bool, model_name: str) -> GenerationRequest:
     request_id = f.string("request_id")
     if request_id is not None and not (0 < len(request_id) <= 128):
         raise bad("request_id must be 1-128 characters", "request_id")
-    if meta_id is not None and request_id is not None and meta_id != request_id:
-        raise bad("tokencake.lifecycle_id must equal request_id", "tokencake.lifecycle_id")
-    rid = request_id or meta_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    return GenerationRequest(
+    # The lifecycle id names the conversation's lifecycle (reusable once its request ended);
+    # each request gets its own id.
+    rid = request_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    p = GenerationRequest(
         rid, stream, include_usage, params, max_tokens, mt_param, metadata, chat, meta_param
     )
+    p.user, p.lifecycle_handle = user, meta_id
+    return p
 
 
 def _top_k(f: Fields) -> int | None:

@@ -189,12 +189,14 @@ async def stream_response(
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
+            **p.response_headers,
         }
     )
     await resp.prepare(request)
     created = int(time.time())
     obj = "chat.completion.chunk" if p.chat else "text_completion"
-    base = {"id": p.request_id, "object": obj, "created": created, "model": st.model_name}
+    base = {"id": p.request_id, "object": obj, "created": created, "model": st.model_name,
+            **p.response_extra}  # fmt: skip
     choices: dict[int, _ChoiceStream] = {}
     finals: dict[int, RequestOutput] = {}
 
@@ -221,6 +223,11 @@ async def stream_response(
             o = await outputs.__anext__()
         outs = [finals[i] for i in sorted(finals)] or [o]
         record_choices(st.metrics, p.chat, outs, start)
+        if p.on_done is not None:  # before [DONE]: the client may act on the calls at once
+            made = [
+                c for ch in choices.values() if ch.called and ch.parser for c in ch.parser.calls
+            ]
+            await p.on_done(made)
         if p.include_usage:
             await send({**base, "choices": [], "usage": _usage_n(outs)})
         await send("[DONE]")

@@ -103,7 +103,9 @@ async def responses_json(
         _usage(final), reason,
     )  # fmt: skip
     _remember(st, rq, rid, content, calls)
-    return web.json_response(obj)
+    if p.on_done is not None:
+        await p.on_done(calls)
+    return web.json_response({**obj, **p.response_extra}, headers=p.response_headers)
 
 
 async def responses_stream(
@@ -117,7 +119,8 @@ async def responses_stream(
     rq = p.responses
     assert rq is not None
     resp = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                 **p.response_headers}
     )  # fmt: skip
     await resp.prepare(request)
     rid = new_response_id()
@@ -156,6 +159,8 @@ async def responses_stream(
             if item["type"] == "function_call"
         ]
         _remember(st, rq, rid, text or None, calls)
+        if p.on_done is not None:
+            await p.on_done(calls)
     except (asyncio.CancelledError, ConnectionResetError):
         raise  # the client left; the finally of AsyncEngine.stream aborts the request
     except Exception as exc:

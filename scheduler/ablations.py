@@ -1,0 +1,48 @@
+"""Tokencake with one mechanism switched off (or, for full-future admission, on), by name:
+``tokencake-no-<mechanism>``. The ablation table of ``bench/RESULTS.md`` runs each of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from tokencake.scheduler.policy import Policy, PolicyContext
+from tokencake.scheduler.tokencake_config import TokencakeConfig
+
+#: name suffix -> (SpaceConfig changes, TimeConfig changes)
+ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "no-reservations": ({"reserve_ratio_min": 0.0, "reserve_ratio_max": 0.0}, {}),
+    "no-scoring": ({"admission_order": "arrival"}, {}),
+    "no-keep": ({}, {"keep": False}),
+    "no-offload": ({}, {"selective_offload": False}),
+    "no-predictive-upload": ({}, {"predictive_upload": False}),
+    "no-reuse-eviction": ({}, {"reuse_aware_eviction": False}),
+    "no-write-back": ({}, {"write_back_all": False}),
+    "no-inflight-sharing": ({"defer_inflight_prefix": False}, {}),
+    "with-full-future-admission": ({"reserve_generation_tokens": True}, {}),
+}
+
+
+def ablation_config(suffix: str, base: TokencakeConfig | None = None) -> TokencakeConfig:
+    """``base`` (default: the defaults) with the ``suffix`` mechanism changed."""
+    space, time = ABLATIONS[suffix]
+    c = base or TokencakeConfig()
+    return dataclasses.replace(
+        c,
+        scheduling=dataclasses.replace(c.scheduling, **space),
+        offload=dataclasses.replace(c.offload, **time),
+    )
+
+
+def ablation_policy(suffix: str) -> Callable[[PolicyContext], Policy]:
+    """Factory of ``tokencake-<suffix>``: Tokencake on the context's config, one change."""
+    from tokencake.scheduler.tokencake_policy import TokencakePolicy
+
+    def make(ctx: PolicyContext) -> Policy:
+        return TokencakePolicy(
+            dataclasses.replace(ctx, tokencake=ablation_config(suffix, ctx.tokencake))
+        )
+
+    return make
