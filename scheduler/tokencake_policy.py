@@ -1,7 +1,12 @@
 """Agent-aware policies on the shared scheduler core.
 
-* ``tokencake``: Space Scheduler (scores, reservations, full-future admission, victims) and
-  Time Scheduler (keep / offload with predictive upload / drop per tool call);
+* ``tokencake``: Space Scheduler (scores, reservations, admission, victims) and Time
+  Scheduler (keep / offload with predictive upload / drop per tool call). Since issue 12 it
+  also writes every finished request's blocks back to the host tier and swaps victims
+  (``offload.write_back_all``), defers a fan-out sibling whose next block a running prefill is
+  computing (``scheduling.defer_inflight_prefix``), and admits by the current sequence
+  (the paper's full-future rule is ``scheduling.reserve_generation_tokens``, off by default);
+  ``scheduler/ablations.py`` switches each mechanism off alone;
 * ``tokencake-space`` and ``tokencake-time``: one half each (the other half is the baseline);
 * ``infercept``: per tool call preserve / discard / swap by its min-waste rule, swap-in when the
   tool returns (no prediction), FCFS;

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server (aiohttp) with the Tokencake metadata extension and events.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (plain
-JSON or SSE streams), ``POST /v1/tokencake/events`` (tool-lifecycle ``stall_started`` /
+JSON or SSE streams; tool calling and structured output), ``POST /v1/responses`` (the Responses
+API over the same pipeline), ``POST /v1/tokencake/events`` (tool-lifecycle ``stall_started`` /
 ``stall_finished``), ``GET /metrics`` (Prometheus), ``GET /health`` and ``GET /openapi.json``.
 
 Modules: ``body`` (reading a JSON body) and ``protocol`` (JSON bodies -> typed requests),

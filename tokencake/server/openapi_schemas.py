@@ -178,21 +178,23 @@ def response_body_schemas() -> dict[str, dict[str, Any]]:
         "enum": ["stop", "length", "tool_calls", "abort", None],
         "nullable": True,
     }
+    # the request's tool-call lifecycle (issue 14): its id, and whether hints or the protocol gave it
+    lifecycle = _obj({"lifecycle_id": _STR, "source": {"type": "string", "enum": ["inferred", "annotated"]}}, ["lifecycle_id"])  # fmt: skip
     chat_msg = _obj({"role": {"type": "string", "enum": ["assistant"]}, "content": _NULL_STR, "tool_calls": {"type": "array", "items": _ref("ToolCall")}}, ["role", "content"])  # fmt: skip
     chat = _obj(
-        {"id": _STR, "object": {"type": "string", "enum": ["chat.completion"]}, "created": _INT, "model": _STR, "usage": usage,
+        {"id": _STR, "object": {"type": "string", "enum": ["chat.completion"]}, "created": _INT, "model": _STR, "usage": usage, "tokencake": lifecycle,
          "choices": {"type": "array", "items": _obj({"index": _INT, "message": chat_msg, "logprobs": {"type": "object", "nullable": True}, "finish_reason": finish}, ["index", "message", "finish_reason"])}},
         ["id", "object", "created", "model", "choices"],
     )  # fmt: skip
     delta_call = _obj({"index": _INT, "id": _STR, "type": {"type": "string", "enum": ["function"]}, "function": _obj({"name": _STR, "arguments": _STR})}, ["index"])  # fmt: skip
     chunk = _obj(
-        {"id": _STR, "object": {"type": "string", "enum": ["chat.completion.chunk"]}, "created": _INT, "model": _STR, "usage": usage,
+        {"id": _STR, "object": {"type": "string", "enum": ["chat.completion.chunk"]}, "created": _INT, "model": _STR, "usage": usage, "tokencake": lifecycle,
          "choices": {"type": "array", "items": _obj({"index": _INT, "delta": _obj({"role": _STR, "content": _STR, "tool_calls": {"type": "array", "items": delta_call}}),
                                                       "logprobs": {"type": "object", "nullable": True}, "finish_reason": finish}, ["index", "delta"])}},
         ["id", "object", "created", "model", "choices"],
     )  # fmt: skip
     completion = _obj(
-        {"id": _STR, "object": {"type": "string", "enum": ["text_completion"]}, "created": _INT, "model": _STR, "usage": usage,
+        {"id": _STR, "object": {"type": "string", "enum": ["text_completion"]}, "created": _INT, "model": _STR, "usage": usage, "tokencake": lifecycle,
          "choices": {"type": "array", "items": _obj({"index": _INT, "text": _STR, "logprobs": {"type": "object", "nullable": True}, "finish_reason": finish}, ["index", "text"])}},
         ["id", "object", "model", "choices"],
     )  # fmt: skip
