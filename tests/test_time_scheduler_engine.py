@@ -32,6 +32,10 @@ from tokencake.scheduler.time_sched import PState
 
 DT = 0.02  # simulated seconds per engine step
 BS = TINY_ENGINE["page_size"]
+# The scheduled offload path: with ``offload.write_back_all`` (the default) a finished agent's
+# blocks are copied to the host tier as it finishes, so there is nothing left to offload when its
+# tool starts; these tests switch write-back off to exercise the Time Scheduler's own copies.
+TC = "tokencake-no-write-back"
 AGENT = dict(agent_type="planner", offload_eligible=True, reusable_prefix=True)
 TOOL_RESULT = [5, 6, 7, 8, 9, 10]
 
@@ -187,7 +191,7 @@ def _tc_copies(run: Run, direction: str) -> int:
 
 # ---- the paper's path: offload under pressure, predictive upload, device hit ------------------------
 def test_offload_and_predictive_upload_on_real_engine(model, reference):
-    run = _start_turn(model, "tokencake", 3.0)
+    run = _start_turn(model, TC, 3.0)
     ts = run.ts
     run.step_until(lambda: ts.items["A"].state is PState.OFFLOADED)
     p = ts.items["A"]
@@ -224,7 +228,7 @@ def test_offload_and_predictive_upload_on_real_engine(model, reference):
 # ---- keep (TTL pin) ---------------------------------------------------------------------------------
 def _alone(model, estimate: float) -> Run:
     """Agent A alone with a host tier and no queue: no pressure, so the policy keeps."""
-    eng, clock = _engine(model, "tokencake")
+    eng, clock = _engine(model, TC)
     run = Run(eng, clock)
     _record_copies(run)
     eng.add_request(PROMPT_A, _greedy(8), "A", AGENT)
@@ -272,7 +276,7 @@ def test_keep_ttl_releases_an_overrunning_tool(model, reference):
 
 # ---- mispredicted tools -----------------------------------------------------------------------------
 def test_early_return_hurries_the_upload(model, reference):
-    run = _start_turn(model, "tokencake", 3.0)
+    run = _start_turn(model, TC, 3.0)
     ts = run.ts
     run.step_until(lambda: ts.items["A"].state is PState.OFFLOADED)
     run.step_until(lambda: run.clock() >= run.t_start + 0.8)
@@ -288,7 +292,7 @@ def test_early_return_hurries_the_upload(model, reference):
 
 
 def test_return_while_the_copy_out_is_in_flight(model, reference):
-    run = _start_turn(model, "tokencake", 3.0)
+    run = _start_turn(model, TC, 3.0)
     ts = run.ts
     _, release = defer_copies(run.engine.transfer, "d2h")
     run.step_until(lambda: ts.items["A"].state is PState.OFFLOADING)
@@ -306,7 +310,7 @@ def test_return_while_the_copy_out_is_in_flight(model, reference):
 
 
 def test_finish_without_successor_gives_everything_back(model, reference):
-    run = _start_turn(model, "tokencake", 3.0)
+    run = _start_turn(model, TC, 3.0)
     ts = run.ts
     run.step_until(lambda: ts.items.get("A") is not None and ts.items["A"].state is PState.RESTORED)
     run.event("stall_finished")
@@ -322,7 +326,7 @@ def test_finish_without_successor_gives_everything_back(model, reference):
 
 
 def test_overrun_releases_the_restore_then_uploads_again(model, reference):
-    run = _start_turn(model, "tokencake", 3.0)
+    run = _start_turn(model, TC, 3.0)
     ts = run.ts
     run.step_until(lambda: ts.items["A"].state is PState.RESTORED)
     end = ts.items["A"].rec.predicted_end
@@ -341,7 +345,7 @@ def test_overrun_releases_the_restore_then_uploads_again(model, reference):
 
 
 def test_safety_deadline_expires_the_lifecycle(model, reference):
-    run = _start_turn(model, "tokencake", 3.0)
+    run = _start_turn(model, TC, 3.0)
     ts = run.ts
     run.step_until(lambda: ts.items["A"].state is PState.OFFLOADED)
     run.step_until(lambda: "B" in run.outs and "D" in run.outs)
@@ -361,7 +365,7 @@ def test_safety_deadline_expires_the_lifecycle(model, reference):
 def test_idle_engine_steps_for_the_predictive_upload(model, reference):
     """A driver that steps only while requests are unfinished (as ``AsyncEngine`` does) must
     still step when the upload is due, while every agent waits on its tool."""
-    run = _start_turn(model, "tokencake", 3.0)
+    run = _start_turn(model, TC, 3.0)
     ts = run.ts
     eng = run.engine
     run.step_until(lambda: ts.items["A"].state is PState.OFFLOADED)
@@ -384,3 +388,20 @@ def test_idle_engine_steps_for_the_predictive_upload(model, reference):
     assert _outputs(run) == reference
     _check_clean(run)
     assert eng.seconds_until_timer() > 30  # only lifecycle tombstones remain
+
+
+# ---- the default: write-back of every finished block ------------------------------------------------
+def test_default_write_back_serves_the_return_from_either_tier(model, reference):
+    """Default ``tokencake`` (write-back on): A's blocks reach the host tier as A finishes, so B
+    may take A's device blocks without a scheduled offload, and A2 still hits A's whole prefix
+    (on the device or through a copy-in from the host)."""
+    run = _start_turn(model, "tokencake", 3.0)
+    assert _tc_copies(run, "d2h") == 0  # nothing scheduled by the Time Scheduler yet
+    run.step_until(lambda: "B" in run.outs and "D" in run.outs)
+    assert sum(n for d, n, _ in run.copies if d == "d2h") >= 6  # A's written-back blocks
+    run.step_until(lambda: run.clock() >= run.t_start + 3.0)
+    run.event("stall_finished")
+    _finish_turn(run)
+    assert run.outs["A2"].num_cached_tokens == 6 * BS
+    assert _outputs(run) == reference
+    _check_clean(run)
