@@ -58,6 +58,16 @@ def test_prefix_cache_hits_do_not_change_outputs(make_engine, solo_reference):
 def test_preemption_under_pressure_matches_ample_pool(make_engine, solo_reference):
     engine = make_engine(num_pages=14, max_num_seqs=6)  # 13 usable blocks for 6 sequences
     assert run_batch(engine, PROMPTS) == solo_reference
+
+
+def test_decode_growth_preempts_and_outputs_match(make_engine):
+    """vLLM-style admission takes a request only when its current sequence fits, so preemption
+    comes from decode growth: four short prompts admitted into 7 blocks grow to ~17 blocks."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[4]]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    ref = run_solo(make_engine(enable_prefix_cache=False), prompts, params)
+    engine = make_engine(num_pages=8, max_num_seqs=4)
+    assert run_batch(engine, prompts, params) == ref
     assert engine.scheduler.num_preemptions > 0
 
 
