@@ -58,7 +58,7 @@ async def disconnect(session: aiohttp.ClientSession, url: str, prompt: str, afte
 async def bad(session: aiohttp.ClientSession, url: str, rng: random.Random) -> None:
     payload = rng.choice([
         {"prompt": "x", "max_tokens": -1},
-        {"prompt": "x", "n": 3},
+        {"prompt": "x", "n": 17},  # n is 1..16
         {"prompt": "x", "stream": True, "bogus_field": 1},
         {"prompt": 42},
         {"prompt": "x" * 400},
