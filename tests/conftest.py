@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
 
-# One persistent compilation cache per test session (engines in one run share compiled shapes),
-# never a directory shared across runs: concurrent runs of different code versions once left an
-# entry whose read aborted the interpreter. An explicit TOKENCAKE_XLA_CACHE still wins.
-if "TOKENCAKE_XLA_CACHE" not in os.environ:
-    _cache = tempfile.mkdtemp(prefix="tokencake-xla-tests-")
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-    os.environ["TOKENCAKE_XLA_CACHE"] = _cache
+# No persistent compilation cache in tests (an explicit TOKENCAKE_XLA_CACHE still wins): two full
+# runs on jax 0.10 CPU died inside the cache's executable serialization (SIGABRT on a read, SIGSEGV
+# on a write into a fresh directory), both around tests/test_structured.py. Not yet root-caused.
+os.environ.setdefault("TOKENCAKE_XLA_CACHE", "")
 
 from tokencake.config import EngineConfig  # noqa: E402
 from tokencake.engine import LLMEngine  # noqa: E402
