@@ -104,6 +104,16 @@ class Tokenizer:
             hf = copy.deepcopy(self.hf)
         return Tokenizer(hf, self._eos)
 
+    def backend_json(self) -> str:
+        """The Rust tokenizer's JSON (padding and truncation off), taken under the lock, for
+        libraries that build their own view of the vocabulary (the grammar compiler): they
+        must never touch ``hf`` from another thread while this one encodes."""
+        with self._lock:
+            backend = copy.copy(self.hf.backend_tokenizer)
+        backend.no_padding()
+        backend.no_truncation()
+        return backend.to_str()
+
     @functools.cached_property
     def max_token_chars(self) -> int:
         """Characters of the longest vocabulary entry (special tokens included). Every token

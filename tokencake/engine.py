@@ -116,7 +116,7 @@ class LLMEngine:
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
-        self._grammars = GrammarCompiler(tokenizer.hf, model_config.vocab_size, self.eos_ids)
+        self._grammars = GrammarCompiler(tokenizer, model_config.vocab_size, self.eos_ids)
         self._choices = ChoiceGroups()  # n > 1 requests
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
         if cfg.warmup:

@@ -23,11 +23,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tokencake.scheduler.errors import RequestRejected
+
+if TYPE_CHECKING:
+    from tokencake.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +232,9 @@ class GrammarCompiler:
     """
 
     def __init__(
-        self, hf_tokenizer: Any, vocab_size: int, eos_ids: Sequence[int], cache_size: int = 64
+        self, tokenizer: Tokenizer, vocab_size: int, eos_ids: Sequence[int], cache_size: int = 64
     ) -> None:
-        self._hf = hf_tokenizer
+        self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._eos = sorted(int(e) for e in eos_ids)
         self._ll: Any = None
@@ -255,10 +258,12 @@ class GrammarCompiler:
         """Build the tokenizer view now (idempotent, thread-safe)."""
         with self._lock:
             if self._ll is None:
-                import llguidance.hf
+                import llguidance
 
-                self._ll = llguidance.hf.from_tokenizer(
-                    self._hf, n_vocab=self.vocab_size, eos_token=self._eos
+                # From the tokenizer's JSON, taken under its lock: this may run on a
+                # background thread while the engine thread encodes with the same tokenizer.
+                self._ll = llguidance.LLTokenizer(
+                    self._tokenizer.backend_json(), n_vocab=self.vocab_size, eos_token=self._eos
                 )
 
     def compile(self, spec: Structured) -> GrammarState:
