@@ -141,41 +141,51 @@ class _GuardedProtocol(asyncio.Protocol):
             inner.connection_lost(exc)
 
 
-class GuardedTCPSite(web.TCPSite):
+class _GuardedSite:
+    """The part both guarded sites share: ``start`` listens through a
+    :class:`ConnectionGuard`; each site says where it listens (``_listen_kwargs``)."""
+
+    limits: ConnectionLimits
+    guard: ConnectionGuard | None
+
+    def _listen_kwargs(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # type: ignore[arg-type]
+        server = self._runner.server  # type: ignore[attr-defined]
+        assert server is not None
+        self.guard = ConnectionGuard(server, self.limits)
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard,
+            backlog=self._backlog,
+            **self._listen_kwargs(),  # type: ignore[attr-defined]
+        )
+
+
+class GuardedTCPSite(_GuardedSite, web.TCPSite):
     """``web.TCPSite`` whose connections pass through a :class:`ConnectionGuard`."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, limits: ConnectionLimits):
         super().__init__(runner, host, port)
         self.limits = limits
-        self.guard: ConnectionGuard | None = None
+        self.guard = None
 
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-        self.guard = ConnectionGuard(server, self.limits)
-        self._server = await asyncio.get_running_loop().create_server(
-            self.guard, self._host, self._port, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-        )  # fmt: skip
+    def _listen_kwargs(self) -> dict[str, Any]:
+        return {"host": self._host, "port": self._port, "reuse_address": self._reuse_address,
+                "reuse_port": self._reuse_port}  # fmt: skip
 
 
-class GuardedSockSite(web.SockSite):
+class GuardedSockSite(_GuardedSite, web.SockSite):
     """``web.SockSite`` (an already listening socket) with a :class:`ConnectionGuard`."""
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket, limits: ConnectionLimits):
         super().__init__(runner, sock)
         self.limits = limits
-        self.guard: ConnectionGuard | None = None
+        self.guard = None
 
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-        self.guard = ConnectionGuard(server, self.limits)
-        self._server = await asyncio.get_running_loop().create_server(
-            self.guard, sock=self._sock, backlog=self._backlog
-        )
+    def _listen_kwargs(self) -> dict[str, Any]:
+        return {"sock": self._sock}
 
 
 class AcceptErrorLimiter:
