@@ -32,6 +32,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -120,11 +121,19 @@ class TransferEngine:
         self._device_sharding = SingleDeviceSharding(host_kv.device)
         self._host_sharding = host_kv.sharding
         self._last_done: dict[str, float] = {"d2h": 0.0, "h2d": 0.0}
-        self._waiter_q: queue.SimpleQueue[TransferHandle] = queue.SimpleQueue()
+        # The waiter thread holds only the queue, never ``self``: a dropped engine is collected
+        # (its KV pools freed) and the finalizer stops the thread; close() stops it at once.
+        self._waiter_q: queue.SimpleQueue[TransferHandle | None] = queue.SimpleQueue()
         self._waiter = threading.Thread(
-            target=self._wait_loop, name="kv-transfer-waiter", daemon=True
-        )
+            target=_record_landings, args=(self._waiter_q,), name="kv-transfer-waiter",
+            daemon=True,
+        )  # fmt: skip
         self._waiter.start()
+        self._stop_waiter = weakref.finalize(self, self._waiter_q.put, None)
+
+    def close(self) -> None:
+        """Stop the waiter thread (copies in flight still finish; poll() still reports them)."""
+        self._stop_waiter()
 
     # ---- compiled kernels --------------------------------------------------------------------
     def _fn(self, direction: str, bucket: int):
@@ -253,16 +262,6 @@ class TransferEngine:
         return marker
 
     # ---- completion ------------------------------------------------------------------------
-    def _wait_loop(self) -> None:
-        # Only records *when* a copy landed (for the bandwidth estimate); poll() decides done.
-        while True:
-            h = self._waiter_q.get()
-            try:
-                jax.block_until_ready([m for m in h.markers if isinstance(m, jax.Array)])
-                h._ready_at = time.perf_counter()
-            except Exception:  # poll() surfaces the error
-                pass
-
     def poll(self) -> list[TransferHandle]:
         """Handles that finished (or failed) since the last poll, in issue order."""
         out = []
@@ -319,3 +318,14 @@ class _Ready:
 
     def is_ready(self) -> bool:
         return True
+
+
+def _record_landings(handles: queue.SimpleQueue[TransferHandle | None]) -> None:
+    """The waiter thread: records *when* each copy landed (for the bandwidth estimate);
+    ``poll()`` decides what is done. ``None`` stops it."""
+    while (h := handles.get()) is not None:
+        try:
+            jax.block_until_ready([m for m in h.markers if isinstance(m, jax.Array)])
+            h._ready_at = time.perf_counter()
+        except Exception:  # poll() surfaces the error
+            pass

@@ -64,6 +64,7 @@ def make_engine(tiny_model):
     yield make
     for e in engines:
         e.pool.check_integrity()
+        e.close()
 
 
 @pytest.fixture(scope="session")
@@ -119,3 +120,38 @@ def agent_served(tiny_model):
     yield server, engine
     server.stop()
     engine.shutdown()
+
+
+# XLA:CPU maps every compiled executable's code into its own memory regions, and Linux caps a
+# process's regions (vm.max_map_count, 65,530 by default). An engine that is never freed keeps
+# ~600 regions for good; a full run that leaks engines crosses the cap around test 470 and
+# then dies inside LLVM (a segfault, or an abort while serializing an executable). So every
+# module's engines must be collectable: this fails the module that leaves the process near
+# the cap, by name, instead of a later test dying without a trace.
+MAP_REGION_BUDGET = 40_000
+
+
+def _mapped_regions() -> int | None:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _engines_are_freed(request):
+    yield
+    import gc
+
+    gc.collect()
+    regions = _mapped_regions()
+    if report := os.environ.get("TOKENCAKE_REPORT_MAPS"):  # a file to append counts to
+        with open(report, "a") as f:
+            f.write(f"{request.module.__name__} {regions}\n")
+    if regions is not None and regions > MAP_REGION_BUDGET:
+        pytest.fail(
+            f"{regions} memory regions mapped after {request.module.__name__} (budget "
+            f"{MAP_REGION_BUDGET}, kernel cap vm.max_map_count): engines or compiled "
+            "executables are being kept alive; close or drop them"
+        )

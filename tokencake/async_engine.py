@@ -310,6 +310,8 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        if not self._thread.is_alive():  # else the engine thread may still issue copies
+            self.engine.close()
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:

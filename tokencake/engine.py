@@ -122,6 +122,12 @@ class LLMEngine:
         if cfg.warmup:
             self.warmup()
 
+    def close(self) -> None:
+        """Stop the engine's helper threads (the transfer waiter). Also happens when the
+        engine is garbage-collected; idempotent."""
+        if self.transfer is not None:
+            self.transfer.close()
+
     def warmup(self, progress: bool = False) -> None:
         """Compile every step and transfer shape (``progress``: a bar on stderr) and profile
         recompute costs where they are used. Runs at construction unless ``warmup=False``."""
