@@ -22,19 +22,18 @@ from collections.abc import Sequence
 
 from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.metadata import AgentMetadata
+from tokencake.scheduler.offload_benefit import Pressure, waiting_pressure
 from tokencake.scheduler.policy import Admission, Policy, PolicyContext, TimeSchedulerStats
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sharing import inflight_hashes, waits_for_inflight
 from tokencake.scheduler.space import Denial, SpaceScheduler
-from tokencake.scheduler.time_sched import (
+from tokencake.scheduler.time_decisions import (
     Decide,
-    Pressure,
-    TimeScheduler,
     continuum_decide,
     infercept_decide,
     tokencake_decide,
-    waiting_pressure,
 )
+from tokencake.scheduler.time_sched import TimeScheduler
 
 
 def application_fcfs(waiting: Sequence[Request]) -> list[Request]:

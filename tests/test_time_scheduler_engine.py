@@ -160,7 +160,7 @@ def _check_clean(run: Run) -> None:
     eng = run.engine
     eng.pool.check_integrity()
     assert not eng.has_unfinished_requests()
-    assert eng.scheduler.copies_in_flight == 0
+    assert eng.scheduler.copies.in_flight == 0
     ts = _time_scheduler(eng)
     if ts is not None:
         assert ts.stalled_blocks == 0

@@ -30,7 +30,7 @@ from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
 from tokencake.row_controls import RowControls
 from tokencake.runner import ModelRunner, RowSampling
 from tokencake.sampling_params import SamplingParams
-from tokencake.scheduler.core import Scheduler
+from tokencake.scheduler.core import Scheduler, StepLoop
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault, StepFailed, blame
 from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
@@ -38,7 +38,6 @@ from tokencake.scheduler.limits import check_id
 from tokencake.scheduler.plan import StepPlan
 from tokencake.scheduler.policy import PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
-from tokencake.scheduler.step_loop import StepLoop
 from tokencake.structured import GrammarCompiler
 from tokencake.toolcall.render import render_prompt
 from tokencake.toolcall.request import ToolRequest
@@ -310,7 +309,7 @@ class LLMEngine:
         return self.scheduler.lifecycle_event(event)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work or self.scheduler.copies_in_flight > 0
+        return self.scheduler.has_work or self.scheduler.copies.in_flight > 0
 
     def seconds_until_timer(self) -> float:
         """Seconds until the scheduler has timed work with no request running (a predictive
@@ -369,7 +368,7 @@ class LLMEngine:
     def _fault_outputs(self) -> list[RequestOutput]:
         """Finished outputs carrying the error of every request a fault aborted."""
         out = []
-        for req, fault in self.scheduler.pop_faults():
+        for req, fault in self.scheduler.faults.pop():
             if req is not None and self._text.pop(req.request_id, None) is not None:
                 out.append(_error_output(req, fault))
         return out
