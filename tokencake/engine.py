@@ -18,7 +18,7 @@ import numpy as np
 
 from tokencake.choices import ChoiceGroups
 from tokencake.config import EngineConfig
-from tokencake.executor import EngineExecutor
+from tokencake.diagnostics import recompute_samples
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
 from tokencake.memory.host_kv import allocate_host_kv
@@ -28,7 +28,7 @@ from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
 from tokencake.row_controls import RowControls
-from tokencake.runner import ModelRunner, RowSampling
+from tokencake.runner import EngineExecutor, ModelRunner, RowSampling
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.core import Scheduler, StepLoop
 from tokencake.scheduler.errors import RequestRejected
@@ -131,7 +131,7 @@ class LLMEngine:
         if self.config.policy != "vllm" or self.transfer is not None:
             # Only the agent-aware policies and the host tier consult recompute costs;
             # profiling costs seconds of start-up, so the FCFS baseline skips it.
-            self.cost_model.fit_recompute(self.runner.recompute_samples())
+            self.cost_model.fit_recompute(recompute_samples(self.runner))
 
     def _build_host_tier(self) -> None:
         """Host block pool, host KV arrays (allocated once) and the transfer engine."""
