@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from tokencake.scheduler.backfill import Backfill
 from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.metadata import AgentMetadata
-from tokencake.scheduler.policy import Admission, Policy, PolicyContext
+from tokencake.scheduler.policy import Admission, Policy, PolicyContext, TimeSchedulerStats
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sharing import inflight_hashes, waits_for_inflight
 from tokencake.scheduler.space import Denial, SpaceScheduler
@@ -304,6 +304,11 @@ class TokencakePolicy(Policy):
 
     def next_due(self) -> float:
         return self.time.next_due() if self.time is not None else math.inf
+
+    def time_scheduler_stats(self) -> TimeSchedulerStats | None:
+        if self.time is None:
+            return None
+        return TimeSchedulerStats(self.time.stalled_blocks, self.time.counters)
 
     @property
     def counters(self) -> dict[str, int]:

@@ -573,7 +573,7 @@ def _eviction_scenario(
     run(Request("U", list(range(1000, 1209)), 1, clock()))  # 14 blocks: 8 free + 6 evicted
     pool.check_integrity()
     survived = [len(pool.lookup_prefix(r._block_hashes[:6])) for r in (a, leaf)]
-    counters = getattr(s.policy, "counters", {})
+    counters = s.policy.counters
     return survived[0], survived[1], counters
 
 
