@@ -316,7 +316,13 @@ class Scheduler:
                         continue  # admitted; its first chunk runs once the host pages have landed
                     n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget)
                     need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-                    if need > self.pool.num_free - committed or not self._policy_admits(req, need):
+                    fits = need <= self.pool.num_free - committed
+                    if not fits:  # the policy says whether the scan stops here (strict order)
+                        self._refused = (
+                            req.request_id,
+                            self.policy.on_blocked(req, need, self.running),
+                        )
+                    if not fits or not self._policy_admits(req, need):
                         self._release(req)
                         req.num_computed_tokens = 0
                         if self._refused == (req.request_id, Admission.DEFER):

@@ -92,6 +92,13 @@ class Policy:
         applied) needs ``blocks_needed`` more blocks now."""
         return Admission.ADMIT
 
+    def on_blocked(
+        self, request: Request, blocks_needed: int, running: Sequence[Request]
+    ) -> Admission:
+        """The pool cannot give ``request`` the ``blocks_needed`` blocks of its next chunk:
+        STOP (the default, strict order) ends this admission pass; DEFER scans on behind it."""
+        return Admission.STOP
+
     def on_admitted(self, request: Request, now: float) -> None:
         """``request`` moved from waiting to running this step."""
 
