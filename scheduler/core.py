@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
@@ -29,7 +28,7 @@ from tokencake.scheduler.host_tier import HostTier
 from tokencake.scheduler.inferred import ToolCallIndex, open_lifecycle
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle
 from tokencake.scheduler.limits import check_fits
-from tokencake.scheduler.plan import BlockCopy, ScheduledChunk, StepPlan
+from tokencake.scheduler.plan import Executor, ScheduledChunk, StepPlan
 from tokencake.scheduler.policies import policy_factory
 from tokencake.scheduler.policy import Admission, PolicyContext, PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
@@ -86,12 +85,10 @@ class Scheduler:
 
     # ---- queue management -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
+        rid = request.request_id
+        if rid in self.requests:
             raise RequestRejected(
-                "request_id",
-                f"duplicate request id {request.request_id!r}",
-                409,
-                "duplicate_request_id",
+                "request_id", f"duplicate request id {rid!r}", 409, "duplicate_request_id"
             )
         check_fits(request.num_prompt_tokens, request.max_tokens, self.config.max_model_len,
                    self.pool.block_size, self.pool.capacity)  # fmt: skip
@@ -449,27 +446,9 @@ class Scheduler:
                 disp, body = self.lifecycle.handle(event)
         except RequestFault as fault:  # only raised once the event itself was validated
             self.fail(fault)
-            return Disposition.INVALID, {
-                "lifecycle_id": lid,
-                "event": name,
-                "disposition": Disposition.INVALID.value,
-                "error": fault.message,
-                "param": "lifecycle_id",
-            }
+            body = {"lifecycle_id": lid, "event": name, "disposition": Disposition.INVALID.value}
+            return Disposition.INVALID, {**body, "error": fault.message, "param": "lifecycle_id"}
         return disp, body
-
-
-class Executor(Protocol):
-    """What the step loop needs of an executor (``tokencake/runner.py``'s, the simulator's)."""
-
-    def execute(self, plan: StepPlan) -> Mapping[str, int]:
-        """Issue the plan's copies and compute its chunks; the sampled token id of every
-        request whose chunk samples (nothing when the plan has no chunks)."""
-        ...
-
-    def landed_copies(self) -> tuple[Sequence[BlockCopy], Sequence[BlockCopy]]:
-        """Copies that finished and copies that failed since the last call."""
-        ...
 
 
 class StepLoop:
