@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from tokencake.models.hub import resolve_model
-from tokencake.runner import ModelRunner, RowRequest, RunnerConfig
+from tokencake.runner import ModelRunner, RowRequest
+from tokencake.runner_config import RunnerConfig
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
         for b in batches:
             shape = rc.buckets.group_shape([(args.ctx, 1)] * b, False)
             t = time.perf_counter()
-            r._compile(shape)
+            r.compiled(shape)
             print(f"{loop}: compile {shape} {time.perf_counter() - t:.1f} s", flush=True)
     rng = np.random.default_rng(0)
     times = {(loop, b): [] for loop in loops for b in batches}

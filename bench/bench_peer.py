@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokencake.models.hub import default_model_path, resolve_model
-from tokencake.runner import ModelRunner, RowRequest, RunnerConfig
+from tokencake.runner import ModelRunner, RowRequest
+from tokencake.runner_config import RunnerConfig
 
 CTX_LO, CTX_HI = 128, 256  # decode context window [lo, hi)
 

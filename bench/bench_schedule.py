@@ -14,10 +14,9 @@ import time
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.host_pool import HostBlockPool
-from tokencake.scheduler.core import Scheduler, SchedulerConfig
+from tokencake.scheduler.core import Scheduler, SchedulerConfig, StepLoop
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor
-from tokencake.scheduler.step_loop import StepLoop
 
 
 def build(policy: str, running: int, waiting: int, seed: int = 0) -> tuple[Scheduler, SimExecutor]:

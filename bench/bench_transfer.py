@@ -98,7 +98,8 @@ def bench_throughput(repeats: int) -> list[dict]:
 
 
 def bench_decode_interference(model: str, repeats: int, copy_blocks: int = 256) -> dict:
-    from tokencake.runner import ModelRunner, RowRequest, RunnerConfig
+    from tokencake.runner import ModelRunner, RowRequest
+    from tokencake.runner_config import RunnerConfig
 
     if model == "default":
         from tokencake.models.hub import resolve_model

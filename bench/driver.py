@@ -512,9 +512,8 @@ class SimBackend:
     def __init__(self, policy: str, preset: Any, *, vocab_size: int = 32000) -> None:
         from tokencake.memory.block_pool import BlockPool
         from tokencake.memory.host_pool import HostBlockPool
-        from tokencake.scheduler.core import Scheduler
+        from tokencake.scheduler.core import Scheduler, StepLoop
         from tokencake.scheduler.sim_executor import SimClock
-        from tokencake.scheduler.step_loop import StepLoop
 
         self.policy = policy
         self.preset = preset
@@ -550,7 +549,7 @@ class SimBackend:
         return disp.value
 
     def busy(self) -> bool:
-        return self.scheduler.has_work or self.scheduler.copies_in_flight > 0
+        return self.scheduler.has_work or self.scheduler.copies.in_flight > 0
 
     def step(self) -> tuple[list[Completion], bool]:
         t_plan = self.clock()

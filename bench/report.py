@@ -81,7 +81,7 @@ class Collector:
         running: set[int] = set()
         for r in s.running:
             running.update(r.block_ids)
-        ts = getattr(s.policy, "time", None)
+        ts = s.policy.time_scheduler_stats()
         pinned = int(ts.stalled_blocks) if ts is not None else 0
         resident = self._state.get("stalled_resident", 0)
         if full:
@@ -189,7 +189,7 @@ def summarize(res: RunResult, col: Collector) -> dict[str, Any]:
     total_t = max(1e-9, (col.last_t or 0.0) - col.t0)
     cap = s.pool.capacity
     avg = {k: v / total_t for k, v in col.integral.items()}
-    ts = getattr(s.policy, "time", None)
+    ts = s.policy.time_scheduler_stats()
     # Independent count of re-executed tokens: every executed token minus each call's first
     # pass (its prompt past the cache hit at first admission, and its output but the last
     # sampled token, which is never computed).

@@ -21,6 +21,7 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "no-reuse-eviction": ({}, {"reuse_aware_eviction": False}),
     "no-write-back": ({}, {"write_back_all": False}),
     "no-inflight-sharing": ({"defer_inflight_prefix": False}, {}),
+    "no-backfill": ({"backfill": False}, {}),
     "with-full-future-admission": ({"reserve_generation_tokens": True}, {}),
 }
 

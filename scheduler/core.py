@@ -1,21 +1,21 @@
 """Continuous-batching scheduler core: waiting/running queues, token budget, chunked prefill,
-prefix-cache hits and recompute preemption. Pure Python; the policy plugs in decisions.
+prefix-cache hits and recompute preemption, and the one step loop that drives it. Pure Python;
+the policy plugs in decisions.
 
 Invariant kept by every method: a running request owns exactly the blocks covering its
 ``num_computed_tokens`` (plus those for the tokens scheduled this step), and every block it owns
 is accounted for in the pool (``check_integrity``).
 
+:class:`StepLoop` (schedule -> execute -> update) is shared by the engine and the simulator;
+the executor is the only difference between a real and a simulated step (DESIGN.md rule 4).
 ``SchedulerConfig`` (the batch limits) lives in ``config.py`` and is re-exported here.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import math
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from collections.abc import Callable, Mapping
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
@@ -23,17 +23,17 @@ from tokencake.memory.host_pool import HostBlockPool
 from tokencake.scheduler.config import SchedulerConfig
 from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.errors import RequestRejected
-from tokencake.scheduler.faults import RequestFault, blame
-from tokencake.scheduler.inferred import LifecycleTicket, ToolCallIndex
+from tokencake.scheduler.faults import FaultLog, RequestFault, blame, find_culprits
+from tokencake.scheduler.host_tier import HostTier
+from tokencake.scheduler.inferred import ToolCallIndex, open_lifecycle
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle
-from tokencake.scheduler.metadata import coerce_metadata
-from tokencake.scheduler.plan import BlockCopy, ScheduledChunk, StepPlan
+from tokencake.scheduler.limits import check_fits
+from tokencake.scheduler.plan import Executor, ScheduledChunk, StepPlan
 from tokencake.scheduler.policies import policy_factory
 from tokencake.scheduler.policy import Admission, PolicyContext, PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
 from tokencake.scheduler.tokencake_config import TokencakeConfig
 
-log = logging.getLogger(__name__)
 MAX_FAULT_RETRIES = 16  # culprits removed per schedule() before a failure counts as the engine's
 
 
@@ -60,21 +60,15 @@ class Scheduler:
         self.pool = pool
         self.host_pool = host_pool
         self.copies = CopyTracker(pool, host_pool)  # every block copy, the policies' too
-        self._awaiting: dict[str, str] = {}  # request id -> tag of the copy-in it waits for
-        self._host_hit: dict[str, tuple[int, list[int]]] = {}  # id -> (first block, host ids)
-        self._swapped: dict[str, list[bytes]] = {}  # request id -> host hashes retained for it
-        self.num_swap_outs = 0
-        self.num_swap_fallbacks = 0
+        # Host prefix hits, swap-outs and write-backs (no-ops without a host pool).
+        self.host_tier = HostTier(pool, host_pool, self.copies, self._copied_in)
         self._refused: tuple[str, Admission] | None = None  # latest refusal this admission pass
         self.clock = clock or time.monotonic
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
-        # Requests aborted by a fault, for the engine to report (bounded: a driver that never
-        # drains them, like a bare simulator loop, must not grow without limit).
-        self.faults: deque[tuple[Request | None, RequestFault]] = deque(maxlen=4096)
-        self.num_faults = 0
+        self.faults = FaultLog()  # requests aborted by a fault, for the engine to report
         self._admitting: Request | None = None  # the admission candidate being worked on
         tokencake = tokencake or TokencakeConfig()
         # Tool-call lifecycles live here for every policy (the baseline only tracks them).
@@ -83,43 +77,22 @@ class Scheduler:
         self.tool_calls = ToolCallIndex(self.lifecycle)
         self.cost_model = cost_model or CostModel.paper_default()
         factory = policy_factory(policy) if isinstance(policy, str) else policy
-        self.policy = factory(
-            PolicyContext(
-                config,
-                pool,
-                host_pool,
-                self.cost_model,
-                self.clock,
-                self.lifecycle,
-                self.copies,
-                tokencake,
-            )  # fmt: skip
-        )
+        context = PolicyContext(
+            config, pool, host_pool, self.cost_model, self.clock, self.lifecycle, self.copies,
+            tokencake,
+        )  # fmt: skip
+        self.policy = factory(context)
 
     # ---- queue management -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
+        rid = request.request_id
+        if rid in self.requests:
             raise RequestRejected(
-                "request_id",
-                f"duplicate request id {request.request_id!r}",
-                409,
-                "duplicate_request_id",
+                "request_id", f"duplicate request id {rid!r}", 409, "duplicate_request_id"
             )
-        if request.num_prompt_tokens < 1:
-            raise RequestRejected("prompt", "prompt must contain at least one token")
-        if request.max_total_tokens > self.config.max_model_len:
-            raise RequestRejected(
-                "max_tokens",
-                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens ({request.max_tokens}) "
-                f"exceeds the model context limit of {self.config.max_model_len} tokens",
-            )
-        blocks_needed = math.ceil(request.max_total_tokens / self.pool.block_size)
-        if blocks_needed > self.pool.capacity:
-            raise RequestRejected(
-                "max_tokens",
-                f"request needs up to {blocks_needed} KV blocks but the pool holds {self.pool.capacity}",
-            )
-        self._associate(request)
+        check_fits(request.num_prompt_tokens, request.max_tokens, self.config.max_model_len,
+                   self.pool.block_size, self.pool.capacity)  # fmt: skip
+        open_lifecycle(self.lifecycle, request)  # validates its metadata first
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -145,12 +118,12 @@ class Scheduler:
             with blame(req, "the finish hooks"):
                 self._on_generation_finished(req, status)
         except RequestFault as fault:
-            self._log_fault(fault)
+            self.faults.log(fault)
             self.lifecycle.generation_finished(req.request_id, ok=False)
         self._release(req)
-        self._release_swap(req)
+        self.host_tier.release_swap(req)
         if status is not RequestStatus.FINISHED_ABORTED and self.policy.writes_back(req):
-            self._write_back(req)
+            self.host_tier.write_back(req)
         req.status = status
         req.finish_time = self.clock()
         self.requests.pop(req.request_id, None)
@@ -158,59 +131,24 @@ class Scheduler:
             with blame(req, "the policy's finish hook"):
                 self.policy.on_finished(req)
         except RequestFault as fault:
-            self._log_fault(fault)
+            self.faults.log(fault)
 
     # ---- fault isolation (DESIGN.md rule 8) --------------------------------------------------
     def fail(self, fault: RequestFault) -> None:
         """Abort the request ``fault`` names (its blocks are freed, its lifecycle ends) and
         record the fault for the engine to report; every other request keeps running. A fault
         naming a lifecycle whose request has already finished ends that lifecycle."""
-        self._log_fault(fault)
+        self.faults.log(fault)
         req = self.requests.get(fault.request_id)
         if req is None:
             self.lifecycle.fail(fault.request_id)
-            self.faults.append((None, fault))
+            self.faults.report(None, fault)
             return
         if req.status is RequestStatus.WAITING and req.block_ids:
             self._release(req)  # a half-done admission: restore "waiting owns no blocks"
             req.num_computed_tokens = 0
         self.finish(req, RequestStatus.FINISHED_ABORTED)
-        self.faults.append((req, fault))
-
-    def pop_faults(self) -> list[tuple[Request | None, RequestFault]]:
-        """Faults recorded since the last call (the engine turns them into error outputs)."""
-        out = list(self.faults)
-        self.faults.clear()
-        return out
-
-    def _log_fault(self, fault: RequestFault) -> None:
-        self.num_faults += 1
-        log.warning("%s", fault.message, exc_info=fault.cause)
-
-    def _probe(self) -> list[RequestFault]:
-        """Find the requests (and lifecycles) whose data a batch-wide phase choked on: check
-        each one's inputs again and recompute, uncached, what the policy derives from them.
-        Each check runs on one request alone, so a failure names exactly that request."""
-        now = self.clock()
-        found: list[RequestFault] = []
-        for req in list(self.requests.values()):
-            try:
-                with blame(req, "validation"):
-                    if req.metadata is not None:
-                        req.metadata.validate()
-                    self.policy.check_request(req, now)
-            except RequestFault as fault:
-                found.append(fault)
-        seen = {f.request_id for f in found}
-        for rec in self.lifecycle.live():
-            if rec.lifecycle_id in seen:
-                continue
-            try:
-                with blame(rec.lifecycle_id, "validation"):
-                    self.lifecycle.check_record(rec)
-            except RequestFault as fault:
-                found.append(fault)
-        return found
+        self.faults.report(req, fault)
 
     @property
     def has_work(self) -> bool:
@@ -221,23 +159,12 @@ class Scheduler:
         policy's timed work (Time Scheduler uploads, TTLs) and lifecycle deadlines."""
         return min(self.policy.next_due(), self.lifecycle.next_deadline)
 
-    @property
-    def copies_in_flight(self) -> int:
-        """Copies issued to the executor whose completion has not been reported yet."""
-        return self.copies.in_flight
-
-    @property
-    def num_failed_copies(self) -> int:
-        """Copies the executor reported failed (their tokens are recomputed instead)."""
-        return self.copies.num_failed
-
     # ---- block accounting -------------------------------------------------------------------
     def _blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.pool.block_size)
 
     def _release(self, req: Request) -> None:
-        self._awaiting.pop(req.request_id, None)
-        self._host_hit.pop(req.request_id, None)
+        self.host_tier.forget(req.request_id)
         if req.block_ids:
             self.pool.free(req.block_ids)
         req.block_ids = []
@@ -255,9 +182,12 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         """Recompute preemption: drop the KV (cached blocks stay revivable) and requeue. In
-        swap mode the full blocks are first copied to the host tier (see ``_swap_out``)."""
+        swap mode the full blocks are first copied to the host tier (``HostTier.swap_out``)."""
         self.running.remove(req)
-        self._swap_out(req)  # (tokens kept on the host are not recomputed; ``update`` counts)
+        mode = self.policy.preemption_mode(req) or self.config.preemption_mode  # pure hook
+        if self.host_pool is not None and mode == "swap":
+            # Tokens kept on the host are not recomputed (``update`` counts what is).
+            self.host_tier.swap_out(req)
         self._release(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
@@ -277,33 +207,18 @@ class Scheduler:
         req.block_ids = list(hits)
         req._hashed_blocks = len(hits)
         req.num_computed_tokens = len(hits) * self.pool.block_size
-        self._lookup_host_hit(req, len(hits), usable)
+        self.host_tier.note_hit(req, len(hits), usable)
 
     # ---- the step ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         """Choose this step's chunks (decode tokens first, then prefill chunks).
 
-        Fault isolation: an exception caused by one request's data aborts that request and
-        the step is planned again without it; other requests never see it. The culprit is
-        found in three ways, cheapest first:
-
-        1. *Named where found.* Per-request work (scores, admission hooks, the Time
-           Scheduler's per-lifecycle tick) runs under :func:`blame`, which turns any exception
-           into a :class:`RequestFault` naming that request.
-        2. *Probed.* An exception from a batch-wide phase that names no request (a sum over
-           types, a sort) is traced by checking every live request alone (:meth:`_probe`:
-           its metadata against the documented ranges, then the policy's uncached per-request
-           math); the requests that fail are the culprits. Probing one request at a time is
-           exact and needs no replay of the failed phase, whose side effects (history,
-           copies) must not run twice.
-        3. *The admission candidate.* Failing both, an exception raised while a waiting
-           request was being admitted is that request's (the hooks run on its data alone).
-
-        Between attempts the core's invariants hold because every mutation before a failure
-        leaves a consistent state (an admitted request owns its blocks; a preempted one is
-        requeued) and a half-admitted candidate's prefix-hit blocks are released. An
-        exception no request explains is the engine's own fault and propagates: the caller
-        fails the requests in flight.
+        Fault isolation (DESIGN.md rule 8): an exception caused by one request's data aborts
+        that request and the step is planned again without it; other requests never see it
+        (how the culprit is found: ``scheduler/faults.py``). Between attempts the core's
+        invariants hold: every mutation before a failure leaves a consistent state (an
+        admitted request owns its blocks; a preempted one is requeued) and a half-admitted
+        candidate's prefix-hit blocks are released.
         """
         for _ in range(MAX_FAULT_RETRIES):
             try:
@@ -313,7 +228,9 @@ class Scheduler:
                 self.fail(fault)
             except Exception as exc:
                 candidate = self._rollback_admission()
-                culprits = self._probe()
+                culprits = find_culprits(
+                    self.requests.values(), self.lifecycle, self.policy.check_request, self.clock()
+                )
                 if not culprits and candidate is not None:
                     culprits = [RequestFault(candidate.request_id, "admission", exc)]
                 if not culprits:
@@ -345,7 +262,7 @@ class Scheduler:
             if (
                 req.status is not RequestStatus.RUNNING  # preempted as a victim this step
                 or budget <= 0
-                or req.request_id in self._awaiting
+                or self.host_tier.awaits_copy_in(req.request_id)
             ):
                 continue  # (awaiting: its prefix pages are still being copied in)
             n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget) if req.is_prefill else 1
@@ -353,7 +270,8 @@ class Scheduler:
                 continue
             grown = True
             while not self._grow(req, req.num_computed_tokens + n):
-                if self._swap_out_will_cover(req, n):
+                short = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
+                if self.host_tier.swap_outs_will_cover(short - self.pool.num_free):
                     grown = False  # victims' pages free up once their copy-out lands
                     break
                 victim = self.policy.choose_victim(self.running, req)
@@ -395,7 +313,13 @@ class Scheduler:
                         continue  # admitted; its first chunk runs once the host pages have landed
                     n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget)
                     need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-                    if need > self.pool.num_free - committed or not self._policy_admits(req, need):
+                    fits = need <= self.pool.num_free - committed
+                    if not fits:  # the policy says whether the scan stops here (strict order)
+                        self._refused = (
+                            req.request_id,
+                            self.policy.on_blocked(req, need, self.running),
+                        )
+                    if not fits or not self._policy_admits(req, need):
                         self._release(req)
                         req.num_computed_tokens = 0
                         if self._refused == (req.request_id, Admission.DEFER):
@@ -404,12 +328,7 @@ class Scheduler:
                     if req.num_preemptions == 0 and req.first_scheduled_time is None:
                         req.num_cached_tokens = req.num_computed_tokens
                     self._grow(req, req.num_computed_tokens + n)
-                    self.waiting.remove(req)
-                    self.running.append(req)
-                    req.status = RequestStatus.RUNNING
-                    self._release_swap(req)
-                    if req.first_scheduled_time is None:
-                        req.first_scheduled_time = now
+                    self._start_running(req, now)
                     self.policy.on_admitted(req, now)
                     plan.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
                     budget -= n
@@ -469,173 +388,42 @@ class Scheduler:
             self.pool.register(req.block_ids[i], hashes[i])
         req._hashed_blocks = full
 
-    # ---- memory hierarchy: host prefix tier and swap preemption (issue #4) -------------------
-    def _preemption_mode(self, req: Request) -> str:
-        """``"recompute"`` or ``"swap"`` for this victim: the policy's choice, else the
-        config's."""
-        return self.policy.preemption_mode(req) or self.config.preemption_mode
+    def _start_running(self, req: Request, now: float) -> None:
+        """Move an admitted ``req`` from waiting to running."""
+        self.waiting.remove(req)
+        self.running.append(req)
+        req.status = RequestStatus.RUNNING
+        self.host_tier.release_swap(req)  # its blocks (or its copy-in) hold the pages now
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = now
 
-    def _lookup_host_hit(self, req: Request, first: int, usable: int) -> None:
-        """Note the host blocks that continue ``req``'s device prefix hit (not taken yet)."""
-        self._host_hit.pop(req.request_id, None)
-        host = self.host_pool
-        if host is None or first >= usable:
-            return
-        # With the prefix cache off, the host tier only gives a request back its own swap.
-        if not (self.pool.enable_prefix_cache or req.request_id in self._swapped):
-            return
-        blocks = host.lookup_prefix(req._block_hashes[first:usable])
-        if blocks:
-            self._host_hit[req.request_id] = (first, blocks)
-
+    # ---- the host tier (issue #4; the mechanics are in host_tier.py) ---------------------------
     def _admit_with_copy_in(self, req: Request, now: float) -> bool:
-        """Admit ``req`` whose prefix continues in the host tier: allocate device blocks for
-        those pages and emit an h2d copy. The request computes nothing until the copy lands
-        (``on_copies_done``), so it can never attend pages still in flight. False, with
-        nothing changed, when there is no host hit or no room for it."""
-        hit = self._host_hit.pop(req.request_id, None)
-        if hit is None or self.host_pool is None:
+        """Admit ``req`` whose prefix continues in the host tier: device blocks for those
+        pages and a copy-in. The request computes nothing until the copy lands, so it can
+        never attend pages still in flight. False, with nothing changed, when there is no
+        host hit or no room for it."""
+        hit = self.host_tier.take_hit(req)
+        if hit is None:
             return False
         first, host_blocks = hit
         m = min(len(host_blocks), self.pool.num_free)
         if m == 0 or not self._policy_admits(req, m):
             return False
-        host_blocks = host_blocks[:m]
-        dev = self.pool.allocate(m)
-        req.block_ids.extend(dev)
-        bs = self.pool.block_size
-        landed = partial(self._copied_in, req.request_id, (first + m) * bs)
-        copy = self.copies.issue("h2d", dev, host_blocks, f"h2d:{req.request_id}", self, landed)
-        self._awaiting[req.request_id] = copy.tag
+        self.host_tier.copy_in(req, first, host_blocks[:m])
         if req.num_preemptions == 0 and req.first_scheduled_time is None:
-            req.num_cached_tokens = (first + m) * bs
-        self.waiting.remove(req)
-        self.running.append(req)
-        req.status = RequestStatus.RUNNING
-        self._release_swap(req)  # the copy holds the host blocks from here on
-        if req.first_scheduled_time is None:
-            req.first_scheduled_time = now
+            req.num_cached_tokens = (first + m) * self.pool.block_size
+        self._start_running(req, now)
         return True
 
-    def _swap_out(self, req: Request) -> int:
-        """Swap preemption: copy ``req``'s full computed blocks to the host tier and retain
-        them until it resumes (its resume finds them through the prefix lookup). Returns the
-        tokens preserved; 0 means plain recompute (no host tier, recompute mode, host full)."""
-        if self.host_pool is None or self._preemption_mode(req) != "swap":
-            return 0
-        bs = self.pool.block_size
-        full = min(req.num_computed_tokens // bs, len(req.block_ids))
-        kept = self.offload_blocks(
-            req.block_ids[:full], req.block_hashes(bs)[:full], req.request_id
-        )
-        if not kept:
-            self.num_swap_fallbacks += 1
-            return 0
-        self._swapped.setdefault(req.request_id, []).extend(kept)
-        self.num_swap_outs += 1
-        return len(kept) * bs
-
-    def offload_blocks(
-        self,
-        device_blocks: Sequence[int],
-        hashes: Sequence[bytes],
-        owner: str = "",
-        retain: bool = True,
-    ) -> list[bytes]:
-        """Copy the device blocks holding the chained ``hashes`` (a prefix, in order) to the
-        host tier; blocks already there are not copied again. Stops at the first block the
-        host cannot take (a gapped prefix is useless). Device blocks may be in use or cached;
-        the copy holds them until it lands. Returns the hashes on (or headed to) the host;
-        with ``retain`` they are retained and the caller must ``host_pool.release`` them."""
-        host = self.host_pool
-        if host is None:
-            return []
-        kept: list[bytes] = []
-        dev: list[int] = []
-        dst: list[int] = []
-        for b, h in zip(device_blocks, hashes, strict=False):
-            if host.block_of(h) is None:
-                got = host.try_allocate(1)
-                if got is None:
-                    break  # host tier full: keep the contiguous prefix that fits
-                host.register(got[0], h, pending=True)
-                dev.append(b)
-                dst.append(got[0])
-            # Retain as we go, so a later allocation cannot evict an earlier kept block.
-            kept += host.retain([h]) if retain else [h]
-        if dev:  # the copy holds the device pages until it has landed
-            self.copies.issue("d2h", dev, dst, f"d2h:{owner}", self)
-        return kept
-
-    def _write_back(self, req: Request) -> None:
-        """Copy the full blocks of a just-finished request's computed tokens that are still
-        cached on the device and that the host tier lacks (LRU there, not retained)."""
-        if self.host_pool is None:
-            return
-        bs = self.pool.block_size
-        hashes = req.block_hashes(bs)[: req.num_computed_tokens // bs]
-        q, h = self.pool.queries, self.pool.hits  # a write-back is not a cache lookup
-        blocks = self.pool.lookup_prefix(hashes)
-        self.pool.queries, self.pool.hits = q, h
-        if blocks:
-            self.offload_blocks(blocks, hashes[: len(blocks)], req.request_id, retain=False)
-
-    def _swap_out_will_cover(self, req: Request, n: int) -> bool:
-        """True when pages held only by in-flight copy-outs cover ``req``'s shortfall, so it
-        should wait a step for them rather than preempt yet another request."""
-        short = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-        short -= self.pool.num_free
-        # Only the core's own swap-outs count: a policy's copy-out may keep its pages pinned.
-        held = {
-            b
-            for c in self.copies.copies_from(self, "d2h")
-            for b in c.device_blocks
-            if self.pool.ref_count(b) == 1
-        }
-        return 0 < short <= len(held)
-
-    def _release_swap(self, req: Request) -> None:
-        hashes = self._swapped.pop(req.request_id, None)
-        if hashes and self.host_pool is not None:
-            self.host_pool.release(hashes)
-
-    def on_copies_done(self, done: Sequence[BlockCopy], failed: Sequence[BlockCopy] = ()) -> None:
-        """The executor finished (``done``) or gave up on (``failed``) these copies (the core's
-        and the policy's alike): see :class:`CopyTracker`."""
-        self.copies.complete(done, failed)
-
-    def _copied_in(self, request_id: str, computed_after: int, copy: BlockCopy, ok: bool) -> None:
-        """A host prefix hit's copy-in ended: the request it still belongs to continues (after
-        a failed copy it simply recomputes those tokens)."""
+    def _copied_in(self, request_id: str, computed_after: int) -> None:
+        """A host prefix hit's copy-in landed: the request continues past those pages."""
         req = self.requests.get(request_id)
-        if req is not None and self._awaiting.get(request_id) == copy.tag:
-            del self._awaiting[request_id]
-            if ok:
-                req.num_computed_tokens = computed_after
-                self._register_full_blocks(req)
+        if req is not None:
+            req.num_computed_tokens = computed_after
+            self._register_full_blocks(req)
 
     # ---- agent-aware hooks (issue #5) ---------------------------------------------------------
-    def _associate(self, request: Request) -> None:
-        """Validate agent metadata (RequestRejected naming the field) and open its lifecycle.
-        A :class:`LifecycleTicket` opens one for the record's metadata under its handle and
-        leaves the request only its hints (``None``: an ordinary request to the policies)."""
-        if isinstance(request.metadata, LifecycleTicket):
-            t = request.metadata
-            request.metadata = coerce_metadata(t.hints)
-            self.lifecycle.associate(request.request_id, t.record, handle=t.handle)
-            return
-        request.metadata = coerce_metadata(request.metadata)
-        m = request.metadata
-        if m is None:
-            return
-        if m.lifecycle_id and m.lifecycle_id != request.request_id:
-            raise RequestRejected(
-                "metadata.lifecycle_id",
-                f"metadata field 'lifecycle_id' ({m.lifecycle_id!r}) must equal the request id "
-                f"({request.request_id!r})",
-            )
-        self.lifecycle.associate(request.request_id, m)
-
     def _on_generation_finished(self, req: Request, status: RequestStatus) -> None:
         """Before a finished request's blocks are released: snapshot its hashed prefix for its
         lifecycle (the successor's prefix) and let the policy act on the live blocks."""
@@ -658,11 +446,47 @@ class Scheduler:
                 disp, body = self.lifecycle.handle(event)
         except RequestFault as fault:  # only raised once the event itself was validated
             self.fail(fault)
-            return Disposition.INVALID, {
-                "lifecycle_id": lid,
-                "event": name,
-                "disposition": Disposition.INVALID.value,
-                "error": fault.message,
-                "param": "lifecycle_id",
-            }
+            body = {"lifecycle_id": lid, "event": name, "disposition": Disposition.INVALID.value}
+            return Disposition.INVALID, {**body, "error": fault.message, "param": "lifecycle_id"}
         return disp, body
+
+
+class StepLoop:
+    """One scheduler driving one executor: :meth:`plan`, :meth:`execute`, :meth:`update`.
+
+    Landed copies go to the scheduler's copy tracker before planning and again right after
+    executing (a simulated copy lands within the step that issued it; a real one whenever the
+    device says). Callers that observe the plan (the benchmark's metrics) or wrap execution
+    (the engine's fault handling, detokenization) use the three phases; :meth:`step` runs
+    them in order."""
+
+    def __init__(self, scheduler: Scheduler, executor: Executor) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+
+    def report_copies(self) -> None:
+        """Hand copies the executor finished (or gave up on) to the scheduler's copy tracker,
+        the core's and the policy's alike (fences drop, pages publish, issuers continue)."""
+        done, failed = self.executor.landed_copies()
+        if done or failed:
+            self.scheduler.copies.complete(done, failed)
+
+    def plan(self) -> StepPlan:
+        """Phase 1: report landed copies, then choose this step's work."""
+        self.report_copies()
+        return self.scheduler.schedule()
+
+    def execute(self, plan: StepPlan) -> Mapping[str, int]:
+        """Phase 2: run the plan (copies first, then compute) and report what landed."""
+        sampled = self.executor.execute(plan)
+        self.report_copies()
+        return sampled
+
+    def update(self, plan: StepPlan, sampled: Mapping[str, int]) -> list[Request]:
+        """Phase 3: advance progress and append tokens; the requests that got one."""
+        return self.scheduler.update(plan, sampled)
+
+    def step(self) -> tuple[StepPlan, list[Request]]:
+        """All three phases: the plan and the requests that got a token."""
+        plan = self.plan()
+        return plan, self.update(plan, self.execute(plan))

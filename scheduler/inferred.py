@@ -11,6 +11,8 @@ the tool exactly as it does for annotated agents, and the return is a prefix hit
   lifecycle: the metadata the lifecycle record uses (agent identity, preservable), the hints the
   Space Scheduler sees (``None`` for an unannotated request: it stays an ordinary request for
   ordering, reservations and victims) and the client-visible handle.
+* :func:`open_lifecycle` opens a new request's lifecycle, from a ticket or from the agent
+  metadata the request carries (validated first).
 * :class:`ToolCallIndex` maps each pending ``tool_call_id`` to the record that made it, bounded
   by count and bytes (ids are server-made, but every pending call costs memory until its
   conversation returns or expires); a record's ids go when it ends. It also remembers when each
@@ -26,9 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokencake.scheduler.bounded import ByteLRU
+from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.lifecycle import Lifecycle, LifecycleRecord, LifecycleState
 from tokencake.scheduler.limits import MAX_NAME_CHARS
-from tokencake.scheduler.metadata import AgentMetadata
+from tokencake.scheduler.metadata import AgentMetadata, coerce_metadata
+from tokencake.scheduler.request import Request
 
 MAX_CALLS_PER_RESPONSE = 128  # parallel calls indexed per response (the rest cannot be matched)
 
@@ -48,6 +52,29 @@ class LifecycleTicket:
     record: AgentMetadata
     hints: AgentMetadata | None = None
     inferred: bool = True
+
+
+def open_lifecycle(lifecycle: Lifecycle, request: Request) -> None:
+    """Validate ``request``'s agent metadata (:class:`RequestRejected` naming the field) and
+    open its lifecycle. A :class:`LifecycleTicket` opens one for the record's metadata under
+    its handle and leaves the request only its hints (``None``: an ordinary request to the
+    policies)."""
+    if isinstance(request.metadata, LifecycleTicket):
+        t = request.metadata
+        request.metadata = coerce_metadata(t.hints)
+        lifecycle.associate(request.request_id, t.record, handle=t.handle)
+        return
+    request.metadata = coerce_metadata(request.metadata)
+    m = request.metadata
+    if m is None:
+        return
+    if m.lifecycle_id and m.lifecycle_id != request.request_id:
+        raise RequestRejected(
+            "metadata.lifecycle_id",
+            f"metadata field 'lifecycle_id' ({m.lifecycle_id!r}) must equal the request id "
+            f"({request.request_id!r})",
+        )
+    lifecycle.associate(request.request_id, m)
 
 
 def call_kind(names: Sequence[str]) -> str:

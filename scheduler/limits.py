@@ -122,3 +122,26 @@ def is_small_scalar(v: Any) -> bool:
     if isinstance(v, float):
         return math.isfinite(v)
     return isinstance(v, str) and len(v) <= MAX_NAME_CHARS
+
+
+# ---- sequence length (scheduler/core.py) ------------------------------------------------------
+def check_fits(
+    num_prompt_tokens: int, max_tokens: int, max_model_len: int, block_size: int, capacity: int
+) -> None:
+    """Refuse a request that could never run: an empty prompt, prompt + ``max_tokens`` past
+    the context limit, or more KV blocks at its longest than the whole device pool."""
+    if num_prompt_tokens < 1:
+        raise RequestRejected("prompt", "prompt must contain at least one token")
+    total = num_prompt_tokens + max_tokens
+    if total > max_model_len:
+        raise RequestRejected(
+            "max_tokens",
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) "
+            f"exceeds the model context limit of {max_model_len} tokens",
+        )
+    blocks_needed = math.ceil(total / block_size)
+    if blocks_needed > capacity:
+        raise RequestRejected(
+            "max_tokens",
+            f"request needs up to {blocks_needed} KV blocks but the pool holds {capacity}",
+        )

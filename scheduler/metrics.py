@@ -7,10 +7,13 @@ running (admitted) requests: blocks idle behind a tool call, cached or free do n
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokencake.scheduler.plan import StepPlan
 from tokencake.scheduler.request import Request
+
+if TYPE_CHECKING:
+    from tokencake.scheduler.core import Scheduler
 
 
 @dataclass
@@ -46,7 +49,7 @@ class MetricsCollector:
         self.m = PolicyMetrics(policy)
         self.bytes_per_block = bytes_per_block
 
-    def observe(self, scheduler: Any, plan: StepPlan, dt: float) -> None:
+    def observe(self, scheduler: Scheduler, plan: StepPlan, dt: float) -> None:
         m = self.m
         m.steps += 1
         m.sim_time_s += dt
@@ -60,7 +63,7 @@ class MetricsCollector:
                 m.copy_bytes_d2h += n
             else:
                 m.copy_bytes_h2d += n
-        ts = getattr(scheduler.policy, "time", None)
+        ts = scheduler.policy.time_scheduler_stats()
         if ts is not None:
             m.stalled_kv_block_s += dt * ts.stalled_blocks
         m.preemptions = scheduler.num_preemptions

@@ -1,8 +1,11 @@
-"""What one engine step will do: the ``StepPlan`` a scheduler hands to an executor."""
+"""What one engine step will do: the ``StepPlan`` a scheduler hands to an executor, and the
+:class:`Executor` interface that runs it (the step loop is ``core.StepLoop``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tokencake.scheduler.request import Request
 
@@ -44,3 +47,16 @@ class StepPlan:
     @property
     def empty(self) -> bool:
         return not self.chunks and not self.copies
+
+
+class Executor(Protocol):
+    """What the step loop needs of an executor (``tokencake/runner.py``'s, the simulator's)."""
+
+    def execute(self, plan: StepPlan) -> Mapping[str, int]:
+        """Issue the plan's copies and compute its chunks; the sampled token id of every
+        request whose chunk samples (nothing when the plan has no chunks)."""
+        ...
+
+    def landed_copies(self) -> tuple[Sequence[BlockCopy], Sequence[BlockCopy]]:
+        """Copies that finished and copies that failed since the last call."""
+        ...

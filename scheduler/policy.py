@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -52,6 +52,16 @@ class PolicyContext:
 PolicyFactory = Callable[[PolicyContext], "Policy"]
 
 
+@dataclass(frozen=True)
+class TimeSchedulerStats:
+    """What observers (the benchmark's metrics and reports) read of a policy's Time Scheduler.
+
+    Observation only: nothing in the scheduler decides from it."""
+
+    stalled_blocks: int  # device blocks held for agents waiting on a tool (pinned or copied out)
+    counters: Mapping[str, int]  # the Time Scheduler's decisions and events, by name
+
+
 class Admission(enum.Enum):
     """A policy's verdict on admitting one waiting request (see :meth:`Policy.admit`)."""
 
@@ -81,6 +91,13 @@ class Policy:
         """Gate on top of "the blocks for this step are free": ``request`` (its prefix hit
         applied) needs ``blocks_needed`` more blocks now."""
         return Admission.ADMIT
+
+    def on_blocked(
+        self, request: Request, blocks_needed: int, running: Sequence[Request]
+    ) -> Admission:
+        """The pool cannot give ``request`` the ``blocks_needed`` blocks of its next chunk:
+        STOP (the default, strict order) ends this admission pass; DEFER scans on behind it."""
+        return Admission.STOP
 
     def on_admitted(self, request: Request, now: float) -> None:
         """``request`` moved from waiting to running this step."""
@@ -135,6 +152,17 @@ class Policy:
         """Recompute, uncached and for ``request`` alone, everything this policy derives from
         its data; raise if any of it fails. The scheduler calls it on every live request when
         a batch-wide phase raised without naming a request, to find the culprit."""
+
+    # ---- observation (metrics, reports, tests; never read by the core) -------------------------
+    @property
+    def counters(self) -> Mapping[str, int]:
+        """This policy's decision counters by name (the baseline keeps none)."""
+        return {}
+
+    def time_scheduler_stats(self) -> TimeSchedulerStats | None:
+        """The Time Scheduler's state for observers; None when this policy has none (KV
+        between an agent's calls is then left to the prefix cache)."""
+        return None
 
 
 class VLLMPolicy(Policy):

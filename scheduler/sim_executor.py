@@ -4,7 +4,7 @@
 sequence so far, so outputs are identical under every policy, as a greedy model's would be)
 and advances a simulated clock by a linear step cost; block copies cost what the cost model
 says and complete within the step (reported through ``landed_copies``). The step itself is
-the shared :class:`~tokencake.scheduler.step_loop.StepLoop`.
+the shared :class:`~tokencake.scheduler.core.StepLoop`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import struct
 from dataclasses import dataclass
 
 from tokencake.memory.cost_model import CostModel
-from tokencake.scheduler.core import Scheduler
+from tokencake.scheduler.core import Scheduler, StepLoop
 from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.request import Request, RequestStatus
-from tokencake.scheduler.step_loop import StepLoop
 
 
 class SimClock:

@@ -13,9 +13,10 @@ as evictable cached blocks. Per tool call (a lifecycle in ``active``) one of thr
 * **DROP**: nothing; the successor hits whatever survived or recomputes.
 
 The paper's pressure model (§5.4) and benefit function (§5.6) (``offload_benefit.py``) gate
-OFFLOAD exactly; one cost
-model in seconds (transfer time, recompute time, memory-time held under queue pressure) chooses
-between KEEP and DROP. Pins and copies change only *when* tokens are computed, never which.
+OFFLOAD exactly; one cost model in seconds (transfer time, recompute time, memory-time held
+under queue pressure) chooses between KEEP and DROP. The rule that picks the action is
+pluggable (``time_decisions.py``: Tokencake's, Continuum's, InferCept's); this class carries
+it out. Pins and copies change only *when* tokens are computed, never which.
 """
 
 from __future__ import annotations
@@ -33,21 +34,11 @@ from tokencake.memory.host_pool import HostBlockPool
 from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.lifecycle import Lifecycle, LifecycleRecord
 from tokencake.scheduler.metadata import AgentMetadata
-from tokencake.scheduler.offload_benefit import (  # noqa: F401  (re-exported)
-    Pressure,
-    Reason,
-    evaluate_benefit,
-    waiting_pressure,
-)
+from tokencake.scheduler.offload_benefit import Pressure, Reason, evaluate_benefit
 from tokencake.scheduler.plan import BlockCopy
 from tokencake.scheduler.request import Request
+from tokencake.scheduler.time_decisions import Action, Decide, DecisionContext, tokencake_decide
 from tokencake.scheduler.tokencake_config import TimeConfig
-
-
-class Action(enum.Enum):
-    KEEP = "keep"
-    OFFLOAD = "offload"
-    DROP = "drop"
 
 
 # ---- preservation state per lifecycle --------------------------------------------------------
@@ -76,62 +67,6 @@ class Preservation:
     decided: bool = False
     ttl_spent: bool = False  # a keep already ran out its TTL: never pin this call again
     ranked_for: float = math.nan  # predicted return its cached blocks were last ranked for
-
-
-@dataclass
-class DecisionContext:
-    """Everything a decide function may look at for one tool call."""
-
-    rec: LifecycleRecord
-    now: float
-    remaining: float
-    device_blocks: int  # contiguous device-valid prefix
-    offload_blocks: int  # contiguous prefix preservable to host within the time window
-    new_blocks: int  # of those, not already on host
-    transfer_s: float
-    pressure: Pressure
-    reason: Reason
-    score: float
-    capacity: int
-    running_blocks: int
-    host_available: bool
-
-
-Decide = Callable[[DecisionContext, "TimeScheduler"], Action]
-
-
-def tokencake_decide(ctx: DecisionContext, ts: TimeScheduler) -> Action:
-    """OFFLOAD when the benefit function selects it; else KEEP when holding the blocks for the
-    rest of the stall costs less throughput than recomputing them later, else DROP."""
-    if ctx.reason is Reason.SELECTED and ts.cfg.selective_offload:
-        return Action.OFFLOAD
-    if not ctx.rec.metadata.preservable or ctx.device_blocks == 0 or not ts.cfg.keep:
-        return Action.DROP
-    return Action.KEEP if ts.keep_cost(ctx) <= ts.recompute_cost(ctx) else Action.DROP
-
-
-def continuum_decide(ctx: DecisionContext, ts: TimeScheduler, threshold_s: float = 2.0) -> Action:
-    """Continuum: pin a tool-calling agent's KV for a TTL when the tool is predicted short."""
-    if ctx.device_blocks == 0:
-        return Action.DROP
-    return Action.KEEP if ctx.rec.predicted <= threshold_s else Action.DROP
-
-
-def infercept_decide(ctx: DecisionContext, ts: TimeScheduler) -> Action:
-    """InferCept's min-waste rule (simplified; memory x time in block-seconds):
-    preserve = M*T; discard = recompute(C) * (M + M_running); swap = (d2h+h2d)(M) * M_running."""
-    M = ctx.device_blocks
-    if M == 0:
-        return Action.DROP
-    C = M * ts.pool.block_size
-    waste_keep = M * ctx.remaining
-    waste_drop = ts.cost.recompute_time(C, 0) * (M + ctx.running_blocks)
-    options = [(waste_keep, 0, Action.KEEP), (waste_drop, 2, Action.DROP)]
-    if ctx.host_available:
-        t = ts.cost.copy_time(M, "d2h") + ts.cost.copy_time(M, "h2d")
-        if t < ctx.remaining:
-            options.append((t * ctx.running_blocks, 1, Action.OFFLOAD))
-    return min(options)[2]
 
 
 class TimeScheduler:
@@ -176,25 +111,6 @@ class TimeScheduler:
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
-
-    # ---- cost terms -------------------------------------------------------------------------
-    def keep_cost(self, ctx: DecisionContext) -> float:
-        """Throughput-seconds lost by holding the blocks for the rest of the stall: the share
-        of memory held, times the time, times how much the queue actually wants memory."""
-        p = ctx.pressure
-        q = min(1.0, p.waiting_demand / max(1, p.free))
-        return ctx.remaining * (ctx.device_blocks / max(1, ctx.capacity)) * q
-
-    def recompute_cost(self, ctx: DecisionContext) -> float:
-        """Cost of getting the blocks back once dropped: the prefix the host tier holds is
-        copied in, the rest recomputed."""
-        n = ctx.device_blocks
-        on_host = 0
-        if self.host is not None and ctx.rec.snapshot:
-            on_host = len(self.host.lookup_prefix(list(ctx.rec.snapshot[:n])))
-        return self.cost.copy_time(on_host, "h2d") + self.cost.recompute_time(
-            (n - on_host) * self.pool.block_size, 0
-        )
 
     # ---- lifecycle events ---------------------------------------------------------------------
     def _on_lifecycle(self, rec: LifecycleRecord, transition: str) -> None:

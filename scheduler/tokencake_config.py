@@ -89,6 +89,9 @@ class SpaceConfig:
     # computing right now (a fan-out sibling): it then hits that block instead of computing
     # and holding a second copy (scheduler/sharing.py)
     defer_inflight_prefix: bool = True
+    # ours (issue 12): when the best-ranked waiting request does not fit, admit requests behind
+    # it that fit now and cannot delay it (EASY backfilling; scheduler/backfill.py)
+    backfill: bool = True
 
     def __post_init__(self) -> None:
         _nonneg("scheduling.score_refresh_s", self.score_refresh_s)

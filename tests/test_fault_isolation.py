@@ -47,10 +47,10 @@ def _sim(policy, blocks: int = 120, host_blocks: int = 40):
 def _drive(s, ex, pool, host, limit: int = 20_000) -> list[RequestFault]:
     faults: list[RequestFault] = []
     for _ in range(limit):
-        if not s.has_work and s.copies_in_flight == 0:
+        if not s.has_work and s.copies.in_flight == 0:
             break
         sim_step(s, ex)
-        faults += [f for _, f in s.pop_faults()]
+        faults += [f for _, f in s.faults.pop()]
         pool.check_integrity()
         if host is not None:
             host.check_integrity()
@@ -159,7 +159,7 @@ def test_culprit_found_by_probe_by_admission_or_logged_at_finish(where):
     faults = _drive(s, ex, pool, host)
     assert all(r.status is RequestStatus.FINISHED_LENGTH for r in good)
     if where in ("on_finished", "on_generation_finished"):  # it had ended: logged, not aborted
-        assert faults == [] and s.num_faults == 1
+        assert faults == [] and s.faults.count == 1
         assert bad.status is RequestStatus.FINISHED_LENGTH
     else:
         assert [f.request_id for f in faults] == ["bad"]
@@ -196,7 +196,7 @@ def test_a_faulting_lifecycle_is_ended_and_its_kv_released():
     _poison(rec.metadata, agent_type=["unhashable"])  # the tick's score lookup raises on it
     for _ in range(5):
         sim_step(s, ex)
-        assert [f.request_id for _, f in s.pop_faults()] in ([], ["a2"])
+        assert [f.request_id for _, f in s.faults.pop()] in ([], ["a2"])
     assert rec.state is LifecycleState.TERMINAL and rec.cause == "error"
     assert "a2" not in s.policy.time.items
     for lid in ("a1", "a3"):

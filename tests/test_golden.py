@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tokencake.config import EngineConfig
+from tokencake.diagnostics import prompt_logits
 from tokencake.engine import LLMEngine
 from tokencake.llm import LLM
 from tokencake.sampling_params import SamplingParams
@@ -43,7 +44,7 @@ def test_last_position_logits_match_hf(engine, golden):
     for i, case in enumerate(meta["prompts"]):
         ids = case["prompt_ids"]
         blocks = list(range(1, 1 + -(-len(ids) // engine.pool.block_size)))
-        ours = engine.runner.prompt_logits(ids, blocks)[-1]
+        ours = prompt_logits(engine.runner, ids, blocks)[-1]
         err = np.max(np.abs(ours - hf_logits[i]))
         assert err < 1e-3, f"prompt {i}: max |logit diff| {err:.2e}"
         assert int(np.argmax(ours)) == int(np.argmax(hf_logits[i]))

@@ -14,6 +14,7 @@ import pytest
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.sampling_params import SamplingParams
+from tokencake.scheduler.agent_scores import AgentHistory, TypeStats
 from tokencake.scheduler.bounded import ByteLRU
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.errors import RequestRejected
@@ -21,7 +22,6 @@ from tokencake.scheduler.metadata import AgentMetadata, is_canonical_lifecycle_i
 from tokencake.scheduler.predictor import DurationPredictor
 from tokencake.scheduler.request import Request, RequestStatus
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
-from tokencake.scheduler.space import AgentHistory, TypeStats
 from tokencake.scheduler.tokencake_config import SpaceConfig, TokencakeConfig
 
 

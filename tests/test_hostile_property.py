@@ -127,10 +127,10 @@ def test_simulator_contains_any_hostile_input(policy, metas, poisons, events):
         if step == 3:  # events while requests are in flight, then again once all are done
             for ev in events:
                 assert s.lifecycle_event(ev)[0].http_status < 500
-        if not s.has_work and s.copies_in_flight == 0:
+        if not s.has_work and s.copies.in_flight == 0:
             break
         sim_step(s, ex)
-        faults += [f.request_id for _, f in s.pop_faults()]
+        faults += [f.request_id for _, f in s.faults.pop()]
         pool.check_integrity()
         host.check_integrity()
     for ev in events + [{"event": "stall_started", "lifecycle_id": r.request_id} for r in good]:

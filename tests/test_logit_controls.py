@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tokencake.diagnostics import prompt_logits
 from tokencake.models.logits_adjust import LogitsAdjust, adjust_logits, mask_words
-from tokencake.models.sampler import _min_p_filtered
 from tokencake.row_controls import MAX_LOGIT_BIAS, RowControls, TokenCounts
+from tokencake.runner import _min_p_filtered
 from tokencake.sampling_params import SamplingParams
 
 V = 100
@@ -128,7 +129,7 @@ def test_runner_row_matches_reference(make_engine):
     rng = np.random.default_rng(3)
     prompt = rng.integers(8, 256, 20).tolist()
     blocks = engine.pool.allocate(2)
-    raw = runner.prompt_logits(prompt, blocks)[-1]
+    raw = prompt_logits(runner, prompt, blocks)[-1]
     prompt_part, output_part = prompt[:8], prompt[8:]  # pretend the tail was generated
     top = int(np.argmax(raw))
     bias = {top: -30.0, int(np.argsort(raw)[-5]): 2.5}

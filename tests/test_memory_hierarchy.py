@@ -237,7 +237,7 @@ def reference(make_engine):
 
 def settle(engine):
     engine.sync_transfers()
-    assert engine.scheduler.copies_in_flight == 0
+    assert engine.scheduler.copies.in_flight == 0
     engine.pool.check_integrity()
     engine.host_pool.check_integrity()
     assert engine.pool.num_used == 0, "device blocks leaked"
@@ -252,7 +252,7 @@ def offload_cached_prefixes(engine, prompts):
     for p in prompts:
         hashes = block_hashes(engine.tokenizer.encode(p), engine.pool.block_size)
         blocks = engine.pool.lookup_prefix(hashes)
-        engine.scheduler.offload_blocks(blocks, hashes[: len(blocks)], retain=False)
+        engine.scheduler.host_tier.offload_blocks(blocks, hashes[: len(blocks)], retain=False)
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.pool.evict_cached() > 0
@@ -273,7 +273,7 @@ def test_host_cache_hits_match_device_hits_and_recompute(make_engine, reference)
 def test_swap_preemption_matches_ample_pool(make_engine, reference):
     engine = make_engine(num_pages=14, max_num_seqs=6, preemption_mode="swap", **HOST)
     assert generate(engine) == reference
-    assert engine.scheduler.num_swap_outs > 0
+    assert engine.scheduler.host_tier.num_swap_outs > 0
     settle(engine)
 
 
@@ -282,7 +282,7 @@ def test_swap_with_prefix_cache_off(make_engine, reference):
         num_pages=14, max_num_seqs=6, preemption_mode="swap", enable_prefix_cache=False, **HOST
     )
     assert generate(engine) == reference
-    assert engine.scheduler.num_swap_outs > 0
+    assert engine.scheduler.host_tier.num_swap_outs > 0
     settle(engine)
 
 
@@ -296,7 +296,7 @@ def test_policy_hook_chooses_preemption_mode(make_engine, reference):
         _RecomputeVictims, num_pages=14, max_num_seqs=6, preemption_mode="swap", **HOST
     )
     assert generate(engine) == reference
-    assert engine.scheduler.num_preemptions > 0 and engine.scheduler.num_swap_outs == 0
+    assert engine.scheduler.num_preemptions > 0 and engine.scheduler.host_tier.num_swap_outs == 0
     settle(engine)
 
 
@@ -305,7 +305,10 @@ def test_host_pool_exhaustion_falls_back_to_recompute(make_engine, reference):
     engine.host_pool.allocate(engine.host_pool.capacity)  # hog every host block
     hog = list(range(1, engine.host_pool.num_blocks))
     assert generate(engine) == reference
-    assert engine.scheduler.num_swap_fallbacks > 0 and engine.scheduler.num_swap_outs == 0
+    assert (
+        engine.scheduler.host_tier.num_swap_fallbacks > 0
+        and engine.scheduler.host_tier.num_swap_outs == 0
+    )
     engine.host_pool.free(hog)
     settle(engine)
 
@@ -319,7 +322,7 @@ def test_failed_copies_degrade_to_recompute(make_engine, reference):
 
     te._dispatch = broken
     assert generate(engine) == reference
-    assert te.failed > 0 and engine.scheduler.num_failed_copies == te.failed
+    assert te.failed > 0 and engine.scheduler.copies.num_failed == te.failed
     settle(engine)
     # Failed copy-ins too: offload with a working engine, then break it for the copy back.
     del te._dispatch
@@ -363,7 +366,7 @@ def test_fence_copy_in_is_needed(make_engine, reference, caplog):
     def unfenced(req, now):
         admitted = real(req, now)
         if admitted:  # count the host pages as computed before the copy-in has landed
-            sched._awaiting.pop(req.request_id)
+            sched.host_tier.forget(req.request_id)
             req.num_computed_tokens = len(req.block_ids) * engine.pool.block_size
         return admitted
 
@@ -393,6 +396,6 @@ def test_fence_copy_out_holds_device_blocks(make_engine, reference):
         if steps % 7 == 0:
             release()
         assert steps < 2000
-    assert held_seen and engine.scheduler.num_swap_outs > 0
+    assert held_seen and engine.scheduler.host_tier.num_swap_outs > 0
     assert [outputs[i] for i in ids] == reference
     settle(engine)

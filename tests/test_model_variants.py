@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import lively_params
+from tokencake.diagnostics import prompt_logits
 from tokencake.models.config import tiny_config
 from tokencake.models.host_arena import HUGE_PAGE, HostArena
 from tokencake.models.llama import LAYER_LOOPS, MATRIX_KEYS
-from tokencake.runner import ModelRunner, RunnerConfig
+from tokencake.runner import ModelRunner
+from tokencake.runner_config import RunnerConfig
 
 VARIANTS = {
     "llama": {},
@@ -112,7 +114,7 @@ def test_decoder_matches_dense_reference(name):
     ids = np.random.default_rng(1).integers(8, cfg.vocab_size, 37).tolist()
     runner = variant_runner(cfg, params)
     # Scrambled, non-contiguous pages: the paged layout must not matter.
-    ours = runner.prompt_logits(ids, [9, 3, 14, 1, 7])
+    ours = prompt_logits(runner, ids, [9, 3, 14, 1, 7])
     ref = dense_forward(cfg, params, ids)
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=2e-4)
 
@@ -125,7 +127,7 @@ def test_every_layer_loop_matches_dense_reference(loop, name):
     cfg = tiny_config(num_layers=3, **VARIANTS[name])
     params = scaled_params(cfg)
     ids = np.random.default_rng(2).integers(8, cfg.vocab_size, 21).tolist()
-    ours = variant_runner(cfg, params, loop).prompt_logits(ids, [5, 2, 11])
+    ours = prompt_logits(variant_runner(cfg, params, loop), ids, [5, 2, 11])
     np.testing.assert_allclose(ours, dense_forward(cfg, params, ids), atol=2e-4, rtol=2e-4)
 
 
@@ -137,7 +139,7 @@ def test_switch_loop_reads_weights_in_place():
 
     def weight_copies(loop: str) -> int:
         runner = variant_runner(cfg, params, loop)
-        hlo = runner._compile((1, 1, 8)).as_text()
+        hlo = runner.compiled((1, 1, 8)).as_text()
         shapes = {f"f32[{a},{b}]" for a, b in ((64, 64), (64, 32), (64, 192), (192, 64))}
         return sum(
             1
@@ -172,5 +174,5 @@ def test_packed_weights_alias_one_buffer_and_match():
     assert ptrs[-1] - ptrs[0] < HostArena.size_of(list(params.values()), np.float32)
     plain = variant_runner(cfg, params, "switch")
     np.testing.assert_array_equal(
-        packed.prompt_logits(ids, [3, 6, 1]), plain.prompt_logits(ids, [3, 6, 1])
+        prompt_logits(packed, ids, [3, 6, 1]), prompt_logits(plain, ids, [3, 6, 1])
     )

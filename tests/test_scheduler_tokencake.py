@@ -16,23 +16,17 @@ from hypothesis import strategies as st
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.host_pool import HostBlockPool
 from tokencake.scheduler.ablations import ABLATIONS
+from tokencake.scheduler.agent_scores import request_score
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle, LifecycleState
 from tokencake.scheduler.metadata import AgentMetadata, coerce_metadata
+from tokencake.scheduler.offload_benefit import Pressure, Reason, evaluate_benefit
+from tokencake.scheduler.partition import PartitionPlan, largest_remainder, partition
 from tokencake.scheduler.policies import policy_names
 from tokencake.scheduler.predictor import DurationPredictor
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
-from tokencake.scheduler.space import (
-    Denial,
-    PartitionPlan,
-    SpaceScheduler,
-    _Scored,
-    largest_remainder,
-    partition,
-    request_score,
-)
-from tokencake.scheduler.time_sched import Pressure, Reason, evaluate_benefit
+from tokencake.scheduler.space import Denial, SpaceScheduler, _Scored
 from tokencake.scheduler.tokencake_config import SpaceConfig, TimeConfig, TokencakeConfig
 
 # every registered policy but the ablations (tokencake with one knob changed), which get
@@ -409,7 +403,7 @@ def _run_workload(policy: str, seed: int, n_agents: int, turns: int, blocks: int
                     )
                 )
                 ag["due"] = None
-        if not s.has_work and s.copies_in_flight == 0 and all(a["turn"] >= turns for a in agents):
+        if not s.has_work and s.copies.in_flight == 0 and all(a["turn"] >= turns for a in agents):
             break
         plan, finished = sim_step(s, ex)
         pool.check_integrity()
@@ -573,7 +567,7 @@ def _eviction_scenario(
     run(Request("U", list(range(1000, 1209)), 1, clock()))  # 14 blocks: 8 free + 6 evicted
     pool.check_integrity()
     survived = [len(pool.lookup_prefix(r._block_hashes[:6])) for r in (a, leaf)]
-    counters = getattr(s.policy, "counters", {})
+    counters = s.policy.counters
     return survived[0], survived[1], counters
 
 

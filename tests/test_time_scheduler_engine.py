@@ -28,7 +28,8 @@ from tokencake.models.tokenizer import Tokenizer
 from tokencake.outputs import RequestOutput
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.sim_executor import SimClock
-from tokencake.scheduler.time_sched import PState
+from tokencake.scheduler.time_sched import PState, TimeScheduler
+from tokencake.scheduler.tokencake_policy import TokencakePolicy
 
 DT = 0.02  # simulated seconds per engine step
 BS = TINY_ENGINE["page_size"]
@@ -75,7 +76,7 @@ class Run:
         for o in self.engine.step():
             if o.finished:
                 self.outs[o.request_id] = o
-        ts = getattr(self.engine.scheduler.policy, "time", None)
+        ts = _time_scheduler(self.engine)
         p = ts.items.get("A") if ts is not None else None
         if p is not None and (not self.states or self.states[-1][1] != p.state.value):
             self.states.append((self.clock(), p.state.value))
@@ -148,13 +149,19 @@ def _finish_turn(run: Run) -> None:
     run.drain()
 
 
+def _time_scheduler(engine: LLMEngine) -> TimeScheduler | None:
+    """The engine policy's Time Scheduler (None for a policy without one)."""
+    pol = engine.scheduler.policy
+    return pol.time if isinstance(pol, TokencakePolicy) else None
+
+
 def _check_clean(run: Run) -> None:
     """Both pools intact; no pin, retention, copy or fence left once every request ended."""
     eng = run.engine
     eng.pool.check_integrity()
     assert not eng.has_unfinished_requests()
-    assert eng.scheduler.copies_in_flight == 0
-    ts = getattr(eng.scheduler.policy, "time", None)
+    assert eng.scheduler.copies.in_flight == 0
+    ts = _time_scheduler(eng)
     if ts is not None:
         assert ts.stalled_blocks == 0
         assert all(not p.pins and not p.host_retained for p in ts.items.values())

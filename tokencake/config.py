@@ -17,7 +17,7 @@ from tokencake.scheduler.policies import policy_names
 from tokencake.scheduler.tokencake_config import TokencakeConfig
 
 if TYPE_CHECKING:
-    from tokencake.runner import RunnerConfig
+    from tokencake.runner_config import RunnerConfig
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class EngineConfig:
 
     def runner_config(self, num_pages: int, max_model_len: int) -> RunnerConfig:
         """The runner's config for a pool of ``num_pages`` pages (sized from the model)."""
-        from tokencake.runner import RunnerConfig
+        from tokencake.runner_config import RunnerConfig
 
         return _shared(self, RunnerConfig, num_pages=num_pages, max_model_len=max_model_len)
 

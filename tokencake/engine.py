@@ -18,7 +18,7 @@ import numpy as np
 
 from tokencake.choices import ChoiceGroups
 from tokencake.config import EngineConfig
-from tokencake.executor import EngineExecutor
+from tokencake.diagnostics import recompute_samples
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
 from tokencake.memory.host_kv import allocate_host_kv
@@ -28,9 +28,9 @@ from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
 from tokencake.row_controls import RowControls
-from tokencake.runner import ModelRunner, RowSampling
+from tokencake.runner import EngineExecutor, ModelRunner, RowSampling
 from tokencake.sampling_params import SamplingParams
-from tokencake.scheduler.core import Scheduler
+from tokencake.scheduler.core import Scheduler, StepLoop
 from tokencake.scheduler.errors import RequestRejected
 from tokencake.scheduler.faults import RequestFault, StepFailed, blame
 from tokencake.scheduler.lifecycle import Disposition, LifecycleEvent
@@ -38,7 +38,6 @@ from tokencake.scheduler.limits import check_id
 from tokencake.scheduler.plan import StepPlan
 from tokencake.scheduler.policy import PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
-from tokencake.scheduler.step_loop import StepLoop
 from tokencake.structured import GrammarCompiler
 from tokencake.toolcall.render import render_prompt
 from tokencake.toolcall.request import ToolRequest
@@ -138,7 +137,7 @@ class LLMEngine:
         if self.config.policy != "vllm" or self.transfer is not None:
             # Only the agent-aware policies and the host tier consult recompute costs;
             # profiling costs seconds of start-up, so the FCFS baseline skips it.
-            self.cost_model.fit_recompute(self.runner.recompute_samples())
+            self.cost_model.fit_recompute(recompute_samples(self.runner))
 
     def _build_host_tier(self) -> None:
         """Host block pool, host KV arrays (allocated once) and the transfer engine."""
@@ -316,7 +315,7 @@ class LLMEngine:
         return self.scheduler.lifecycle_event(event)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work or self.scheduler.copies_in_flight > 0
+        return self.scheduler.has_work or self.scheduler.copies.in_flight > 0
 
     def seconds_until_timer(self) -> float:
         """Seconds until the scheduler has timed work with no request running (a predictive
@@ -375,7 +374,7 @@ class LLMEngine:
     def _fault_outputs(self) -> list[RequestOutput]:
         """Finished outputs carrying the error of every request a fault aborted."""
         out = []
-        for req, fault in self.scheduler.pop_faults():
+        for req, fault in self.scheduler.faults.pop():
             if req is not None and self._text.pop(req.request_id, None) is not None:
                 out.append(_error_output(req, fault))
         return out

@@ -10,7 +10,8 @@ Modules: ``body`` (reading a JSON body) and ``protocol`` (JSON bodies -> typed r
 handlers, generation), ``responses`` (JSON bodies and SSE), ``responses_route``
 (``/v1/responses``), ``openapi`` / ``openapi_schemas``, ``metrics``, ``state``,
 ``connections`` (timeouts, connection cap), ``listen`` (the socket, bound before the model
-loads) and ``run`` (serving, ``BackgroundServer``).
+loads) and ``run`` (serving, ``BackgroundServer``). One request's path from here to its sampled
+token (six files) is the README's "Follow a request".
 
 Rules the handlers keep:
 

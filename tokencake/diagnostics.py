@@ -1,0 +1,93 @@
+"""Measurements taken through a :class:`~tokencake.runner.ModelRunner` outside serving: the
+time of one compiled step shape (the simulator's calibration), prefill timings (the cost
+model's recompute fit) and a prompt's full logits (correctness checks against references).
+
+None of these touches live KV except :func:`prompt_logits`, which writes the prompt's KV into
+the blocks it is given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from tokencake.buckets import Shape
+from tokencake.memory.kv_cache import DUMMY_PAGE
+from tokencake.models.llama import Batch
+from tokencake.runner import ModelRunner, RowRequest, SamplingInputs
+
+
+def time_shape(runner: ModelRunner, shape: Shape, repeats: int = 3) -> float:
+    """Median seconds of one call of the compiled ``shape`` on padding input: every row has
+    one token and every page-table entry is the dummy page, so no live KV is touched. On
+    XLA:CPU a call costs what its padded shape costs, less the cache misses of gathering live
+    pages, which the simulator prices separately (per context token)."""
+    s, q, p = shape
+    zi, zf, one = np.zeros((s,), np.int32), np.zeros((s,), np.float32), np.ones((s,), np.int32)
+    batch = Batch(np.zeros((s, q), np.int32), np.zeros((s, q), np.int32), one, one,
+                  np.full((s, p), DUMMY_PAGE, np.int32))  # fmt: skip
+    samp = SamplingInputs(zf, zi, np.ones((s,), np.float32), zi, zi, zi, zf)
+    adj = runner.neutral_adjust(s)
+    step = runner.compiled(shape)
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        res, runner.k, runner.v = step(runner.state, runner.k, runner.v, batch, samp, adj)
+        jax.block_until_ready(res)
+        if i:  # the first call pays one-off allocation
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def recompute_samples(runner: ModelRunner, repeats: int = 2) -> list[tuple[int, int, float]]:
+    """``(new tokens, context, seconds)`` of prefill chunks of a few bucketed shapes, best of
+    ``repeats`` (what ``CostModel.fit_recompute`` fits). Rows point every page at the dummy
+    page, so no live KV is touched. Call after warm-up."""
+    cfg = runner.cfg
+    token_sizes = sorted({min(t, cfg.max_prefill_chunk) for t in (32, 128, cfg.max_prefill_chunk)})
+    samples = []
+    for n in token_sizes:
+        for ctx in sorted({0, min(4 * n, cfg.max_model_len - n)}):
+            pages = -(-(ctx + n) // cfg.page_size)
+            row = RowRequest("_profile", [0] * n, ctx, [DUMMY_PAGE] * pages, 0.0, 0, 1.0, 0, 0)
+            runner.execute([row])  # first call pays any lazy work; not timed
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                runner.execute([row])
+                best = min(best, time.perf_counter() - t0)
+            samples.append((n, ctx, best))
+    return samples
+
+
+def prompt_logits(
+    runner: ModelRunner, token_ids: Sequence[int], block_ids: Sequence[int]
+) -> np.ndarray:
+    """Float32 logits ``[len(token_ids), V]`` for every position of one prompt.
+
+    For correctness checks against reference implementations, not for serving: it compiles
+    its own program for the prompt's shape and writes the prompt's KV into ``block_ids``.
+    """
+    n = len(token_ids)
+    pages = math.ceil(n / runner.cfg.page_size)
+    if len(block_ids) < pages:
+        raise ValueError(f"need {pages} blocks for {n} tokens, got {len(block_ids)}")
+
+    def run(state, k, v, batch):
+        model = runner.model(state)
+        hidden, k, v = model(batch, k, v, runner.attention_fn)
+        return model.logits(hidden[0]), k, v
+
+    batch = Batch(
+        np.asarray([token_ids], np.int32), np.arange(n, dtype=np.int32)[None],
+        np.asarray([n], np.int32), np.asarray([n], np.int32),
+        np.asarray([list(block_ids[:pages])], np.int32),
+    )  # fmt: skip
+    logits, runner.k, runner.v = jax.jit(run, donate_argnums=(1, 2))(
+        runner.state, runner.k, runner.v, batch
+    )
+    return np.asarray(logits)

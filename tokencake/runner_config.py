@@ -1,0 +1,100 @@
+"""The model runner's static configuration (step shapes, dtype, attention backend, layer loop,
+tensor parallelism) and the persistent compilation cache its warm-up reads and fills.
+
+``EngineConfig.runner_config`` builds a :class:`RunnerConfig` from the fields the two share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import jax
+
+from tokencake.buckets import StepBuckets
+from tokencake.models.llama import LAYER_LOOPS
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache so restarts skip most of warm-up.
+
+    ``path`` defaults to ``$TOKENCAKE_XLA_CACHE`` or ``~/.cache/tokencake/xla``; an empty
+    ``TOKENCAKE_XLA_CACHE`` disables it. Returns the directory used (None when disabled).
+    """
+    import os
+
+    if path is None:
+        path = os.environ.get("TOKENCAKE_XLA_CACHE")
+        if path is None:
+            path = os.path.join(os.path.expanduser("~"), ".cache", "tokencake", "xla")
+    if not path:
+        return None
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return jax.config.jax_compilation_cache_dir
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Static shapes of the executor. Bucket tuples are ascending; the last is the maximum."""
+
+    num_pages: int
+    page_size: int = 16
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    max_prefill_chunk: int = 512
+    max_prefill_seqs: int = 4
+    dtype: str = "float32"
+    attention_backend: str = "auto"
+    tensor_parallel_size: int = 1
+    layer_loop: str = "auto"  # "auto" (switch on CPU, scan elsewhere) or one of LAYER_LOOPS
+    pack_weights: bool = False  # on one CPU device: weights in one huge-page buffer (host_arena)
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.num_pages < 2:
+            raise ValueError("RunnerConfig needs page_size >= 1 and num_pages >= 2")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.layer_loop != "auto" and self.layer_loop not in LAYER_LOOPS:
+            raise ValueError(
+                f"layer_loop must be 'auto' or one of {LAYER_LOOPS}, got {self.layer_loop!r}"
+            )
+
+    def resolved_layer_loop(self, platform: str | None = None) -> str:
+        """The layer loop used on ``platform`` (``jax.default_backend()`` when None): on CPU
+        the switch loop, whose dots read the weights in place; elsewhere the scan (an XLA:GPU
+        conditional syncs with the host to pick its branch)."""
+        if self.layer_loop != "auto":
+            return self.layer_loop
+        return "switch" if (platform or jax.default_backend()) == "cpu" else "scan"
+
+    @cached_property
+    def buckets(self) -> StepBuckets:
+        """The step shape buckets of this configuration (shared with the simulator)."""
+        return StepBuckets(self.page_size, self.max_model_len, self.max_num_seqs,
+                           self.max_prefill_chunk, self.max_prefill_seqs)  # fmt: skip
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return self.buckets.max_pages_per_seq
+
+    @property
+    def decode_row_buckets(self) -> tuple[int, ...]:
+        return self.buckets.decode_row_buckets
+
+    @property
+    def prefill_row_buckets(self) -> tuple[int, ...]:
+        return self.buckets.prefill_row_buckets
+
+    @property
+    def prefill_token_buckets(self) -> tuple[int, ...]:
+        return self.buckets.prefill_token_buckets
+
+    @property
+    def page_buckets(self) -> tuple[int, ...]:
+        return self.buckets.page_buckets
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Every (rows, tokens per row, pages per row) the runner compiles."""
+        return self.buckets.shapes()
