@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 from typing import Literal
 
@@ -33,7 +34,7 @@ from tokencake.scheduler.inferred import LifecycleTicket, ToolCallIndex, call_ki
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle, LifecycleState
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.time_sched import PState
-from tokencake.server import BackgroundServer
+from tokencake.server import BackgroundServer, openapi_spec
 from tokencake.server.lifecycles import HEADER
 
 INFERRED = AgentMetadata(agent_name="user:alice", offload_eligible=True, reusable_prefix=True)
@@ -238,6 +239,8 @@ def _conversation(client, server, engine, extra_body=None, user=None):
     )
     first = raw.parse()
     handle = raw.headers[HEADER]
+    documented = openapi_spec(MODEL)["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]
+    assert re.fullmatch(documented["headers"][HEADER]["schema"]["pattern"], handle)
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     call = choice.message.tool_calls[0]

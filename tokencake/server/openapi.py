@@ -6,6 +6,7 @@ from typing import Any
 
 from tokencake.row_controls import MAX_LOGIT_BIAS
 from tokencake.sampling_params import MAX_LOGPROBS, MAX_N
+from tokencake.server.lifecycles import HEADER as LIFECYCLE_HEADER
 from tokencake.server.openapi_schemas import (
     chat_properties,
     chat_schemas,
@@ -193,9 +194,18 @@ def openapi_spec(model_name: str = "model") -> dict[str, Any]:
             desc += " (JSON), or an SSE stream when stream=true"
         return {"description": desc, "content": content}
 
+    lifecycle_header = {
+        LIFECYCLE_HEADER: {
+            "description": "The request's tool-call lifecycle id (tc- + UUID4 hex), also in the "
+            "response's tokencake field: sent when the request carries tokencake metadata "
+            "(annotated) or offers tools (inferred); a conversation keeps one id",
+            "schema": {"type": "string", "pattern": "^tc-[0-9a-f]{32}$"},
+        }
+    }
+
     def gen_responses(schema: str, stream: str) -> dict[str, Any]:
         return {
-            "200": ok(schema, stream),
+            "200": {**ok(schema, stream), "headers": lifecycle_header},
             "400": err,
             "401": err,
             "404": err,
