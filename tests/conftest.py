@@ -126,7 +126,7 @@ def agent_served(tiny_model):
 # process's regions (vm.max_map_count, 65,530 by default). An engine that is never freed keeps
 # ~600 regions for good; a full run that leaks engines crosses the cap around test 470 and
 # then dies inside LLVM (a segfault, or an abort while serializing an executable). So every
-# module's engines must be collectable: this fails the module that leaves the process near
+# test's engines must be collectable: this fails the test that leaves the process near
 # the cap, by name, instead of a later test dying without a trace.
 MAP_REGION_BUDGET = 40_000
 
@@ -139,8 +139,10 @@ def _mapped_regions() -> int | None:
         return None
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _engines_are_freed(request):
+    # Collected after every test, not every module: an engine often sits in a reference cycle,
+    # and a module that builds many (test_engine) went past 20,000 regions between collections.
     yield
     import gc
 
@@ -148,10 +150,10 @@ def _engines_are_freed(request):
     regions = _mapped_regions()
     if report := os.environ.get("TOKENCAKE_REPORT_MAPS"):  # a file to append counts to
         with open(report, "a") as f:
-            f.write(f"{request.module.__name__} {regions}\n")
+            f.write(f"{request.node.nodeid} {regions}\n")
     if regions is not None and regions > MAP_REGION_BUDGET:
         pytest.fail(
-            f"{regions} memory regions mapped after {request.module.__name__} (budget "
+            f"{regions} memory regions mapped after {request.node.nodeid} (budget "
             f"{MAP_REGION_BUDGET}, kernel cap vm.max_map_count): engines or compiled "
             "executables are being kept alive; close or drop them"
         )
