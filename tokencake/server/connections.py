@@ -27,6 +27,7 @@ import logging
 import resource
 import socket
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,15 +142,16 @@ class _GuardedProtocol(asyncio.Protocol):
             inner.connection_lost(exc)
 
 
-class _GuardedSite:
+class _GuardedSite(ABC):
     """The part both guarded sites share: ``start`` listens through a
     :class:`ConnectionGuard`; each site says where it listens (``_listen_kwargs``)."""
 
     limits: ConnectionLimits
     guard: ConnectionGuard | None
 
+    @abstractmethod
     def _listen_kwargs(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Where ``create_server`` listens (host and port, or an open socket)."""
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # type: ignore[arg-type]
