@@ -2,9 +2,12 @@
 policies and the simulated executor use. Pure Python; the engine fits the recompute terms from
 prefill shapes it times on its runner (``ModelRunner.profile_recompute``).
 
-``copy_time(n, dir) = base_dir + n * bytes_per_block / bw_dir + n * 3 µs`` with ``bw_dir``
-starting at a prior (12 GB/s) and learned as an EWMA (α = 0.5) of completed copies' measured
-``bytes / seconds``, one estimate per direction.
+``copy_time(n, dir) = base_dir + n * (bytes_per_block / shards) / bw_dir + n * 3 µs`` with
+``bw_dir`` starting at a prior (12 GB/s) and learned as an EWMA (α = 0.5) of completed copies'
+measured ``bytes / seconds``, one estimate per direction. Bandwidth is *per shard*: under tensor
+parallelism a block's KV is split over ``shards`` devices on the KV-head axis and each device
+moves its part over its own host link at the same time (``memory/transfer.py``), so a copy takes
+as long as one shard's part and the learned bandwidth is one link's.
 
 ``recompute_time(tokens, context) = a + b * tokens + c * tokens * context``: prefill cost is
 linear in new tokens plus an attention term over the context they attend to; fitted by least
@@ -66,6 +69,11 @@ class CostModel:
     recompute_a: float = 1e-3
     recompute_b: float = 1e-4
     recompute_c: float = 0.0
+    shards: int = 1  # devices a block's KV is split over; each copies its share concurrently
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError(f"CostModel.shards must be >= 1, got {self.shards}")
 
     @classmethod
     def fixed(
@@ -93,7 +101,7 @@ class CostModel:
             return 0.0
         return (
             self.base_s[direction]
-            + n_blocks * self.bytes_per_block / self.bandwidth[direction]
+            + n_blocks * self.bytes_per_block / self.shards / self.bandwidth[direction]
             + n_blocks * self.per_block_s
         )
 

@@ -9,16 +9,24 @@ Where the platform has a ``pinned_host`` memory kind (GPU, TPU, and the CPU back
 0.10) the arrays are ``jax.Array`` in that memory, so copies are DMA-able ``device_put`` /
 jitted gather-scatter. Otherwise they are plain numpy arrays and ``transfer.py`` moves pages
 with numpy indexing. The choice is made in :func:`host_memory_kind` and nowhere else.
+
+Under tensor parallelism the device cache is sharded on its KV-head axis, and the host tier
+is sharded the same way: each device's heads have their own host copy (the pinned arrays carry
+the device cache's sharding with the host memory kind; the numpy tier keeps one
+:class:`HostShard` per device). A page copy therefore moves every shard between its own device
+and its own host memory, in parallel and with no collective; in a multi-process run each
+process holds the host copies of the shards its devices hold.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from tokencake.memory.kv_cache import KVCacheSpec
 
@@ -36,30 +44,77 @@ def host_memory_kind(device: jax.Device) -> str | None:
     return "pinned_host" if "pinned_host" in kinds else None
 
 
+def replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """A sharding that replicates a small array (page ids) over ``sharding``'s devices."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, P(), memory_kind=sharding.memory_kind)
+    return sharding
+
+
+@dataclass
+class HostShard:
+    """The numpy tier's host copy of one device's KV shard: ``index`` places it in the global
+    ``[L, blocks, page, Hkv, D]`` layout (it covers some KV heads of every block)."""
+
+    device: jax.Device
+    index: tuple[slice, ...]
+    k: np.ndarray
+    v: np.ndarray
+
+
 @dataclass
 class HostKV:
-    """Host K/V arrays. ``memory_kind`` None means numpy arrays (mutated in place); otherwise
-    ``jax.Array`` in that memory, replaced by each (donating) scatter."""
+    """Host K/V. ``memory_kind`` set: ``k`` / ``v`` are ``jax.Array`` in that memory with the
+    device cache's sharding, replaced by each (donating) scatter. ``memory_kind`` None: numpy,
+    one :class:`HostShard` per addressable device shard, mutated in place (``k`` / ``v`` None).
+    """
 
-    k: jax.Array | np.ndarray
-    v: jax.Array | np.ndarray
     spec: KVCacheSpec  # ``num_pages`` is the number of host blocks (dummy included)
     memory_kind: str | None
-    device: jax.Device
+    device_sharding: jax.sharding.Sharding  # the device cache's sharding (layout of the shards)
+    k: jax.Array | None = None
+    v: jax.Array | None = None
+    shards: list[HostShard] = field(default_factory=list)
 
     @property
     def num_blocks(self) -> int:
         return self.spec.num_pages
 
     @property
-    def sharding(self) -> SingleDeviceSharding | None:
+    def num_shards(self) -> int:
+        """Devices the KV is split over; each moves ``1 / num_shards`` of a page's bytes."""
+        return len(self.device_sharding.device_set)
+
+    @property
+    def device(self) -> jax.Device:
+        """The first device of the layout (the only one without tensor parallelism)."""
+        return min(self.device_sharding.addressable_devices, key=lambda d: d.id)
+
+    @property
+    def sharding(self) -> jax.sharding.Sharding | None:
+        """The host arrays' sharding (None for the numpy tier)."""
         if self.memory_kind is None:
             return None
-        return SingleDeviceSharding(self.device, memory_kind=self.memory_kind)
+        return self.device_sharding.with_memory_kind(self.memory_kind)
 
     def block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copy of host block ``b`` as numpy ``(k, v)``, each ``[L, page, Hkv, D]`` (tests)."""
-        return np.array(self.k[:, b]), np.array(self.v[:, b])
+        """Copy of host block ``b`` as numpy ``(k, v)``, each ``[L, page, Hkv, D]``, assembled
+        from this process's shards (all of them in one process). For tests: it reads whole
+        shards."""
+        if self.memory_kind is None:
+            parts = [(s.index, s.k, s.v) for s in self.shards]
+        else:
+            parts = [
+                (ks.index, np.asarray(ks.data), np.asarray(vs.data))
+                for ks, vs in zip(self.k.addressable_shards, self.v.addressable_shards, strict=True)
+            ]
+        shape = (self.spec.num_layers, *self.spec.shape[2:])
+        dtype = parts[0][1].dtype
+        k, v = np.zeros(shape, dtype), np.zeros(shape, dtype)
+        for index, sk, sv in parts:
+            heads = (index[0], *index[2:])  # the shard's place without the block axis
+            k[heads], v[heads] = sk[:, b], sv[:, b]
+        return k, v
 
 
 def allocate_host_kv(
@@ -67,19 +122,30 @@ def allocate_host_kv(
     num_host_blocks: int,
     device: jax.Device | None = None,
     memory_kind: str | None | bool = True,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> HostKV:
     """Allocate zeroed host K/V for ``num_host_blocks`` blocks shaped like ``device_spec``'s
-    pages. ``memory_kind=True`` asks :func:`host_memory_kind`; None forces numpy."""
-    device = device or jax.devices()[0]
+    pages. ``sharding`` is the device cache's sharding (default: one ``device``, itself
+    defaulting to the first); the host tier is sharded like it. ``memory_kind=True`` asks
+    :func:`host_memory_kind`; None forces numpy."""
+    if sharding is None:
+        sharding = SingleDeviceSharding(device or jax.devices()[0])
     spec = KVCacheSpec(
         device_spec.num_layers, num_host_blocks, device_spec.page_size,
         device_spec.num_kv_heads, device_spec.head_dim, device_spec.dtype,
     )  # fmt: skip
-    kind = host_memory_kind(device) if memory_kind is True else memory_kind or None
+    first = min(sharding.addressable_devices, key=lambda d: d.id)
+    kind = host_memory_kind(first) if memory_kind is True else memory_kind or None
     dtype = jnp.dtype(spec.dtype)
+    sharding = sharding.with_memory_kind("device")
     if kind is None:
-        return HostKV(np.zeros(spec.shape, dtype), np.zeros(spec.shape, dtype), spec, None, device)
-    sharding = SingleDeviceSharding(device, memory_kind=kind)
-    # Materialise directly in host memory: no device-sized temporary on an accelerator.
-    alloc = jax.jit(lambda: jnp.zeros(spec.shape, dtype), out_shardings=sharding)
-    return HostKV(alloc(), alloc(), spec, kind, device)
+        shards = []
+        for dev, index in sharding.addressable_devices_indices_map(spec.shape).items():
+            shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, spec.shape, strict=True))
+            shards.append(HostShard(dev, index, np.zeros(shape, dtype), np.zeros(shape, dtype)))
+        return HostKV(spec, None, sharding, shards=shards)
+    # Materialise directly in host memory: no device-sized temporary on an accelerator. With a
+    # mesh every device's shard is allocated in its own host memory.
+    host = sharding.with_memory_kind(kind)
+    alloc = jax.jit(lambda: jnp.zeros(spec.shape, dtype), out_shardings=host)
+    return HostKV(spec, kind, sharding, alloc(), alloc())

@@ -15,6 +15,15 @@ Fusing gather, transfer and scatter in one executable matters on CPU: the staged
 third of a raw ``device_put``'s throughput; the fused one beats it (see bench_transfer.py).
 Where the host arrays are numpy (no pinned memory kind) the host side uses numpy indexing.
 
+Under tensor parallelism the device cache and the host tier are both sharded on the KV-head
+axis (``host_kv.py``) and the page ids are replicated, so every gather, ``device_put`` and
+scatter stays within one device's shard: XLA partitions the copy into one independent copy per
+device, with no collective (a test checks the compiled text) and nothing staged through one
+device. The numpy tier does the same by hand, shard by shard, and reassembles the uploaded
+pages with ``jax.make_array_from_single_device_arrays`` on the cache's own sharding. Bandwidth
+is learned per shard (bytes each device moved over the copy's time), which is what the cost
+model divides a block's per-shard bytes by.
+
 Id lists are padded to power-of-two buckets with the dummy page / dummy host block, so only
 ``len(buckets)`` shapes per direction ever compile (all at :meth:`TransferEngine.warmup`).
 
@@ -40,10 +49,9 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import SingleDeviceSharding
 
 from tokencake.memory.cost_model import BandwidthEstimator
-from tokencake.memory.host_kv import HostKV
+from tokencake.memory.host_kv import HostKV, replicated
 from tokencake.memory.host_pool import DUMMY_HOST_BLOCK
 from tokencake.memory.kv_cache import DUMMY_PAGE
 
@@ -106,10 +114,16 @@ class TransferEngine:
         bandwidth: BandwidthEstimator | None = None,
         max_bucket: int = 256,
     ) -> None:
+        if not owner.k.sharding.is_equivalent_to(host_kv.device_sharding, owner.k.ndim):
+            raise ValueError(
+                f"the host KV tier is laid out for {host_kv.device_sharding}, but the device "
+                f"cache is sharded as {owner.k.sharding}"
+            )
         self.owner = owner
         self.host = host_kv
         self.bandwidth = bandwidth or BandwidthEstimator()
         self.bytes_per_block = host_kv.spec.bytes_per_page
+        self.num_shards = host_kv.num_shards
         cap = max(1, min(max_bucket, host_kv.num_blocks - 1, owner.k.shape[1] - 1))
         self.buckets = transfer_buckets(cap)
         self.in_flight: dict[int, TransferHandle] = {}
@@ -118,8 +132,10 @@ class TransferEngine:
         self.strict = False  # after warm-up an uncompiled bucket is a bug
         self._ids = itertools.count()
         self._compiled: dict[tuple[str, int], Any] = {}
-        self._device_sharding = SingleDeviceSharding(host_kv.device)
+        self._kv_sharding = host_kv.device_sharding  # the device cache's (sharded) layout
+        self._ids_sharding = replicated(self._kv_sharding)  # page ids: on every device
         self._host_sharding = host_kv.sharding
+        self._host_of = {s.device: s for s in host_kv.shards}  # numpy tier: device -> shard
         self._last_done: dict[str, float] = {"d2h": 0.0, "h2d": 0.0}
         # The waiter thread holds only the queue, never ``self``: a dropped engine is collected
         # (its KV pools freed) and the finalizer stops the thread; close() stops it at once.
@@ -149,11 +165,11 @@ class TransferEngine:
 
     def _build(self, direction: str, bucket: int):
         k, v, hk, hv = self.owner.k, self.owner.v, self.host.k, self.host.v
-        ids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=self._device_sharding)
-        hs, ds = self._host_sharding, self._device_sharding
+        hs, ds, rs = self._host_sharding, self._kv_sharding, self._ids_sharding
+        ids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=rs)
         if hs is None:  # numpy host tier: only the device half is jitted
             if direction == "d2h":
-                gather = jax.jit(lambda k, v, ids: (k[:, ids], v[:, ids]))
+                gather = jax.jit(lambda k, v, ids: (k[:, ids], v[:, ids]), out_shardings=(ds, ds))
                 return gather.lower(k, v, ids).compile()
             shape = (k.shape[0], bucket, *k.shape[2:])
             data = jax.ShapeDtypeStruct(shape, k.dtype, sharding=ds)
@@ -164,6 +180,7 @@ class TransferEngine:
                     jnp.sum(ids),
                 ),
                 donate_argnums=(0, 1),
+                out_shardings=(ds, ds, rs),
             )
             return scatter.lower(k, v, ids, data, data).compile()
         if direction == "d2h":
@@ -173,7 +190,7 @@ class TransferEngine:
                 pv = jax.device_put(v[:, ids], hs)
                 return hk.at[:, hids].set(pk), hv.at[:, hids].set(pv), jnp.sum(hids)
 
-            fn = jax.jit(d2h, donate_argnums=(2, 3), out_shardings=(hs, hs, ds))
+            fn = jax.jit(d2h, donate_argnums=(2, 3), out_shardings=(hs, hs, rs))
             return fn.lower(k, v, hk, hv, ids, ids).compile()
 
         def h2d(k, v, hk, hv, ids, hids):
@@ -181,8 +198,8 @@ class TransferEngine:
             pv = jax.device_put(hv[:, hids], ds)
             return k.at[:, ids].set(pk), v.at[:, ids].set(pv), jnp.sum(ids)
 
-        hids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=hs)
-        fn = jax.jit(h2d, donate_argnums=(0, 1), out_shardings=(ds, ds, ds))
+        hids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=replicated(hs))
+        fn = jax.jit(h2d, donate_argnums=(0, 1), out_shardings=(ds, ds, rs))
         return fn.lower(k, v, hk, hv, ids, hids).compile()
 
     def warmup(self) -> None:
@@ -243,22 +260,35 @@ class TransferEngine:
         _, hids = self._pad(host, DUMMY_HOST_BLOCK)
         fn = self._fn(direction, bucket)
         o, hkv = self.owner, self.host
+        # Page ids go to the executable as numpy: it places them (replicated) itself, and
+        # jnp.asarray would compile a staging program per new shape.
         if hkv.memory_kind is None:
             if direction == "d2h":
-                pk, pv = fn(o.k, o.v, jnp.asarray(ids))
+                pk, pv = fn(o.k, o.v, ids)
                 # np.asarray waits for the gather: the numpy tier is synchronous by nature.
-                hkv.k[:, hids] = np.asarray(pk)
-                hkv.v[:, hids] = np.asarray(pv)
+                for page, name in ((pk, "k"), (pv, "v")):
+                    for shard in page.addressable_shards:
+                        getattr(self._host_of[shard.device], name)[:, hids] = np.asarray(shard.data)
                 return _Ready()
-            pk = jax.device_put(hkv.k[:, hids], self._device_sharding)  # copies (no aliasing)
-            pv = jax.device_put(hkv.v[:, hids], self._device_sharding)
-            o.k, o.v, marker = fn(o.k, o.v, jnp.asarray(ids), pk, pv)
+            shape = (o.k.shape[0], bucket, *o.k.shape[2:])
+            pk, pv = (
+                jax.make_array_from_single_device_arrays(
+                    shape,
+                    self._kv_sharding,
+                    # each shard's pages straight to its own device (fancy indexing copies,
+                    # so the device array never aliases the host pool)
+                    [jax.device_put(getattr(s, name)[:, hids], s.device) for s in hkv.shards],
+                )
+                for name in ("k", "v")
+            )
+            o.k, o.v, marker = fn(o.k, o.v, ids, pk, pv)
             return marker
         if direction == "d2h":
-            hkv.k, hkv.v, marker = fn(o.k, o.v, hkv.k, hkv.v, jnp.asarray(ids), jnp.asarray(hids))
+            hkv.k, hkv.v, marker = fn(o.k, o.v, hkv.k, hkv.v, ids, hids)
             return marker
-        hids_host = jax.device_put(hids, self._host_sharding)
-        o.k, o.v, marker = fn(o.k, o.v, hkv.k, hkv.v, jnp.asarray(ids), hids_host)
+        # The host ids must sit in host memory (XLA refuses a gather across memory spaces).
+        hids_host = jax.device_put(hids, replicated(self._host_sharding))
+        o.k, o.v, marker = fn(o.k, o.v, hkv.k, hkv.v, ids, hids_host)
         return marker
 
     # ---- completion ------------------------------------------------------------------------
@@ -310,7 +340,8 @@ class TransferEngine:
         # Copies in one direction run back to back, so time each from when it could start.
         start = max(h.issued_at, self._last_done[h.direction])
         self._last_done[h.direction] = h.completed_at
-        self.bandwidth.observe(h.direction, h.nbytes, h.completed_at - start)
+        # Every shard moved its part over its own link at once: the estimate is per shard.
+        self.bandwidth.observe(h.direction, h.nbytes // self.num_shards, h.completed_at - start)
 
 
 class _Ready:

@@ -216,6 +216,12 @@ def test_cost_model():
     fixed = CostModel.fixed(1000, bandwidth=1e6, base_s=0.5, recompute=(0.1, 0.01, 1e-4))
     assert fixed.copy_time(2, "d2h") == pytest.approx(0.5 + 2e-3 + 6e-6)
     assert fixed.recompute_time(10, 100) == pytest.approx(0.1 + 0.1 + 0.1)
+    # Under tensor parallelism each of the 4 shards copies a quarter of the block at once, over
+    # its own link: the (per-shard) bandwidth moves bytes_per_block / 4 per block.
+    tp = CostModel(3 * 2**20, BandwidthEstimator(), shards=4)
+    assert tp.copy_time(10, "h2d") == pytest.approx(10 * 3 * 2**20 / 4 / 12e9 + 10 * 3e-6)
+    with pytest.raises(ValueError, match="shards"):
+        CostModel(1, shards=0)
     cm.fit_recompute(
         [(n, c, 0.002 + 1e-4 * n + 1e-7 * n * c) for n in (8, 32, 64) for c in (0, 256)]
     )

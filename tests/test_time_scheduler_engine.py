@@ -104,10 +104,10 @@ class Run:
             self.step()
 
 
-def _engine(model, policy: str, pressure: bool = True) -> tuple[LLMEngine, SimClock]:
+def _engine(model, policy: str, pressure: bool = True, tp: int = 1) -> tuple[LLMEngine, SimClock]:
     cfg, params, tok = model
     clock = SimClock(100.0)
-    over = dict(policy=policy)
+    over = dict(policy=policy, tensor_parallel_size=tp)
     if pressure:  # 22 usable blocks: D (14) + A (7) fill the pool; B needs A's 7
         over.update(num_pages=23, host_kv_gib=0.001)
     eng = LLMEngine(EngineConfig(**{**TINY_ENGINE, **over}), model_config=cfg, params=params,
@@ -128,10 +128,10 @@ def _record_copies(run: Run) -> None:
     tr.issue = logged
 
 
-def _start_turn(model, policy: str, estimate: float, pressure: bool = True) -> Run:
+def _start_turn(model, policy: str, estimate: float, pressure: bool = True, tp: int = 1) -> Run:
     """D (background) and agent A run; A finishes and starts a tool; B arrives and wants the
-    memory A's cached blocks occupy."""
-    eng, clock = _engine(model, policy, pressure)
+    memory A's cached blocks occupy (``tp``: tensor-parallel size; tp_host_check.py uses it)."""
+    eng, clock = _engine(model, policy, pressure, tp)
     run = Run(eng, clock)
     _record_copies(run)
     eng.add_request(PROMPT_D, _greedy(20), "D")

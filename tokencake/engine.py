@@ -98,7 +98,8 @@ class LLMEngine:
         )  # fmt: skip
         self.runner = ModelRunner(model_config, params, cfg.runner_config(num_pages, max_len))
         self.pool = BlockPool(num_pages, cfg.page_size, cfg.enable_prefix_cache)
-        self.cost_model = CostModel(self.runner.kv_spec.bytes_per_page)
+        shards = len(self.runner.k.sharding.device_set)  # devices a block's KV heads span
+        self.cost_model = CostModel(self.runner.kv_spec.bytes_per_page, shards=shards)
         self.host_pool: HostBlockPool | None = None
         self.transfer = None  # TransferEngine when the host tier is on
         if cfg.host_kv_gib > 0:
@@ -140,17 +141,16 @@ class LLMEngine:
             self.cost_model.fit_recompute(recompute_samples(self.runner))
 
     def _build_host_tier(self) -> None:
-        """Host block pool, host KV arrays (allocated once) and the transfer engine."""
+        """Host block pool, host KV arrays (allocated once; sharded like the device cache, so
+        each device's KV heads get their own host copy) and the transfer engine."""
         from tokencake.memory.transfer import TransferEngine
 
         cfg = self.config
-        if cfg.tensor_parallel_size > 1:
-            raise NotImplementedError("the host KV tier supports tensor_parallel_size=1 only")
         spec = self.runner.kv_spec
         self.host_pool = HostBlockPool.for_budget(
             int(cfg.host_kv_gib * 2**30), spec.bytes_per_page, cfg.page_size
         )
-        host_kv = allocate_host_kv(spec, self.host_pool.num_blocks)
+        host_kv = allocate_host_kv(spec, self.host_pool.num_blocks, sharding=self.runner.k.sharding)
         self.transfer = TransferEngine(self.runner, host_kv, self.cost_model.bandwidth)
 
     @property
