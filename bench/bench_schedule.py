@@ -6,6 +6,11 @@ topped up with fresh annotated requests, so every timed call sees ``--waiting`` 
 requests (and the running set stays at ``--running`` when the pool allows). Prints median /
 p90 / p99 / max per policy and the queue sizes the calls saw; asserts nothing about time.
 
+Output lengths are drawn from ``--max-tokens LO-HI`` (default 16-256), so requests finish a
+few per step, as in real traffic. With one fixed length (``--max-tokens 64-64``, the old
+benchmark) the first 256 requests finish in lockstep waves of 64 and every wave step admits
+64 requests at once; the p99 of that run is the cost of such an admission burst.
+
     python bench/bench_schedule.py [--policies vllm,tokencake] [--steps 500] [--profile]
 
 ``--profile`` runs the timed steps under cProfile and prints the top functions by cumulative
@@ -33,10 +38,19 @@ POLICIES = "vllm,vllm-offload,continuum,infercept,tokencake,tokencake-space,toke
 class Bench:
     """A scheduler on the simulator, with an annotated request generator to keep it loaded."""
 
-    def __init__(self, policy: str, running: int, waiting: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        policy: str,
+        running: int,
+        waiting: int,
+        seed: int = 0,
+        max_tokens: tuple[int, int] = (16, 256),
+    ) -> None:
         self.rng = random.Random(seed)
+        self.max_tokens = max_tokens
         self.clock = SimClock()
-        pool = BlockPool(running * 12 + 64, 16)
+        per_request = -(-(120 + max_tokens[1]) // 16)  # blocks of the longest request
+        pool = BlockPool(running * per_request + 64, 16)
         cfg = SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=8192,
                               max_prefill_chunk=512, max_prefill_seqs=64, max_model_len=4096)  # fmt: skip
         self.s = Scheduler(cfg, pool, policy, self.clock, host_pool=HostBlockPool(1024, 16))
@@ -62,7 +76,8 @@ class Bench:
                   "application_started_at_s": 1.0 + n % 20, "offload_eligible": True,
                   "reusable_prefix": True}  # fmt: skip
             prompt = [self.rng.randrange(1, 30000) for _ in range(self.rng.randrange(32, 120))]
-            self.s.add_request(Request(f"r{n}", prompt, 64, self.clock(), metadata=md))
+            out = self.rng.randint(*self.max_tokens)
+            self.s.add_request(Request(f"r{n}", prompt, out, self.clock(), metadata=md))
             self.n += 1
 
     def top_up(self) -> None:
@@ -97,10 +112,12 @@ def main() -> None:
     ap.add_argument("--running", type=int, default=256)
     ap.add_argument("--waiting", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--max-tokens", default="16-256", help="output length range LO-HI")
     ap.add_argument("--profile", action="store_true", help="cProfile the timed steps")
     args = ap.parse_args()
+    lo, hi = (int(x) for x in args.max_tokens.split("-"))
     for policy in args.policies.split(","):
-        b = Bench(policy, args.running, args.waiting)
+        b = Bench(policy, args.running, args.waiting, max_tokens=(lo, hi))
         prof = cProfile.Profile() if args.profile else None
         wall, cpu, runs, waits = [], [], [], []
         if prof is not None:

@@ -55,6 +55,7 @@ class SpaceScheduler(SpaceScores):
         self.charges: dict[str, Charge] = {}
         self.used: dict[str | None, int] = {}
         self.uncommitted = 0
+        self._growth = 0  # running requests' remaining growth at the last refresh
         self.guard: dict[str, tuple[int, int]] = {}  # resume guard: free at preemption, epoch
         self.epoch = 0  # bumps on every finish
         self.counters: dict[str, int] = {}
@@ -111,8 +112,7 @@ class SpaceScheduler(SpaceScores):
 
     def refresh_uncommitted(self, running: Sequence[Request], committed_extra: int) -> None:
         """Recompute the capacity no admitted request or restore has claimed: free blocks minus
-        running requests' remaining growth minus ``committed_extra`` (restores). Called again
-        after the Time Scheduler's tick, whose pins and uploads move free blocks."""
+        running requests' remaining growth minus ``committed_extra`` (restores)."""
         bs = self.pool.block_size
         if self.cfg.reserve_generation_tokens:
             cap = self.max_model_len
@@ -121,7 +121,13 @@ class SpaceScheduler(SpaceScores):
         else:  # remaining_growth() inlined: this runs twice a step over every running request
             growth = sum(max(0, -(-(len(r.prompt_token_ids) + len(r.output_token_ids)) // bs)
                              - len(r.block_ids)) for r in running)  # fmt: skip
+        self._growth = growth
         self.uncommitted = self.pool.num_free - growth - committed_extra
+
+    def recount(self, committed_extra: int) -> None:
+        """:meth:`refresh_uncommitted` after the Time Scheduler's tick, whose pins and uploads
+        move free blocks but never a running request's blocks or tokens (its growth stands)."""
+        self.uncommitted = self.pool.num_free - self._growth - committed_extra
 
     def repartition(
         self, now: float, running: Sequence[Request], waiting: Sequence[Request]

@@ -105,7 +105,7 @@ class TokencakePolicy(Policy):
                     raise
                 raise RequestFault(ts.current, "the Time Scheduler", exc) from exc
             if self.space is not None:  # the tick's pins, uploads and releases moved capacity
-                self.space.refresh_uncommitted(running, self.committed_blocks(now))
+                self.space.recount(self.committed_blocks(now))
 
     def _agent_score(self, m: AgentMetadata) -> float:
         if self.space is None or self.space.plan is None:
