@@ -9,7 +9,9 @@ request behind the head may start anyway when it cannot delay the head:
   finish, in at most ``steps_to_finish`` steps each (prefill chunks left plus ``max_tokens``
   minus tokens generated: an upper bound when the request may stop early); the shadow is
   the first step by which the freed blocks cover the head's shortfall, and ``extra`` is what
-  is left over then;
+  is left over then. A request whose blocks the Time Scheduler may pin when it finishes (a
+  KEEP for the tool call that follows it: they stay held until its successor takes them or
+  the TTL runs out) frees nothing by then and is not counted (``kept``);
 * a candidate that fits now is admitted if it will itself finish by the shadow step, or if
   its blocks fit in ``extra`` (which it then uses up).
 
@@ -19,7 +21,7 @@ Only the first blocked request gets this protection (EASY), and the scan behind 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.request import Request
@@ -33,15 +35,21 @@ def steps_to_finish(r: Request, chunk: int) -> int:
 
 
 def shadow(
-    shortfall: int, running: Sequence[Request], pool: BlockPool, chunk: int
+    shortfall: int,
+    running: Sequence[Request],
+    pool: BlockPool,
+    chunk: int,
+    kept: Callable[[Request], bool] | None = None,
 ) -> tuple[int, int] | None:
     """``(shadow step, extra blocks)`` for a head ``shortfall`` blocks short; None when the
-    running requests' exclusive blocks never cover it (then nothing is backfilled)."""
+    running requests' exclusive blocks never cover it (then nothing is backfilled). A request
+    for which ``kept`` says True frees no blocks (they may stay pinned past its finish)."""
     if shortfall <= 0:
         return 0, -shortfall
     ends = sorted(
         (steps_to_finish(r, chunk), sum(1 for b in r.block_ids if pool.ref_count(b) == 1))
         for r in running
+        if kept is None or not kept(r)
     )
     freed = 0
     for step, n in ends:
@@ -55,10 +63,17 @@ class Backfill:
     """One admission pass's backfill state: call :meth:`reset` at the start of each pass,
     :meth:`blocked` when a request does not fit, :meth:`allows` for a request that fits."""
 
-    def __init__(self, pool: BlockPool, chunk: int, window: int = 32) -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        chunk: int,
+        window: int = 32,
+        kept: Callable[[Request], bool] | None = None,
+    ) -> None:
         self.pool = pool
         self.chunk = chunk
         self.window = window
+        self.kept = kept  # running requests whose blocks may stay pinned when they finish
         self.shadow_step: int | None = None
         self.extra = 0
         self.scanned = 0
@@ -78,7 +93,7 @@ class Backfill:
         """A candidate is ``shortfall`` blocks short. The first one becomes the protected head;
         returns True while the scan may go on behind it (False: stop, as without backfill)."""
         if self.shadow_step is None:
-            s = shadow(shortfall, running, self.pool, self.chunk)
+            s = shadow(shortfall, running, self.pool, self.chunk, self.kept)
             if s is None:
                 return False
             self.shadow_step, self.extra = s
