@@ -164,9 +164,22 @@ def test_shadow_does_not_count_blocks_a_keep_will_pin(monkeypatch):
     """By hand: A has 96 + 2 tokens (7 blocks) and 18 decode steps left; B 2 blocks and 98
     steps. Counting A's blocks, H's 3-block shortfall is covered at A's finish (step 18, 4
     left over). But A's next tool call is preservable and its blocks get pinned, so they are
-    not freed then: only B's 2 blocks are, which never cover 3, so there is no shadow."""
+    not freed then: only B's 2 blocks are, which never cover 3."""
     strict, out_strict, plain, fixed = _pinned_run("tokencake-no-backfill")
     assert plain == (18, 4) and fixed is None
+    # A request done by step 18 still cannot delay H (its real start is later, not earlier):
+    # the shadow step stays 18; only the 4 left-over blocks were never really there.
+    pool = BlockPool(21, 16)
+    a, b = _req("a", 96, 20), _req("b", 16, 100)
+    a.num_computed_tokens, b.num_computed_tokens = 97, 17  # decoding: last token not computed
+    a.output_token_ids, b.output_token_ids = [1, 2], [1, 2]
+    a.block_ids, b.block_ids = pool.allocate(7), pool.allocate(2)
+    bf = Backfill(pool, chunk=256, kept=lambda r: r is a)
+    assert bf.blocked(3, [a, b]) and (bf.shadow_step, bf.extra) == (18, 0)
+    assert bf.allows(_req("q", 16, 17), demand=1)  # 1 + 17 = 18 steps: done by the shadow
+    assert not bf.allows(_req("s", 16, 200), demand=1)  # past it, and no real extra
+    bf = Backfill(pool, chunk=256)  # as before: 4 phantom blocks to spare
+    assert bf.blocked(3, [a, b]) and (bf.shadow_step, bf.extra) == (18, 4)
     # The old estimate: S (200 steps, 1 block <= the phantom 4 left over) is backfilled and,
     # with A's blocks pinned, holds what H needs: H starts late (EASY's promise broken).
     old, out_old, _, _ = _pinned_run("tokencake", monkeypatch)
