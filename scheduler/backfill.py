@@ -17,9 +17,10 @@ A request whose blocks the Time Scheduler may pin when it finishes (a KEEP for t
 that follows it: they stay held until its successor takes them or the TTL runs out; ``kept``)
 may free nothing then, so the head may start *later* than the shadow step. That is harmless for
 the first rule (a candidate done by an early shadow is done by the real one), not for the
-second: ``extra`` counts only blocks that will really be freed (the lesser of the two leftovers,
-with and without those requests; 0 when the shadow without them never covers the shortfall). Counting them nowhere (no shadow
-at all) cost 3.7% total E2E on the authors' workload (``bench/RESULTS.md``).
+second: with ``kept`` given, ``extra`` counts only blocks that will really be freed (the lesser
+of the two leftovers, with and without those requests; 0 when the shadow without them never
+covers the shortfall). Tokencake passes it only under ``scheduling.backfill_sure_extra``, off
+by default: the optimistic ``extra`` finished sooner overall (``bench/RESULTS.md``).
 
 Only the first blocked request gets this protection (EASY), and the scan behind it is bounded
 (``window`` candidates). Nothing here changes which tokens are computed, only when.

@@ -94,7 +94,8 @@ class TokencakePolicy(Policy):
             )  # fmt: skip
         self.backfill: Backfill | None = None
         if self.use_space and self.config.scheduling.backfill:
-            self.backfill = Backfill(ctx.pool, ctx.config.max_prefill_chunk, kept=self.may_keep)
+            kept = self.may_keep if self.config.scheduling.backfill_sure_extra else None
+            self.backfill = Backfill(ctx.pool, ctx.config.max_prefill_chunk, kept=kept)
         self._passes = 2 if self.use_space else 1  # pass 1 retries reservation refusals
         self._pass = 0
         self._retry: list[Request] = []
