@@ -3,7 +3,7 @@
     python -m bench.calibrate [--out bench/local_preset.json] [--num-pages 161]
 
 Prices every compiled step shape of the real-engine run settings on its own
-(``diagnostics.time_shape``), then runs a fixed mix of requests (single and batched decodes at
+(``diagnostics.time_shapes``, interleaved rounds), then runs a fixed mix of requests (single and batched decodes at
 several context lengths, cold prefills, prefix-hit continuations) through the real engine
 with the default model, times every ``step()`` and fits, by non-negative least squares on
 the second of two passes (the first pays JIT compilation):
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
 
     from tokencake.config import EngineConfig
-    from tokencake.diagnostics import time_shape
+    from tokencake.diagnostics import time_shapes
     from tokencake.engine import LLMEngine
 
     cfg = load_local()
@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The step model proper: every compiled call shape priced on its own, then the per-step
     # and per-row overhead fitted to what the real steps took beyond their calls.
     buckets = engine.runner.cfg.buckets
-    shape_s = {shape_key(sh): time_shape(engine.runner, sh) for sh in buckets.shapes()}
+    shape_s = {
+        shape_key(sh): t for sh, t in time_shapes(engine.runner, list(buckets.shapes())).items()
+    }
     calls = np.array([sum(shape_s[shape_key(c)] for c in buckets.call_shapes(sp))
                       for _, sp, _ in samples])  # fmt: skip
     rows = np.array([[1.0, len(sp), sum(a + n for a, n in sp)] for _, sp, _ in samples])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping
+from operator import attrgetter
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
@@ -34,6 +35,7 @@ from tokencake.scheduler.policy import Admission, PolicyContext, PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
 from tokencake.scheduler.tokencake_config import TokencakeConfig
 
+_ARRIVAL = attrgetter("arrival_time")
 MAX_FAULT_RETRIES = 16  # culprits removed per schedule() before a failure counts as the engine's
 
 
@@ -239,6 +241,22 @@ class Scheduler:
                     self.fail(fault)
         return self._schedule()
 
+    def _make_room(self, plan: StepPlan, req: Request, n: int) -> bool:
+        """Grow ``req`` by ``n`` tokens, preempting victims; False if ``req`` cannot run now."""
+        while not self._grow(req, req.num_computed_tokens + n):
+            short = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
+            if self.host_tier.swap_outs_will_cover(short - self.pool.num_free):
+                return False  # victims' pages free up once their copy-out lands
+            victim = self.policy.choose_victim(self.running, req)
+            if victim is None or victim is req:
+                self._preempt(req)
+                plan.preempted.append(req)
+                return False
+            self._preempt(victim)
+            plan.preempted.append(victim)
+            plan.chunks = [c for c in plan.chunks if c.request is not victim]
+        return req.status is RequestStatus.RUNNING
+
     def _rollback_admission(self) -> Request | None:
         """After a failed ``_schedule``: the candidate that was being admitted gives back the
         prefix-hit blocks it took (a waiting request owns no blocks between steps)."""
@@ -257,34 +275,23 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         prefill_rows = 0
 
-        # 1. Running requests, oldest first; preempt per policy when blocks run out.
-        for req in sorted(self.running, key=lambda r: r.arrival_time):
-            if (
-                req.status is not RequestStatus.RUNNING  # preempted as a victim this step
-                or budget <= 0
-                or self.host_tier.awaits_copy_in(req.request_id)
-            ):
-                continue  # (awaiting: its prefix pages are still being copied in)
-            n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget) if req.is_prefill else 1
-            if n > 1 and prefill_rows >= cfg.max_prefill_seqs:
+        # 1. Running requests, oldest first; preempt per policy when blocks run out. Hot loop:
+        # the common case (the next token fits the last block) is inlined.
+        bs, awaiting = self.pool.block_size, self.host_tier.awaits_copy_in
+        chunk, max_prefill_rows = cfg.max_prefill_chunk, cfg.max_prefill_seqs
+        for req in sorted(self.running, key=_ARRIVAL):
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING or awaiting(req.request_id):
+                continue  # preempted as a victim this step, or its prefix pages are in flight
+            start = req.num_computed_tokens
+            left = len(req.prompt_token_ids) + len(req.output_token_ids) - start
+            n = min(left, chunk, budget) if left > 1 else 1  # prefill rows take a chunk
+            if n > 1 and prefill_rows >= max_prefill_rows:
                 continue
-            grown = True
-            while not self._grow(req, req.num_computed_tokens + n):
-                short = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-                if self.host_tier.swap_outs_will_cover(short - self.pool.num_free):
-                    grown = False  # victims' pages free up once their copy-out lands
-                    break
-                victim = self.policy.choose_victim(self.running, req)
-                if victim is None or victim is req:
-                    self._preempt(req)
-                    plan.preempted.append(req)
-                    break
-                self._preempt(victim)
-                plan.preempted.append(victim)
-                plan.chunks = [c for c in plan.chunks if c.request is not victim]
-            if not grown or req.status is not RequestStatus.RUNNING:
+            if start + n > len(req.block_ids) * bs and not self._make_room(plan, req, n):
                 continue
-            plan.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            plan.chunks.append(ScheduledChunk(req, start, n))
             budget -= n
             prefill_rows += n > 1
 

@@ -19,6 +19,7 @@ import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import ClassVar
 
 from tokencake.memory.block_pool import BlockPool
@@ -29,6 +30,8 @@ from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.lifecycle import Lifecycle
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.tokencake_config import TokencakeConfig
+
+_ARRIVAL = attrgetter("arrival_time")
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class Policy:
         """Candidates of admission pass ``pass_index`` (0, 1, ..) in the order they are
         considered; ``None`` ends admission for this step. Pass 0 sees the whole queue; a
         later pass typically retries requests an earlier one deferred."""
-        return sorted(waiting, key=lambda r: r.arrival_time) if pass_index == 0 else None
+        return sorted(waiting, key=_ARRIVAL) if pass_index == 0 else None
 
     def admit(self, request: Request, blocks_needed: int, running: Sequence[Request]) -> Admission:
         """Gate on top of "the blocks for this step are free": ``request`` (its prefix hit

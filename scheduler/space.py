@@ -20,14 +20,12 @@ import enum
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.agent_scores import AgentHistory, static_parts, time_parts, type_score
-from tokencake.scheduler.faults import blame
-from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.partition import PartitionPlan, partition
 from tokencake.scheduler.request import Request
+from tokencake.scheduler.space_scoring import SpaceScores
 from tokencake.scheduler.tokencake_config import SpaceConfig
 
 Charge = list[tuple[str | None, int]]
@@ -42,35 +40,25 @@ class Denial(enum.Enum):
     RESUME_GUARD = "resume_deferred"
 
 
-@dataclass
-class _Scored:
-    own: int
-    eff: int
-
-
-class SpaceScheduler:
-    """Scores, partitions, admission accounting and victim choice for one engine."""
+class SpaceScheduler(SpaceScores):
+    """Scores and order (:class:`SpaceScores`), partitions, admission accounting and victim
+    choice for one engine."""
 
     def __init__(self, config: SpaceConfig, pool: BlockPool, max_model_len: int) -> None:
-        self.cfg = config
-        self.pool = pool
+        super().__init__(config, pool)
         self.max_model_len = max_model_len
         self.history = AgentHistory(
             config.history_limit, config.history_max_bytes, config.history_ttl_s
         )
         self.plan: PartitionPlan | None = None
         self.step = 0
-        self.scores: dict[str, _Scored] = {}
-        self._static: dict[str, tuple[float, float, float]] = {}
         self.charges: dict[str, Charge] = {}
         self.used: dict[str | None, int] = {}
         self.uncommitted = 0
-        self.best_waiting: dict[str, int] = {}  # critical type -> highest waiting effective score
+        self._growth = 0  # running requests' remaining growth at the last refresh
         self.guard: dict[str, tuple[int, int]] = {}  # resume guard: free at preemption, epoch
         self.epoch = 0  # bumps on every finish
         self.counters: dict[str, int] = {}
-        self._groups: dict[tuple[float, str], int] = {}
-        self._scored_at = -math.inf
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -87,20 +75,6 @@ class SpaceScheduler:
         need = -(-self.admission_tokens(r) // self.pool.block_size) - len(r.block_ids)
         return need if need > 0 else 0
 
-    # ---- scores -------------------------------------------------------------------------------
-    def own_score(self, r: Request, now: float) -> int:
-        """``r``'s hybrid score; any failure is ``r``'s :class:`RequestFault`."""
-        m = r.metadata
-        if m is None:
-            return 0
-        with blame(r, "the Space Scheduler's score"):
-            parts = self._static.get(r.request_id)
-            if parts is None:
-                parts = static_parts(m)
-                self._static[r.request_id] = parts
-            static, rr, pg = parts
-            return int(static + time_parts(m, r.arrival_time, now, rr, pg))
-
     def check_request(self, r: Request, now: float) -> None:
         """The fault probe: ``r``'s score from scratch (no cache) and its type's score."""
         m = r.metadata
@@ -115,10 +89,6 @@ class SpaceScheduler:
                 if not math.isfinite(s):
                     raise ValueError(f"agent type score is {s!r}")
 
-    def effective(self, r: Request) -> int:
-        s = self.scores.get(r.request_id)
-        return s.eff if s is not None else 0
-
     # ---- per-step -----------------------------------------------------------------------------
     def begin_step(
         self,
@@ -130,23 +100,7 @@ class SpaceScheduler:
         """Freeze this step's scores, repartition when due, recompute uncommitted capacity."""
         self.step += 1
         self.history.expire(now)
-        if now - self._scored_at >= self.cfg.score_refresh_s or self._scored_at > now:
-            self._rescore(now, running, waiting)
-        else:
-            # Between refreshes only newcomers (new or requeued requests) need a score; they
-            # inherit their join group's frozen maximum.
-            scores = self.scores
-            for r in waiting:
-                if r.metadata is not None and r.request_id not in scores:
-                    s = self.own_score(r, now)
-                    g = self._group_of(r.metadata)
-                    eff = max(s, self._groups.get(g, s)) if g is not None else s
-                    if g is not None:
-                        self._groups[g] = eff
-                    scores[r.request_id] = _Scored(s, eff)
-                    k = r.metadata.agent_type
-                    if self.plan is not None and k in self.plan.reserved:
-                        self.best_waiting[k] = max(self.best_waiting.get(k, eff), eff)
+        self.score_step(now, running, waiting)
         if (
             self.plan is None
             or not self.plan.reserved
@@ -158,58 +112,22 @@ class SpaceScheduler:
 
     def refresh_uncommitted(self, running: Sequence[Request], committed_extra: int) -> None:
         """Recompute the capacity no admitted request or restore has claimed: free blocks minus
-        running requests' remaining growth minus ``committed_extra`` (restores). Called again
-        after the Time Scheduler's tick, whose pins and uploads move free blocks."""
-        growth = 0
-        for r in running:
-            growth += self.remaining_growth(r)
+        running requests' remaining growth minus ``committed_extra`` (restores)."""
+        bs = self.pool.block_size
+        if self.cfg.reserve_generation_tokens:
+            cap = self.max_model_len
+            growth = sum(max(0, -(-min(len(r.prompt_token_ids) + r.max_tokens, cap) // bs)
+                             - len(r.block_ids)) for r in running)  # fmt: skip
+        else:  # remaining_growth() inlined: this runs twice a step over every running request
+            growth = sum(max(0, -(-(len(r.prompt_token_ids) + len(r.output_token_ids)) // bs)
+                             - len(r.block_ids)) for r in running)  # fmt: skip
+        self._growth = growth
         self.uncommitted = self.pool.num_free - growth - committed_extra
 
-    def _group_of(self, m: AgentMetadata) -> tuple[float, str] | None:
-        if self.cfg.inherit_join_priority and m.join_group and m.application_started_at_s > 0:
-            return (m.application_started_at_s, m.join_group)
-        return None
-
-    def _rescore(self, now: float, running: Sequence[Request], waiting: Sequence[Request]) -> None:
-        self._scored_at = now
-        scores: dict[str, _Scored] = {}
-        groups: dict[tuple[float, str], int] = {}
-        grouped: list[tuple[Request, tuple[float, str]]] = []
-        for r in waiting:
-            m = r.metadata
-            if m is None:
-                continue
-            s = self.own_score(r, now)
-            scores[r.request_id] = _Scored(s, s)
-            g = self._group_of(m)
-            if g is not None:
-                groups[g] = max(groups.get(g, s), s)
-                grouped.append((r, g))
-        for r in running:
-            m = r.metadata
-            # Running scores matter for join groups and victims; victims score lazily.
-            g = self._group_of(m) if m is not None else None
-            if g is not None:
-                s = self.own_score(r, now)
-                scores[r.request_id] = _Scored(s, s)
-                groups[g] = max(groups.get(g, s), s)
-                grouped.append((r, g))
-        for r, g in grouped:
-            scores[r.request_id].eff = groups[g]
-        self.scores = scores
-        self._groups = groups
-        self._best(waiting)
-
-    def _best(self, waiting: Sequence[Request]) -> None:
-        best: dict[str, int] = {}
-        crit = self.plan.critical if self.plan else set()
-        for r in waiting:
-            m = r.metadata
-            if m is not None and m.agent_type in crit:
-                e = self.scores[r.request_id].eff
-                if e > best.get(m.agent_type, -(10**18)):
-                    best[m.agent_type] = e
-        self.best_waiting = best
+    def recount(self, committed_extra: int) -> None:
+        """:meth:`refresh_uncommitted` after the Time Scheduler's tick, whose pins and uploads
+        move free blocks but never a running request's blocks or tokens (its growth stands)."""
+        self.uncommitted = self.pool.num_free - self._growth - committed_extra
 
     def repartition(
         self, now: float, running: Sequence[Request], waiting: Sequence[Request]
@@ -233,54 +151,6 @@ class SpaceScheduler:
         usage = self.pool.num_used / max(1, self.pool.capacity)
         self.plan = partition(self.cfg, self.pool.capacity, usage, self.plan.ratio if self.plan else None,
                               tscores, imp, {k: len(v) for k, v in used.items()})  # fmt: skip
-
-    # ---- ordering (§4.6, §4.7) ----------------------------------------------------------------
-    def order(self, waiting: Sequence[Request]) -> list[Request]:
-        """Native FCFS order, with the annotated prefix before the first ordinary request
-        re-sorted by score (the ordinary-request barrier) and, under high committed pressure,
-        by active-prefix affinity within 500-point bands."""
-        native = sorted(waiting, key=lambda r: (r.arrival_time, r.request_id))
-        cut = next((i for i, r in enumerate(native) if r.metadata is None), len(native))
-        head = native[:cut]
-        sc = self.scores
-        head.sort(
-            key=lambda r: (
-                -sc[r.request_id].eff,
-                -sc[r.request_id].own,
-                r.arrival_time,
-                r.request_id,
-            )
-        )
-        band = self.cfg.cache_affinity_score_band
-        cap = self.pool.capacity
-        if (band > 0 and self.pool.enable_prefix_cache and head
-                and self.uncommitted <= cap * (1 - 0.75)):  # fmt: skip
-            head = self._affinity_bands(head, band)
-        return head + native[cut:]
-
-    def _affinity_bands(self, head: list[Request], band: int) -> list[Request]:
-        out: list[Request] = []
-        i = 0
-        while i < len(head):
-            top = self.scores[head[i].request_id].eff
-            j = i
-            while j < len(head) and self.scores[head[j].request_id].eff >= top - band:
-                j += 1
-            group = head[i:j]
-            group.sort(key=lambda r: self._affinity(r), reverse=True)  # stable: ties keep order
-            out.extend(group)
-            i = j
-        return out
-
-    def _affinity(self, r: Request) -> tuple[float, int]:
-        bs = self.pool.block_size
-        hashes = r.block_hashes(bs)
-        hits = self.pool.lookup_prefix(hashes[: (r.num_tokens - 1) // bs])
-        shared = sum(1 for b in hits if self.pool.ref_count(b) > 0)
-        demand = max(0, -(-self.admission_tokens(r) // bs) - len(hits))
-        if shared < demand or shared == 0:
-            return (0.0, 0)
-        return (shared / (shared + demand), shared)
 
     # ---- admission (§4.4, §4.5) ---------------------------------------------------------------
     def _availability(self) -> tuple[int, dict[str, int]]:
@@ -394,7 +264,7 @@ class SpaceScheduler:
         self.release(r)
         self.epoch += 1
         self.guard.pop(r.request_id, None)
-        self._static.pop(r.request_id, None)
+        self.forget(r)
         m = r.metadata
         if m is not None and m.type_key:
             self.history.on_finish(m.type_key, r, now)
@@ -417,8 +287,9 @@ class SpaceScheduler:
         ann = [r for r in running if r.metadata is not None]
         if not ann:
             return False
-        sc = {r.request_id: self.scores[r.request_id].eff if r.request_id in self.scores
-              else self.own_score(r, now) for r in ann}  # fmt: skip
+        eff = self.effective
+        sc = {r.request_id: eff(r) if r in self._scores else self.own_score(r, now)
+              for r in ann}  # fmt: skip
         low = min(sc.values())
         cands = [r for r in ann if sc[r.request_id] <= low + self.cfg.preemption_score_band]
         released = {

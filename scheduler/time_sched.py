@@ -21,11 +21,9 @@ it out. Pins and copies change only *when* tokens are computed, never which.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 
 from tokencake.memory.block_pool import BlockPool
@@ -36,37 +34,10 @@ from tokencake.scheduler.lifecycle import Lifecycle, LifecycleRecord
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.offload_benefit import Pressure, Reason, evaluate_benefit
 from tokencake.scheduler.plan import BlockCopy
+from tokencake.scheduler.preservation import Preservation, PState
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.time_decisions import Action, Decide, DecisionContext, tokencake_decide
 from tokencake.scheduler.tokencake_config import TimeConfig
-
-
-# ---- preservation state per lifecycle --------------------------------------------------------
-class PState(enum.Enum):
-    KEPT = "kept"  # device blocks pinned
-    OFFLOADING = "offloading"  # d2h in flight (sources pinned as a fence)
-    OFFLOADED = "offloaded"  # on host, retained; waiting for the upload time
-    UPLOADING = "uploading"  # h2d in flight
-    RESTORED = "restored"  # back on device, pinned for the successor
-    DROPPED = "dropped"  # nothing held
-
-
-@dataclass
-class Preservation:
-    rec: LifecycleRecord
-    hashes: list[bytes]
-    state: PState = PState.DROPPED
-    pins: list[int] = field(default_factory=list)  # device blocks we hold one reference on
-    host_retained: list[bytes] = field(default_factory=list)
-    upload_at: float = math.inf
-    n_restore: int = 0
-    ttl: float = math.inf
-    next_eval_step: int = 0
-    last_sig: tuple | None = None
-    inflight: BlockCopy | None = None  # the copy in flight for this call (at most one)
-    decided: bool = False
-    ttl_spent: bool = False  # a keep already ran out its TTL: never pin this call again
-    ranked_for: float = math.nan  # predicted return its cached blocks were last ranked for
 
 
 class TimeScheduler:
@@ -100,6 +71,11 @@ class TimeScheduler:
             config.reuse_aware_eviction if reuse_eviction is None else reuse_eviction
         )
         self.items: dict[str, Preservation] = {}
+        # Items a tick must visit (lifecycle id -> seq): every item that is not dormant, and
+        # any whose lifecycle moved since the last tick. A queue of agents waiting to start
+        # their tools would otherwise cost a tick (and each committed_blocks) a pass over all.
+        self._active: dict[str, int] = {}
+        self._seq = 0
         self.step = 0
         self._stores: deque[int] = deque(maxlen=96)
         self._last_store_step = -(10**9)
@@ -114,17 +90,28 @@ class TimeScheduler:
 
     # ---- lifecycle events ---------------------------------------------------------------------
     def _on_lifecycle(self, rec: LifecycleRecord, transition: str) -> None:
+        lid = rec.lifecycle_id
         if transition == "completed" and rec.snapshot:
-            self.items.setdefault(rec.lifecycle_id, Preservation(rec, list(rec.snapshot)))
+            if lid not in self.items:
+                self._seq += 1
+                self.items[lid] = Preservation(rec, list(rec.snapshot), seq=self._seq)
         elif transition in ("started", "completed"):
-            p = self.items.get(rec.lifecycle_id)
+            p = self.items.get(lid)
             if p is not None:
                 p.next_eval_step = 0  # evaluate at the next tick
         elif transition == "finished":
-            p = self.items.get(rec.lifecycle_id)
+            p = self.items.get(lid)
             if p is not None and p.state is PState.OFFLOADED:
                 p.upload_at = min(p.upload_at, self.lifecycle.clock())  # early return: hurry
         # expired/aborted/reset: handled at the next tick (copies may be in flight)
+        p = self.items.get(lid)
+        if p is not None:
+            self._active[lid] = p.seq  # any transition may end its dormancy
+
+    def _visit(self) -> list[Preservation]:
+        """The items a tick must look at, in creation order (dormant ones need nothing)."""
+        items = self.items
+        return [items[lid] for lid in sorted(self._active, key=self._active.__getitem__)]
 
     # ---- capacity promised to restores ----------------------------------------------------------
     def committed_blocks(self, now: float) -> int:
@@ -132,7 +119,7 @@ class TimeScheduler:
         ``reservation_ramp_s`` before the upload time (progressive reservation)."""
         ramp = self.cfg.reservation_ramp_s
         total = 0.0
-        for p in self.items.values():
+        for p in self._visit():  # an offloaded item is never dormant
             if p.state is not PState.OFFLOADED or p.upload_at == math.inf:
                 continue
             if ramp <= 0:
@@ -193,7 +180,8 @@ class TimeScheduler:
         self.step += 1
         pressure: Pressure | None = None
         self.current = None
-        for lid, p in list(self.items.items()):
+        for p in self._visit():
+            lid = p.rec.lifecycle_id
             self.current = lid  # a failure below is this lifecycle's (see TokencakePolicy)
             if p.inflight is not None:
                 continue  # wait for the copy to land
@@ -211,6 +199,7 @@ class TimeScheduler:
                         continue
                 self._drop(p)
                 del self.items[lid]
+                self._active.pop(lid, None)
                 continue
             if p.state in (PState.KEPT, PState.RESTORED):
                 if self._taken(p):
@@ -244,8 +233,12 @@ class TimeScheduler:
         self.current = None
         if self.reuse_eviction:
             self._rank_queued(waiting)
-            for p in self.items.values():
+            for p in self._visit():
                 self._rank_for_eviction(p)
+        items = self.items
+        self._active = {
+            lid: seq for lid, seq in self._active.items() if lid in items and not items[lid].dormant
+        }
 
     def _rank_queued(self, waiting: Sequence[Request], budget: int = 16) -> None:
         """A queued request's cached prefix is wanted as soon as it is admitted: rank it as

@@ -27,6 +27,7 @@ from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.offload_benefit import Pressure, waiting_pressure
 from tokencake.scheduler.policy import Admission, Policy, PolicyContext, TimeSchedulerStats
+from tokencake.scheduler.queue_order import SortedQueue
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sharing import inflight_hashes, waits_for_inflight
 from tokencake.scheduler.space import Denial, SpaceScheduler
@@ -37,22 +38,6 @@ from tokencake.scheduler.time_decisions import (
     tokencake_decide,
 )
 from tokencake.scheduler.time_sched import TimeScheduler
-
-
-def application_fcfs(waiting: Sequence[Request]) -> list[Request]:
-    """Program-level FCFS: by the start of each request's application (its own arrival when
-    it carries none), then arrival, then id."""
-
-    def key(r: Request) -> tuple[float, float, str]:
-        m = r.metadata
-        start = (
-            m.application_started_at_s
-            if m is not None and m.application_started_at_s > 0
-            else math.inf
-        )
-        return (min(start, r.arrival_time), r.arrival_time, r.request_id)
-
-    return sorted(waiting, key=key)
 
 
 class TokencakePolicy(Policy):
@@ -96,6 +81,7 @@ class TokencakePolicy(Policy):
         if self.use_space and self.config.scheduling.backfill:
             kept = self.may_keep if self.config.scheduling.backfill_sure_extra else None
             self.backfill = Backfill(ctx.pool, ctx.config.max_prefill_chunk, kept=kept)
+        self._app_fcfs = SortedQueue()  # program-level FCFS, sorted incrementally
         self._passes = 2 if self.use_space else 1  # pass 1 retries reservation refusals
         self._pass = 0
         self._retry: list[Request] = []
@@ -120,7 +106,7 @@ class TokencakePolicy(Policy):
                     raise
                 raise RequestFault(ts.current, "the Time Scheduler", exc) from exc
             if self.space is not None:  # the tick's pins, uploads and releases moved capacity
-                self.space.refresh_uncommitted(running, self.committed_blocks(now))
+                self.space.recount(self.committed_blocks(now))
 
     def _agent_score(self, m: AgentMetadata) -> float:
         if self.space is None or self.space.plan is None:
@@ -151,7 +137,7 @@ class TokencakePolicy(Policy):
         """Pass 0's order: the Space Scheduler's scores (or program-level FCFS), else FCFS."""
         if self.space is not None:
             if self.config.scheduling.admission_order == "application-fcfs":
-                return application_fcfs(waiting)
+                return self._app_fcfs.order(waiting)
             if self.config.scheduling.admission_order == "arrival":
                 return list(super().admission_order(0, waiting, now) or ())
             return self.space.order(waiting)
@@ -380,4 +366,4 @@ class ContinuumPolicy(TokencakePolicy):
                          write_back_all=False)  # fmt: skip
 
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
-        return application_fcfs(waiting)
+        return self._app_fcfs.order(waiting)

@@ -26,7 +26,7 @@ from tokencake.scheduler.policies import policy_names
 from tokencake.scheduler.predictor import DurationPredictor
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
-from tokencake.scheduler.space import Denial, SpaceScheduler, _Scored
+from tokencake.scheduler.space import Denial, SpaceScheduler
 from tokencake.scheduler.tokencake_config import SpaceConfig, TimeConfig, TokencakeConfig
 
 # every registered policy but the ablations (tokencake with one knob changed), which get
@@ -194,14 +194,14 @@ def _space_with_plan() -> SpaceScheduler:
 def test_borrowing_is_two_pass():
     sp = _space_with_plan()
     ra = Request("ra", [1], 1, 0.0, metadata=AgentMetadata(agent_type="A"))
-    sp.scores = {"ra": _Scored(100, 100)}
+    sp.set_score(ra, 100, 100)
     sp.best_waiting = {"B": 200}  # critical type B has waiting requests
     assert sp.consumption(ra, 35, second_pass=False) is None
     assert sp.consumption(ra, 35, second_pass=True) == [(None, 10), ("A", 20), ("B", 5)]
-    sp.scores = {"ra": _Scored(700, 700)}  # leads B's best waiting by >= 500: early borrow
+    sp.set_score(ra, 700, 700)  # leads B's best waiting by >= 500: early borrow
     assert sp.consumption(ra, 35, second_pass=False) == [(None, 10), ("A", 20), ("B", 5)]
     sp.best_waiting = {}  # no waiting B: borrowing is allowed in the first pass
-    sp.scores = {"ra": _Scored(0, 0)}
+    sp.set_score(ra, 0, 0)
     assert sp.consumption(ra, 35, second_pass=False) is not None
     plain = Request("p", [1], 1, 0.0)  # ordinary requests only ever use shared capacity
     assert sp.consumption(plain, 15, second_pass=True) is None
@@ -218,7 +218,7 @@ def test_availability_capped_by_uncommitted():
 def test_resume_guard_and_denials():
     sp = _space_with_plan()
     r = Request("r", [1] * 32, 4000, 0.0, metadata=AgentMetadata(agent_type="A"))
-    sp.scores = {"r": _Scored(0, 0)}
+    sp.set_score(r, 0, 0)
     assert sp.check(r, 1, True, False) is Denial.GENERATION_CAPACITY  # 251 blocks > 100
     small = Request("s", [1] * 32, 16, 0.0, metadata=AgentMetadata(agent_type="A"))
     sp.guard["s"] = (sp.pool.num_free, sp.epoch)

@@ -21,26 +21,31 @@ from tokencake.models.llama import Batch
 from tokencake.runner import ModelRunner, RowRequest, SamplingInputs
 
 
-def time_shape(runner: ModelRunner, shape: Shape, repeats: int = 3) -> float:
-    """Median seconds of one call of the compiled ``shape`` on padding input: every row has
-    one token and every page-table entry is the dummy page, so no live KV is touched. On
-    XLA:CPU a call costs what its padded shape costs, less the cache misses of gathering live
-    pages, which the simulator prices separately (per context token)."""
-    s, q, p = shape
-    zi, zf, one = np.zeros((s,), np.int32), np.zeros((s,), np.float32), np.ones((s,), np.int32)
-    batch = Batch(np.zeros((s, q), np.int32), np.zeros((s, q), np.int32), one, one,
-                  np.full((s, p), DUMMY_PAGE, np.int32))  # fmt: skip
-    samp = SamplingInputs(zf, zi, np.ones((s,), np.float32), zi, zi, zi, zf)
-    adj = runner.neutral_adjust(s)
-    step = runner.compiled(shape)
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        res, runner.k, runner.v = step(runner.state, runner.k, runner.v, batch, samp, adj)
-        jax.block_until_ready(res)
-        if i:  # the first call pays one-off allocation
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def time_shapes(runner: ModelRunner, shapes: list[Shape], rounds: int = 7) -> dict[Shape, float]:
+    """Median seconds of one call of each compiled shape on padding input: every row has one
+    token and every page-table entry is the dummy page, so no live KV is touched. On XLA:CPU a
+    call costs what its padded shape costs, less the cache misses of gathering live pages,
+    which the simulator prices separately (per context token).
+
+    The shapes are timed in ``rounds`` interleaved rounds (each round calls every shape once)
+    rather than one shape after another: on a shared machine a burst of load then spreads
+    over all shapes instead of inflating the few that were being timed while it lasted."""
+    calls = {}
+    for s, q, p in shapes:
+        zi, zf, one = np.zeros((s,), np.int32), np.zeros((s,), np.float32), np.ones((s,), np.int32)
+        batch = Batch(np.zeros((s, q), np.int32), np.zeros((s, q), np.int32), one, one,
+                      np.full((s, p), DUMMY_PAGE, np.int32))  # fmt: skip
+        samp = SamplingInputs(zf, zi, np.ones((s,), np.float32), zi, zi, zi, zf)
+        calls[(s, q, p)] = (runner.compiled((s, q, p)), batch, samp, runner.neutral_adjust(s))
+    times: dict[Shape, list[float]] = {shape: [] for shape in calls}
+    for i in range(rounds + 1):
+        for shape, (step, batch, samp, adj) in calls.items():
+            t0 = time.perf_counter()
+            res, runner.k, runner.v = step(runner.state, runner.k, runner.v, batch, samp, adj)
+            jax.block_until_ready(res)
+            if i:  # the first round pays one-off allocation
+                times[shape].append(time.perf_counter() - t0)
+    return {shape: float(np.median(t)) for shape, t in times.items()}
 
 
 def recompute_samples(runner: ModelRunner, repeats: int = 2) -> list[tuple[int, int, float]]:

@@ -1,0 +1,157 @@
+"""The Space Scheduler's per-request score inputs, as numpy columns (issue 17 item 4).
+
+The hybrid score of every waiting request is refreshed every ``score_refresh_s``; with a
+thousand queued requests a Python loop over the scalar score took several milliseconds, the
+p90 of ``schedule()``. Each request's time-independent parts (``static_parts``) are computed
+once, when it is first seen, and kept in a row here, so a refresh is one vectorized expression
+over the rows it needs.
+
+:meth:`ScoreTable.own_scores` repeats ``agent_scores.time_parts`` and the ``int()`` of
+``request_score`` operation by operation in float64 (IEEE arithmetic rounds each operation the
+same way in numpy and in Python), so each score is the scalar one exactly; a result that is
+not finite or too large for int64 makes it return None and the caller uses the scalar path,
+which raises for the request at fault. Validated metadata never gets there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+from tokencake.scheduler.metadata import AgentMetadata
+from tokencake.scheduler.request import Request
+
+_INT_LIMIT = 2.0**62  # int64 holds the truncated score, its negation and a group max
+
+
+class Interner:
+    """Small integer ids for hashable keys (join groups, agent types), reference counted so
+    ids of keys no live row uses are recycled (a long-running server sees unboundedly many)."""
+
+    def __init__(self) -> None:
+        self.ids: dict[Hashable, int] = {}
+        self.keys: list[Hashable] = []
+        self._refs: list[int] = []
+        self._free: list[int] = []
+
+    def acquire(self, key: Hashable) -> int:
+        i = self.ids.get(key)
+        if i is None:
+            if self._free:
+                i = self._free.pop()
+                self.keys[i] = key
+                self._refs[i] = 0
+            else:
+                i = len(self.keys)
+                self.keys.append(key)
+                self._refs.append(0)
+            self.ids[key] = i
+        self._refs[i] += 1
+        return i
+
+    def release(self, i: int) -> None:
+        self._refs[i] -= 1
+        if self._refs[i] == 0:
+            del self.ids[self.keys[i]]
+            self.keys[i] = None
+            self._free.append(i)
+
+
+class ScoreTable:
+    """One row per request the Space Scheduler has seen (annotated or not), until it finishes.
+
+    Columns: ``ann`` (carries metadata), the static score parts (``static``, ``rr``: remaining-
+    depth ratio, ``pg``: progress), the metadata's ``elapsed`` and ``started`` application times,
+    the request's ``arrival``, its join ``group`` id and agent ``type`` id (-1: none), and the
+    ``eff`` (effective) score it was last given."""
+
+    _FLOAT = ("static", "rr", "pg", "elapsed", "started", "arrival")
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.row: dict[Request, int] = {}
+        self.groups = Interner()
+        self.types = Interner()
+        self._free: list[int] = []
+        self._used = 0
+        self._alloc(capacity)
+
+    def _alloc(self, n: int) -> None:
+        def grow(old: np.ndarray | None, fill: float | int | bool, dtype: type) -> np.ndarray:
+            a = np.full(n, fill, dtype)
+            if old is not None:
+                a[: len(old)] = old
+            return a
+
+        for name in self._FLOAT:
+            setattr(self, name, grow(getattr(self, name, None), 0.0, np.float64))
+        self.ann = grow(getattr(self, "ann", None), False, np.bool_)
+        self.group = grow(getattr(self, "group", None), -1, np.int64)
+        self.type = grow(getattr(self, "type", None), -1, np.int64)
+        self.eff = grow(getattr(self, "eff", None), 0, np.int64)
+
+    def add(
+        self,
+        r: Request,
+        parts: tuple[float, float, float] | None,
+        group: Hashable | None,
+    ) -> int:
+        """A row for ``r``: ``parts`` are its ``static_parts`` (None: no metadata), ``group``
+        its join-group key (None: it inherits no group's priority)."""
+        if self._free:
+            i = self._free.pop()
+        else:
+            if self._used == len(self.ann):
+                self._alloc(2 * self._used)
+            i = self._used
+            self._used += 1
+        m: AgentMetadata | None = r.metadata
+        self.arrival[i] = r.arrival_time
+        self.eff[i] = 0
+        if parts is None or m is None:
+            self.ann[i] = False
+            self.group[i] = self.type[i] = -1
+        else:
+            self.ann[i] = True
+            self.static[i], self.rr[i], self.pg[i] = parts
+            self.elapsed[i] = m.application_elapsed_s
+            self.started[i] = m.application_started_at_s
+            self.group[i] = -1 if group is None else self.groups.acquire(group)
+            self.type[i] = self.types.acquire(m.agent_type)
+        self.row[r] = i
+        return i
+
+    def drop(self, r: Request) -> None:
+        """``r`` left the engine: recycle its row and its group and type ids."""
+        i = self.row.pop(r, None)
+        if i is None:
+            return
+        if self.group[i] >= 0:
+            self.groups.release(int(self.group[i]))
+        if self.type[i] >= 0:
+            self.types.release(int(self.type[i]))
+        self.ann[i] = False
+        self.group[i] = self.type[i] = -1
+        self._free.append(i)
+
+    def rows(self, reqs: Sequence[Request]) -> np.ndarray:
+        """The rows of ``reqs`` (each must have one), in order."""
+        return np.fromiter(map(self.row.__getitem__, reqs), np.int64, len(reqs))
+
+    def own_scores(self, rows: np.ndarray, now: float) -> np.ndarray | None:
+        """``request_score`` of the annotated ``rows`` at ``now`` (int64), or None when one is
+        not finite or not below 2**62 (then the scalar path decides, and raises)."""
+        started = self.started[rows]
+        elapsed = self.elapsed[rows]
+        rr = self.rr[rows]
+        # time_parts(), step for step: Python's max/min of two finite floats pick the value
+        # np.maximum/np.minimum pick, and every + - * rounds identically.
+        elapsed = np.where(started > 0, np.maximum(elapsed, now - started), elapsed)
+        wait = np.maximum(0.0, now - self.arrival[rows])
+        age = np.minimum(elapsed, 300.0) * (1 + 0.75 * rr)
+        queue = np.minimum(wait, 180.0) * (1 + 0.5 * rr)
+        completion = np.minimum(elapsed, 240.0) * self.pg[rows]
+        total = self.static[rows] + (5 * age + 8 * queue + 5 * completion)
+        if not (np.abs(total) < _INT_LIMIT).all():  # also False for NaN
+            return None
+        return np.trunc(total).astype(np.int64)  # int(): toward zero
