@@ -92,6 +92,12 @@ class SpaceConfig:
     # ours (issue 12): when the best-ranked waiting request does not fit, admit requests behind
     # it that fit now and cannot delay it (EASY backfilling; scheduler/backfill.py)
     backfill: bool = True
+    # ours (issue 12): backfill's left-over blocks count only blocks that will really be freed
+    # (not those of a finishing agent a KEEP may pin for its tool call). EASY's promise then
+    # holds (tests/test_backfill.py), but it lost overall: authors 24 @ 1.0 apps/s 536.5 s vs
+    # 516.8 s, 12 @ 1.0 286.5 vs 271.9; won at 0.2 (540.0 vs 548.5) and code-writer (327.9
+    # vs 332.4); bench/RESULTS.md. Off: the optimistic estimate.
+    backfill_sure_extra: bool = False
 
     def __post_init__(self) -> None:
         _nonneg("scheduling.score_refresh_s", self.score_refresh_s)

@@ -79,7 +79,8 @@ class TokencakePolicy(Policy):
             )  # fmt: skip
         self.backfill: Backfill | None = None
         if self.use_space and self.config.scheduling.backfill:
-            self.backfill = Backfill(ctx.pool, ctx.config.max_prefill_chunk)
+            kept = self.may_keep if self.config.scheduling.backfill_sure_extra else None
+            self.backfill = Backfill(ctx.pool, ctx.config.max_prefill_chunk, kept=kept)
         self._app_fcfs = SortedQueue()  # program-level FCFS, sorted incrementally
         self._passes = 2 if self.use_space else 1  # pass 1 retries reservation refusals
         self._pass = 0
@@ -205,6 +206,15 @@ class TokencakePolicy(Policy):
             return Admission.STOP
         short = max(1, self._demand(request, blocks_needed) - self.space.uncommitted)
         return Admission.DEFER if bf.blocked(short, running) else Admission.STOP
+
+    def may_keep(self, request: Request) -> bool:
+        """Whether the Time Scheduler may pin ``request``'s blocks when it finishes: a KEEP
+        is possible for the tool call that follows it (its lifecycle is open and its agent is
+        preservable), so backfill must not count them as freed at its finish."""
+        if self.time is None or not self.config.offload.keep:
+            return False
+        rec = self.ctx.lifecycle.records.get(request.request_id)
+        return rec is not None and not rec.terminal and rec.metadata.preservable
 
     def _demand(self, request: Request, blocks_needed: int) -> int:
         """Blocks ``request`` (prefix hit applied) needs admitted, as the Space check counts."""
