@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tokencake import multihost
 from tokencake.choices import ChoiceGroups
 from tokencake.config import EngineConfig
 from tokencake.diagnostics import recompute_samples
@@ -80,7 +81,7 @@ class LLMEngine:
         registered as ``config.policy``, e.g. one not in the registry."""
         self.config = config or EngineConfig()
         if self.config.distributed:
-            _init_distributed()
+            multihost.init_distributed()
         if model_config is None:
             from tokencake.models.hub import resolve_model
 
@@ -104,6 +105,8 @@ class LLMEngine:
         self.transfer = None  # TransferEngine when the host tier is on
         if cfg.host_kv_gib > 0:
             self._build_host_tier()
+        # Several processes: process 0 leads, the others replay its device calls (follow()).
+        self.channel = multihost.attach(self.runner, self.transfer) if cfg.distributed else None
         self.scheduler = Scheduler(
             cfg.scheduler_config(max_len), self.pool, policy or cfg.policy, clock,
             self.host_pool, cost_model=self.cost_model, tokencake=cfg.tokencake,
@@ -118,6 +121,7 @@ class LLMEngine:
         self._rng = random.Random(cfg.seed)
         self._grammars = GrammarCompiler(tokenizer, model_config.vocab_size, self.eos_ids)
         self._choices = ChoiceGroups()  # n > 1 requests
+        self._stopped = False
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
         if cfg.warmup:
             self.warmup()
@@ -127,6 +131,16 @@ class LLMEngine:
         engine is garbage-collected; idempotent."""
         if self.transfer is not None:
             self.transfer.close()
+        if self.channel is not None and self.channel.leader and not self._stopped:
+            self._stopped = True
+            self.channel.stop()  # the followers return from follow()
+
+    def follow(self) -> int:
+        """A follower process (rank > 0 of a ``distributed`` run): replay the leader's device
+        calls until its engine closes; returns how many ran. Never schedules."""
+        if self.channel is None or self.channel.leader:
+            raise RuntimeError("follow() is for the non-leading processes of a distributed run")
+        return multihost.follow(self.channel, self.runner, self.transfer)
 
     def warmup(self, progress: bool = False) -> None:
         """Compile every step and transfer shape (``progress``: a bar on stderr) and profile
@@ -135,6 +149,10 @@ class LLMEngine:
         self.runner.warmup(progress=progress)
         if self.transfer is not None:
             self.transfer.warmup()
+        if self.channel is not None:
+            self.channel.barrier("warm")  # all compiled: from here on calls launch together
+            if not self.channel.leader:
+                return  # the leader's profiling steps reach this process through follow()
         if self.config.policy != "vllm" or self.transfer is not None:
             # Only the agent-aware policies and the host tier consult recompute costs;
             # profiling costs seconds of start-up, so the FCFS baseline skips it.
@@ -489,12 +507,3 @@ def _metrics(req: Request) -> dict[str, float]:
     if req.finish_time is not None:
         out["e2e_s"] = req.finish_time - req.arrival_time
     return out
-
-
-def _init_distributed() -> None:
-    """Join JAX's multi-process runtime once (coordinator from JAX_* env vars or auto-detected)."""
-    import jax
-
-    if jax.process_count() == 1 and not getattr(_init_distributed, "done", False):
-        jax.distributed.initialize()
-        _init_distributed.done = True  # type: ignore[attr-defined]

@@ -1,0 +1,182 @@
+"""Multi-controller serving on ``jax.distributed``: process 0 decides, every process executes.
+
+JAX is multi-controller across hosts: every process must launch the same jitted programs, in the
+same order, with the same inputs, or their collectives never meet. Only process 0 (the
+*leader*) runs the server, the scheduler and every policy; the other processes (*followers*)
+never schedule. Before the leader launches a device call that spans the mesh (a step group, a
+KV page copy) it broadcasts that call's host inputs; each follower receives them and launches
+the same compiled executable on its own devices. Deterministic by construction: followers only
+replay. Sampled tokens are replicated, so the leader reads them from its own shards.
+
+The wire is JAX's own coordination service (the key-value store ``jax.distributed`` runs on
+process 0): one message per device call, a fixed ``int32`` header (what to run, its shape
+bucket) followed by every input array's bytes, under a key per follower and sequence number;
+the follower deletes it once read. Not a collective on purpose: a follower waits for the next
+call for as long as the server is idle, and XLA:CPU's gloo collectives give up after 30 s.
+Followers launch each call as soon as it is announced, so the call's own collectives meet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from tokencake.memory.transfer import TransferEngine
+    from tokencake.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+OP_STOP, OP_STEP, OP_COPY = 0, 1, 2
+DIRECTIONS = ("d2h", "h2d")
+HEADER_LEN = 8
+PREFIX = "tokencake/plan"
+POLL_MS = 1000  # a follower's wait per attempt; it waits as long as the leader is idle
+
+
+def pack(header: Sequence[int], arrays: Sequence[np.ndarray]) -> bytes:
+    """One message: the ``int32`` header, padded to ``HEADER_LEN``, then the arrays' bytes."""
+    head = np.zeros((HEADER_LEN,), np.int32)
+    head[: len(header)] = header
+    return head.tobytes() + b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+
+
+def unpack(msg: bytes, templates: Sequence[np.ndarray]) -> tuple[list[int], list[np.ndarray]]:
+    """``pack``'s header and arrays shaped and typed like ``templates``."""
+    at = HEADER_LEN * 4
+    header = np.frombuffer(msg[:at], np.int32).tolist()
+    out = []
+    for t in templates:
+        out.append(np.frombuffer(msg[at : at + t.nbytes], t.dtype).reshape(t.shape).copy())
+        at += t.nbytes
+    if at != len(msg):
+        raise RuntimeError(f"a plan message of {len(msg)} bytes does not match its header")
+    return header, out
+
+
+class PlanChannel:
+    """Both ends of the plan broadcast. ``leader`` is process 0; the others receive."""
+
+    def __init__(self) -> None:
+        import jax
+
+        # The client of JAX's coordination service (jax.distributed has no public handle to it;
+        # multihost_utils reaches it the same way).
+        from jax._src import distributed
+
+        self.client = distributed.global_state.client
+        if self.client is None:
+            raise RuntimeError("jax.distributed is not initialized")
+        self.rank = jax.process_index()
+        self.leader = self.rank == 0
+        self.followers = range(1, jax.process_count())
+        self.seq = 0
+
+    def _send(self, header: Sequence[int], arrays: Sequence[np.ndarray]) -> None:
+        msg = pack(header, arrays)
+        for r in self.followers:
+            self.client.key_value_set_bytes(f"{PREFIX}/{r}/{self.seq}", msg)
+        self.seq += 1
+
+    def send_step(self, shape: tuple[int, int, int], arrays: Sequence[np.ndarray]) -> None:
+        """Leader: announce one step group of bucket ``shape`` and its host inputs."""
+        self._send((OP_STEP, *shape), [np.asarray(a) for a in arrays])
+
+    def send_copy(self, direction: str, ids: np.ndarray, hids: np.ndarray) -> None:
+        """Leader: announce one bucketed KV page copy (padded device and host page ids)."""
+        self._send((OP_COPY, DIRECTIONS.index(direction), len(ids)), [ids, hids])
+
+    def stop(self) -> None:
+        """Leader: tell the followers to return from :func:`follow`."""
+        self._send((OP_STOP,), [])
+
+    def barrier(self, name: str, timeout_s: float = 3600.0) -> None:
+        """Every process waits here until all arrive (e.g. at the end of warm-up, so no process
+        launches a collective while another is still compiling: XLA:CPU's gloo gives up on a
+        peer after 30 s)."""
+        self.client.wait_at_barrier(f"{PREFIX}/barrier/{name}", int(timeout_s * 1000))
+
+    def receive(self) -> bytes:
+        """Follower: the next message, waiting as long as it takes."""
+        key = f"{PREFIX}/{self.rank}/{self.seq}"
+        while True:
+            try:
+                msg = self.client.blocking_key_value_get_bytes(key, POLL_MS)
+                break
+            except Exception as exc:  # the wait timed out: the leader is idle; ask again
+                if "DEADLINE_EXCEEDED" not in str(exc):
+                    raise
+        self.client.key_value_delete(key)
+        self.seq += 1
+        return msg
+
+
+def follow(channel: PlanChannel, runner: ModelRunner, transfer: TransferEngine | None) -> int:
+    """Follower loop: replay the leader's device calls until it stops; returns how many ran."""
+    n = 0
+    while True:
+        msg = channel.receive()
+        op, *args = _header(msg)
+        if op == OP_STOP:
+            log.info("the leader stopped after %d device calls", n)
+            return n
+        if op == OP_STEP:
+            shape = (args[0], args[1], args[2])
+            abstract = runner.abstract_inputs(*shape)
+            templates = [np.zeros(a.shape, a.dtype) for group in abstract for a in group]
+            runner.run_inputs(shape, unpack(msg, templates)[1])
+        elif op == OP_COPY:
+            if transfer is None:
+                raise RuntimeError("the leader copies KV but this process has no host tier")
+            direction, bucket = DIRECTIONS[args[0]], args[1]
+            ids, hids = unpack(msg, [np.zeros((bucket,), np.int32)] * 2)[1]
+            transfer.run_copy(direction, ids, hids)
+        else:
+            raise RuntimeError(f"unknown plan op {op} from the leader")
+        n += 1
+
+
+def _header(msg: bytes) -> list[int]:
+    return np.frombuffer(msg[: HEADER_LEN * 4], np.int32).tolist()
+
+
+def init_distributed() -> None:
+    """Join JAX's multi-process runtime once. The coordinator comes from
+    ``JAX_COORDINATOR_ADDRESS`` (read by JAX), the process count and this process's rank from
+    ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (read here: JAX itself only auto-detects them on
+    managed clusters such as Cloud TPU, SLURM, Open MPI)."""
+    import os
+
+    import jax
+
+    if jax.distributed.is_initialized():  # (asking jax.process_count() would start JAX)
+        return
+    num = os.environ.get("JAX_NUM_PROCESSES")
+    rank = os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(
+        num_processes=int(num) if num else None, process_id=int(rank) if rank else None
+    )
+
+
+def attach(runner: ModelRunner, transfer: TransferEngine | None) -> PlanChannel | None:
+    """The plan channel of a multi-process run (None in one process). On the leader the runner
+    and the transfer engine announce every device call through it before launching it."""
+    import jax
+
+    if jax.process_count() == 1:
+        return None
+    tp = runner.cfg.tensor_parallel_size
+    if tp != jax.device_count():
+        raise ValueError(
+            f"tensor_parallel_size={tp} must span every process's devices "
+            f"({jax.device_count()} over {jax.process_count()} processes) in a multi-process run"
+        )
+    channel = PlanChannel()
+    if channel.leader:
+        runner.channel = channel
+        if transfer is not None:
+            transfer.channel = channel
+    return channel
