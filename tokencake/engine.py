@@ -19,6 +19,7 @@ import numpy as np
 from tokencake.choices import ChoiceGroups
 from tokencake.config import EngineConfig
 from tokencake.diagnostics import recompute_samples
+from tokencake.distributed import init_distributed
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
 from tokencake.memory.host_kv import allocate_host_kv
@@ -80,7 +81,7 @@ class LLMEngine:
         registered as ``config.policy``, e.g. one not in the registry."""
         self.config = config or EngineConfig()
         if self.config.distributed:
-            _init_distributed()
+            init_distributed()
         if model_config is None:
             from tokencake.models.hub import resolve_model
 
@@ -489,12 +490,3 @@ def _metrics(req: Request) -> dict[str, float]:
     if req.finish_time is not None:
         out["e2e_s"] = req.finish_time - req.arrival_time
     return out
-
-
-def _init_distributed() -> None:
-    """Join JAX's multi-process runtime once (coordinator from JAX_* env vars or auto-detected)."""
-    import jax
-
-    if jax.process_count() == 1 and not getattr(_init_distributed, "done", False):
-        jax.distributed.initialize()
-        _init_distributed.done = True  # type: ignore[attr-defined]
