@@ -104,7 +104,11 @@ def test_a_request_poisoned_while_running_is_aborted_alone():
     for _ in range(3):
         sim_step(s, ex)
     assert reqs[2].status is RequestStatus.RUNNING
-    _poison(reqs[2].metadata, application_elapsed_s=math.nan)  # used on every rescore
+    _poison(reqs[2].metadata, application_elapsed_s=math.nan)
+    # The Space Scheduler reads a request's metadata into its score table once, when it first
+    # scores it. Drop r2's row so the forced rescore reads the poisoned metadata again, as it
+    # would for data that turned bad between two readings.
+    s.policy.space.table.drop(reqs[2])
     s.policy.space._scored_at = -math.inf  # force a rescore of everyone (join groups)
     faults = _drive(s, ex, pool, host)
     assert [f.request_id for f in faults] == ["r2"]

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.device_subprocess import run_device_check
 
 SCRIPT = Path(__file__).parent / "helpers" / "tp_check.py"
 
 
 def run_check(n: int, which: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(n), which],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_device_check(SCRIPT, n, which, timeout=900)
 
 
 @pytest.mark.parametrize("n", [2, 4])

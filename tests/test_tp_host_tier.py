@@ -10,28 +10,17 @@ memory pressure (nothing offloaded, swapped or hit).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.device_subprocess import run_device_check
 
 SCRIPT = Path(__file__).parent / "helpers" / "tp_host_check.py"
 
 
 def run_check(n: int, *parts: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(n), *parts],
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_device_check(SCRIPT, n, *parts, timeout=1500)
 
 
 def check_transfer(res: dict, n: int) -> None:

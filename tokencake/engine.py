@@ -20,6 +20,7 @@ from tokencake import multihost
 from tokencake.choices import ChoiceGroups
 from tokencake.config import EngineConfig
 from tokencake.diagnostics import recompute_samples
+from tokencake.distributed import init_distributed
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
 from tokencake.memory.host_kv import allocate_host_kv
@@ -81,7 +82,7 @@ class LLMEngine:
         registered as ``config.policy``, e.g. one not in the registry."""
         self.config = config or EngineConfig()
         if self.config.distributed:
-            multihost.init_distributed()
+            init_distributed()
         if model_config is None:
             from tokencake.models.hub import resolve_model
 

@@ -143,24 +143,6 @@ def _header(msg: bytes) -> list[int]:
     return np.frombuffer(msg[: HEADER_LEN * 4], np.int32).tolist()
 
 
-def init_distributed() -> None:
-    """Join JAX's multi-process runtime once. The coordinator comes from
-    ``JAX_COORDINATOR_ADDRESS`` (read by JAX), the process count and this process's rank from
-    ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (read here: JAX itself only auto-detects them on
-    managed clusters such as Cloud TPU, SLURM, Open MPI)."""
-    import os
-
-    import jax
-
-    if jax.distributed.is_initialized():  # (asking jax.process_count() would start JAX)
-        return
-    num = os.environ.get("JAX_NUM_PROCESSES")
-    rank = os.environ.get("JAX_PROCESS_ID")
-    jax.distributed.initialize(
-        num_processes=int(num) if num else None, process_id=int(rank) if rank else None
-    )
-
-
 def attach(runner: ModelRunner, transfer: TransferEngine | None) -> PlanChannel | None:
     """The plan channel of a multi-process run (None in one process). On the leader the runner
     and the transfer engine announce every device call through it before launching it."""
