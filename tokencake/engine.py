@@ -123,6 +123,9 @@ class LLMEngine:
         self._grammars = GrammarCompiler(tokenizer, model_config.vocab_size, self.eos_ids)
         self._choices = ChoiceGroups()  # n > 1 requests
         self._stopped = False
+        # Set once a device call across processes fails (multi-process runs only): every
+        # process's KV must stay identical, so the engine stops for good (multihost.py).
+        self.failure: multihost.ProcessGroupFailed | None = None
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
         if cfg.warmup:
             self.warmup()
@@ -185,7 +188,9 @@ class LLMEngine:
         metadata: Any = None,
     ) -> str:
         """Queue a request; returns its id. Bad input raises :class:`RequestRejected` naming
-        it (nothing queued)."""
+        it (nothing queued); after a distributed run lost a process, its failure is raised."""
+        if self.failure is not None:
+            raise self.failure
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
@@ -352,6 +357,8 @@ class LLMEngine:
         If the device step itself fails, only that step's requests are aborted
         (``error`` is a :class:`StepFailed`). Choices of an ``n > 1`` request report under
         its id with their ``index`` (see :class:`RequestOutput`)."""
+        if self.failure is not None:
+            raise self.failure
         return self.run_step(self.plan_step())
 
     def plan_step(self) -> StepPlan:
@@ -369,6 +376,8 @@ class LLMEngine:
         try:
             tokens = self.loop.execute(plan)
         except Exception as exc:
+            if self.channel is not None:
+                return outputs + self._fail_group(exc)
             log.exception("device step failed; aborting the %d requests of that step",
                           len(plan.chunks))  # fmt: skip
             return outputs + self._fail_step(plan, exc)
@@ -407,6 +416,25 @@ class LLMEngine:
             if not req.status.finished:
                 self.scheduler.abort(req.request_id)
             if self._text.pop(req.request_id, None) is not None:
+                out.append(_error_output(req, err))
+        return out
+
+    def _fail_group(self, exc: Exception) -> list[RequestOutput]:
+        """A device call across processes failed (a process died or lost contact): the other
+        processes' KV can no longer be trusted, so every request in flight ends with a
+        :class:`~tokencake.multihost.ProcessGroupFailed` and the engine stops (``failure``)."""
+        log.error("a device call across the processes of the distributed run failed (%s: %s); "
+                  "failing every request in flight and stopping", type(exc).__name__, exc)  # fmt: skip
+        err = multihost.ProcessGroupFailed(
+            "a process of the distributed run failed (a device call across processes raised "
+            f"{type(exc).__name__}); the engine stopped"
+        )
+        err.__cause__ = exc
+        self.failure = err
+        out = []
+        for rid in list(self._text):
+            req = self.scheduler.abort(rid)
+            if self._text.pop(rid, None) is not None and req is not None:
                 out.append(_error_output(req, err))
         return out
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tokencake.scheduler.faults import StepFailed
+
 if TYPE_CHECKING:
     from tokencake.memory.transfer import TransferEngine
     from tokencake.runner import ModelRunner
@@ -57,19 +59,41 @@ def unpack(msg: bytes, templates: Sequence[np.ndarray]) -> tuple[list[int], list
     return header, out
 
 
+class ProcessGroupFailed(StepFailed):
+    """A device call across the processes of a distributed run failed, most likely because a
+    process died or lost contact. Every process's KV must stay identical, so the whole run is
+    over: the leader fails every request in flight with this error and accepts no more."""
+
+
+def coordination_client():
+    """The client of JAX's coordination service (the key-value store ``jax.distributed`` runs
+    on process 0). JAX has no public handle to it (``jax.experimental.multihost_utils`` reaches
+    it the same way), so this is the one place that reads the private one; if a JAX release
+    moves it, this raises naming what is missing rather than failing somewhere later."""
+    try:
+        from jax._src import distributed
+    except ImportError as exc:  # pragma: no cover - depends on the JAX release
+        raise RuntimeError(f"this JAX has no jax._src.distributed ({exc})") from None
+    client = getattr(getattr(distributed, "global_state", None), "client", None)
+    if client is None:
+        raise RuntimeError(
+            "jax.distributed is not initialized (or this JAX release keeps its coordination "
+            "client elsewhere than jax._src.distributed.global_state.client)"
+        )
+    for method in ("key_value_set_bytes", "blocking_key_value_get_bytes", "key_value_delete",
+                   "wait_at_barrier"):  # fmt: skip
+        if not hasattr(client, method):
+            raise RuntimeError(f"JAX's coordination client has no {method}(): unsupported JAX")
+    return client
+
+
 class PlanChannel:
     """Both ends of the plan broadcast. ``leader`` is process 0; the others receive."""
 
     def __init__(self) -> None:
         import jax
 
-        # The client of JAX's coordination service (jax.distributed has no public handle to it;
-        # multihost_utils reaches it the same way).
-        from jax._src import distributed
-
-        self.client = distributed.global_state.client
-        if self.client is None:
-            raise RuntimeError("jax.distributed is not initialized")
+        self.client = coordination_client()
         self.rank = jax.process_index()
         self.leader = self.rank == 0
         self.followers = range(1, jax.process_count())
