@@ -14,13 +14,25 @@ bucket) followed by every input array's bytes, under a key per follower and sequ
 the follower deletes it once read. Not a collective on purpose: a follower waits for the next
 call for as long as the server is idle, and XLA:CPU's gloo collectives give up after 30 s.
 Followers launch each call as soon as it is announced, so the call's own collectives meet.
+A shape compiled on first use (no warm-up) is first awaited by every process at a
+coordination-service barrier, so no process enters the call's collectives while another is still
+compiling it.
+
+Failure: when a process dies, the next device call that spans it raises (on CPU, gloo reports
+the closed connection at once; elsewhere JAX's coordination service declares the process dead
+after its heartbeat timeout, 100 s by default, and ends the others). The leader's engine then
+fails every request in flight with :class:`ProcessGroupFailed` and accepts no more
+(``LLMEngine.failure``); ``tokencake serve`` stops and exits with :func:`exit_now`. A follower
+whose leader is gone stops when its next read of the coordination service fails.
+
+Tested on one machine with simulated CPU devices only (tests/test_multihost.py).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
@@ -181,8 +193,26 @@ def attach(runner: ModelRunner, transfer: TransferEngine | None) -> PlanChannel 
             f"({jax.device_count()} over {jax.process_count()} processes) in a multi-process run"
         )
     channel = PlanChannel()
+    runner.group = channel
+    if transfer is not None:
+        transfer.group = channel
     if channel.leader:
         runner.channel = channel
         if transfer is not None:
             transfer.channel = channel
     return channel
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this process at once with ``code`` after a distributed run lost a process.
+
+    A normal exit runs JAX's ``jax.distributed.shutdown`` (registered at exit), whose barrier
+    the dead process never reaches: it waits, then aborts this process (SIGABRT) with a fatal
+    coordination-service error. The failure has already been reported, so skip that."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -231,6 +231,7 @@ class ModelRunner:
         self.compile_seconds = 0.0
         self.strict = False  # after warm-up, a missing shape is an error
         self.channel = None  # multi-process leader: announces each step (tokencake.multihost)
+        self.group = None  # multi-process, every process: waits for new compiles together
 
     # ---- the jitted step ---------------------------------------------------------------------
     def model(self, state: list[jax.Array]) -> DecoderLM:
@@ -378,7 +379,7 @@ class ModelRunner:
         adj = self._adjust_inputs(rows, s)
         if self.channel is not None:  # the other processes launch the same call with these
             self.channel.send_step((s, q, p), (*batch, *samp, *adj))
-        compiled = self.compiled((s, q, p))  # (announced first: followers compile alongside)
+        compiled = self._compiled_together((s, q, p))  # (announced first: all compile at once)
         res, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj)
         return res
 
@@ -387,7 +388,18 @@ class ModelRunner:
         nb, ns = len(Batch._fields), len(SamplingInputs._fields)
         batch, samp = Batch(*arrays[:nb]), SamplingInputs(*arrays[nb : nb + ns])
         adj = LogitsAdjust(*arrays[nb + ns :])
-        _, self.k, self.v = self.compiled(shape)(self.state, self.k, self.v, batch, samp, adj)
+        compiled = self._compiled_together(shape)
+        _, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj)
+
+    def _compiled_together(self, shape: Shape) -> jax.stages.Compiled:
+        """:meth:`compiled`; in a multi-process run a shape compiled just now is first waited
+        for by every process (XLA:CPU's collectives give up on a peer still compiling after
+        30 s). A shape compiled at warm-up needs no wait."""
+        new = shape not in self._compiled
+        compiled = self.compiled(shape)
+        if new and self.group is not None:
+            self.group.barrier(f"step/{shape}")
+        return compiled
 
     def _adjust_inputs(self, rows: Sequence[RowRequest], s: int) -> LogitsAdjust:
         """The group's adjustment arrays: the shared neutral ones unless a row uses one."""

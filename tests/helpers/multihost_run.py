@@ -40,15 +40,18 @@ from tests.conftest import TINY_ENGINE, lively_params  # noqa: E402
 from tokencake.config import EngineConfig  # noqa: E402
 from tokencake.engine import LLMEngine  # noqa: E402
 from tokencake.llm import LLM  # noqa: E402
-from tokencake.memory.block_pool import block_hashes  # noqa: E402
+from tokencake.memory.block_pool import DUMMY_PAGE, block_hashes  # noqa: E402
 from tokencake.models.config import tiny_config  # noqa: E402
 from tokencake.models.tokenizer import Tokenizer  # noqa: E402
+from tokencake.multihost import exit_now  # noqa: E402
 from tokencake.sampling_params import SamplingParams  # noqa: E402
 
 CFG = tiny_config(num_heads=8, num_kv_heads=4)
+# About three pages each: with --host-tier's 9-page pool they fit when admitted, but not once
+# their outputs cross into a fourth page, so some are swapped out and back.
 PROMPTS = [
-    "multi-agent applications alternate llm calls and tool calls " * 2,
-    "0123456789" * 6,
+    "multi-agent apps alternate llm and tools",
+    "0123456789" * 4,
     "the quick brown fox jumps over the lazy dog",
 ]
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -83,17 +86,24 @@ def local_host_blocks(eng: LLMEngine, blocks: list[int]) -> str:
 
 if args.role == "single":
     eng = engine(tensor_parallel_size=args.devices, enable_prefix_cache=False)
-    print(json.dumps({"tokens": [o.token_ids for o in LLM.from_engine(eng).generate(PROMPTS, GREEDY)]}))
+    print(
+        json.dumps(
+            {"tokens": [o.token_ids for o in LLM.from_engine(eng).generate(PROMPTS, GREEDY)]}
+        )
+    )
     sys.exit(0)
 
 import jax  # noqa: E402
 
-over = dict(tensor_parallel_size=args.devices * int(os.environ["JAX_NUM_PROCESSES"]), distributed=True)
+over = dict(
+    tensor_parallel_size=args.devices * int(os.environ["JAX_NUM_PROCESSES"]), distributed=True
+)
 if args.host_tier:
     over.update(host_kv_gib=0.002, num_pages=10, max_num_seqs=3, preemption_mode="swap")
 eng = engine(**over)
 result: dict = {"rank": jax.process_index(), "processes": jax.process_count()}
 copies: list[tuple[str, list[int], list[int]]] = []  # (direction, pages, host blocks) replayed
+dst_before = ""  # this process's shards of the round trip's target pages before the upload
 
 if jax.process_index() == 0:
     outs = LLM.from_engine(eng).generate(PROMPTS, GREEDY)
@@ -107,12 +117,17 @@ if jax.process_index() == 0:
     elif args.host_tier:
         eng.sync_transfers()
         result["swap_outs"] = eng.scheduler.host_tier.num_swap_outs
-        # One explicit round trip: the cached pages of the first prompt -> host -> other pages.
-        ids = eng.tokenize(PROMPTS[0]) + outs[0].token_ids
-        src = eng.pool.lookup_prefix(block_hashes(ids, eng.pool.block_size))[:2]
+        # One explicit round trip: cached pages of a finished request -> host -> other pages.
+        cached = [
+            eng.pool.lookup_prefix(block_hashes(eng.tokenize(p) + o.token_ids, eng.pool.block_size))
+            for p, o in zip(PROMPTS, outs, strict=True)
+        ]
+        src = max(cached, key=len)[:2]
         eng.pool.hold(src)
         dst, hb = eng.pool.allocate(len(src)), eng.host_pool.allocate(len(src))
         for direction, pages in (("d2h", src), ("h2d", dst)):
+            if direction == "h2d":
+                dst_before = local_pages(eng, dst)
             copies.append((direction, pages, hb))
             assert eng.transfer.wait([eng.transfer.issue(direction, pages, hb)])[0].ok
         eng.pool.free(src + dst)
@@ -130,7 +145,9 @@ else:
     def replay(shape, arrays):
         calls[0] += 1
         if args.die_after is not None and calls[0] > args.die_after:
-            print(json.dumps({"rank": jax.process_index(), "died_after": args.die_after}), flush=True)
+            print(
+                json.dumps({"rank": jax.process_index(), "died_after": args.die_after}), flush=True
+            )
             os._exit(3)  # abruptly, like a crashed host
         run_inputs(shape, arrays)
 
@@ -139,7 +156,10 @@ else:
         run_copy = eng.transfer.run_copy
 
         def copy(direction, ids, hids):
+            global dst_before
             copies.append((direction, [int(i) for i in ids], [int(h) for h in hids]))
+            if direction == "h2d":  # (the last one is the round trip's)
+                dst_before = local_pages(eng, [int(i) for i in ids if i != DUMMY_PAGE])
             return run_copy(direction, ids, hids)
 
         eng.transfer.run_copy = copy
@@ -150,12 +170,15 @@ else:
 
 if len(copies) >= 2:  # the explicit round trip is the last two copies, on every process
     (_, src, hb), (_, dst, hb2) = copies[-2], copies[-1]
-    n = len([p for p in src if p != 0])
+    n = len([p for p in src if p != DUMMY_PAGE])
     src, dst, hb = src[:n], dst[:n], hb[:n]
     result["round_trip"] = {
         "pages": n,
+        "target_before": dst_before,
         "device_before": local_pages(eng, src),
         "host": local_host_blocks(eng, hb),
         "device_after": local_pages(eng, dst),
     }
 print(json.dumps(result), flush=True)
+if jax.process_index() == 0 and eng.failure is not None:
+    exit_now(1)  # as `tokencake serve` does: JAX's exit-time shutdown would abort
