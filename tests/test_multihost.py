@@ -41,7 +41,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
+    """The helper's JSON line (gloo prints its own lines on stdout too)."""
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
 def _reference() -> list[list[int]]:
