@@ -10,6 +10,7 @@ tests/helpers/multihost_run.py. The fast tests below need no second process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -22,6 +23,8 @@ import numpy as np
 import pytest
 
 from tokencake import multihost
+from tokencake.async_engine import AsyncEngine
+from tokencake.errors import EngineDeadError
 from tokencake.sampling_params import SamplingParams
 
 SCRIPT = Path(__file__).parent / "helpers" / "multihost_run.py"
@@ -114,7 +117,9 @@ def test_dead_follower_fails_requests_and_stops_the_leader():
     """A follower that dies mid-generation: the leader fails every request in flight with a
     clear error, refuses new ones and exits on its own, well before JAX's heartbeat timeout."""
     t0 = time.monotonic()
-    (rc0, leader), (rc1, follower) = _two_processes([], ["--die-after", "3"])
+    # Warmed up, as `tokencake serve` is: without it, a process waiting for its peer to compile
+    # a new shape learns of the death only at JAX's heartbeat timeout (multihost.py).
+    (rc0, leader), (rc1, follower) = _two_processes(["--warmup"], ["--warmup", "--die-after", "3"])
     assert rc1 == 3 and follower["died_after"] == 3
     assert rc0 == 1  # multihost.exit_now after reporting, not JAX's abort (134)
     assert leader["errors"] == [
@@ -143,20 +148,21 @@ def test_coordination_client_needs_jax_distributed():
         multihost.coordination_client()
 
 
+class _Group:  # stands in for the PlanChannel of a distributed run
+    leader = False
+
+
+def _broken(*_):
+    raise RuntimeError("Gloo all-reduce failed: Connection closed by peer")
+
+
 def test_process_group_failure_stops_the_engine(make_engine):
     """What the leader does when a cross-process device call raises (simulated in one
     process): every request in flight fails with ProcessGroupFailed, then add_request and
     step raise it."""
     eng = make_engine()
-
-    class Group:  # stands in for the PlanChannel of a distributed run
-        leader = False
-
-    def broken(*_):
-        raise RuntimeError("Gloo all-reduce failed: Connection closed by peer")
-
-    eng.channel = Group()
-    eng.loop.execute = broken
+    eng.channel = _Group()
+    eng.loop.execute = _broken
     params = SamplingParams(max_tokens=8)
     ids = [eng.add_request("hello there", params, request_id=f"r{i}") for i in range(3)]
     outs = eng.step()
@@ -167,3 +173,19 @@ def test_process_group_failure_stops_the_engine(make_engine):
         eng.add_request("one more", params)
     with pytest.raises(multihost.ProcessGroupFailed):
         eng.step()
+
+
+def test_async_engine_stops_serving_after_a_process_group_failure(make_engine):
+    """The server's engine thread: the request gets EngineDeadError (HTTP 503) with the reason,
+    and the engine is no longer alive (``tokencake serve --distributed`` then exits)."""
+    eng = make_engine()
+    eng.channel = _Group()
+    eng.loop.execute = _broken
+    ae = AsyncEngine(eng)
+    try:
+        with pytest.raises(EngineDeadError, match="a process of the distributed run failed"):
+            asyncio.run(ae.generate("hello there", SamplingParams(max_tokens=8)))
+        ae._thread.join(10)
+        assert not ae.alive and isinstance(ae.error, multihost.ProcessGroupFailed)
+    finally:
+        ae.shutdown()

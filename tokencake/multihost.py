@@ -23,7 +23,9 @@ the closed connection at once; elsewhere JAX's coordination service declares the
 after its heartbeat timeout, 100 s by default, and ends the others). The leader's engine then
 fails every request in flight with :class:`ProcessGroupFailed` and accepts no more
 (``LLMEngine.failure``); ``tokencake serve`` stops and exits with :func:`exit_now`. A follower
-whose leader is gone stops when its next read of the coordination service fails.
+whose leader is gone stops when its next read of the coordination service fails. Not noticed
+fast: a process that dies while the others wait at a barrier (a first-use compile without
+warm-up) or while the server is idle; JAX's heartbeat timeout then aborts the others.
 
 Tested on one machine with simulated CPU devices only (tests/test_multihost.py).
 """

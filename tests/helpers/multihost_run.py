@@ -12,7 +12,8 @@ The others follow (``LLMEngine.follow``) and print how many device calls they re
 ``--host-tier``: a host KV tier and a device pool small enough that requests are swapped out and
 back, then one explicit offload -> upload round trip whose bytes every process checks on its
 own shards. ``--die-after N``: a follower exits abruptly after replaying N device calls (the
-leader must fail its requests with a clear error and stop).
+leader must fail its requests with a clear error and stop). ``--warmup``: compile every step
+shape first (a smaller engine: three shapes), as ``tokencake serve`` does.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ap.add_argument("role", choices=["single", "dist"])
 ap.add_argument("devices", type=int)
 ap.add_argument("--host-tier", action="store_true")
 ap.add_argument("--die-after", type=int, default=None)
+ap.add_argument("--warmup", action="store_true")
 args = ap.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -98,6 +100,9 @@ import jax  # noqa: E402
 over = dict(
     tensor_parallel_size=args.devices * int(os.environ["JAX_NUM_PROCESSES"]), distributed=True
 )
+if args.warmup:  # as `tokencake serve` does; few shapes, so it is quick
+    over.update(max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32, max_prefill_chunk=32,
+                max_prefill_seqs=1, warmup=True)  # fmt: skip
 if args.host_tier:
     over.update(host_kv_gib=0.002, num_pages=10, max_num_seqs=3, preemption_mode="swap")
 eng = engine(**over)
