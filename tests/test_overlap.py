@@ -90,3 +90,10 @@ def test_overlap_refused_with_tensor_parallelism():
 
     with pytest.raises(ValueError, match="overlap"):
         EngineConfig(overlap=True, tensor_parallel_size=2)
+
+
+def test_cli_flag_sets_overlap():
+    from tokencake.cli import build_parser, engine_config_from_args
+
+    assert engine_config_from_args(build_parser().parse_args(["serve", "--overlap"])).overlap
+    assert not engine_config_from_args(build_parser().parse_args(["serve"])).overlap
