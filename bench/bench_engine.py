@@ -122,12 +122,13 @@ class DeviceTimeline:
     def __init__(self, runner) -> None:
         self.calls: list[tuple[float, float]] = []  # (dispatched, done), in dispatch order
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._dispatched: list[float] = []
+        self.dispatched = 0
         orig = runner._dispatch_group
 
         def timed(*args, **kwargs):
             res, tokens = orig(*args, **kwargs)
             t = time.perf_counter()
+            self.dispatched += 1
             self._q.put((t, res.tokens))
             return res, tokens
 
@@ -143,10 +144,9 @@ class DeviceTimeline:
 
     def idle(self, t0: float, t1: float) -> tuple[float, int]:
         """Seconds the device waited for the host between calls dispatched in ``[t0, t1]``,
-        and how many calls that was (waits for results already read are complete by then)."""
-        while not self._q.empty():
+        and how many calls that was. Waits until every call dispatched so far has finished."""
+        while len(self.calls) < self.dispatched:
             time.sleep(0.001)
-        time.sleep(0.05)  # the last call's completion
         idle, n, prev_done = 0.0, 0, None
         for dispatched, done in self.calls:
             if t0 <= dispatched <= t1:
