@@ -77,8 +77,10 @@ class EngineConfig:
                 raise TypeError("tokencake must be a TokencakeConfig, a dict or None")
             # frozen: normalise once, so every reader sees a TokencakeConfig
             object.__setattr__(self, "tokencake", TokencakeConfig.from_dict(self.tokencake))
-        if self.overlap and self.tensor_parallel_size > 1:
-            raise ValueError("overlap is not supported with tensor_parallel_size > 1 yet")
+        if self.overlap and (self.tensor_parallel_size > 1 or self.distributed):
+            raise ValueError(
+                "overlap is not supported with tensor_parallel_size > 1 or distributed yet"
+            )
         if self.max_prefill_chunk > self.max_num_batched_tokens:
             raise ValueError("max_prefill_chunk cannot exceed max_num_batched_tokens")
 
