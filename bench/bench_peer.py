@@ -70,7 +70,16 @@ class EngineBench:
     """The engine's runner driven directly: one compiled step per call, sampling included."""
 
     def __init__(
-        self, params, cfg, layer_loop: str, max_rows: int, prefill: int, pack: bool, name: str
+        self,
+        params,
+        cfg,
+        layer_loop: str,
+        max_rows: int,
+        prefill: int,
+        pack: bool,
+        name: str,
+        attention_backend: str = "auto",
+        dtype: str = "float32",
     ) -> None:
         self.name = name
         ps = 16
@@ -88,6 +97,8 @@ class EngineBench:
                 max_prefill_seqs=1,
                 layer_loop=layer_loop,
                 pack_weights=pack,
+                attention_backend=attention_backend,
+                dtype=dtype,
             ),  # fmt: skip
         )
         self.tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(max_rows)]

@@ -9,6 +9,15 @@ page 16, float32 = 737,280 B per block, K and V). Usage::
 The decode part runs a real ``ModelRunner`` (the tiny random model by default: the point is
 the interference, which a copy on the runner's own KV arrays causes through JAX's dataflow:
 the step donates ``k``/``v`` and so waits for a copy that reads or writes them).
+
+The third part (issue 17 item 5) splits the 256-block copy-out into its pieces, timed in
+interleaved rounds: the raw ``device_put`` of the same bytes, the engine's fused copy, the
+device-side gather alone, the host-side scatter alone, and a numpy ``memcpy`` of the same bytes
+(the memory system's own speed for one read and one write of them). On the CPU backend every
+XLA copy primitive (``device_put`` across memory kinds, gather, scatter) runs several times
+slower than ``memcpy``, so the engine's copy, which must gather scattered pages and scatter
+them again, costs about what two such primitives cost against the raw ``device_put``'s one
+(RESULTS.md section 5).
 """
 
 from __future__ import annotations
@@ -97,6 +106,70 @@ def bench_throughput(repeats: int) -> list[dict]:
     return rows
 
 
+def bench_decomposition(repeats: int, n: int = 256) -> dict:
+    """Median times of the pieces of an ``n``-block copy-out (see the module docstring)."""
+    spec = KVCacheSpec(30, n + 8, 16, 3, 64, "float32")
+    owner = _Owner(spec)
+    host = allocate_host_kv(spec, n + 8)
+    te = TransferEngine(owner, host, max_bucket=n)
+    te.warmup()
+    if host.memory_kind is None:
+        return {"skipped": "numpy host tier (no host memory kind): no XLA copy to split"}
+    hs = SingleDeviceSharding(host.device, memory_kind=host.memory_kind)
+    ids = np.arange(1, n + 1, dtype=np.int32)
+    pk = jax.block_until_ready(owner.k[:, 1 : n + 1])
+    pv = jax.block_until_ready(owner.v[:, 1 : n + 1])
+    hpk, hpv = jax.device_put(pk, hs), jax.device_put(pv, hs)
+    gather = jax.jit(lambda k, v, i: (k[:, i], v[:, i])).lower(owner.k, owner.v, ids).compile()
+    hids = jax.device_put(ids, hs)
+    scatter = (
+        jax.jit(
+            lambda hk, hv, i, a, b: (hk.at[:, i].set(a), hv.at[:, i].set(b)),
+            donate_argnums=(0, 1),
+            out_shardings=(hs, hs),
+        )  # fmt: skip
+        .lower(host.k, host.v, hids, hpk, hpv)
+        .compile()
+    )
+    src = np.asarray(pk)
+    dst = np.empty_like(src)
+
+    def host_scatter() -> None:
+        host.k, host.v = scatter(host.k, host.v, hids, hpk, hpv)
+        jax.block_until_ready(host.k)
+
+    def engine() -> None:
+        te.issue("d2h", ids.tolist(), ids.tolist())
+        te.wait()
+
+    pieces = {
+        "raw_device_put": lambda: jax.block_until_ready(
+            (jax.device_put(pk, hs), jax.device_put(pv, hs))
+        ),
+        "engine_copy_out": engine,
+        "gather_only": lambda: jax.block_until_ready(gather(owner.k, owner.v, ids)),
+        "host_scatter_only": host_scatter,
+        "numpy_memcpy": lambda: (np.copyto(dst, src), np.copyto(dst, src)),  # K and V
+    }
+    times: dict[str, list[float]] = {k: [] for k in pieces}
+    for fn in pieces.values():
+        fn()  # settle
+    for _ in range(repeats):
+        for name, fn in pieces.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    nbytes = 2 * pk.nbytes
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "blocks": n,
+        "bytes": nbytes,
+        "median_ms": {k: v * 1e3 for k, v in med.items()},
+        "gbps": {k: nbytes / v / 1e9 for k, v in med.items()},
+        "engine_vs_raw": med["raw_device_put"] / med["engine_copy_out"],
+    }
+
+
 def bench_decode_interference(model: str, repeats: int, copy_blocks: int = 256) -> dict:
     from tokencake.runner import ModelRunner, RowRequest
     from tokencake.runner_config import RunnerConfig
@@ -179,6 +252,14 @@ def main() -> None:
                 f"{r['engine_gbps']:>12.2f} {r['raw_device_put_gbps']:>9.2f} {r['ratio']:>6.2f}"
             )
     print("learned bandwidth (GB/s):", thr[-1]["learned_bandwidth_gbps"])
+    dec_split = bench_decomposition(max(args.repeats, 7))
+    if "skipped" in dec_split:
+        print("copy-out split:", dec_split["skipped"])
+    else:
+        print(f"copy-out of {dec_split['blocks']} blocks, split (median of interleaved rounds):")
+        for k, ms in dec_split["median_ms"].items():
+            print(f"  {k:18s} {ms:8.2f} ms {dec_split['gbps'][k]:7.2f} GB/s")
+        print(f"  engine / raw device_put: {dec_split['engine_vs_raw']:.2f}")
     dec = bench_decode_interference(args.model, args.repeats)
     print(
         f"decode step ({dec['model']} model, {dec['decode_rows']} rows): {dec['decode_ms']:.2f} ms; "
@@ -186,7 +267,16 @@ def main() -> None:
         f"h2d {dec['decode_ms_with_h2d_in_flight']:.2f} ms"
     )
     with open(args.out, "w") as f:
-        json.dump({"throughput": thr, "decode": dec, "backend": jax.default_backend()}, f, indent=2)
+        json.dump(
+            {
+                "throughput": thr,
+                "copy_out_split": dec_split,
+                "decode": dec,
+                "backend": jax.default_backend(),
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")
 
 

@@ -15,8 +15,17 @@ It prints the jax version and devices, then
 2. speed: one layer's attention, reference vs pallas-gpu, for decode batches of 1/8/32 sequences
    at context 512 and 2048 and for a 512-token prefill chunk (SmolLM2-135M shapes: Hq 9, Hkv 3,
    D 64, page 16);
-3. with ``--with-engine`` and when ``tokencake.LLM`` exists: the engine's decode tokens/s with each
-   attention backend.
+3. decode at the roofline (issue 17 item 6): the model runner's decode step at batch 1 and 32
+   (context 128-255) with each attention backend, against the roofline of this device: the
+   bytes a batch-1 step must read over the measured read bandwidth of a jitted sum (on a GPU,
+   HBM). The default model, and a 1B-class model when a local checkpoint is given
+   (``--model-1b PATH`` or ``TOKENCAKE_GPU_CHECK_1B``; recorded as skipped otherwise);
+4. KV transfers (issue 17 item 5): the engine's host<->device page copies against a raw
+   ``device_put`` of the same bytes, and the copy-out split into gather / transfer / scatter
+   (``bench_transfer.py``). On a GPU the gather and scatter run in HBM and the link (PCIe) is
+   the bound, so the fused copy should reach the raw ``device_put``;
+5. with ``--with-engine`` and when ``tokencake.LLM`` exists: the engine's end-to-end generation
+   tokens/s (``LLM.generate``, 32 prompts) with each attention backend.
 
 Every figure goes into the JSON report, which is rewritten after each section so that a run cut
 short still leaves what it measured. Errors in one section are recorded and the others still run.
@@ -26,18 +35,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make the repository's ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_peer import CTX_LO, EngineBench, decode_bytes, read_bandwidth_gbps
+from bench.bench_transfer import bench_decomposition, bench_throughput
 from tokencake.models.attention import pallas_gpu
 from tokencake.models.attention.reference import reference_paged_attention
 
@@ -168,6 +184,75 @@ def speed(smoke: bool, interpret: bool, dtype: str) -> list[dict[str, Any]]:
     return results
 
 
+def roofline(backends: list[str], model_1b: str | None, dtype: str, smoke: bool) -> dict:
+    """Runner-level decode tok/s at batch 1 and 32 per model and attention backend, with the
+    batch-1 roofline (read bandwidth / bytes read per step) and each figure's share of it."""
+    from tokencake.models.hub import resolve_model
+
+    itemsize = 2 if dtype == "bfloat16" else 4
+    gbps = read_bandwidth_gbps(nbytes=(64 << 20) if smoke else (1 << 30))
+    out: dict[str, Any] = {"read_gbps": round(gbps, 1), "models": []}
+    print(f"  read bandwidth {gbps:.1f} GB/s")
+    models: list[tuple[str, Callable[[], tuple]]] = []
+    if smoke:  # the tiny random model: tests this script, not the device
+        from tokencake.models.config import tiny_config
+        from tokencake.models.weights import random_params
+
+        models.append(("tiny", lambda: (tiny_config(), random_params(tiny_config(), 0))))
+    else:
+        models.append(("default", lambda: resolve_model(None)[:2]))
+    if model_1b and Path(model_1b).exists():
+        models.append((model_1b, lambda: resolve_model(model_1b)[:2]))
+    else:
+        out["model_1b"] = {"skipped": f"no 1B-class checkpoint at {model_1b!r}"}
+    batches, steps = ((1, 2), 2) if smoke else ((1, 32), 32)
+    for name, load in models:
+        cfg, params = load()
+        need = decode_bytes(params, itemsize)
+        roof = gbps * 1e9 / need
+        entry: dict[str, Any] = {"model": name, "bytes_per_b1_step": need,
+                                 "roofline_b1_tok_s": round(roof, 1), "backends": {}}  # fmt: skip
+        print(f"  {name}: {need / 1e6:.0f} MB per batch-1 step -> roofline {roof:.1f} tok/s")
+        for backend in backends:
+            try:
+                eb = EngineBench(params, cfg, "auto", max(batches), 32, False, backend,
+                                 attention_backend=backend, dtype=dtype)  # fmt: skip
+                res = {}
+                for b in batches:
+                    eb.setup_decode(b)
+                    eb.decode(b, 2)  # compile / settle
+                    sec = min(eb.decode(b, steps) for _ in range(3))
+                    res[f"B={b}"] = round(b / sec, 1)
+                res["b1_of_roofline"] = round(res["B=1"] / roof, 3)
+                print(f"    {backend:11s}: " + ", ".join(f"{k} {v}" for k, v in res.items()))
+            except Exception as e:  # one backend failing must not hide the other
+                res = {"error": f"{type(e).__name__}: {e}"}
+                print(f"    {backend}: FAILED {res['error']}")
+            entry["backends"][backend] = res
+        out["models"].append(entry)
+    out["context"] = f"{CTX_LO}-255"
+    return out
+
+
+def transfers(smoke: bool) -> dict:
+    """The engine's KV copies vs a raw ``device_put`` (1/16/256 blocks of the default model's
+    page size), and the 256-block copy-out split into its pieces."""
+    repeats = 2 if smoke else 7
+    thr = bench_throughput(repeats)
+    for r in thr:
+        if "blocks" in r:
+            print(f"  {r['direction']} {r['blocks']:4d} blocks: engine {r['engine_gbps']:7.2f} "
+                  f"GB/s, raw device_put {r['raw_device_put_gbps']:7.2f} GB/s, "
+                  f"ratio {r['ratio']:.2f}")  # fmt: skip
+    split = bench_decomposition(repeats)
+    if "engine_vs_raw" in split:
+        print(
+            "  copy-out split (GB/s): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in split["gbps"].items())
+        )
+    return {"throughput": thr, "copy_out_split": split}
+
+
 def engine_decode(backends: list[str], model: str | None, dtype: str, smoke: bool) -> list[dict]:
     """Decode tokens/s of the engine facade with each attention backend (skipped if absent)."""
     import tokencake
@@ -220,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-engine", action="store_true", help="also time the engine's decode")
     ap.add_argument("--engine-backends", default="pallas-gpu,reference")
     ap.add_argument("--engine-model", default=None, help="model for the engine (default model)")
+    ap.add_argument("--model-1b", default=os.environ.get("TOKENCAKE_GPU_CHECK_1B"),
+                    help="a local 1B-class checkpoint for the roofline section")  # fmt: skip
     args = ap.parse_args(argv)
 
     on_gpu = jax.default_backend() == "gpu"
@@ -260,6 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     sections: list[tuple[str, Callable[[], Any]]] = [
         ("correctness", lambda: correctness(args.cpu_smoke, interpret)),
         ("speed", lambda: speed(args.cpu_smoke, interpret, args.dtype)),
+        (
+            "roofline",
+            lambda: roofline(
+                [b.strip() for b in args.engine_backends.split(",") if b.strip()],
+                args.model_1b,
+                args.dtype,
+                args.cpu_smoke,
+            ),
+        ),  # fmt: skip
+        ("transfers", lambda: transfers(args.cpu_smoke)),
     ]
     if args.with_engine:
         backends = [b.strip() for b in args.engine_backends.split(",") if b.strip()]

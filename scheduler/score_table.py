@@ -64,7 +64,9 @@ class ScoreTable:
     Columns: ``ann`` (carries metadata), the static score parts (``static``, ``rr``: remaining-
     depth ratio, ``pg``: progress), the metadata's ``elapsed`` and ``started`` application times,
     the request's ``arrival``, its join ``group`` id and agent ``type`` id (-1: none), and the
-    ``eff`` (effective) score it was last given."""
+    scores it holds until the next refresh: ``own`` and ``eff`` (effective), valid where
+    ``scored``; ``rid`` is the request id as a numpy string, the admission order's last key
+    (numpy compares code points, as Python does)."""
 
     _FLOAT = ("static", "rr", "pg", "elapsed", "started", "arrival")
 
@@ -88,7 +90,13 @@ class ScoreTable:
         self.ann = grow(getattr(self, "ann", None), False, np.bool_)
         self.group = grow(getattr(self, "group", None), -1, np.int64)
         self.type = grow(getattr(self, "type", None), -1, np.int64)
+        self.own = grow(getattr(self, "own", None), 0, np.int64)
         self.eff = grow(getattr(self, "eff", None), 0, np.int64)
+        self.scored = grow(getattr(self, "scored", None), False, np.bool_)
+        old = getattr(self, "rid", None)
+        self.rid = np.full(n, "", old.dtype if old is not None else "<U16")
+        if old is not None:
+            self.rid[: len(old)] = old
 
     def add(
         self,
@@ -107,7 +115,12 @@ class ScoreTable:
             self._used += 1
         m: AgentMetadata | None = r.metadata
         self.arrival[i] = r.arrival_time
-        self.eff[i] = 0
+        rid = r.request_id
+        if len(rid) > self.rid.dtype.itemsize // 4:  # wider ids than seen so far: widen
+            self.rid = self.rid.astype(f"<U{max(len(rid), 2 * self.rid.dtype.itemsize // 4)}")
+        self.rid[i] = rid
+        self.own[i] = self.eff[i] = 0
+        self.scored[i] = False
         if parts is None or m is None:
             self.ann[i] = False
             self.group[i] = self.type[i] = -1
@@ -130,7 +143,7 @@ class ScoreTable:
             self.groups.release(int(self.group[i]))
         if self.type[i] >= 0:
             self.types.release(int(self.type[i]))
-        self.ann[i] = False
+        self.ann[i] = self.scored[i] = False
         self.group[i] = self.type[i] = -1
         self._free.append(i)
 

@@ -287,9 +287,10 @@ class SpaceScheduler(SpaceScores):
         ann = [r for r in running if r.metadata is not None]
         if not ann:
             return False
-        eff = self.effective
-        sc = {r.request_id: eff(r) if r in self._scores else self.own_score(r, now)
-              for r in ann}  # fmt: skip
+        sc = {}
+        for r in ann:
+            frozen = self.score_of(r)
+            sc[r.request_id] = frozen.eff if frozen is not None else self.own_score(r, now)
         low = min(sc.values())
         cands = [r for r in ann if sc[r.request_id] <= low + self.cfg.preemption_score_band]
         released = {

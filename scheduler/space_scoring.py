@@ -5,9 +5,10 @@
   running one in a join group) from scratch, now one numpy expression over the requests'
   score-table rows (``score_table.py``); between refreshes only newcomers are scored, found by
   set difference rather than a scan of the queue.
-* The order sorts the queue by ``(-effective, -own, arrival, id)``, a total order. Each step
-  starts the sort from the previous step's order (still-queued requests, newcomers appended),
-  which Python's sort finishes in nearly linear time; the result is the same from any start.
+* The scores live in the table's ``own`` / ``eff`` columns (``scored`` says which are valid),
+  not in a dict of Python tuples: a refresh writes them with two numpy assignments.
+* The order sorts the queue by ``(-effective, -own, arrival, id)``, a total order: one
+  ``np.lexsort`` over the table's columns (the id is kept there as a numpy string).
 
 ``tests/test_space_scoring.py`` checks scores, groups, best waiting scores and the order against
 a plain full recomputation on random queues.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
-from itertools import compress
+from itertools import compress, repeat
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -42,8 +43,6 @@ class Scored(NamedTuple):
 
 
 # C-level helpers for the hot per-step paths (no Python frame per request).
-_RID = attrgetter("request_id")
-_ARRIVAL = attrgetter("arrival_time")
 _NATIVE = attrgetter("arrival_time", "request_id")
 _NONE = np.iinfo(np.int64).min
 
@@ -73,13 +72,10 @@ class SpaceScores(abc.ABC):
     def __init__(self, config: SpaceConfig, pool: BlockPool) -> None:
         self.cfg = config
         self.pool = pool
-        # Every scored request's sort key (-effective, -own, arrival, id): the scores themselves
-        # (``scores`` is the same by request id, for observers).
-        self._scores: dict[Request, tuple[int, int, float, str]] = {}
         self.best_waiting: dict[str, int] = {}  # critical type -> highest waiting effective score
         # Row per seen request: static score parts, group and type ids.
         self.table = ScoreTable()
-        self._head: list[Request] = []
+        self._scored: set[Request] = set()  # the requests whose table scores are valid
         self._groups: dict[tuple[float, str], int] = {}
         self._scored_at = -math.inf
 
@@ -112,23 +108,29 @@ class SpaceScores(abc.ABC):
 
     def effective(self, r: Request) -> int:
         """``r``'s effective score this step (0: not scored)."""
-        k = self._scores.get(r)
-        return -k[0] if k is not None else 0
+        t = self.table
+        i = t.row.get(r)
+        return int(t.eff[i]) if i is not None and t.scored[i] else 0
 
     def score_of(self, r: Request) -> Scored | None:
         """``r``'s frozen scores, or None when it has none."""
-        k = self._scores.get(r)
-        return None if k is None else Scored(-k[1], -k[0])
+        t = self.table
+        i = t.row.get(r)
+        return Scored(int(t.own[i]), int(t.eff[i])) if i is not None and t.scored[i] else None
 
     @property
     def scores(self) -> dict[str, Scored]:
         """Every frozen score by request id (a snapshot for observers and tests)."""
-        return {k[3]: Scored(-k[1], -k[0]) for k in self._scores.values()}
+        t = self.table
+        return {r.request_id: Scored(int(t.own[i]), int(t.eff[i]))
+                for r, i in t.row.items() if t.scored[i]}  # fmt: skip
 
     def set_score(self, r: Request, own: int, eff: int) -> None:
         """Give ``r`` these scores (until the next refresh)."""
-        self._scores[r] = (-eff, -own, r.arrival_time, r.request_id)
-        self.table.eff[self._row(r)] = eff
+        t = self.table
+        i = self._row(r)
+        t.own[i], t.eff[i], t.scored[i] = own, eff, True
+        self._scored.add(r)
 
     def score_step(
         self, now: float, running: Sequence[Request], waiting: Sequence[Request]
@@ -153,11 +155,22 @@ class SpaceScores(abc.ABC):
     def _unscored(self, waiting: Sequence[Request]) -> list[Request]:
         """Annotated requests of ``waiting`` with no score yet, in queue order (every request
         of ``waiting`` gets its score-table row on the way)."""
-        new = set(waiting).difference(self._scores)
+        new = set(waiting).difference(self._scored)
+        if not new:
+            return []
         row = self.table.row
         for r in _in_order(waiting, {r for r in new if r not in row}):
             self._row(r)
         return _in_order(waiting, {r for r in new if r.metadata is not None})
+
+    def _rows_of(self, reqs: Sequence[Request]) -> np.ndarray:
+        """The score-table rows of ``reqs``, in order; rows are made for requests without one."""
+        t = self.table
+        rows = np.fromiter(map(t.row.get, reqs, repeat(-1)), np.int64, len(reqs))
+        missing = np.flatnonzero(rows < 0)
+        for i in missing.tolist():
+            rows[i] = self._row(reqs[i])
+        return rows
 
     def _group_of(self, m: AgentMetadata) -> tuple[float, str] | None:
         if self.cfg.inherit_join_priority and m.join_group and m.application_started_at_s > 0:
@@ -170,17 +183,14 @@ class SpaceScores(abc.ABC):
         their members' maximum."""
         self._scored_at = now
         t = self.table
-        for reqs in (waiting, running):
-            for r in _in_order(reqs, set(reqs).difference(t.row)):
-                self._row(r)
-        wrows = t.rows(waiting)
-        rrows = t.rows(running)
+        wrows = self._rows_of(waiting)
+        rrows = self._rows_of(running)
         wsel = t.ann[wrows]
         rsel = t.group[rrows] >= 0  # running scores matter for join groups (victims: lazily)
-        reqs = list(compress(waiting, wsel.tolist())) + list(compress(running, rsel.tolist()))
         rows = np.concatenate([wrows[wsel], rrows[rsel]])
         own = t.own_scores(rows, now)
         if own is None:  # unreachable with validated metadata: the scalar path blames someone
+            reqs = [*compress(waiting, wsel.tolist()), *compress(running, rsel.tolist())]
             own = np.array([self.own_score(r, now) for r in reqs], np.int64)
         eff = own.copy()
         gid = t.group[rows]
@@ -194,10 +204,11 @@ class SpaceScores(abc.ABC):
             groups = dict(
                 zip(map(t.groups.keys.__getitem__, ids.tolist()), best.tolist(), strict=True)
             )
+        t.scored[:] = False  # a running request outside a join group loses its score (victims:
+        t.scored[rows] = True  # scored lazily)
+        self._scored = {*compress(waiting, wsel.tolist()), *compress(running, rsel.tolist())}
+        t.own[rows] = own
         t.eff[rows] = eff
-        neg_eff, neg_own = (-eff).tolist(), (-own).tolist()
-        keys = zip(neg_eff, neg_own, map(_ARRIVAL, reqs), map(_RID, reqs), strict=True)
-        self._scores = dict(zip(reqs, keys, strict=True))
         self._groups = groups
         self._best(waiting, wrows)
 
@@ -223,36 +234,36 @@ class SpaceScores(abc.ABC):
         """Native FCFS order, with the annotated prefix before the first ordinary request
         re-sorted by score (the ordinary-request barrier) and, under high committed pressure,
         by active-prefix affinity within 500-point bands."""
-        keys = self._scores
-        ws = set(waiting)
-        if len(ws) == len(waiting) and not ws.difference(keys):
+        t = self.table
+        rows = self._rows_of(waiting)
+        if t.scored[rows].all():
             # Every request is annotated: the barrier is past the end, the whole queue is
-            # the head. Sorting the previous order (still queued, newcomers appended) is
-            # nearly linear; the keys are unique, so the result is the same from any start.
-            head = list(filter(ws.__contains__, self._head))
-            if len(head) < len(ws):
-                head.extend(ws.difference(head))
-            tail: list[Request] = []
+            # the head.
+            head, tail = list(waiting), []
         else:
             native = sorted(waiting, key=_NATIVE)
             cut = next((i for i, r in enumerate(native) if r.metadata is None), len(native))
             head, tail = native[:cut], native[cut:]
-        head.sort(key=keys.__getitem__)
-        self._head = head
+            rows = t.rows(head)
+        eff = t.eff[rows]
+        idx = np.lexsort((t.rid[rows], t.arrival[rows], -t.own[rows], -eff))  # last key first
+        head = [head[i] for i in idx.tolist()]
         band = self.cfg.cache_affinity_score_band
         cap = self.pool.capacity
         if (band > 0 and self.pool.enable_prefix_cache and head
                 and self.uncommitted <= cap * (1 - 0.75)):  # fmt: skip
-            head = self._affinity_bands(head, band)
+            head = self._affinity_bands(head, eff[idx].tolist(), band)
         return head + tail
 
-    def _affinity_bands(self, head: list[Request], band: int) -> list[Request]:
+    def _affinity_bands(self, head: list[Request], eff: list[int], band: int) -> list[Request]:
+        """``head`` (sorted, ``eff`` its effective scores) with each run of requests within
+        ``band`` points of the run's first re-sorted by active-prefix affinity."""
         out: list[Request] = []
         i = 0
         while i < len(head):
-            top = -self._scores[head[i]][0]
+            top = eff[i]
             j = i
-            while j < len(head) and -self._scores[head[j]][0] >= top - band:
+            while j < len(head) and eff[j] >= top - band:
                 j += 1
             group = head[i:j]
             group.sort(key=lambda r: self._affinity(r), reverse=True)  # stable: ties keep order
@@ -273,5 +284,5 @@ class SpaceScores(abc.ABC):
     def forget(self, r: Request) -> None:
         """``r`` left the engine: drop its row and its score (a later request reusing the id is a
         newcomer)."""
-        self._scores.pop(r, None)
+        self._scored.discard(r)
         self.table.drop(r)
