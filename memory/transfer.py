@@ -136,6 +136,8 @@ class TransferEngine:
         self._ids_sharding = replicated(self._kv_sharding)  # page ids: on every device
         self._host_sharding = host_kv.sharding
         self._host_of = {s.device: s for s in host_kv.shards}  # numpy tier: device -> shard
+        self.channel = None  # multi-process leader: announces each copy (tokencake.multihost)
+        self.group = None  # multi-process, every process: waits for new compiles together
         self._last_done: dict[str, float] = {"d2h": 0.0, "h2d": 0.0}
         # The waiter thread holds only the queue, never ``self``: a dropped engine is collected
         # (its KV pools freed) and the finalizer stops the thread; close() stops it at once.
@@ -256,9 +258,19 @@ class TransferEngine:
     def _dispatch(self, direction: str, dev: Sequence[int], host: Sequence[int]) -> _Marker:
         """Dispatch one bucketed piece; returns something whose ``is_ready()`` says it landed.
         (Tests override this to defer or fail copies.)"""
-        bucket, ids = self._pad(dev, DUMMY_PAGE)
+        _, ids = self._pad(dev, DUMMY_PAGE)
         _, hids = self._pad(host, DUMMY_HOST_BLOCK)
+        if self.channel is not None:  # the other processes copy their shards with these ids
+            self.channel.send_copy(direction, ids, hids)
+        return self.run_copy(direction, ids, hids)
+
+    def run_copy(self, direction: str, ids: np.ndarray, hids: np.ndarray) -> _Marker:
+        """Launch one bucketed copy of padded page ids (followers call this directly)."""
+        bucket = len(ids)
+        new = (direction, bucket) not in self._compiled
         fn = self._fn(direction, bucket)
+        if new and self.group is not None:  # every process compiled it (see ModelRunner)
+            self.group.barrier(f"copy/{direction}/{bucket}")
         o, hkv = self.owner, self.host
         # Page ids go to the executable as numpy: it places them (replicated) itself, and
         # jnp.asarray would compile a staging program per new shape.

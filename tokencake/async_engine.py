@@ -103,8 +103,16 @@ class AsyncEngine:
                     log.exception("engine step failed; aborting in-flight requests")
                     self._fail_all(exc)
                     continue
+                # A distributed run that lost a process stops for good (engine.failure): its
+                # requests end as "engine not running" (503), and so does this loop.
+                failure = getattr(self.engine, "failure", None)
                 for out in outputs:
-                    self._deliver(out.request_id, out if out.error is None else out.error)
+                    err = out.error
+                    if err is not None and err is failure:
+                        err = EngineDeadError(str(failure))
+                    self._deliver(out.request_id, out if err is None else err)
+                if failure is not None:
+                    raise failure
         except BaseException as exc:  # the thread must report, not vanish
             log.exception("engine loop crashed")
             self.error = exc

@@ -39,7 +39,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices per model")
     p.add_argument(
-        "--distributed", action="store_true", help="multi-host: call jax.distributed.initialize()"
+        "--distributed",
+        action="store_true",
+        help="one process per host joined by jax.distributed (JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID); process 0 serves, the others follow it",
     )
 
 
@@ -98,6 +101,9 @@ def _stream(engine, prompt, params) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tokencake.engine import LLMEngine
 
+    if args.distributed:  # every process would schedule on its own; serve has one leader
+        raise ValueError("--distributed is supported by 'tokencake serve' only")
+
     engine = LLMEngine(engine_config_from_args(args, max_num_seqs=1, warmup=False))
     prompt = args.prompt
     if not args.raw:
@@ -108,6 +114,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from tokencake.engine import LLMEngine
+
+    if args.distributed:  # every process would schedule on its own; serve has one leader
+        raise ValueError("--distributed is supported by 'tokencake serve' only")
 
     engine = LLMEngine(engine_config_from_args(args, max_num_seqs=1, warmup=False))
     messages: list[dict[str, str]] = []
@@ -141,7 +150,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tokencake.server.listen import listen_socket
 
     config = engine_config_from_args(args)
-    sock = listen_socket(args.host, args.port)  # before JAX loads: a taken port fails at once
+    if args.distributed:  # one process per host: process 0 serves, the others follow it
+        from tokencake.distributed import init_distributed
+        from tokencake.server.run import run_follower
+
+        init_distributed()
+        import jax
+
+        if jax.process_index() != 0:
+            return run_follower(config)
+    sock = listen_socket(args.host, args.port)  # before the model loads: a taken port fails now
+    from tokencake import multihost
     from tokencake.server.connections import ConnectionLimits
     from tokencake.server.run import run_server
 
@@ -151,18 +170,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout,
         keepalive_timeout_s=args.keepalive_timeout,
     )
-    run_server(
-        config,
-        args.host,
-        args.port,
-        args.api_key,
-        log_format=args.log_format,
-        sock=sock,
-        limits=limits,
-        lenient=args.lenient,
-        max_body_bytes=args.max_body_bytes,
-        body_timeout_s=args.body_timeout,
-    )
+    try:
+        run_server(
+            config,
+            args.host,
+            args.port,
+            args.api_key,
+            log_format=args.log_format,
+            sock=sock,
+            limits=limits,
+            lenient=args.lenient,
+            max_body_bytes=args.max_body_bytes,
+            body_timeout_s=args.body_timeout,
+        )
+    except multihost.ProcessGroupFailed as exc:
+        print(f"tokencake: error: {exc}", file=sys.stderr)
+        multihost.exit_now(1)
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tokencake import multihost
 from tokencake.choices import ChoiceGroups
 from tokencake.config import EngineConfig
 from tokencake.diagnostics import recompute_samples
@@ -105,6 +106,8 @@ class LLMEngine:
         self.transfer = None  # TransferEngine when the host tier is on
         if cfg.host_kv_gib > 0:
             self._build_host_tier()
+        # Several processes: process 0 leads, the others replay its device calls (follow()).
+        self.channel = multihost.attach(self.runner, self.transfer) if cfg.distributed else None
         self.scheduler = Scheduler(
             cfg.scheduler_config(max_len), self.pool, policy or cfg.policy, clock,
             self.host_pool, cost_model=self.cost_model, tokencake=cfg.tokencake,
@@ -119,6 +122,10 @@ class LLMEngine:
         self._rng = random.Random(cfg.seed)
         self._grammars = GrammarCompiler(tokenizer, model_config.vocab_size, self.eos_ids)
         self._choices = ChoiceGroups()  # n > 1 requests
+        self._stopped = False
+        # Set once a device call across processes fails (multi-process runs only): every
+        # process's KV must stay identical, so the engine stops for good (multihost.py).
+        self.failure: multihost.ProcessGroupFailed | None = None
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0}
         if cfg.warmup:
             self.warmup()
@@ -128,6 +135,16 @@ class LLMEngine:
         engine is garbage-collected; idempotent."""
         if self.transfer is not None:
             self.transfer.close()
+        if self.channel is not None and self.channel.leader and not self._stopped:
+            self._stopped = True
+            self.channel.stop()  # the followers return from follow()
+
+    def follow(self) -> int:
+        """A follower process (rank > 0 of a ``distributed`` run): replay the leader's device
+        calls until its engine closes; returns how many ran. Never schedules."""
+        if self.channel is None or self.channel.leader:
+            raise RuntimeError("follow() is for the non-leading processes of a distributed run")
+        return multihost.follow(self.channel, self.runner, self.transfer)
 
     def warmup(self, progress: bool = False) -> None:
         """Compile every step and transfer shape (``progress``: a bar on stderr) and profile
@@ -136,6 +153,10 @@ class LLMEngine:
         self.runner.warmup(progress=progress)
         if self.transfer is not None:
             self.transfer.warmup()
+        if self.channel is not None:
+            self.channel.barrier("warm")  # all compiled: from here on calls launch together
+            if not self.channel.leader:
+                return  # the leader's profiling steps reach this process through follow()
         if self.config.policy != "vllm" or self.transfer is not None:
             # Only the agent-aware policies and the host tier consult recompute costs;
             # profiling costs seconds of start-up, so the FCFS baseline skips it.
@@ -167,7 +188,9 @@ class LLMEngine:
         metadata: Any = None,
     ) -> str:
         """Queue a request; returns its id. Bad input raises :class:`RequestRejected` naming
-        it (nothing queued)."""
+        it (nothing queued); after a distributed run lost a process, its failure is raised."""
+        if self.failure is not None:
+            raise self.failure
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
@@ -334,6 +357,8 @@ class LLMEngine:
         If the device step itself fails, only that step's requests are aborted
         (``error`` is a :class:`StepFailed`). Choices of an ``n > 1`` request report under
         its id with their ``index`` (see :class:`RequestOutput`)."""
+        if self.failure is not None:
+            raise self.failure
         return self.run_step(self.plan_step())
 
     def plan_step(self) -> StepPlan:
@@ -351,6 +376,8 @@ class LLMEngine:
         try:
             tokens = self.loop.execute(plan)
         except Exception as exc:
+            if self.channel is not None:
+                return outputs + self._fail_group(exc)
             log.exception("device step failed; aborting the %d requests of that step",
                           len(plan.chunks))  # fmt: skip
             return outputs + self._fail_step(plan, exc)
@@ -389,6 +416,25 @@ class LLMEngine:
             if not req.status.finished:
                 self.scheduler.abort(req.request_id)
             if self._text.pop(req.request_id, None) is not None:
+                out.append(_error_output(req, err))
+        return out
+
+    def _fail_group(self, exc: Exception) -> list[RequestOutput]:
+        """A device call across processes failed (a process died or lost contact): the other
+        processes' KV can no longer be trusted, so every request in flight ends with a
+        :class:`~tokencake.multihost.ProcessGroupFailed` and the engine stops (``failure``)."""
+        log.error("a device call across the processes of the distributed run failed (%s: %s); "
+                  "failing every request in flight and stopping", type(exc).__name__, exc)  # fmt: skip
+        err = multihost.ProcessGroupFailed(
+            "a process of the distributed run failed (a device call across processes raised "
+            f"{type(exc).__name__}); the engine stopped"
+        )
+        err.__cause__ = exc
+        self.failure = err
+        out = []
+        for rid in list(self._text):
+            req = self.scheduler.abort(rid)
+            if self._text.pop(rid, None) is not None and req is not None:
                 out.append(_error_output(req, err))
         return out
 

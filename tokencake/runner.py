@@ -230,6 +230,8 @@ class ModelRunner:
         self._neutral_dev: dict[int, LogitsAdjust] = {}  # the same, resident on the device
         self.compile_seconds = 0.0
         self.strict = False  # after warm-up, a missing shape is an error
+        self.channel = None  # multi-process leader: announces each step (tokencake.multihost)
+        self.group = None  # multi-process, every process: waits for new compiles together
 
     # ---- the jitted step ---------------------------------------------------------------------
     def model(self, state: list[jax.Array]) -> DecoderLM:
@@ -264,9 +266,10 @@ class ModelRunner:
             self._neutral[rows] = adj
         return adj
 
-    def _abstract_inputs(
+    def abstract_inputs(
         self, rows: int, q: int, pages: int
     ) -> tuple[Batch, SamplingInputs, LogitsAdjust]:
+        """Shapes and dtypes of one step's host inputs for bucket ``(rows, q, pages)``."""
         i32 = jax.ShapeDtypeStruct
         batch = Batch(
             i32((rows, q), jnp.int32), i32((rows, q), jnp.int32), i32((rows,), jnp.int32),
@@ -288,7 +291,7 @@ class ModelRunner:
         if self.strict:
             raise RuntimeError(f"step shape {shape} was not compiled at warm-up (bucketing bug)")
         t0 = time.perf_counter()
-        batch, samp, adj = self._abstract_inputs(*shape)
+        batch, samp, adj = self.abstract_inputs(*shape)
         compiled = self._step.lower(self.state, self.k, self.v, batch, samp, adj).compile()
         self.compile_seconds += time.perf_counter() - t0
         self._compiled[shape] = compiled
@@ -332,7 +335,7 @@ class ModelRunner:
             pending.append((group, self._dispatch_group(group, shape)))
         out: dict[str, SampledToken] = {}
         for group, res in pending:
-            res = SampleOutput(*jax.device_get(tuple(res)))
+            res = SampleOutput(*_fetch(res))
             out.update(
                 (r.request_id, SampledToken(int(res.tokens[i]), float(res.logprob[i]),
                                             res.top_ids[i], res.top_logprobs[i]))
@@ -369,14 +372,34 @@ class ModelRunner:
             )
             seeds[i], counters[i], want_top[i] = r.seed, r.counter, r.want_top
             min_p[i] = r.min_p
-        compiled = self.compiled((s, q, p))
         # numpy goes straight to the executable: jnp.asarray would compile a staging program per
         # new shape, which breaks the no-compilation-after-warm-up rule.
         batch = Batch(ids, pos, q_lens, kv_lens, tables)
         samp = SamplingInputs(temp, top_k, top_p, seeds, counters, want_top, min_p)
         adj = self._adjust_inputs(rows, s)
+        if self.channel is not None:  # the other processes launch the same call with these
+            self.channel.send_step((s, q, p), (*batch, *samp, *adj))
+        compiled = self._compiled_together((s, q, p))  # (announced first: all compile at once)
         res, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj)
         return res
+
+    def run_inputs(self, shape: Shape, arrays: Sequence[np.ndarray]) -> None:
+        """A follower process: launch the compiled ``shape`` on the leader's flat inputs."""
+        nb, ns = len(Batch._fields), len(SamplingInputs._fields)
+        batch, samp = Batch(*arrays[:nb]), SamplingInputs(*arrays[nb : nb + ns])
+        adj = LogitsAdjust(*arrays[nb + ns :])
+        compiled = self._compiled_together(shape)
+        _, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj)
+
+    def _compiled_together(self, shape: Shape) -> jax.stages.Compiled:
+        """:meth:`compiled`; in a multi-process run a shape compiled just now is first waited
+        for by every process (XLA:CPU's collectives give up on a peer still compiling after
+        30 s). A shape compiled at warm-up needs no wait."""
+        new = shape not in self._compiled
+        compiled = self.compiled(shape)
+        if new and self.group is not None:
+            self.group.barrier(f"step/{shape}")
+        return compiled
 
     def _adjust_inputs(self, rows: Sequence[RowRequest], s: int) -> LogitsAdjust:
         """The group's adjustment arrays: the shared neutral ones unless a row uses one."""
@@ -394,6 +417,16 @@ class ModelRunner:
         for i, c in used:
             c.fill(i, adj)
         return adj
+
+
+def _fetch(res: SampleOutput) -> tuple[np.ndarray, ...]:
+    """A step's outputs on the host. Across processes (multi-controller) they are replicated
+    over devices this process cannot address, so each reads its own copy."""
+    if all(x.is_fully_addressable for x in res):
+        return jax.device_get(tuple(res))
+    if not all(x.sharding.is_fully_replicated for x in res):
+        raise RuntimeError("step outputs are not replicated: they cannot be read on one process")
+    return tuple(np.asarray(x.addressable_data(0)) for x in res)
 
 
 # ---- sampling (inside the jitted step) -------------------------------------------------------

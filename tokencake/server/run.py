@@ -122,7 +122,11 @@ def run_server(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
+        if engine_config.distributed:  # a run that lost a process cannot serve again: stop
+            watch = loop.create_task(_stop_when_dead(engine, stop))
         await stop.wait()
+        if engine_config.distributed:
+            watch.cancel()
         log.info(json.dumps({"event": "shutdown"}))
         await runner.cleanup()
 
@@ -130,6 +134,37 @@ def run_server(
         asyncio.run(main())
     finally:
         engine.shutdown()
+    if engine_config.distributed and engine.error is not None:
+        raise engine.error  # LLMEngine.failure: a process of the run died (tokencake.multihost)
+
+
+async def _stop_when_dead(engine: AsyncEngine, stop: asyncio.Event) -> None:
+    while engine.alive:
+        await asyncio.sleep(0.2)
+    log.error(json.dumps({"event": "engine_stopped", "error": str(engine.error)}))
+    stop.set()
+
+
+def run_follower(engine_config: EngineConfig) -> int:
+    """A process of a ``distributed`` run other than process 0: load and warm up the same
+    engine, then replay the leader's device calls until it shuts down (tokencake.multihost).
+    Serves nothing. Returns 0 when the leader stopped normally; if the leader is gone or the
+    run failed, reports it and ends the process at once (``multihost.exit_now``)."""
+    from tokencake import multihost
+
+    engine = _load_engine(engine_config, progress=False)
+    try:
+        calls = engine.follow()
+    except Exception as exc:  # the coordination service (process 0) is gone, or a call failed
+        print(
+            f"tokencake: error: following process 0 failed ({type(exc).__name__}: {exc}); "
+            "the leader is gone or the run lost a process",
+            file=sys.stderr,
+        )
+        multihost.exit_now(1)
+    engine.close()
+    log.info("process 0 shut down after %d device calls; this follower stops", calls)
+    return 0
 
 
 def _load_engine(config: EngineConfig, progress: bool) -> Any:
