@@ -4,6 +4,15 @@ peak memory, roofline fraction, and (optionally) Hugging Face transformers in th
     python bench/bench_engine.py [--batches 1,8,32] [--prefill 512] [--hf-python /path/to/python]
                                  [--out results.json]
 
+``--overlap`` measures overlap scheduling instead (issue 17 item 3): a decode-heavy run of
+``--rows`` (64) running requests under the ``tokencake`` policy with ``--queue`` (1,000)
+annotated requests waiting, ``EngineConfig.overlap`` off and on in interleaved rounds on one
+engine. It prints the wall time per step, generated tok/s and the device idle time between
+step calls (a helper thread timestamps when each call's result is ready; ``--model tiny`` is
+the test suite's random tiny model, whose short steps show the host's share):
+
+    python bench/bench_engine.py --overlap [--model default|tiny] [--rounds 3] [--steps 40]
+
 ``--hf-python`` points at an interpreter that has torch + transformers + gguf (see
 tests/golden/make_golden.py for how to make one); it measures HF's eager f32 model on the same
 GGUF weights and the same shapes, so the ratio is taken in one run on one machine.
@@ -13,9 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
+import random
 import resource
+import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -24,6 +37,10 @@ from tokencake.config import EngineConfig
 from tokencake.engine import LLMEngine
 from tokencake.models.hub import default_model_path, resolve_model
 from tokencake.runner import RowRequest
+from tokencake.sampling_params import SamplingParams
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_schedule import annotated_metadata  # noqa: E402
 
 HF_SCRIPT = r"""
 import json, sys, time, torch
@@ -96,6 +113,127 @@ def measure(engine: LLMEngine, batches: list[int], prefill: int, steps: int) -> 
     return out
 
 
+class DeviceTimeline:
+    """When each step call was dispatched (its dispatch returned) and when the device finished
+    it (a helper thread blocks on its result), so the device's idle time between calls is
+    measured rather than inferred: call ``i`` waits for the device from ``done[i-1]`` (if the
+    device was idle) until it is dispatched."""
+
+    def __init__(self, runner) -> None:
+        self.calls: list[tuple[float, float]] = []  # (dispatched, done), in dispatch order
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.dispatched = 0
+        orig = runner._dispatch_group
+
+        def timed(*args, **kwargs):
+            res, tokens = orig(*args, **kwargs)
+            t = time.perf_counter()
+            self.dispatched += 1
+            self._q.put((t, res.tokens))
+            return res, tokens
+
+        runner._dispatch_group = timed
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            t, arr = self._q.get()
+            arr.block_until_ready()
+            self.calls.append((t, time.perf_counter()))
+
+    def idle(self, t0: float, t1: float) -> tuple[float, int]:
+        """Seconds the device waited for the host between calls dispatched in ``[t0, t1]``,
+        and how many calls that was. Waits until every call dispatched so far has finished."""
+        while len(self.calls) < self.dispatched:
+            time.sleep(0.001)
+        idle, n, prev_done = 0.0, 0, None
+        for dispatched, done in self.calls:
+            if t0 <= dispatched <= t1:
+                if prev_done is not None:
+                    idle += max(0.0, dispatched - prev_done)
+                n += 1
+            prev_done = done
+        return idle, n
+
+
+def overlap_round(
+    engine: LLMEngine, timeline: DeviceTimeline, args, seed: int, tag: str
+) -> dict[str, float]:
+    """One measured run: ``--queue`` annotated requests queued, the running set filled to
+    ``--rows``, then ``--steps`` timed engine steps; finally everything aborted and drained."""
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    ids = []
+    for n in range(args.queue):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randrange(16, 64))]
+        sp = SamplingParams(max_tokens=rng.randrange(64, 256), ignore_eos=True)
+        ids.append(engine.add_request(prompt, sp, f"{tag}-{n}", metadata=annotated_metadata(n)))
+    for _ in range(200):  # fill the running set (prefills), untimed
+        engine.step()
+        if len(engine.scheduler.running) >= args.rows and not any(
+            r.is_prefill for r in engine.scheduler.running
+        ):
+            break
+    for _ in range(3):
+        engine.step()
+    tokens, t0 = 0, time.perf_counter()
+    for _ in range(args.steps):
+        tokens += sum(len(o.delta_token_ids) for o in engine.step())
+    t1 = time.perf_counter()
+    idle, calls = timeline.idle(t0, t1)
+    running = len(engine.scheduler.running)
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    wall = t1 - t0
+    return {"step_ms": 1e3 * wall / args.steps, "tok_s": tokens / wall,
+            "idle_ms_per_step": 1e3 * idle / args.steps, "idle_frac": idle / wall,
+            "calls_per_step": calls / args.steps, "running": running}  # fmt: skip
+
+
+def measure_overlap(args) -> None:
+    """Overlap scheduling off vs on, interleaved rounds on one engine (module docstring)."""
+    import os
+
+    sys.setswitchinterval(0.0005)  # the timeline thread must not wait 5 ms for the GIL
+    if args.model == "tiny":
+        from tokencake.models.config import tiny_config
+        from tokencake.models.tokenizer import Tokenizer
+        from tokencake.models.weights import random_params
+
+        cfg = tiny_config(max_position_embeddings=1024)
+        params, tok, name = random_params(cfg, 0), Tokenizer.byte_level_for_tests(), "tiny"
+    else:
+        cfg, params, tok, name = resolve_model(None)
+    engine = LLMEngine(
+        EngineConfig(num_pages=64 * 24 + 64, max_model_len=512, max_num_seqs=args.rows,
+                     max_num_batched_tokens=512, max_prefill_chunk=256, max_prefill_seqs=4,
+                     policy="tokencake", warmup=False),
+        model_config=cfg, params=params, tokenizer=tok, model_name=name,
+    )  # fmt: skip
+    timeline = DeviceTimeline(engine.runner)
+    res: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    engine.set_overlap(False)
+    overlap_round(
+        engine, timeline, args, seed=999, tag="warm"
+    )  # compiles the shapes used; not counted
+    for r in range(args.rounds):
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            engine.set_overlap(mode == "on")
+            res[mode].append(overlap_round(engine, timeline, args, seed=r, tag=f"{mode}{r}"))
+            print(f"round {r} overlap {mode:3s}: " + "  ".join(
+                f"{k} {v:.3f}" for k, v in res[mode][-1].items()), flush=True)  # fmt: skip
+    print(f"model {name}, {args.rows} rows, queue {args.queue}, policy tokencake, "
+          f"{args.steps} timed steps x {args.rounds} rounds; load {os.getloadavg()}")  # fmt: skip
+    print(f"{'median':18s} {'off':>10s} {'on':>10s} {'on/off':>8s}")
+    for k in ("step_ms", "tok_s", "idle_ms_per_step", "idle_frac"):
+        off = statistics.median(x[k] for x in res["off"])
+        on = statistics.median(x[k] for x in res["on"])
+        print(f"{k:18s} {off:10.3f} {on:10.3f} {on / off if off else float('nan'):8.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -111,7 +249,15 @@ def main() -> None:
         help="measured memory read bandwidth for the roofline",
     )
     ap.add_argument("--out", default=None)
+    ap.add_argument("--overlap", action="store_true", help="measure overlap scheduling only")
+    ap.add_argument("--model", default="default", choices=("default", "tiny"))
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--queue", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.overlap:
+        measure_overlap(args)
+        return
     batches = [int(b) for b in args.batches.split(",")]
     cfg, params, tok, name = resolve_model(None)
     t = time.perf_counter()

@@ -35,6 +35,15 @@ from tokencake.scheduler.sim_executor import SimClock, SimExecutor
 POLICIES = "vllm,vllm-offload,continuum,infercept,tokencake,tokencake-space,tokencake-time"
 
 
+def annotated_metadata(n: int) -> dict:
+    """Agent hints of the ``n``-th synthetic request (ten agent types, five depths, joins)."""
+    return {"agent_type": f"type{n % 10}", "importance": float(n % 10), "depth": n % 5,
+            "application_max_depth": 5, "remaining_depth": 4 - n % 5,
+            "join_group": f"g{n % 7}" if n % 3 == 0 else "",
+            "application_started_at_s": 1.0 + n % 20, "offload_eligible": True,
+            "reusable_prefix": True}  # fmt: skip
+
+
 class Bench:
     """A scheduler on the simulator, with an annotated request generator to keep it loaded."""
 
@@ -70,11 +79,7 @@ class Bench:
     def add(self, k: int) -> None:
         for _ in range(k):
             n = self.n
-            md = {"agent_type": f"type{n % 10}", "importance": float(n % 10), "depth": n % 5,
-                  "application_max_depth": 5, "remaining_depth": 4 - n % 5,
-                  "join_group": f"g{n % 7}" if n % 3 == 0 else "",
-                  "application_started_at_s": 1.0 + n % 20, "offload_eligible": True,
-                  "reusable_prefix": True}  # fmt: skip
+            md = annotated_metadata(n)
             prompt = [self.rng.randrange(1, 30000) for _ in range(self.rng.randrange(32, 120))]
             out = self.rng.randint(*self.max_tokens)
             self.s.add_request(Request(f"r{n}", prompt, out, self.clock(), metadata=md))

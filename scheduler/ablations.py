@@ -1,5 +1,6 @@
-"""Tokencake with one mechanism switched off (or, for full-future admission, on), by name:
-``tokencake-no-<mechanism>``. The ablation table of ``bench/RESULTS.md`` runs each of them.
+"""Tokencake with one mechanism switched off (or, for those off by default, on), by name:
+``tokencake-no-<mechanism>`` / ``tokencake-with-<mechanism>``. The ablation table of
+``bench/RESULTS.md`` runs each of them.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "no-reservations": ({"reserve_ratio_min": 0.0, "reserve_ratio_max": 0.0}, {}),
     "no-scoring": ({"admission_order": "arrival"}, {}),
     "no-keep": ({}, {"keep": False}),
-    "no-offload": ({}, {"selective_offload": False}),
-    "no-predictive-upload": ({}, {"predictive_upload": False}),
     "no-reuse-eviction": ({}, {"reuse_aware_eviction": False}),
     "no-write-back": ({}, {"write_back_all": False}),
     "no-inflight-sharing": ({"defer_inflight_prefix": False}, {}),
     "no-backfill": ({"backfill": False}, {}),
     "with-full-future-admission": ({"reserve_generation_tokens": True}, {}),
+    # selective offload is off by default (issue 12); predictive upload acts only with it
+    "with-offload": ({}, {"selective_offload": True}),
+    "with-offload-no-predictive-upload": (
+        {},
+        {"selective_offload": True, "predictive_upload": False},
+    ),
 }
 
 

@@ -32,7 +32,7 @@ from tokencake.scheduler.limits import check_fits
 from tokencake.scheduler.plan import Executor, ScheduledChunk, StepPlan
 from tokencake.scheduler.policies import policy_factory
 from tokencake.scheduler.policy import Admission, PolicyContext, PolicyFactory
-from tokencake.scheduler.request import Request, RequestStatus
+from tokencake.scheduler.request import PENDING_TOKEN, Request, RequestStatus
 from tokencake.scheduler.tokencake_config import TokencakeConfig
 
 _ARRIVAL = attrgetter("arrival_time")
@@ -112,6 +112,9 @@ class Scheduler:
         has ended anyway) and never leaves blocks or queue entries behind."""
         if req.status.finished:
             return
+        if req.num_pending:  # its last token never comes back (overlap): drop the placeholder
+            del req.output_token_ids[-req.num_pending :]
+            req.num_pending = 0
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:
@@ -284,6 +287,8 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING or awaiting(req.request_id):
                 continue  # preempted as a victim this step, or its prefix pages are in flight
+            if req.num_pending and len(req.output_token_ids) >= req.max_tokens:
+                continue  # its last token is in flight (overlap): nothing left to compute
             start = req.num_computed_tokens
             left = len(req.prompt_token_ids) + len(req.output_token_ids) - start
             n = min(left, chunk, budget) if left > 1 else 1  # prefill rows take a chunk
@@ -366,25 +371,65 @@ class Scheduler:
         now = self.clock()
         produced = []
         for chunk in plan.chunks:
-            req = chunk.request
-            if req.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            end = chunk.start + chunk.num_tokens
-            # Re-execution: the part of this chunk the request already had once (its start
-            # is what it holds now, by computation, prefix hit or copy-in).
-            hwm = max(req.max_computed_tokens, chunk.start)
-            req.num_recomputed_tokens += max(0, min(end, hwm) - chunk.start)
-            req.max_computed_tokens = max(hwm, end)
-            req.num_computed_tokens = end
-            self._register_full_blocks(req)
-            if chunk.samples and req.request_id in sampled:
+            if self._advance_chunk(chunk) and chunk.request.request_id in sampled:
+                req = chunk.request
                 req.output_token_ids.append(sampled[req.request_id])
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                produced.append(req)
-                if len(req.output_token_ids) >= req.max_tokens:
-                    self.finish(req, RequestStatus.FINISHED_LENGTH)
+                self._took_token(req, now, produced)
         return produced
+
+    # ---- overlap scheduling: update in two halves around the device step ------------------
+    def advance(self, plan: StepPlan) -> list[Request]:
+        """The first half of :meth:`update`, right after ``plan`` was dispatched and before
+        its tokens are read: progress advances as if the step had run, and every request
+        whose chunk samples gets a :data:`PENDING_TOKEN`, so the next :meth:`schedule` plans
+        its decode row (and allocates its next block) now. Returns those requests, for
+        :meth:`resolve`. Assumes the step succeeds; a failed step aborts its requests."""
+        pending = []
+        for chunk in plan.chunks:
+            if self._advance_chunk(chunk):
+                req = chunk.request
+                req.output_token_ids.append(PENDING_TOKEN)
+                req.num_pending += 1
+                pending.append(req)
+        return pending
+
+    def resolve(self, pending: list[Request], sampled: Mapping[str, int]) -> list[Request]:
+        """The second half of :meth:`update`: fill in the tokens :meth:`advance` left pending
+        with the step's sampled ``sampled``. A request finished meanwhile (an abort) had its
+        placeholder removed by :meth:`finish` and is skipped; one preempted meanwhile keeps
+        its token (its recompute includes it). Returns the requests that got a token."""
+        now = self.clock()
+        produced = []
+        for req in pending:
+            if req.status.finished or not req.num_pending:
+                continue
+            req.output_token_ids[-1] = sampled[req.request_id]
+            req.num_pending -= 1
+            self._took_token(req, now, produced)
+        return produced
+
+    def _advance_chunk(self, chunk: ScheduledChunk) -> bool:
+        """Progress of one executed chunk; True if it sampled a token for a running request."""
+        req = chunk.request
+        if req.status is not RequestStatus.RUNNING:
+            return False  # aborted while the step ran
+        end = chunk.start + chunk.num_tokens
+        # Re-execution: the part of this chunk the request already had once (its start
+        # is what it holds now, by computation, prefix hit or copy-in).
+        hwm = max(req.max_computed_tokens, chunk.start)
+        req.num_recomputed_tokens += max(0, min(end, hwm) - chunk.start)
+        req.max_computed_tokens = max(hwm, end)
+        req.num_computed_tokens = end
+        self._register_full_blocks(req)
+        return chunk.samples
+
+    def _took_token(self, req: Request, now: float, produced: list[Request]) -> None:
+        """Bookkeeping of a token just appended to ``req``: first-token time, length limit."""
+        if req.first_token_time is None:
+            req.first_token_time = now
+        produced.append(req)
+        if len(req.output_token_ids) >= req.max_tokens:
+            self.finish(req, RequestStatus.FINISHED_LENGTH)
 
     def _register_full_blocks(self, req: Request) -> None:
         full = req.num_computed_tokens // self.pool.block_size

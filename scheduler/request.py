@@ -8,6 +8,10 @@ from typing import Any
 
 from tokencake.memory.block_pool import chain_hash
 
+#: Stands in ``output_token_ids`` for a token sampled by a step still running on the device
+#: (overlap scheduling: the next step is planned before this one's tokens are read back).
+PENDING_TOKEN = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -53,6 +57,9 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     reuse_ranked: bool = False  # its cached prefix was ranked for eviction while it queued
+    # Trailing ``output_token_ids`` that are PENDING_TOKEN: sampled by the step in flight,
+    # read back and filled in by ``Scheduler.resolve`` (0 or 1; always 0 without overlap).
+    num_pending: int = 0
     _hashed_blocks: int = 0  # how many leading full blocks are registered in the prefix cache
     _block_hashes: list[bytes] = field(default_factory=list)
 
@@ -84,9 +91,10 @@ class Request:
     def block_hashes(self, block_size: int) -> list[bytes]:
         """Chained hashes of every full block of the tokens so far (one scheduler, one block
         size). Extended incrementally and shared by every caller: tokens only grow, so earlier
-        hashes stay valid, and a decode step no longer rehashes the whole sequence."""
+        hashes stay valid, and a decode step no longer rehashes the whole sequence. A block
+        holding a pending token (still on the device) is not full yet."""
         hs = self._block_hashes
-        full = self.num_tokens // block_size
+        full = (self.num_tokens - self.num_pending) // block_size
         if len(hs) < full:
             tokens = self.all_token_ids
             for i in range(len(hs), full):

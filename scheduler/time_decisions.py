@@ -1,7 +1,8 @@
 """The Time Scheduler's per-tool-call decision: the three actions, what a decision rule sees
 (:class:`DecisionContext`) and the rules of the compared systems.
 
-* :func:`tokencake_decide`: OFFLOAD when the benefit function selects it, else KEEP when
+* :func:`tokencake_decide`: OFFLOAD when the benefit function selects it (and
+  ``offload.selective_offload`` is on: off by default since issue 12), else KEEP when
   holding the blocks costs less than getting them back, else DROP;
 * :func:`continuum_decide`: KEEP (a TTL pin) when the tool is predicted short;
 * :func:`infercept_decide`: InferCept's min-waste rule over preserve / discard / swap.

@@ -403,6 +403,10 @@ class TimeScheduler:
         self._stores.append(self.step)
         self._last_store_step = self.step
         self._count("offloads")
+        # With write-back of every block the host usually has them all already (new = 0):
+        # the offload then only schedules the restore (bench/RESULTS.md, issue 12 round 4).
+        self._count("offload_blocks", count)
+        self._count("offload_new_blocks", len(dst))
         if dst:  # the tracker holds ``src`` until the copy lands (a kept call keeps its pins)
             landed = partial(self._offloaded, p)
             p.inflight = self.copies.issue("d2h", src, dst, self._tag("d2h", p), self, landed)
@@ -423,6 +427,8 @@ class TimeScheduler:
         p.pins = list(hits)
         p.upload_at = math.inf
         self._count("uploads")
+        self._count("upload_device_hits", len(hits))  # still cached on device: pinned
+        self._count("upload_copied_blocks", n)
         if n:
             landed = partial(self._uploaded, p, rest[:n])
             p.inflight = self.copies.issue(

@@ -168,8 +168,14 @@ class TimeConfig:
     churn_budget_stores: int = 64
     # ours: keep-on-device with a TTL (Continuum-style safety valve); ``keep`` False never pins
     keep: bool = True
-    # the benefit-selected OFFLOAD action (§5.6); False: never offload selectively
-    selective_offload: bool = True
+    # the benefit-selected OFFLOAD action (§5.6) with its predictive upload. Off by default
+    # since issue 12: with ``write_back_all`` the host already holds a finished agent's blocks
+    # (on the authors' workload 0 of 30,856 offloaded blocks needed a copy), so OFFLOAD only
+    # schedules a restore whose reserved and pinned device blocks cost more than the copy-in
+    # they save. Off vs on, total E2E at 12 apps @ 1.0 apps/s: authors -0.9%, deep-research
+    # +0.4%, code-writer -1.2% (bench/RESULTS.md, "Ablation, fourth round"). The
+    # ``tokencake-with-offload`` ablation switches it on.
+    selective_offload: bool = False
     keep_ttl_factor: float = 1.5
     keep_ttl_min_s: float = 0.5
     keep_ttl_max_s: float = 60.0

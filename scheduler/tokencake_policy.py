@@ -1,7 +1,8 @@
 """Agent-aware policies on the shared scheduler core.
 
 * ``tokencake``: Space Scheduler (scores, reservations, admission, victims) and Time
-  Scheduler (keep / offload with predictive upload / drop per tool call). Since issue 12 it
+  Scheduler (keep / drop per tool call; offload with predictive upload is
+  ``offload.selective_offload``, off by default since issue 12). Since issue 12 it
   also writes every finished request's blocks back to the host tier and swaps victims
   (``offload.write_back_all``), defers a fan-out sibling whose next block a running prefill is
   computing (``scheduling.defer_inflight_prefix``), and admits by the current sequence

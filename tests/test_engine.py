@@ -198,7 +198,7 @@ def test_no_compilation_after_warmup(make_engine):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        run_batch(engine, PROMPTS)
+        plain = run_batch(engine, PROMPTS)
         run_batch(
             engine,
             [p * 2 for p in PROMPTS[:2]],
@@ -215,7 +215,14 @@ def test_no_compilation_after_warmup(make_engine):
             SamplingParams(max_tokens=30, logit_bias={70: 5.0}, temperature=0.9, min_p=0.1),
             GREEDY,
         ]
-        LLM.from_engine(engine).generate(PROMPTS[: len(mixed)], mixed)
+        sync = LLM.from_engine(engine).generate(PROMPTS[: len(mixed)], mixed)
+        # Overlap scheduling (tests/test_overlap.py) feeds tokens between steps on the
+        # device and must not compile anything either; constrained rows fall back to sync.
+        engine.set_overlap(True)
+        assert run_batch(engine, PROMPTS) == plain
+        over = LLM.from_engine(engine).generate(PROMPTS[: len(mixed)], mixed)
+        assert [o.token_ids for o in over] == [o.token_ids for o in sync]
+        assert engine.overlap.overlapped_steps > 0
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [], f"compiled after warm-up: {compiles}"

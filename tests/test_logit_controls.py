@@ -11,7 +11,7 @@ import pytest
 from tokencake.diagnostics import prompt_logits
 from tokencake.models.logits_adjust import LogitsAdjust, adjust_logits, mask_words
 from tokencake.row_controls import MAX_LOGIT_BIAS, RowControls, TokenCounts
-from tokencake.runner import _min_p_filtered
+from tokencake.sampler import _min_p_filtered
 from tokencake.sampling_params import SamplingParams
 
 V = 100

@@ -35,8 +35,13 @@ DT = 0.02  # simulated seconds per engine step
 BS = TINY_ENGINE["page_size"]
 # The scheduled offload path: with ``offload.write_back_all`` (the default) a finished agent's
 # blocks are copied to the host tier as it finishes, so there is nothing left to offload when its
-# tool starts; these tests switch write-back off to exercise the Time Scheduler's own copies.
-TC = "tokencake-no-write-back"
+# tool starts; these tests switch write-back off to exercise the Time Scheduler's own copies, and
+# switch the selective OFFLOAD action on (off by default since issue 12: it did not pay).
+TC = "tokencake-scheduled-offload"
+#: test policy name -> (registered policy, ``EngineConfig.tokencake`` override)
+POLICY_CONFIGS = {
+    TC: ("tokencake", {"offload": {"write_back_all": False, "selective_offload": True}}),
+}
 AGENT = dict(agent_type="planner", offload_eligible=True, reusable_prefix=True)
 TOOL_RESULT = [5, 6, 7, 8, 9, 10]
 
@@ -107,7 +112,10 @@ class Run:
 def _engine(model, policy: str, pressure: bool = True, tp: int = 1) -> tuple[LLMEngine, SimClock]:
     cfg, params, tok = model
     clock = SimClock(100.0)
-    over = dict(policy=policy, tensor_parallel_size=tp)
+    name, tokencake = POLICY_CONFIGS.get(policy, (policy, None))
+    over = dict(policy=name, tensor_parallel_size=tp)
+    if tokencake is not None:
+        over["tokencake"] = tokencake
     if pressure:  # 22 usable blocks: D (14) + A (7) fill the pool; B needs A's 7
         over.update(num_pages=23, host_kv_gib=0.001)
     eng = LLMEngine(EngineConfig(**{**TINY_ENGINE, **over}), model_config=cfg, params=params,

@@ -44,6 +44,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="one process per host joined by jax.distributed (JAX_COORDINATOR_ADDRESS, "
         "JAX_NUM_PROCESSES, JAX_PROCESS_ID); process 0 serves, the others follow it",
     )
+    p.add_argument(
+        "--overlap",
+        action="store_true",
+        help="plan and dispatch each step while the one before runs on the device",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace, **extra: Any):
@@ -54,6 +59,7 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any):
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
         attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
         distributed=args.distributed, tokencake=_tokencake_config(args.tokencake_config),
+        overlap=args.overlap,
     )  # fmt: skip
     return EngineConfig(**{**options, **extra})
 

@@ -28,6 +28,8 @@ class EngineConfig:
     ``max_prefill_seqs`` bounds how many prompt chunks share one step. ``policy`` is any
     registered policy name (``tokencake.scheduler.policies.policy_names()``); ``tokencake``
     (a :class:`TokencakeConfig` or its ``from_dict`` form) tunes the agent-aware policies.
+    ``overlap`` plans and dispatches each step while the one before still runs on the
+    device (``tokencake/overlap.py``; same greedy outputs; one device, for now).
     """
 
     model: str | None = None
@@ -50,6 +52,7 @@ class EngineConfig:
     distributed: bool = False  # call jax.distributed.initialize() (multi-host SPMD)
     warmup: bool = True
     seed: int = 0
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -74,6 +77,10 @@ class EngineConfig:
                 raise TypeError("tokencake must be a TokencakeConfig, a dict or None")
             # frozen: normalise once, so every reader sees a TokencakeConfig
             object.__setattr__(self, "tokencake", TokencakeConfig.from_dict(self.tokencake))
+        if self.overlap and (self.tensor_parallel_size > 1 or self.distributed):
+            raise ValueError(
+                "overlap is not supported with tensor_parallel_size > 1 or distributed yet"
+            )
         if self.max_prefill_chunk > self.max_num_batched_tokens:
             raise ValueError("max_prefill_chunk cannot exceed max_num_batched_tokens")
 

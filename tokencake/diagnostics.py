@@ -36,12 +36,20 @@ def time_shapes(runner: ModelRunner, shapes: list[Shape], rounds: int = 7) -> di
         batch = Batch(np.zeros((s, q), np.int32), np.zeros((s, q), np.int32), one, one,
                       np.full((s, p), DUMMY_PAGE, np.int32))  # fmt: skip
         samp = SamplingInputs(zf, zi, np.ones((s,), np.float32), zi, zi, zi, zf)
-        calls[(s, q, p)] = (runner.compiled((s, q, p)), batch, samp, runner.neutral_adjust(s))
+        calls[(s, q, p)] = (
+            runner.compiled((s, q, p)),
+            batch,
+            samp,
+            runner.neutral_adjust(s),
+            runner.idle_feed(s),
+        )
     times: dict[Shape, list[float]] = {shape: [] for shape in calls}
     for i in range(rounds + 1):
-        for shape, (step, batch, samp, adj) in calls.items():
+        for shape, (step, batch, samp, adj, feed) in calls.items():
             t0 = time.perf_counter()
-            res, runner.k, runner.v = step(runner.state, runner.k, runner.v, batch, samp, adj)
+            res, _, runner.k, runner.v = step(
+                runner.state, runner.k, runner.v, batch, samp, adj, feed
+            )
             jax.block_until_ready(res)
             if i:  # the first round pays one-off allocation
                 times[shape].append(time.perf_counter() - t0)

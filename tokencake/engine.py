@@ -7,6 +7,7 @@ front (``async_engine.py``) drives it from one dedicated thread.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -29,8 +30,9 @@ from tokencake.memory.kv_cache import KVCacheSpec
 from tokencake.models.config import ModelConfig
 from tokencake.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokencake.outputs import KVStats, RequestOutput, TokenLogprob
+from tokencake.overlap import OverlapLoop
 from tokencake.row_controls import RowControls
-from tokencake.runner import EngineExecutor, ModelRunner, RowSampling
+from tokencake.runner import EngineExecutor, ModelRunner, RowSampling, SampledToken
 from tokencake.sampling_params import SamplingParams
 from tokencake.scheduler.core import Scheduler, StepLoop
 from tokencake.scheduler.errors import RequestRejected
@@ -116,6 +118,7 @@ class LLMEngine:
             self.runner, self.transfer, self.scheduler.copies, self._sampling_of
         )
         self.loop = StepLoop(self.scheduler, self.executor)  # the simulator's loop too
+        self.overlap = OverlapLoop(self) if cfg.overlap else None
         self.eos_ids = frozenset(model_config.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
@@ -338,8 +341,21 @@ class LLMEngine:
         """
         return self.scheduler.lifecycle_event(event)
 
+    def set_overlap(self, on: bool) -> None:
+        """Turn overlap scheduling (``EngineConfig.overlap``, its initial state) on or off
+        while no step is in flight, e.g. to compare both on one warmed-up engine."""
+        if self.overlap is not None and self.overlap.in_flight is not None:
+            raise RuntimeError("set_overlap: a step is in flight; finish the requests first")
+        if on:
+            dataclasses.replace(self.config, overlap=True)  # raises where overlap is unsupported
+        self.overlap = OverlapLoop(self) if on else None
+
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work or self.scheduler.copies.in_flight > 0
+        return (
+            self.scheduler.has_work
+            or self.scheduler.copies.in_flight > 0
+            or (self.overlap is not None and self.overlap.in_flight is not None)
+        )
 
     def seconds_until_timer(self) -> float:
         """Seconds until the scheduler has timed work with no request running (a predictive
@@ -367,8 +383,10 @@ class LLMEngine:
         return self.loop.plan()
 
     def run_step(self, plan: StepPlan) -> list[RequestOutput]:
-        """The rest of :meth:`step`: execute ``plan``, update, detokenize and stop."""
-        outputs = self._run(plan)
+        """The rest of :meth:`step`: execute ``plan``, update, detokenize and stop. With
+        ``overlap`` on, ``plan`` is dispatched and the outputs are the step before's
+        (``tokencake/overlap.py``)."""
+        outputs = self._run(plan) if self.overlap is None else self.overlap.run(plan)
         return self._choices.relabel(outputs) if self._choices else outputs
 
     def _run(self, plan: StepPlan) -> list[RequestOutput]:
@@ -384,7 +402,12 @@ class LLMEngine:
         if not plan.chunks:
             return outputs
         produced = self.loop.update(plan, tokens)
-        sampled = self.executor.samples
+        return outputs + self._outputs(produced, self.executor.samples)
+
+    def _outputs(self, produced: list[Request], sampled: dict[str, SampledToken]) -> list:
+        """Postprocess a finished step's new tokens (``produced`` got one each); a request
+        whose postprocessing breaks is aborted alone. Then every fault's error output."""
+        outputs = []
         self.stats["steps"] += 1
         for req in produced:
             state = self._text.get(req.request_id)

@@ -10,8 +10,11 @@ device, through one jitted step (model forward over the paged KV, then sampling)
   mid-serving. Decode rows (one token) and prefill chunks run as two calls of the same step
   function with different bucket shapes, so a long prompt chunk does not pad every decode row
   to its length.
-* :func:`sample` picks each row's token inside the jitted step, so only ``[S]`` ints (and the
-  logprobs asked for) leave the device, not logits.
+* :func:`~tokencake.sampler.sample` picks each row's token inside the jitted step, so only
+  ``[S]`` ints (and the logprobs asked for) leave the device, not logits.
+* Overlap scheduling (``tokencake/overlap.py``): :meth:`ModelRunner.dispatch` returns before
+  the device finishes and can feed a row's last token from the previous step's device buffer
+  (:class:`TokenFeed`); :meth:`ModelRunner.collect` reads the tokens.
 
 The runner's configuration is ``runner_config.py``; measurements outside serving (step
 timings, prompt logits) are ``diagnostics.py``.
@@ -38,12 +41,13 @@ from tokencake.models import sharding
 from tokencake.models.attention.backend import get_backend
 from tokencake.models.config import ModelConfig
 from tokencake.models.llama import Batch, DecoderLM
-from tokencake.models.logits_adjust import LogitsAdjust, adjust_logits, mask_words
+from tokencake.models.logits_adjust import LogitsAdjust, mask_words
 from tokencake.row_controls import MAX_LOGIT_BIAS, RowControls
 from tokencake.runner_config import RunnerConfig, enable_compilation_cache
+from tokencake.sampler import SampleOutput, SamplingInputs, sample
 from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.plan import BlockCopy, ScheduledChunk, StepPlan
-from tokencake.scheduler.request import Request
+from tokencake.scheduler.request import PENDING_TOKEN, Request
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +144,35 @@ class EngineExecutor:
         self._landed: list[TransferHandle] = []  # finished while waiting, not reported yet
 
     def execute(self, plan: StepPlan) -> dict[str, int]:
+        self.samples = {}
+        handle = self.dispatch(plan)
+        if handle is None:
+            return {}
+        return {k: v.token for k, v in self.collect(handle).items()}
+
+    def dispatch(
+        self, plan: StepPlan, after: StepHandle | None = None, feed: bool = False
+    ) -> StepHandle | None:
+        """The first half of :meth:`execute`: issue the plan's copies and dispatch its
+        compute without waiting for it (None without chunks). ``after``/``feed``: see
+        :meth:`ModelRunner.dispatch` (overlap scheduling)."""
         # Copies go first: a copy-out must read pages before this step's writes, and JAX's
         # dataflow then orders them; the tracker's fences make that order not matter.
         self._issue(plan.copies)
-        self.samples = {}
         if not plan.chunks:
             if self.copies.in_flight and self.transfer is not None:
                 # Nothing runnable until a copy lands: wait a little instead of spinning.
                 self._landed += self.transfer.wait(timeout=0.01)
-            return {}
+            return None
         rows = rows_from_chunks(plan.chunks, self.sampling_of)
         if self.transfer is not None:
             self._check_fences(plan)
-        self.samples = self.runner.execute(rows)
-        return {k: v.token for k, v in self.samples.items()}
+        return self.runner.dispatch(rows, after, feed)
+
+    def collect(self, handle: StepHandle) -> dict[str, SampledToken]:
+        """The second half of :meth:`execute`: wait for the step and read its samples."""
+        self.samples = self.runner.collect(handle)
+        return self.samples
 
     def landed_copies(self) -> tuple[list[BlockCopy], list[BlockCopy]]:
         if self.transfer is None:
@@ -228,6 +247,10 @@ class ModelRunner:
         self.penalty_capacity = min(cfg.max_model_len, model_cfg.vocab_size)
         self._neutral: dict[int, LogitsAdjust] = {}  # row bucket -> no-op adjustment arrays
         self._neutral_dev: dict[int, LogitsAdjust] = {}  # the same, resident on the device
+        # Slots of the device token buffer a step leaves for the next (overlap scheduling):
+        # one per row of an iteration, which never has more rows than running requests.
+        self.token_slots = cfg.max_num_seqs + cfg.max_prefill_seqs
+        self._idle_feed: dict[int, TokenFeed] = {}
         self.compile_seconds = 0.0
         self.strict = False  # after warm-up, a missing shape is an error
         self.channel = None  # multi-process leader: announces each step (tokencake.multihost)
@@ -238,13 +261,23 @@ class ModelRunner:
         """The model over ``state`` (the runner's flat weight list, or traced stand-ins)."""
         return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(self._state_def, state))
 
-    def _step_fn(self, state, k, v, batch: Batch, sampling: SamplingInputs, adj: LogitsAdjust):
+    def _step_fn(
+        self, state, k, v, batch: Batch, sampling: SamplingInputs, adj: LogitsAdjust,
+        feed: TokenFeed,
+    ):  # fmt: skip
         model = self.model(state)
-        hidden, k, v = model(batch, k, v, self.attention_fn)
-        rows = jnp.arange(hidden.shape[0])
-        last = hidden[rows, jnp.maximum(batch.q_lens - 1, 0)]
+        rows = jnp.arange(batch.input_ids.shape[0])
+        last_col = jnp.maximum(batch.q_lens - 1, 0)
+        # Overlap scheduling: a row whose last input token was sampled by the step before
+        # (still on the device when this one was planned) reads it from that step's buffer.
+        fed = feed.prev[jnp.clip(feed.src, 0, feed.prev.shape[0] - 1)]
+        given = batch.input_ids[rows, last_col]
+        ids = batch.input_ids.at[rows, last_col].set(jnp.where(feed.src >= 0, fed, given))
+        hidden, k, v = model(batch._replace(input_ids=ids), k, v, self.attention_fn)
+        last = hidden[rows, last_col]
         out = sample(model.logits(last), sampling, adj)
-        return out, k, v
+        tokens = feed.out.at[feed.dst].set(out.tokens, mode="drop")
+        return out, tokens, k, v
 
     def neutral_adjust(self, rows: int) -> LogitsAdjust:
         """The no-op adjustment arrays of a row bucket, built once and reused by every step
@@ -265,6 +298,18 @@ class ModelRunner:
                 a.setflags(write=False)  # shared by every step: a stray write would leak
             self._neutral[rows] = adj
         return adj
+
+    def idle_feed(self, rows: int) -> TokenFeed:
+        """A feed that hands no token over and records none (every step without overlap)."""
+        feed = self._idle_feed.get(rows)
+        if feed is None:
+            b = self.token_slots
+            feed = TokenFeed(np.zeros((b,), np.int32), np.full((rows,), -1, np.int32),
+                             np.zeros((b,), np.int32), np.full((rows,), b, np.int32))  # fmt: skip
+            for a in feed:
+                a.setflags(write=False)
+            self._idle_feed[rows] = feed
+        return feed
 
     def abstract_inputs(
         self, rows: int, q: int, pages: int
@@ -292,7 +337,10 @@ class ModelRunner:
             raise RuntimeError(f"step shape {shape} was not compiled at warm-up (bucketing bug)")
         t0 = time.perf_counter()
         batch, samp, adj = self.abstract_inputs(*shape)
-        compiled = self._step.lower(self.state, self.k, self.v, batch, samp, adj).compile()
+        feed = TokenFeed(
+            *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.idle_feed(shape[0]))
+        )
+        compiled = self._step.lower(self.state, self.k, self.v, batch, samp, adj, feed).compile()
         self.compile_seconds += time.perf_counter() - t0
         self._compiled[shape] = compiled
         return compiled
@@ -321,20 +369,40 @@ class ModelRunner:
 
     # ---- execution ------------------------------------------------------------------------
     def execute(self, rows: Sequence[RowRequest]) -> dict[str, SampledToken]:
-        """Run all rows (decode and prefill chunks); return one sampled token per row.
+        """Run all rows (decode and prefill chunks); return one sampled token per row."""
+        return self.collect(self.dispatch(rows))
 
-        Every call is dispatched before any result is read (JAX dispatch is asynchronous), so
-        the host builds a later call's inputs (grammar masks included) while the device runs
-        the earlier one."""
+    def dispatch(
+        self, rows: Sequence[RowRequest], after: StepHandle | None = None, feed: bool = False
+    ) -> StepHandle:
+        """Dispatch every call of a step over ``rows`` without waiting for any result (JAX
+        dispatch is asynchronous), so the host builds a later call's inputs (grammar masks
+        included), or plans the next step, while the device runs this one.
+
+        ``feed`` (overlap scheduling): the step also leaves its sampled tokens in a device
+        buffer (``StepHandle.tokens``), and a row whose last token is :data:`PENDING_TOKEN`
+        takes that token from ``after``'s buffer (``after`` is the step dispatched before
+        this one; its tokens need not be read yet)."""
         buckets = self.cfg.buckets
         spans = [(r.start, len(r.token_ids)) for r in rows]
-        pending = []
+        handle = StepHandle([], None, {})
+        slot = 0
         for prefill, idx in buckets.split(spans):
             group = [rows[i] for i in idx]
             shape = buckets.group_shape([spans[i] for i in idx], prefill)
-            pending.append((group, self._dispatch_group(group, shape)))
+            tf = self.idle_feed(shape[0])
+            if feed:
+                tf, slot = self._feed(group, shape[0], after, handle, slot)
+            res, tokens = self._dispatch_group(group, shape, tf)
+            handle.groups.append((group, res))
+            if feed:
+                handle.tokens = tokens
+        return handle
+
+    def collect(self, handle: StepHandle) -> dict[str, SampledToken]:
+        """Read a dispatched step's sampled tokens (waits for the device)."""
         out: dict[str, SampledToken] = {}
-        for group, res in pending:
+        for group, res in handle.groups:
             res = SampleOutput(*_fetch(res))
             out.update(
                 (r.request_id, SampledToken(int(res.tokens[i]), float(res.logprob[i]),
@@ -343,7 +411,37 @@ class ModelRunner:
             )  # fmt: skip
         return out
 
-    def _dispatch_group(self, rows: Sequence[RowRequest], shape: Shape) -> SampleOutput:
+    def _feed(
+        self,
+        group: Sequence[RowRequest],
+        s: int,
+        after: StepHandle | None,
+        handle: StepHandle,
+        slot: int,
+    ) -> tuple[TokenFeed, int]:
+        """The token feed of one call of an overlapped step: where each row's pending last
+        token comes from (``after``'s slots) and which slot its sampled token goes to."""
+        b = self.token_slots
+        src = np.full((s,), -1, np.int32)
+        dst = np.full((s,), b, np.int32)  # out of range: dropped
+        for i, r in enumerate(group):
+            if r.token_ids[-1] == PENDING_TOKEN:
+                if after is None or r.request_id not in after.slots:
+                    raise RuntimeError(
+                        f"row {r.request_id!r} waits on a token no step in flight produces"
+                    )
+                src[i] = after.slots[r.request_id]
+            if slot < b:
+                dst[i] = handle.slots[r.request_id] = slot
+                slot += 1
+        zeros = self.idle_feed(s).out
+        prev = after.tokens if after is not None and after.tokens is not None else zeros
+        out = handle.tokens if handle.tokens is not None else zeros
+        return TokenFeed(prev, src, out, dst), slot
+
+    def _dispatch_group(
+        self, rows: Sequence[RowRequest], shape: Shape, feed: TokenFeed
+    ) -> tuple[SampleOutput, jax.Array]:
         s, q, p = shape
         ids = np.zeros((s, q), np.int32)
         pos = np.zeros((s, q), np.int32)
@@ -372,24 +470,29 @@ class ModelRunner:
             )
             seeds[i], counters[i], want_top[i] = r.seed, r.counter, r.want_top
             min_p[i] = r.min_p
+        neg = ids < 0
+        if neg.any():  # only a fed row's last token may be pending (the step fills it in)
+            neg[np.arange(s), np.maximum(q_lens - 1, 0)] &= np.asarray(feed.src) < 0
+            if neg.any():
+                raise RuntimeError("a row holds a pending token the step is not fed")
         # numpy goes straight to the executable: jnp.asarray would compile a staging program per
         # new shape, which breaks the no-compilation-after-warm-up rule.
         batch = Batch(ids, pos, q_lens, kv_lens, tables)
         samp = SamplingInputs(temp, top_k, top_p, seeds, counters, want_top, min_p)
         adj = self._adjust_inputs(rows, s)
         if self.channel is not None:  # the other processes launch the same call with these
-            self.channel.send_step((s, q, p), (*batch, *samp, *adj))
+            self.channel.send_step((s, q, p), (*batch, *samp, *adj))  # (never fed: no overlap)
         compiled = self._compiled_together((s, q, p))  # (announced first: all compile at once)
-        res, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj)
-        return res
+        res, tokens, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj, feed)
+        return res, tokens
 
     def run_inputs(self, shape: Shape, arrays: Sequence[np.ndarray]) -> None:
         """A follower process: launch the compiled ``shape`` on the leader's flat inputs."""
         nb, ns = len(Batch._fields), len(SamplingInputs._fields)
         batch, samp = Batch(*arrays[:nb]), SamplingInputs(*arrays[nb : nb + ns])
-        adj = LogitsAdjust(*arrays[nb + ns :])
+        adj, feed = LogitsAdjust(*arrays[nb + ns :]), self.idle_feed(shape[0])
         compiled = self._compiled_together(shape)
-        _, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj)
+        _, _, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj, feed)
 
     def _compiled_together(self, shape: Shape) -> jax.stages.Compiled:
         """:meth:`compiled`; in a multi-process run a shape compiled just now is first waited
@@ -429,101 +532,23 @@ def _fetch(res: SampleOutput) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(x.addressable_data(0)) for x in res)
 
 
-# ---- sampling (inside the jitted step) -------------------------------------------------------
-TOP_LOGPROBS = 20  # alternatives always computed; the engine keeps what a request asked for
+# ---- the overlap hand-off -----------------------------------------------------------------
+class TokenFeed(NamedTuple):
+    """Overlap scheduling's device-side hand-off of sampled tokens from one step to the next,
+    so the host need not read them before dispatching the next step. ``B`` is
+    ``ModelRunner.token_slots``."""
+
+    prev: jax.Array  # [B] i32: the step before's sampled tokens, by slot
+    src: jax.Array  # [S] i32: slot of ``prev`` holding the row's last input token, -1 none
+    out: jax.Array  # [B] i32: this step's token buffer so far (its earlier calls' tokens)
+    dst: jax.Array  # [S] i32: slot the row's sampled token goes to (B: none)
 
 
-class SamplingInputs(NamedTuple):
-    """Per-row sampling controls, padded to the batch's row bucket."""
+@dataclass
+class StepHandle:
+    """A dispatched step: its calls' rows and device results (read by
+    :meth:`ModelRunner.collect`) and, when fed, its token buffer and each row's slot."""
 
-    temperature: jax.Array  # [S] f32, 0 = greedy
-    top_k: jax.Array  # [S] i32, 0 = off
-    top_p: jax.Array  # [S] f32, 1 = off
-    seeds: jax.Array  # [S] i32
-    counters: jax.Array  # [S] i32: tokens generated so far, folded into the key
-    want_top: jax.Array  # [S] i32: 1 where the request asked for top logprobs
-    min_p: jax.Array  # [S] f32, 0 = off: drop tokens below min_p * p(most likely token)
-
-
-class SampleOutput(NamedTuple):
-    tokens: jax.Array  # [S] i32
-    logprob: jax.Array  # [S] f32, log-probability of the chosen token
-    top_ids: jax.Array  # [S, TOP_LOGPROBS] i32
-    top_logprobs: jax.Array  # [S, TOP_LOGPROBS] f32
-
-
-def _filtered_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Mask everything outside each row's top-k / nucleus (full sort; only runs when needed)."""
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    rank = jnp.arange(logits.shape[-1])[None, :]
-    k = jnp.where(top_k > 0, top_k, logits.shape[-1])[:, None]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = (rank < k) & (mass_before < top_p[:, None])
-    keep_sorted = keep_sorted.at[:, 0].set(True)
-    keep = (
-        jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    )
-    return jnp.where(keep, logits, -jnp.inf)
-
-
-def _min_p_filtered(scaled: jax.Array, min_p: jax.Array) -> jax.Array:
-    """Drop tokens whose probability is below ``min_p`` times the row's top probability
-    (log space: ``logit < max_logit + log(min_p)``); ``min_p == 0`` keeps every token."""
-    floor = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]
-    return jnp.where(scaled >= floor, scaled, -jnp.inf)
-
-
-def sample(logits: jax.Array, inputs: SamplingInputs, adjust: LogitsAdjust) -> SampleOutput:
-    """Sample one token per row of float32 ``logits[S, V]``.
-
-    ``adjust`` (grammar mask, logit bias, penalties) changes what is sampled; the reported
-    log-probabilities are of the model's raw distribution (vLLM's default ``raw_logprobs``).
-    The expensive parts (random draws over the vocabulary, sorting for top-k/top-p, the top-20
-    alternatives) sit behind ``lax.cond`` so an all-greedy batch without logprobs pays only for
-    an argmax and a log-sum-exp: at B=32 the unconditional version cost more than the model.
-    """
-    raw = logits
-    logits = adjust_logits(logits, adjust)
-    greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    random_rows = inputs.temperature > 0
-
-    def draw_all() -> jax.Array:
-        needs_filter = jnp.any(random_rows & ((inputs.top_k > 0) | (inputs.top_p < 1.0)))
-        filtered = jax.lax.cond(
-            needs_filter,
-            lambda: _filtered_logits(logits, inputs.top_k, inputs.top_p),
-            lambda: logits,
-        )
-        temp = jnp.where(random_rows, inputs.temperature, 1.0)[:, None]
-        scaled = filtered / temp
-        scaled = jax.lax.cond(
-            jnp.any(random_rows & (inputs.min_p > 0)),
-            lambda x: _min_p_filtered(x, inputs.min_p),
-            lambda x: x,
-            scaled,
-        )
-
-        def draw(seed, counter, row):
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), counter)
-            return jax.random.categorical(key, row)
-
-        sampled = jax.vmap(draw)(inputs.seeds, inputs.counters, scaled).astype(jnp.int32)
-        return jnp.where(random_rows, sampled, greedy_tok)
-
-    tokens = jax.lax.cond(jnp.any(random_rows), draw_all, lambda: greedy_tok)
-    logits = raw
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
-    s = logits.shape[0]
-
-    def top() -> tuple[jax.Array, jax.Array]:
-        vals, ids = jax.lax.top_k(logits, TOP_LOGPROBS)
-        return vals - lse[:, None], ids.astype(jnp.int32)
-
-    def no_top() -> tuple[jax.Array, jax.Array]:
-        return jnp.zeros((s, TOP_LOGPROBS), jnp.float32), jnp.zeros((s, TOP_LOGPROBS), jnp.int32)
-
-    top_lp, top_ids = jax.lax.cond(jnp.any(inputs.want_top > 0), top, no_top)
-    return SampleOutput(tokens, chosen, top_ids, top_lp)
+    groups: list[tuple[list[RowRequest], SampleOutput]]
+    tokens: jax.Array | None  # [B] the step's sampled tokens by slot (None unless fed)
+    slots: dict[str, int]  # request id -> its slot in ``tokens``

@@ -1,0 +1,99 @@
+"""Overlap scheduling (``EngineConfig.overlap``, tokencake/overlap.py): the same outputs as the
+synchronous loop for a mixed batch (lengths, stop strings, max_tokens, an abort mid-run,
+logit controls, n > 1, preemption and prefix hits), no block leaked, nothing compiled after
+warm-up (that one in test_engine.py's warm-up test, which runs both modes). Both modes run on
+one engine (``set_overlap``), so the steps are compiled once."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokencake.sampling_params import SamplingParams
+
+PROMPTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a",
+    "multi-agent applications alternate llm calls and tool calls " * 3,
+    "hello world, hello world, hello world!",
+    "short",
+    "0123456789" * 9,
+]
+ABORTED = 3  # index of the request aborted mid-run
+ABORT_AT = 6  # ... after this many engine steps
+
+
+def drive(engine, params: list[SamplingParams]) -> dict[int, tuple]:
+    """Run PROMPTS with ``params`` to completion, aborting one request mid-run; returns
+    ``{index: (token_ids, text, finish_reason)}`` of every request that finished itself
+    (choices of an n > 1 request keyed ``index * 10 + choice``)."""
+    ids = [
+        engine.add_request(p, sp, request_id=f"r{i}")
+        for i, (p, sp) in enumerate(zip(PROMPTS, params, strict=True))
+    ]
+    done: dict[int, tuple] = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished and out.error is None:
+                i = int(out.request_id[1:])
+                done[i * 10 + out.index] = (tuple(out.token_ids), out.text, out.finish_reason)
+        steps += 1
+        if steps == ABORT_AT:
+            assert engine.abort_request(ids[ABORTED])
+        assert steps < 500
+    return done
+
+
+def mixed_params(stops: list[str]) -> list[SamplingParams]:
+    """Different lengths, stop strings (taken from a plain run so they fire), an EOS-able row,
+    a penalized row (its steps fall back to synchronous) and a seeded n=2 sampled row."""
+    return [
+        SamplingParams(max_tokens=24, ignore_eos=True, stop=[stops[0]]),
+        SamplingParams(max_tokens=5, ignore_eos=True),
+        SamplingParams(
+            max_tokens=40, ignore_eos=True, stop=[stops[2]], include_stop_str_in_output=True
+        ),
+        SamplingParams(max_tokens=30, ignore_eos=True),
+        SamplingParams(max_tokens=17, presence_penalty=1.0, logit_bias={70: 3.0}),
+        SamplingParams(max_tokens=20, n=2, temperature=0.8, seed=7, ignore_eos=True),
+    ]
+
+
+def stops_from(engine) -> list[str]:
+    """Two-character stop strings from the middle of a plain run's texts (so they fire)."""
+    plain = drive(engine, [SamplingParams(max_tokens=24, ignore_eos=True)] * len(PROMPTS))
+    texts = {i // 10: t[1] for i, t in plain.items()}
+    return [texts.get(i, "xx")[8:10] or "xx" for i in range(len(PROMPTS))]
+
+
+def test_overlap_matches_synchronous_loop(make_engine):
+    # 15 usable blocks for 6 sequences: decode growth preempts; the runs after the first hit
+    # the prefix cache it filled.
+    engine = make_engine(num_pages=16, max_num_seqs=6, overlap=True)
+    params = mixed_params(stops_from(engine))
+    engine.set_overlap(True)
+    over = drive(engine, params)
+    assert engine.overlap.overlapped_steps > 0 and engine.overlap.sync_steps > 0
+    engine.set_overlap(False)
+    sync = drive(engine, params)
+    assert over == sync
+    assert ABORTED * 10 not in sync and len(sync) == len(PROMPTS)  # 5 requests, one with n=2
+    reasons = [sync[i * 10][2] for i in (0, 1, 2)]
+    assert reasons == ["stop", "length", "stop"], reasons  # the stop strings fired
+    assert engine.scheduler.num_preemptions > 0 and engine.pool.hits > 0
+    engine.pool.check_integrity()
+    assert engine.pool.num_free == engine.pool.capacity  # nothing leaked (aborted row too)
+
+
+def test_overlap_refused_with_tensor_parallelism():
+    from tokencake.config import EngineConfig
+
+    with pytest.raises(ValueError, match="overlap"):
+        EngineConfig(overlap=True, tensor_parallel_size=2)
+
+
+def test_cli_flag_sets_overlap():
+    from tokencake.cli import build_parser, engine_config_from_args
+
+    assert engine_config_from_args(build_parser().parse_args(["serve", "--overlap"])).overlap
+    assert not engine_config_from_args(build_parser().parse_args(["serve"])).overlap
