@@ -64,16 +64,16 @@ def test_cancel_while_adding_and_while_streaming_frees_blocks(async_engine):
 
 def test_failing_step_fails_requests_but_engine_keeps_serving(async_engine):
     runner = async_engine.engine.runner
-    real = runner.execute
+    real = runner.dispatch  # the device call (the synchronous and the overlapped step)
     calls = {"n": 0}
 
-    def flaky(rows):
+    def flaky(rows, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected device failure")
-        return real(rows)
+        return real(rows, *args, **kwargs)
 
-    runner.execute = flaky
+    runner.dispatch = flaky
 
     async def main():
         params = SamplingParams(max_tokens=8, ignore_eos=True)

@@ -260,16 +260,18 @@ def test_real_engine_poisoned_stream_is_the_only_casualty(make_engine):
 def test_device_failure_fails_only_that_steps_rows(make_engine):
     """Requests still waiting when the device step fails are not aborted."""
     engine = make_engine(max_num_seqs=2)
-    real = engine.runner.execute
+    # The device call itself fails (dispatch: the synchronous and the overlapped step both
+    # go through it).
+    real = engine.runner.dispatch
     calls = {"n": 0}
 
-    def flaky(rows):
+    def flaky(rows, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected device failure")
-        return real(rows)
+        return real(rows, *args, **kwargs)
 
-    engine.runner.execute = flaky
+    engine.runner.dispatch = flaky
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     ids = [engine.add_request(f"q{i} xx", params) for i in range(5)]
     errors, done = {}, {}
