@@ -25,8 +25,8 @@ from tokencake.models.weights import random_params
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _cli(*args: str, env_extra: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "tokencake.cli", *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
@@ -97,8 +97,10 @@ def test_serve_shows_progress_and_the_url(tmp_path):
     gguf = write_gguf(
         tmp_path / "tiny.gguf", cfg, random_params(cfg), Tokenizer.byte_level_for_tests()
     )
+    # A fresh compilation cache of its own (conftest turns the cache off for the suite): the
+    # start-up message about it is part of what a user sees.
     proc = _cli("serve", "--model", str(gguf), "--port", "0", "--max-model-len", "64",
-                "--max-num-seqs", "2")  # fmt: skip
+                "--max-num-seqs", "2", env_extra={"TOKENCAKE_XLA_CACHE": str(tmp_path / "xla")})  # fmt: skip
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith("serving tiny on http://127.0.0.1:"), line

@@ -110,6 +110,13 @@ def run_server(
         asyncio.get_running_loop().set_exception_handler(AcceptErrorLimiter())
         app = build_app(engine, api_key, **app_options)
         runner, _ = await start_site(app, sock=sock, limits=limits)
+        # Handlers before the "serving" line: a Ctrl-C (or a supervisor's SIGINT) sent as soon as
+        # the line appears must stop the server cleanly, not raise KeyboardInterrupt.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
         name = engine.info.model_name
         if json_logs:
             log.info(json.dumps({"event": "listening", "host": host, "port": bound, "url": url,
@@ -117,11 +124,6 @@ def run_server(
         else:
             auth = " (API key required)" if api_key else ""
             print(f"serving {name} on {url}{auth}; Ctrl-C stops", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
         if engine_config.distributed:  # a run that lost a process cannot serve again: stop
             watch = loop.create_task(_stop_when_dead(engine, stop))
         await stop.wait()
