@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.test_engine import PROMPTS  # the same mixed lengths as the invariance tests
 from tokencake.sampling_params import SamplingParams
 
-PROMPTS = [
-    "the quick brown fox jumps over the lazy dog",
-    "a",
-    "multi-agent applications alternate llm calls and tool calls " * 3,
-    "hello world, hello world, hello world!",
-    "short",
-    "0123456789" * 9,
-]
 ABORTED = 3  # index of the request aborted mid-run
 ABORT_AT = 6  # ... after this many engine steps
 
