@@ -48,10 +48,10 @@ def _last_json(out: str) -> dict:
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
-def _reference() -> list[list[int]]:
+def _reference(devices: int = 2, *extra: str) -> list[list[int]]:
     ref = subprocess.run(
-        [sys.executable, str(SCRIPT), "single", "2"], capture_output=True, text=True,
-        timeout=TIMEOUT_S, env=_env(),
+        [sys.executable, str(SCRIPT), "single", str(devices), *extra], capture_output=True,
+        text=True, timeout=TIMEOUT_S, env=_env(),
     )  # fmt: skip
     assert ref.returncode == 0, ref.stderr[-3000:]
     return _last_json(ref.stdout)["tokens"]
@@ -59,6 +59,11 @@ def _reference() -> list[list[int]]:
 
 def _two_processes(leader_args: list[str], follower_args: list[str]) -> list[tuple[int, dict]]:
     """Run the helper as rank 0 and rank 1 of one distributed run; (exit code, JSON) of each."""
+    return _processes([leader_args, follower_args])
+
+
+def _processes(args_by_rank: list[list[str]]) -> list[tuple[int, dict]]:
+    """Run the helper as ranks 0..N-1 of one distributed run; (exit code, JSON) of each."""
     port = _free_port()
     procs = [
         subprocess.Popen(
@@ -68,11 +73,11 @@ def _two_processes(leader_args: list[str], follower_args: list[str]) -> list[tup
             text=True,
             env=_env(
                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                JAX_NUM_PROCESSES="2",
+                JAX_NUM_PROCESSES=str(len(args_by_rank)),
                 JAX_PROCESS_ID=str(rank),
             ),
         )  # fmt: skip
-        for rank, extra in ((0, leader_args), (1, follower_args))
+        for rank, extra in enumerate(args_by_rank)
     ]
     results = []
     try:
@@ -110,6 +115,19 @@ def test_two_processes_match_one_with_host_tier_round_trip():
         assert rt["target_before"] != rt["device_after"]  # the upload changed the target pages
     # each process checked its own shard (other KV heads), not one copy of the same bytes
     assert leader["round_trip"]["host"] != follower["round_trip"]["host"]
+
+
+@pytest.mark.slow  # four processes load SmolLM2-135M and compile it at TP = 3: minutes
+def test_three_processes_match_one_on_the_default_model():
+    """The default model (3 KV heads, so TP = 3): three processes of one device each give the
+    greedy tokens of one process holding three devices."""
+    expected = _reference(3, "--model", "default")
+    results = _processes([["--model", "default"]] * 3)
+    assert [rc for rc, _ in results] == [0, 0, 0], results
+    leader = results[0][1]
+    assert leader["processes"] == 3 and "'tp': 3" in leader["kv_sharding"]
+    assert leader["tokens"] == expected and leader["errors"] == []
+    assert all(r["followed"] > 0 for _, r in results[1:])
 
 
 @pytest.mark.slow  # two processes compile a few step shapes: about a minute

@@ -13,7 +13,9 @@ The others follow (``LLMEngine.follow``) and print how many device calls they re
 back, then one explicit offload -> upload round trip whose bytes every process checks on its
 own shards. ``--die-after N``: a follower exits abruptly after replaying N device calls (the
 leader must fail its requests with a clear error and stop). ``--warmup``: compile every step
-shape first (a smaller engine: three shapes), as ``tokencake serve`` does.
+shape first (a smaller engine: three shapes), as ``tokencake serve`` does. ``--model default``:
+SmolLM2-135M (the default GGUF, its own tokenizer) instead of the tiny random model; its 3 KV
+heads make TP = 3, so three processes of one device (or one process of three).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ ap.add_argument("devices", type=int)
 ap.add_argument("--host-tier", action="store_true")
 ap.add_argument("--die-after", type=int, default=None)
 ap.add_argument("--warmup", action="store_true")
+ap.add_argument("--model", choices=["tiny", "default"], default="tiny")
 args = ap.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -60,6 +63,8 @@ GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 
 
 def engine(**over) -> LLMEngine:
+    if args.model == "default":
+        return LLMEngine(EngineConfig(**{**TINY_ENGINE, **over}))  # model=None: the default
     return LLMEngine(
         EngineConfig(**{**TINY_ENGINE, **over}),
         model_config=CFG,
