@@ -396,8 +396,6 @@ class LLMEngine:
         except Exception as exc:
             if self.channel is not None:
                 return outputs + self._fail_group(exc)
-            log.exception("device step failed; aborting the %d requests of that step",
-                          len(plan.chunks))  # fmt: skip
             return outputs + self._fail_step(plan, exc)
         if not plan.chunks:
             return outputs
@@ -432,6 +430,8 @@ class LLMEngine:
 
     def _fail_step(self, plan, exc: Exception) -> list[RequestOutput]:
         """The device step failed: abort its rows (only those) with a :class:`StepFailed`."""
+        log.error("device step failed; aborting the %d requests of that step", len(plan.chunks),
+                  exc_info=exc)  # fmt: skip
         err = StepFailed(f"the engine step failed ({type(exc).__name__})")
         out = []
         for c in plan.chunks:

@@ -41,7 +41,6 @@ placeholder keeps.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,8 +51,6 @@ from tokencake.scheduler.request import Request
 
 if TYPE_CHECKING:
     from tokencake.engine import LLMEngine
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,8 +87,6 @@ class OverlapLoop:
         try:
             handle = e.executor.dispatch(plan, prev.handle if prev else None, feed=True)
         except Exception as exc:
-            log.exception("device step failed; aborting the %d requests of that step",
-                          len(plan.chunks))  # fmt: skip
             handle = None
             outputs += e._fail_step(plan, exc)
         e.loop.report_copies()
@@ -120,8 +115,6 @@ class OverlapLoop:
         try:
             samples = e.executor.collect(step.handle)
         except Exception as exc:
-            log.exception("device step failed; aborting the %d requests of that step",
-                          len(step.plan.chunks))  # fmt: skip
             return e._fail_step(step.plan, exc)
         tokens = {rid: s.token for rid, s in samples.items()}
         produced = e.scheduler.resolve(step.pending, tokens)
