@@ -610,3 +610,23 @@ def test_eviction_keeps_a_waiting_agents_kv_and_drops_a_finished_leaf_first():
     assert counters["eviction_ranked_blocks"] == 6 and counters["eviction_demoted_blocks"] == 6
     off = TokencakeConfig(offload=TimeConfig(reuse_aware_eviction=False))
     assert _eviction_scenario("tokencake", off)[:2] == (0, 6)  # the knob turns it off
+
+
+def test_resident_affinity_counts_a_cached_prefix():
+    """``affinity_counts_cached``: a request whose prefix is resident but held by nobody (its
+    predecessor finished: 4 cached blocks) has affinity 4 / (4 + 1) with it on; off, only
+    blocks a running request holds count, and it has none (0.0, 0)."""
+    pool = BlockPool(17, 16)
+    r = Request("w", list(range(80)), 8, 0.0, metadata=AgentMetadata(importance=5))
+    hashes = r.block_hashes(16)
+    blocks = pool.allocate(4)
+    for b, h in zip(blocks, hashes[:4], strict=True):
+        pool.register(b, h)
+    pool.free(blocks)  # the predecessor finished: cached, reference count 0
+    off = SpaceScheduler(SpaceConfig(), pool, 4096)
+    on = SpaceScheduler(SpaceConfig(affinity_counts_cached=True), pool, 4096)
+    assert off._affinity(r) == (0.0, 0)
+    assert on._affinity(r) == (4 / 5, 4)  # 80 tokens = 5 blocks: 4 resident, 1 to compute
+    pool.hold(blocks[:2])  # a running request now holds the first two
+    assert off._affinity(r) == (2 / 3, 2)  # 2 held blocks, 1 to compute
+    assert on._affinity(r) == (4 / 5, 4)
