@@ -132,7 +132,7 @@ class DeviceTimeline:
         self.calls: list[tuple[float, float]] = []  # (dispatched, done), in dispatch order
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self.dispatched = 0
-        orig = runner._dispatch_group
+        orig = runner._dispatch_call
 
         def timed(*args, **kwargs):
             res, tokens = orig(*args, **kwargs)
@@ -141,7 +141,7 @@ class DeviceTimeline:
             self._q.put((t, res.tokens))
             return res, tokens
 
-        runner._dispatch_group = timed
+        runner._dispatch_call = timed
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 

@@ -15,7 +15,7 @@ from tokencake.buckets import StepBuckets
 from tokencake.config import EngineConfig
 from tokencake.sampling_params import SamplingParams
 
-GREEDY = SamplingParams(max_tokens=20, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 
 
 def test_calls_fuse_one_prefill_chunk_with_the_decode_rows():
@@ -71,10 +71,19 @@ def staggered(engine, params=GREEDY) -> dict[str, tuple[int, ...]]:
     return done
 
 
+def both_ways(engine, params=GREEDY) -> tuple[dict, dict]:
+    """:func:`staggered` with fusion off, then on, on one engine built with ``fused_steps``
+    (``ModelRunner.set_fused_steps``: the same weights and executables)."""
+    engine.runner.set_fused_steps(False)
+    plain = staggered(engine, params)
+    assert engine.runner.fused_counts["fused"] == 0
+    engine.runner.set_fused_steps(True)
+    return plain, staggered(engine, params)
+
+
 def test_fused_matches_unfused_greedy(make_engine):
-    plain = staggered(make_engine())
-    engine = make_engine(fused_steps=True)
-    fused = staggered(engine)
+    engine = make_engine(fused_steps=True, enable_prefix_cache=False)
+    plain, fused = both_ways(engine)
     assert fused == plain and len(plain) == len(PROMPTS)
     assert engine.runner.fused_counts["fused"] > 0  # prefill and decode shared calls
     # Overlap scheduling feeds pending tokens across a fused call's groups too.
@@ -84,11 +93,13 @@ def test_fused_matches_unfused_greedy(make_engine):
 
 
 def test_fused_with_preemption_and_prefix_hits(make_engine):
-    # A small pool: decode growth preempts and recomputes; repeated prompts hit the cache.
-    plain = staggered(make_engine(num_pages=20, max_num_seqs=6))
+    # A small pool: decode growth preempts and recomputes; the second run hits the prefix
+    # cache the first one filled.
     engine = make_engine(num_pages=20, max_num_seqs=6, fused_steps=True)
-    assert staggered(engine) == plain
-    assert engine.scheduler.num_preemptions > 0 and engine.runner.fused_counts["fused"] > 0
+    plain, fused = both_ways(engine)
+    assert fused == plain
+    assert engine.scheduler.num_preemptions > 0 and engine.pool.hits > 0
+    assert engine.runner.fused_counts["fused"] > 0
 
 
 def test_no_compilation_after_warmup_fused(make_engine):
@@ -116,8 +127,13 @@ def test_fused_sampling_matches_unfused(make_engine):
     # Seeded sampling and logit controls: a row's draw depends on its seed and output count,
     # not on which call (or row of it) it ran in.
     params = SamplingParams(max_tokens=12, temperature=0.9, seed=11, frequency_penalty=0.3)
-    plain = staggered(make_engine(), params)
-    assert staggered(make_engine(fused_steps=True), params) == plain
+    plain, fused = both_ways(make_engine(fused_steps=True, enable_prefix_cache=False), params)
+    assert fused == plain
+
+
+def test_set_fused_steps_needs_the_family_compiled(make_engine):
+    with pytest.raises(ValueError, match="needs a runner built with fused_steps=True"):
+        make_engine().runner.set_fused_steps(True)
 
 
 def test_fused_steps_refused_across_processes():

@@ -255,6 +255,7 @@ class ModelRunner:
         self.token_slots = cfg.max_num_seqs + cfg.max_prefill_seqs
         self._idle_feed: dict[int, TokenFeed] = {}
         self.compile_seconds = 0.0
+        self.compile_times: dict[CallShape, float] = {}  # seconds each shape took to compile
         # Fused steps (``cfg.fused_steps``): steps with prefill and decode rows, by whether
         # they ran as one fused call or fell back to separate calls (shape outside the family).
         self.fused_counts = {"fused": 0, "unfused": 0}
@@ -358,7 +359,8 @@ class ModelRunner:
         adj = LogitsAdjust(*(a(x.shape, x.dtype) for x in self.neutral_adjust(n)))
         feed = TokenFeed(*(a(x.shape, x.dtype) for x in self.idle_feed(n)))
         compiled = self._step.lower(self.state, self.k, self.v, batch, samp, adj, feed).compile()
-        self.compile_seconds += time.perf_counter() - t0
+        self.compile_times[shape] = time.perf_counter() - t0
+        self.compile_seconds += self.compile_times[shape]
         self._compiled[shape] = compiled
         return compiled
 
