@@ -212,7 +212,7 @@ def fused_round(engine: LLMEngine, args, seed: int, tag: str) -> dict[str, float
     ids = []
     for n in range(args.rows):
         prompt = [rng.randrange(3, vocab) for _ in range(32)]
-        sp = SamplingParams(max_tokens=10_000, ignore_eos=True)
+        sp = SamplingParams(max_tokens=512, ignore_eos=True)  # aborted at the end of the round
         ids.append(engine.add_request(prompt, sp, f"{tag}-d{n}"))
     for _ in range(100):
         engine.step()

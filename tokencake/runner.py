@@ -3,7 +3,7 @@ device, through one jitted step (model forward over the paged KV, then sampling)
 
 * :class:`EngineExecutor` is what the step loop calls (``scheduler/core.py``'s ``Executor``;
   the simulated one is ``scheduler/sim_executor.py``): the plan's KV copies go to the transfer
-  engine (when the host tier is on), its chunks become rows (:func:`rows_from_chunks`).
+  engine (when the host tier is on), its chunks become rows (:func:`~tokencake.step_inputs.rows_from_chunks`).
 * :class:`ModelRunner` owns the model state and the device KV arrays. Shapes are padded to
   buckets so that every step reuses an executable compiled at warm-up (ahead of time, with
   ``jit.lower().compile()``); an unbucketed shape is a bug and raises instead of compiling
@@ -44,34 +44,23 @@ from tokencake.models.attention.backend import get_backend
 from tokencake.models.config import ModelConfig
 from tokencake.models.llama import Batch, DecoderLM
 from tokencake.models.logits_adjust import LogitsAdjust, mask_words
-from tokencake.row_controls import MAX_LOGIT_BIAS, RowControls
+from tokencake.row_controls import MAX_LOGIT_BIAS
 from tokencake.runner_config import RunnerConfig, enable_compilation_cache
 from tokencake.sampler import SampleOutput, SamplingInputs, sample
 from tokencake.scheduler.copies import CopyTracker
-from tokencake.scheduler.plan import BlockCopy, ScheduledChunk, StepPlan
+from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.request import PENDING_TOKEN, Request
-from tokencake.step_inputs import CallInputs, abstract_batch, abstract_sampling, build_inputs
+from tokencake.step_inputs import (  # noqa: F401 (RowRequest, RowSampling: re-exported)
+    CallInputs,
+    RowRequest,
+    RowSampling,
+    abstract_batch,
+    abstract_sampling,
+    build_inputs,
+    rows_from_chunks,
+)
 
 log = logging.getLogger(__name__)
-
-
-# ---- rows: what the runner needs of one scheduled chunk --------------------------------------
-@dataclass(frozen=True)
-class RowRequest:
-    """What the runner needs of one scheduled chunk: tokens, context, blocks, sampling."""
-
-    request_id: str
-    token_ids: Sequence[int]  # the chunk's tokens
-    start: int  # position of the first chunk token
-    block_ids: Sequence[int]
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    counter: int
-    want_top: bool = False  # compute the top-20 logprobs for this row
-    min_p: float = 0.0
-    controls: RowControls | None = None  # penalties, logit bias, grammar mask (None: none)
 
 
 @dataclass(frozen=True)
@@ -80,46 +69,6 @@ class SampledToken:
     logprob: float
     top_ids: np.ndarray
     top_logprobs: np.ndarray
-
-
-class RowSampling(NamedTuple):
-    """A request's per-row sampling inputs, as the engine hands them to :func:`rows_from_chunks`."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    want_top: bool
-    min_p: float = 0.0
-    controls: RowControls | None = None
-
-
-def rows_from_chunks(
-    chunks: Sequence[ScheduledChunk], sampling_of: Callable[[Request], RowSampling]
-) -> list[RowRequest]:
-    """Build runner rows from scheduler chunks; ``sampling_of(request)`` gives its sampling."""
-    rows = []
-    for c in chunks:
-        req = c.request
-        tokens = req.all_token_ids[c.start : c.start + c.num_tokens]
-        rs = sampling_of(req)
-        rows.append(
-            RowRequest(
-                req.request_id,
-                tokens,
-                c.start,
-                req.block_ids,
-                rs.temperature,
-                rs.top_k,
-                rs.top_p,
-                rs.seed,
-                len(req.output_token_ids),
-                rs.want_top,
-                rs.min_p,
-                rs.controls,
-            )  # fmt: skip
-        )
-    return rows
 
 
 # ---- the executor behind the step loop -------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Host-side inputs of one step call: the rows of its groups padded to their bucketed shapes.
+"""Host-side inputs of a step: the rows of the scheduler's chunks (:class:`RowRequest`), and
+one call's rows padded to their bucketed shapes (:func:`build_inputs`).
 
 A call runs one group (a prefill group or a decode group, ``tokencake/buckets.py``) or, with
 ``fused_steps``, a prefill group and a decode group together (``models/llama.py`` packs their
@@ -10,9 +11,9 @@ sampled row ``i`` is :attr:`CallInputs.rows`\\ ``[i]`` (``None`` for a padding r
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +22,68 @@ import numpy as np
 from tokencake.buckets import Shape
 from tokencake.memory.kv_cache import DUMMY_PAGE
 from tokencake.models.llama import Batch
+from tokencake.row_controls import RowControls
 from tokencake.sampler import SamplingInputs
+from tokencake.scheduler.plan import ScheduledChunk
+from tokencake.scheduler.request import Request
 
-if TYPE_CHECKING:
-    from tokencake.runner import RowRequest
+
+@dataclass(frozen=True)
+class RowRequest:
+    """What the runner needs of one scheduled chunk: tokens, context, blocks, sampling."""
+
+    request_id: str
+    token_ids: Sequence[int]  # the chunk's tokens
+    start: int  # position of the first chunk token
+    block_ids: Sequence[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    counter: int
+    want_top: bool = False  # compute the top-20 logprobs for this row
+    min_p: float = 0.0
+    controls: RowControls | None = None  # penalties, logit bias, grammar mask (None: none)
+
+
+class RowSampling(NamedTuple):
+    """A request's per-row sampling inputs, as the engine hands them to :func:`rows_from_chunks`."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    want_top: bool
+    min_p: float = 0.0
+    controls: RowControls | None = None
+
+
+def rows_from_chunks(
+    chunks: Sequence[ScheduledChunk], sampling_of: Callable[[Request], RowSampling]
+) -> list[RowRequest]:
+    """Build runner rows from scheduler chunks; ``sampling_of(request)`` gives its sampling."""
+    rows = []
+    for c in chunks:
+        req = c.request
+        tokens = req.all_token_ids[c.start : c.start + c.num_tokens]
+        rs = sampling_of(req)
+        rows.append(
+            RowRequest(
+                req.request_id,
+                tokens,
+                c.start,
+                req.block_ids,
+                rs.temperature,
+                rs.top_k,
+                rs.top_p,
+                rs.seed,
+                len(req.output_token_ids),
+                rs.want_top,
+                rs.min_p,
+                rs.controls,
+            )  # fmt: skip
+        )
+    return rows
 
 
 @dataclass
