@@ -136,9 +136,11 @@ def test_set_fused_steps_needs_the_family_compiled(make_engine):
         make_engine().runner.set_fused_steps(True)
 
 
-def test_fused_steps_refused_across_processes():
-    with pytest.raises(ValueError, match="fused_steps is not supported with distributed"):
+def test_fused_steps_refused_with_several_devices():
+    with pytest.raises(ValueError, match="fused_steps is not supported with tensor_parallel"):
         EngineConfig(fused_steps=True, distributed=True)
+    with pytest.raises(ValueError, match="fused_steps is not supported with tensor_parallel"):
+        EngineConfig(fused_steps=True, tensor_parallel_size=2)
 
 
 def test_fused_forward_equals_separate_calls(tiny_model):

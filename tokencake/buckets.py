@@ -140,9 +140,7 @@ class StepBuckets:
         ``fused_steps``)."""
         if not self.fused_steps:
             return []
-        prefill = [
-            sh for sh in self.shapes() if sh[0] == 1 and 1 < sh[1] <= self.fused_max_tokens
-        ]
+        prefill = [sh for sh in self.shapes() if sh[0] == 1 and 1 < sh[1] <= self.fused_max_tokens]
         decode = [(s, 1, p) for s in self.fused_decode_row_buckets for p in self.page_buckets]
         return [(pf, dc) for pf in prefill for dc in decode]
 

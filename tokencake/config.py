@@ -33,7 +33,7 @@ class EngineConfig:
     ``fused_steps`` runs a step's prefill chunk and its decode rows as one device call (one
     weight read; attention still per group at each group's own shape) when the pair of shapes
     is in a small family compiled at warm-up (``StepBuckets.fused_shapes``), as two calls
-    otherwise; same greedy outputs; one process (tensor parallelism inside it works).
+    otherwise; same greedy outputs; one device, for now.
     """
 
     model: str | None = None
@@ -86,8 +86,10 @@ class EngineConfig:
             raise ValueError(
                 "overlap is not supported with tensor_parallel_size > 1 or distributed yet"
             )
-        if self.fused_steps and self.distributed:
-            raise ValueError("fused_steps is not supported with distributed (multi-process) yet")
+        if self.fused_steps and (self.tensor_parallel_size > 1 or self.distributed):
+            raise ValueError(
+                "fused_steps is not supported with tensor_parallel_size > 1 or distributed yet"
+            )
         if self.max_prefill_chunk > self.max_num_batched_tokens:
             raise ValueError("max_prefill_chunk cannot exceed max_num_batched_tokens")
 

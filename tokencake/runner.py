@@ -3,7 +3,8 @@ device, through one jitted step (model forward over the paged KV, then sampling)
 
 * :class:`EngineExecutor` is what the step loop calls (``scheduler/core.py``'s ``Executor``;
   the simulated one is ``scheduler/sim_executor.py``): the plan's KV copies go to the transfer
-  engine (when the host tier is on), its chunks become rows (:func:`~tokencake.step_inputs.rows_from_chunks`).
+  engine (when the host tier is on), its chunks become rows
+  (:func:`~tokencake.step_inputs.rows_from_chunks`).
 * :class:`ModelRunner` owns the model state and the device KV arrays. Shapes are padded to
   buckets so that every step reuses an executable compiled at warm-up (ahead of time, with
   ``jit.lower().compile()``); an unbucketed shape is a bug and raises instead of compiling
