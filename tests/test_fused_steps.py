@@ -177,3 +177,11 @@ def test_fused_forward_equals_separate_calls(tiny_model):
     live = [1, 2, 3, 4, 5]  # the dummy page 0 takes padding writes in any order
     np.testing.assert_allclose(np.asarray(kf)[:, live], np.asarray(k2)[:, live], atol=2e-5)
     np.testing.assert_allclose(np.asarray(vf)[:, live], np.asarray(v2)[:, live], atol=2e-5)
+
+
+def test_cli_flag_sets_fused_steps():
+    from tokencake.cli import build_parser, engine_config_from_args
+
+    args = build_parser().parse_args(["serve", "--fused-steps"])
+    assert engine_config_from_args(args).fused_steps
+    assert not engine_config_from_args(build_parser().parse_args(["serve"])).fused_steps
