@@ -36,6 +36,8 @@ from tokencake.scheduler.request import PENDING_TOKEN, Request, RequestStatus
 from tokencake.scheduler.tokencake_config import TokencakeConfig
 
 _ARRIVAL = attrgetter("arrival_time")
+_RUNNING = RequestStatus.RUNNING
+_new_chunk = tuple.__new__  # ScheduledChunk(*fields) without a Python frame per chunk
 MAX_FAULT_RETRIES = 16  # culprits removed per schedule() before a failure counts as the engine's
 
 
@@ -278,27 +280,37 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         prefill_rows = 0
 
-        # 1. Running requests, oldest first; preempt per policy when blocks run out. Hot loop:
-        # the common case (the next token fits the last block) is inlined.
-        bs, awaiting = self.pool.block_size, self.host_tier.awaits_copy_in
+        # 1. Running requests, oldest first; preempt per policy when blocks run out. Hot loop
+        # (256 rows a step): the common case (a decode row whose next token fits its last
+        # block) is inlined, with locals for everything it reads.
+        bs, awaiting = self.pool.block_size, self.host_tier.awaiting
         chunk, max_prefill_rows = cfg.max_prefill_chunk, cfg.max_prefill_seqs
+        chunks = plan.chunks
         for req in sorted(self.running, key=_ARRIVAL):
             if budget <= 0:
                 break
-            if req.status is not RequestStatus.RUNNING or awaiting(req.request_id):
+            if req.status is not _RUNNING or (awaiting and req.request_id in awaiting):
                 continue  # preempted as a victim this step, or its prefix pages are in flight
-            if req.num_pending and len(req.output_token_ids) >= req.max_tokens:
+            num_out = len(req.output_token_ids)
+            if req.num_pending and num_out >= req.max_tokens:
                 continue  # its last token is in flight (overlap): nothing left to compute
             start = req.num_computed_tokens
-            left = len(req.prompt_token_ids) + len(req.output_token_ids) - start
-            n = min(left, chunk, budget) if left > 1 else 1  # prefill rows take a chunk
-            if n > 1 and prefill_rows >= max_prefill_rows:
-                continue
-            if start + n > len(req.block_ids) * bs and not self._make_room(plan, req, n):
-                continue
-            plan.chunks.append(ScheduledChunk(req, start, n))
+            left = len(req.prompt_token_ids) + num_out - start
+            if left > 1:  # a prefill row takes a chunk
+                n = min(left, chunk, budget)
+                if n > 1 and prefill_rows >= max_prefill_rows:
+                    continue
+            else:
+                n = 1
+            if start + n > len(req.block_ids) * bs:
+                if not self._make_room(plan, req, n):
+                    chunks = plan.chunks  # a victim's chunk may have been dropped
+                    continue
+                chunks = plan.chunks
+            chunks.append(_new_chunk(ScheduledChunk, (req, start, n)))
             budget -= n
-            prefill_rows += n > 1
+            if n > 1:
+                prefill_rows += 1
 
         # 2. Admit waiting requests in policy order while budget, rows and blocks allow.
         if not plan.preempted:
