@@ -1,8 +1,8 @@
 """The synchronous engine: a pure-Python loop of schedule -> execute -> postprocess.
 
 ``LLMEngine`` owns the scheduler (pure Python), the runner (all JAX calls) and the
-per-request text state (detokenization, stop strings). It is single-threaded; the asyncio
-front (``async_engine.py``) drives it from one dedicated thread.
+per-request text state (``text_output.py``: detokenization, stop strings). It is
+single-threaded; the asyncio front (``async_engine.py``) drives it from one dedicated thread.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import itertools
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,25 +42,11 @@ from tokencake.scheduler.plan import StepPlan
 from tokencake.scheduler.policy import PolicyFactory
 from tokencake.scheduler.request import Request, RequestStatus
 from tokencake.structured import GrammarCompiler
+from tokencake.text_output import TextState, error_output
 from tokencake.toolcall.render import render_prompt
 from tokencake.toolcall.request import ToolRequest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _TextState:
-    """Per-request detokenization and stop-string state kept by the engine."""
-
-    params: SamplingParams
-    seed: int
-    detok: IncrementalDetokenizer
-    text: str = ""
-    emitted_chars: int = 0
-    emitted_tokens: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    controls: RowControls | None = None  # penalties / logit bias / grammar, if any
-    index: int = 0  # choice index (n > 1)
 
 
 class LLMEngine:
@@ -120,7 +105,7 @@ class LLMEngine:
         self.loop = StepLoop(self.scheduler, self.executor)  # the simulator's loop too
         self.overlap = OverlapLoop(self) if cfg.overlap else None
         self.eos_ids = frozenset(model_config.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
-        self._text: dict[str, _TextState] = {}
+        self._text: dict[str, TextState] = {}
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
         self._grammars = GrammarCompiler(tokenizer, model_config.vocab_size, self.eos_ids)
@@ -226,12 +211,12 @@ class LLMEngine:
         self.stats["prompt_tokens"] += len(token_ids) * params.n
         return request_id
 
-    def _text_state(self, params: SamplingParams, prompt: list[int], index: int) -> _TextState:
+    def _text_state(self, params: SamplingParams, prompt: list[int], index: int) -> TextState:
         if params.seed is None:
             seed = self._rng.randrange(2**31)
         else:  # distinct, reproducible streams per choice
             seed = (params.seed + index) % 2**31
-        return _TextState(
+        return TextState(
             params, seed, IncrementalDetokenizer(self.tokenizer),
             controls=self._controls_for(params, prompt), index=index,
         )  # fmt: skip
@@ -417,7 +402,7 @@ class LLMEngine:
             except RequestFault as fault:
                 self.scheduler.fail(fault)  # aborts it unless it had already finished
                 if self._text.pop(req.request_id, None) is not None:
-                    outputs.append(_error_output(req, fault))
+                    outputs.append(error_output(req, fault))
         return outputs + self._fault_outputs()
 
     def _fault_outputs(self) -> list[RequestOutput]:
@@ -425,7 +410,7 @@ class LLMEngine:
         out = []
         for req, fault in self.scheduler.faults.pop():
             if req is not None and self._text.pop(req.request_id, None) is not None:
-                out.append(_error_output(req, fault))
+                out.append(error_output(req, fault))
         return out
 
     def _fail_step(self, plan, exc: Exception) -> list[RequestOutput]:
@@ -439,7 +424,7 @@ class LLMEngine:
             if not req.status.finished:
                 self.scheduler.abort(req.request_id)
             if self._text.pop(req.request_id, None) is not None:
-                out.append(_error_output(req, err))
+                out.append(error_output(req, err))
         return out
 
     def _fail_group(self, exc: Exception) -> list[RequestOutput]:
@@ -458,7 +443,7 @@ class LLMEngine:
         for rid in list(self._text):
             req = self.scheduler.abort(rid)
             if self._text.pop(rid, None) is not None and req is not None:
-                out.append(_error_output(req, err))
+                out.append(error_output(req, err))
         return out
 
     # ---- the memory hierarchy -------------------------------------------------------------
@@ -474,7 +459,7 @@ class LLMEngine:
             p.temperature, p.top_k, p.top_p, state.seed, bool(p.logprobs), p.min_p, state.controls
         )
 
-    def _postprocess(self, req: Request, state: _TextState, s) -> RequestOutput:
+    def _postprocess(self, req: Request, state: TextState, s) -> RequestOutput:
         """Logprobs, detokenization and stop conditions for ``req``'s new token ``s``."""
         params = state.params
         tok = req.output_token_ids[-1]
@@ -492,70 +477,12 @@ class LLMEngine:
                 )
             )
             state.logprobs.append(TokenLogprob(tok, s.logprob, top))
-        if tok in req.eos_token_ids:
+        if tok in req.eos_token_ids or state.feed(tok):
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-        else:
-            state.text += state.detok.feed(tok)
-            for stop in params.stop:
-                idx = state.text.find(stop, max(0, state.emitted_chars - len(stop)))
-                if idx >= 0:
-                    state.text = state.text[
-                        : idx + (len(stop) if params.include_stop_str_in_output else 0)
-                    ]
-                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-                    break
-            if not req.status.finished and req.num_tokens >= self.max_model_len:
-                self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
-        finished = req.status.finished
-        if finished:
-            state.text += (
-                "" if req.status is RequestStatus.FINISHED_STOPPED else state.detok.flush()
-            )
-        # Hold back a possible stop-string prefix so a stream never shows text it must retract.
-        hold = 0 if finished or not params.stop else max(len(s) for s in params.stop) - 1
-        visible = max(state.emitted_chars, len(state.text) - hold)
-        delta = state.text[state.emitted_chars : visible]
-        state.emitted_chars = visible
-        delta_ids = req.output_token_ids[state.emitted_tokens :]
-        state.emitted_tokens = len(req.output_token_ids)
-        if finished:
+        elif not req.status.finished and req.num_tokens >= self.max_model_len:
+            self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
+        out = state.output(req)
+        if req.status.finished:
             self._text.pop(req.request_id, None)
             self.stats["cached_tokens"] += req.num_cached_tokens
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            text=state.text[:visible],
-            token_ids=list(req.output_token_ids),
-            delta_text=delta,
-            delta_token_ids=list(delta_ids),
-            finished=finished,
-            finish_reason=req.status.value if finished else None,
-            logprobs=list(state.logprobs) if params.logprobs is not None else None,
-            num_cached_tokens=req.num_cached_tokens,
-            metrics=_metrics(req) if finished else {},
-        )
-
-
-def _error_output(req: Request, error: BaseException) -> RequestOutput:
-    return RequestOutput(
-        request_id=req.request_id,
-        prompt_token_ids=req.prompt_token_ids,
-        token_ids=list(req.output_token_ids),
-        finished=True,
-        finish_reason=RequestStatus.FINISHED_ABORTED.value,
-        num_cached_tokens=req.num_cached_tokens,
-        metrics=_metrics(req),
-        error=error,
-    )
-
-
-def _metrics(req: Request) -> dict[str, float]:
-    out = {
-        "num_preemptions": float(req.num_preemptions),
-        "recomputed_tokens": float(req.num_recomputed_tokens),
-    }
-    if req.first_token_time is not None:
-        out["ttft_s"] = req.first_token_time - req.arrival_time
-    if req.finish_time is not None:
-        out["e2e_s"] = req.finish_time - req.arrival_time
-    return out
+        return out
