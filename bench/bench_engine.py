@@ -13,6 +13,15 @@ the test suite's random tiny model, whose short steps show the host's share):
 
     python bench/bench_engine.py --overlap [--model default|tiny] [--rounds 3] [--steps 40]
 
+``--fused`` measures fused steps instead (issue 17 item 2): ``--rows`` (8) requests decode while
+a queue of prompts prefills one chunk per step beside them, so every step holds decode rows and
+a prefill chunk. One engine built with ``fused_steps=True`` runs interleaved rounds with fusion
+on and off (``ModelRunner.set_fused_steps``: the same weights and executables); it prints the
+wall time per round, the share of mixed steps that ran fused, and the on/off ratio:
+
+    python bench/bench_engine.py --fused [--model default|tiny] [--rounds 3] [--rows 8]
+                                 [--prompts 6] [--prompt-len 192] [--chunk 64]
+
 ``--hf-python`` points at an interpreter that has torch + transformers + gguf (see
 tests/golden/make_golden.py for how to make one); it measures HF's eager f32 model on the same
 GGUF weights and the same shapes, so the ratio is taken in one run on one machine.
@@ -123,7 +132,7 @@ class DeviceTimeline:
         self.calls: list[tuple[float, float]] = []  # (dispatched, done), in dispatch order
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self.dispatched = 0
-        orig = runner._dispatch_group
+        orig = runner._dispatch_call
 
         def timed(*args, **kwargs):
             res, tokens = orig(*args, **kwargs)
@@ -132,7 +141,7 @@ class DeviceTimeline:
             self._q.put((t, res.tokens))
             return res, tokens
 
-        runner._dispatch_group = timed
+        runner._dispatch_call = timed
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
@@ -193,6 +202,83 @@ def overlap_round(
             "calls_per_step": calls / args.steps, "running": running}  # fmt: skip
 
 
+def fused_round(engine: LLMEngine, args, seed: int, tag: str) -> dict[str, float]:
+    """One measured run: ``--rows`` requests brought to decoding (untimed), then ``--prompts``
+    prompts of ``--prompt-len`` tokens queued (one token each to generate) and the engine
+    stepped until they finish, timed, while the rows keep decoding; then all aborted."""
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    runner = engine.runner
+    ids = []
+    for n in range(args.rows):
+        prompt = [rng.randrange(3, vocab) for _ in range(32)]
+        sp = SamplingParams(max_tokens=512, ignore_eos=True)  # aborted at the end of the round
+        ids.append(engine.add_request(prompt, sp, f"{tag}-d{n}"))
+    for _ in range(100):
+        engine.step()
+        if not any(r.is_prefill for r in engine.scheduler.running):
+            break
+    queued = []
+    for n in range(args.prompts):
+        prompt = [rng.randrange(3, vocab) for _ in range(args.prompt_len)]
+        queued.append(engine.add_request(prompt, SamplingParams(max_tokens=1), f"{tag}-p{n}"))
+    before = dict(runner.fused_counts)
+    left, steps, t0 = set(queued), 0, time.perf_counter()
+    while left:
+        left -= {o.request_id for o in engine.step() if o.finished}
+        steps += 1
+    wall = time.perf_counter() - t0
+    mixed = {k: runner.fused_counts[k] - before[k] for k in before}
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"wall_s": wall, "steps": steps, "step_ms": 1e3 * wall / steps,
+            "fused_steps": mixed["fused"], "unfused_mixed_steps": mixed["unfused"]}  # fmt: skip
+
+
+def measure_fused(args) -> None:
+    """Fused steps on vs off, interleaved rounds on one engine (module docstring)."""
+    import os
+
+    if args.model == "tiny":
+        from tokencake.models.config import tiny_config
+        from tokencake.models.tokenizer import Tokenizer
+        from tokencake.models.weights import random_params
+
+        cfg = tiny_config(max_position_embeddings=1024)
+        params, tok, name = random_params(cfg, 0), Tokenizer.byte_level_for_tests(), "tiny"
+    else:
+        cfg, params, tok, name = resolve_model(None)
+    # One prefill chunk per step (max_prefill_seqs=1) beside the decode rows: every mixed
+    # step's shapes are in the fused family.
+    engine = LLMEngine(
+        EngineConfig(num_pages=512, max_model_len=1024, max_num_seqs=max(args.rows, 1),
+                     max_num_batched_tokens=args.chunk + args.rows, max_prefill_chunk=args.chunk,
+                     max_prefill_seqs=1, fused_steps=True, warmup=False),
+        model_config=cfg, params=params, tokenizer=tok, model_name=name,
+    )  # fmt: skip
+    runner = engine.runner
+    runner.set_fused_steps(True)
+    fused_round(engine, args, seed=998, tag="warm-on")  # compiles the shapes used; not counted
+    runner.set_fused_steps(False)
+    fused_round(engine, args, seed=999, tag="warm-off")
+    res: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    for r in range(args.rounds):
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            runner.set_fused_steps(mode == "on")
+            res[mode].append(fused_round(engine, args, seed=r, tag=f"{mode}{r}"))
+            print(f"round {r} fused {mode:3s}: " + "  ".join(
+                f"{k} {v:.3f}" for k, v in res[mode][-1].items()), flush=True)  # fmt: skip
+    print(f"model {name}, {args.rows} decode rows, {args.prompts} prompts x {args.prompt_len} "
+          f"tokens in chunks of {args.chunk}, {args.rounds} rounds; load {os.getloadavg()}")  # fmt: skip
+    print(f"{'median':18s} {'off':>10s} {'on':>10s} {'on/off':>8s}")
+    for k in ("wall_s", "step_ms", "steps", "fused_steps", "unfused_mixed_steps"):
+        off = statistics.median(x[k] for x in res["off"])
+        on = statistics.median(x[k] for x in res["on"])
+        print(f"{k:18s} {off:10.3f} {on:10.3f} {on / off if off else float('nan'):8.3f}")
+
+
 def measure_overlap(args) -> None:
     """Overlap scheduling off vs on, interleaved rounds on one engine (module docstring)."""
     import os
@@ -250,11 +336,20 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--overlap", action="store_true", help="measure overlap scheduling only")
+    ap.add_argument("--fused", action="store_true", help="measure fused steps only")
+    ap.add_argument("--prompts", type=int, default=6, help="--fused: prompts prefilled")
+    ap.add_argument("--prompt-len", type=int, default=192, help="--fused: tokens per prompt")
+    ap.add_argument("--chunk", type=int, default=64, help="--fused: prefill chunk tokens")
     ap.add_argument("--model", default="default", choices=("default", "tiny"))
-    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=None, help="running rows (64; --fused: 8)")
     ap.add_argument("--queue", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.fused:
+        args.rows = 8 if args.rows is None else args.rows
+        measure_fused(args)
+        return
+    args.rows = 64 if args.rows is None else args.rows
     if args.overlap:
         measure_overlap(args)
         return

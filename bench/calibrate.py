@@ -155,7 +155,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # and per-row overhead fitted to what the real steps took beyond their calls.
     buckets = engine.runner.cfg.buckets
     shape_s = {
-        shape_key(sh): t for sh, t in time_shapes(engine.runner, list(buckets.shapes())).items()
+        shape_key(sh): t
+        for sh, t in time_shapes(
+            engine.runner, [*buckets.shapes(), *buckets.fused_shapes()]
+        ).items()
     }
     calls = np.array([sum(shape_s[shape_key(c)] for c in buckets.call_shapes(sp))
                       for _, sp, _ in samples])  # fmt: skip

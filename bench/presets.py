@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokencake.buckets import Shape, StepBuckets
+from tokencake.buckets import CallShape, StepBuckets
 from tokencake.memory.cost_model import CostModel
 from tokencake.scheduler.core import SchedulerConfig
 from tokencake.scheduler.plan import StepPlan
@@ -56,9 +56,12 @@ def linear_features(plan: StepPlan) -> list[float]:
     return [1.0, rows, prefill, ctx, pctx]
 
 
-def shape_key(shape: Shape) -> str:
-    """JSON key of a call shape in a preset's ``shape_s`` table."""
-    return ",".join(map(str, shape))
+def shape_key(shape: CallShape) -> str:
+    """JSON key of a call shape in a preset's ``shape_s`` table (a fused call's two group
+    shapes joined by ``+``)."""
+    if isinstance(shape[0], int):
+        return ",".join(map(str, shape))
+    return "+".join(shape_key(g) for g in shape)
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,21 @@ class StepModel:
                 self.overhead
                 + self.overhead_row * len(spans)
                 + self.overhead_ctx * sum(start + n for start, n in spans)
-                + sum(self.shape_s[shape_key(c)] for c in calls)
+                + sum(self._shape_time(c) for c in calls)
             )
         _, rows, prefill, ctx, pctx = linear_features(plan)
         mem = self.m0 + self.d * ctx
         compute = self.b * rows + self.c * prefill + self.e * pctx
         return self.a + (max(mem, compute) if self.roofline else mem + compute)
+
+    def _shape_time(self, shape: CallShape) -> float:
+        t = self.shape_s.get(shape_key(shape))
+        if t is None:
+            raise KeyError(
+                f"call shape {shape_key(shape)} has no measured price in this preset (a preset "
+                "calibrated without fused_steps cannot price a fused engine; recalibrate)"
+            )
+        return t
 
 
 @dataclass(frozen=True)
@@ -276,7 +288,8 @@ def local(path: Path = LOCAL_PRESET_PATH) -> Preset:
     cfg = load_local(path)
     eng = cfg["engine"]
     buckets = StepBuckets(eng["page_size"], eng["max_model_len"], eng["max_num_seqs"],
-                          eng["max_prefill_chunk"], eng["max_prefill_seqs"])  # fmt: skip
+                          eng["max_prefill_chunk"], eng["max_prefill_seqs"],
+                          eng.get("fused_steps", False))  # fmt: skip
     bpt = int(cfg["bytes_per_token"])
     host_blocks = int(eng.get("host_kv_gib", 0) * 2**30 // (bpt * eng["page_size"]))
     return Preset(

@@ -15,6 +15,7 @@ context, including the new tokens, is ``kv_lens[s]`` long.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -56,6 +57,12 @@ class Batch(NamedTuple):
     q_lens: jax.Array  # [S]
     kv_lens: jax.Array  # [S]
     block_tables: jax.Array  # [S, P]
+
+
+def _packed(arrays: Sequence[jax.Array]) -> jax.Array:
+    """Arrays ``[S_g, Q_g]`` flattened and concatenated into one ``[sum S_g * Q_g]``."""
+    flat = [a.reshape(-1) for a in arrays]
+    return flat[0] if len(flat) == 1 else jnp.concatenate(flat)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -139,19 +146,33 @@ class DecoderLM(nnx.Module):
 
     def __call__(
         self,
-        batch: Batch,
+        batch: Batch | Sequence[Batch],
         k_cache: jax.Array,
         v_cache: jax.Array,
         attention: AttentionFn,
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Run the layers; returns final hidden states ``[S, Q, H]`` and the updated caches."""
+    ) -> tuple[jax.Array | tuple[jax.Array, ...], jax.Array, jax.Array]:
+        """Run the layers; returns final hidden states ``[S, Q, H]`` and the updated caches.
+
+        ``batch`` may also be a sequence of groups (a fused step, ``tokencake/fused.py``): the
+        dense parts (embedding, projections, RoPE, MLP, norms) and the KV writes run once over
+        every group's tokens packed together, and attention runs per group with the group's
+        own shape, so a decode row is not padded to a prefill chunk's length. The hidden
+        states then come back as one ``[S, Q, H]`` array per group."""
         cfg = self.cfg
-        s, q = batch.input_ids.shape
+        groups = (batch,) if isinstance(batch, Batch) else tuple(batch)
+        shapes = [g.input_ids.shape for g in groups]
+        sizes = [s * q for s, q in shapes]
+        t = sum(sizes)
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         page_size = k_cache.shape[2]
-        pages, offsets = slot_indices(batch, page_size)
+        # Every group's tokens packed into one [T] sequence: a token's dense work does not
+        # depend on its row, so one weight read serves all groups.
+        slots = [slot_indices(g, page_size) for g in groups]
+        pages = _packed([p for p, _ in slots])
+        offsets = _packed([o for _, o in slots])
+        positions = _packed([g.positions for g in groups])
         scale = 1.0 / float(np.sqrt(d))
-        x = self.embed[...][batch.input_ids]
+        x = self.embed[...][_packed([g.input_ids for g in groups])]  # [T, H]
 
         def layer(x, kc, vc, w, mm, li):
             """One decoder layer; ``w`` holds this layer's vectors, ``mm(h, key)`` its matmuls."""
@@ -159,22 +180,29 @@ class DecoderLM(nnx.Module):
             qx, kx, vx = mm(h, "wq"), mm(h, "wk"), mm(h, "wv")
             if "bq" in w:
                 qx, kx, vx = qx + w["bq"], kx + w["bk"], vx + w["bv"]
-            qx = qx.reshape(s, q, hq, d)
-            kx = kx.reshape(s, q, hkv, d)
-            vx = vx.reshape(s, q, hkv, d)
+            qx = qx.reshape(t, hq, d)
+            kx = kx.reshape(t, hkv, d)
+            vx = vx.reshape(t, hkv, d)
             if "q_norm" in w:
                 qx = rms_norm(qx, w["q_norm"], cfg.rms_norm_eps)
                 kx = rms_norm(kx, w["k_norm"], cfg.rms_norm_eps)
-            qx = apply_rope(qx, batch.positions, self.inv_freq)
-            kx = apply_rope(kx, batch.positions, self.inv_freq)
+            qx = apply_rope(qx, positions, self.inv_freq)
+            kx = apply_rope(kx, positions, self.inv_freq)
             # Write-then-attend: the new tokens' K/V land in their pages first, so attention
-            # reads the whole context (cached prefix + this chunk) from one place.
+            # reads the whole context (cached prefix + this chunk) from one place. Groups hold
+            # different sequences, so their writes never touch each other's pages.
             kc = kc.at[li, pages, offsets].set(kx.astype(kc.dtype))
             vc = vc.at[li, pages, offsets].set(vx.astype(vc.dtype))
-            attn = attention(
-                qx, kc[li], vc[li], batch.block_tables, batch.q_lens, batch.kv_lens, scale=scale
-            )
-            x = x + mm(attn.reshape(s, q, hq * d), "wo")
+            outs, start = [], 0
+            for g, (s, q), n in zip(groups, shapes, sizes, strict=True):
+                a = attention(
+                    qx[start : start + n].reshape(s, q, hq, d), kc[li], vc[li],
+                    g.block_tables, g.q_lens, g.kv_lens, scale=scale,
+                )  # fmt: skip
+                outs.append(a.reshape(n, hq * d))
+                start += n
+            attn = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+            x = x + mm(attn, "wo")
             h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
             x = x + mm(jax.nn.silu(mm(h, "w_gate")) * mm(h, "w_up"), "w_down")
             return x, kc, vc
@@ -213,7 +241,12 @@ class DecoderLM(nnx.Module):
             x, k_cache, v_cache = jax.lax.fori_loop(
                 0, cfg.num_layers, switch_body, (x, k_cache, v_cache)
             )
-        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), k_cache, v_cache
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        hidden, start = [], 0
+        for (s, q), n in zip(shapes, sizes, strict=True):
+            hidden.append(x[start : start + n].reshape(s, q, -1))
+            start += n
+        return (hidden[0] if isinstance(batch, Batch) else tuple(hidden)), k_cache, v_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits for hidden states ``[..., H]``."""

@@ -57,3 +57,27 @@ def test_greedy_tokens_match_hf(engine, golden):
     outs = llm.generate([c["prompt_ids"] for c in meta["prompts"]], params)
     for case, out in zip(meta["prompts"], outs, strict=True):
         assert out.token_ids == case["greedy_ids"], (out.text, case["greedy_text"])
+
+
+@pytest.mark.slow
+def test_greedy_tokens_match_hf_fused_steps(default_model, golden):
+    """Fused steps (``EngineConfig.fused_steps``) on the default model: the golden prompts
+    arrive one step apart, so later prompts prefill beside earlier ones' decode rows (in one
+    fused call), and every output still equals Hugging Face's greedy tokens."""
+    meta, _ = golden
+    cfg, params, tok, name = default_model
+    config = EngineConfig(num_pages=256, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64,
+                          max_prefill_chunk=64, max_prefill_seqs=1, warmup=False,
+                          fused_steps=True)  # fmt: skip
+    engine = LLMEngine(config, model_config=cfg, params=params, tokenizer=tok, model_name=name)
+    params = SamplingParams(max_tokens=meta["max_new_tokens"])
+    pending = list(enumerate(meta["prompts"]))
+    done: dict[int, list[int]] = {}
+    while pending or engine.has_unfinished_requests():
+        if pending:
+            i, case = pending.pop(0)
+            engine.add_request(case["prompt_ids"], params, request_id=str(i))
+        done.update((int(o.request_id), o.token_ids) for o in engine.step() if o.finished)
+    for i, case in enumerate(meta["prompts"]):
+        assert done[i] == case["greedy_ids"], i
+    assert engine.runner.fused_counts["fused"] > 0

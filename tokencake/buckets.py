@@ -13,8 +13,30 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 Shape = tuple[int, int, int]  # (rows, tokens per row, pages per row)
+#: A fused call (``fused_steps``): a prefill group's shape and a decode group's shape, run as
+#: one executable whose dense parts see both groups' tokens packed together.
+FusedShape = tuple[Shape, Shape]
+CallShape = Shape | FusedShape
+
+
+class Call(NamedTuple):
+    """One executable call of a step: its groups as ``(is_prefill, row indices, padded
+    shape)``, in the order their rows fill the call's sampled rows."""
+
+    groups: tuple[tuple[bool, list[int], Shape], ...]
+
+    @property
+    def shape(self) -> CallShape:
+        """The compiled shape: a plain :data:`Shape`, or a :data:`FusedShape`."""
+        shapes = tuple(g[2] for g in self.groups)
+        return shapes[0] if len(shapes) == 1 else shapes  # type: ignore[return-value]
+
+    @property
+    def fused(self) -> bool:
+        return len(self.groups) > 1
 
 
 def pow2_buckets(limit: int, start: int = 1, factor: int = 2) -> tuple[int, ...]:
@@ -45,6 +67,8 @@ class StepBuckets:
     max_num_seqs: int = 32
     max_prefill_chunk: int = 512
     max_prefill_seqs: int = 4
+    fused_steps: bool = False  # a step's prefill chunk and decode rows share one call
+    fused_max_tokens: int = 128  # the largest prefill token bucket a fused call takes
 
     @cached_property
     def max_pages_per_seq(self) -> int:
@@ -100,6 +124,45 @@ class StepBuckets:
             (False, decode[i : i + db]) for i in range(0, len(decode), db)
         ]
 
-    def call_shapes(self, rows: Sequence[tuple[int, int]]) -> list[Shape]:
+    # ---- fused steps -------------------------------------------------------------------------
+    # A fused call pays one weight read for a prefill group and a decode group. Each group keeps
+    # its own padded shape (attention is per group), so the family of fused executables is a
+    # cross product; it is kept small: one prefill chunk (rows bucket 1) of a token bucket up to
+    # ``fused_max_tokens`` (a longer chunk's own compute dwarfs the weight read fusion saves)
+    # and any page bucket, with a decode group from a coarser row ladder (x4) over any page
+    # bucket. Other mixes (several chunks in one group, a long chunk) run as separate calls.
+    @cached_property
+    def fused_decode_row_buckets(self) -> tuple[int, ...]:
+        return pow2_buckets(self.max_num_seqs, factor=4)
+
+    def fused_shapes(self) -> list[FusedShape]:
+        """Every fused (prefill shape, decode shape) the runner compiles (none unless
+        ``fused_steps``)."""
+        if not self.fused_steps:
+            return []
+        prefill = [sh for sh in self.shapes() if sh[0] == 1 and 1 < sh[1] <= self.fused_max_tokens]
+        decode = [(s, 1, p) for s in self.fused_decode_row_buckets for p in self.page_buckets]
+        return [(pf, dc) for pf in prefill for dc in decode]
+
+    def calls(self, rows: Sequence[tuple[int, int]]) -> list[Call]:
+        """The runner's calls for one step over ``rows`` given as ``(start, num_tokens)``,
+        in execution order. With ``fused_steps`` the last prefill group and the first decode
+        group share a call when the pair is in :meth:`fused_shapes`' family."""
+        groups = [
+            (pf, idx, self.group_shape([rows[i] for i in idx], pf)) for pf, idx in self.split(rows)
+        ]
+        out = [Call((g,)) for g in groups]
+        first_decode = next((i for i, g in enumerate(groups) if not g[0]), None)
+        if not self.fused_steps or not first_decode:  # None, or no prefill group before it
+            return out
+        pf, dc = groups[first_decode - 1], groups[first_decode]
+        if pf[2][0] != 1 or pf[2][1] > self.fused_max_tokens:
+            return out
+        # The decode group padded to the fused row ladder (its pages bucket is its own).
+        s = pick_bucket(len(dc[1]), self.fused_decode_row_buckets)
+        fused = Call((pf, (False, dc[1], (s, 1, dc[2][2]))))
+        return [*out[: first_decode - 1], fused, *out[first_decode + 1 :]]
+
+    def call_shapes(self, rows: Sequence[tuple[int, int]]) -> list[CallShape]:
         """Padded shape of every call the runner makes for a step over ``rows``."""
-        return [self.group_shape([rows[i] for i in idx], pf) for pf, idx in self.split(rows)]
+        return [c.shape for c in self.calls(rows)]

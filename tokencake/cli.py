@@ -49,6 +49,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="plan and dispatch each step while the one before runs on the device",
     )
+    p.add_argument(
+        "--fused-steps",
+        action="store_true",
+        help="run a step's prefill chunk and decode rows as one device call (one weight read)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace, **extra: Any):
@@ -59,7 +64,7 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any):
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
         attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
         distributed=args.distributed, tokencake=_tokencake_config(args.tokencake_config),
-        overlap=args.overlap,
+        overlap=args.overlap, fused_steps=args.fused_steps,
     )  # fmt: skip
     return EngineConfig(**{**options, **extra})
 

@@ -30,6 +30,10 @@ class EngineConfig:
     (a :class:`TokencakeConfig` or its ``from_dict`` form) tunes the agent-aware policies.
     ``overlap`` plans and dispatches each step while the one before still runs on the
     device (``tokencake/overlap.py``; same greedy outputs; one device, for now).
+    ``fused_steps`` runs a step's prefill chunk and its decode rows as one device call (one
+    weight read; attention still per group at each group's own shape) when the pair of shapes
+    is in a small family compiled at warm-up (``StepBuckets.fused_shapes``), as two calls
+    otherwise; same greedy outputs; one device, for now.
     """
 
     model: str | None = None
@@ -53,6 +57,7 @@ class EngineConfig:
     warmup: bool = True
     seed: int = 0
     overlap: bool = False
+    fused_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -80,6 +85,10 @@ class EngineConfig:
         if self.overlap and (self.tensor_parallel_size > 1 or self.distributed):
             raise ValueError(
                 "overlap is not supported with tensor_parallel_size > 1 or distributed yet"
+            )
+        if self.fused_steps and (self.tensor_parallel_size > 1 or self.distributed):
+            raise ValueError(
+                "fused_steps is not supported with tensor_parallel_size > 1 or distributed yet"
             )
         if self.max_prefill_chunk > self.max_num_batched_tokens:
             raise ValueError("max_prefill_chunk cannot exceed max_num_batched_tokens")

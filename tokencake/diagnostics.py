@@ -15,35 +15,43 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from tokencake.buckets import Shape
+from tokencake.buckets import CallShape
 from tokencake.memory.kv_cache import DUMMY_PAGE
 from tokencake.models.llama import Batch
 from tokencake.runner import ModelRunner, RowRequest, SamplingInputs
 
 
-def time_shapes(runner: ModelRunner, shapes: list[Shape], rounds: int = 7) -> dict[Shape, float]:
-    """Median seconds of one call of each compiled shape on padding input: every row has one
-    token and every page-table entry is the dummy page, so no live KV is touched. On XLA:CPU a
-    call costs what its padded shape costs, less the cache misses of gathering live pages,
-    which the simulator prices separately (per context token).
+def time_shapes(
+    runner: ModelRunner, shapes: list[CallShape], rounds: int = 7
+) -> dict[CallShape, float]:
+    """Median seconds of one call of each compiled shape (plain or fused) on padding input:
+    every row has one token and every page-table entry is the dummy page, so no live KV is
+    touched. On XLA:CPU a call costs what its padded shape costs, less the cache misses of
+    gathering live pages, which the simulator prices separately (per context token).
 
     The shapes are timed in ``rounds`` interleaved rounds (each round calls every shape once)
     rather than one shape after another: on a shared machine a burst of load then spreads
     over all shapes instead of inflating the few that were being timed while it lasted."""
     calls = {}
-    for s, q, p in shapes:
-        zi, zf, one = np.zeros((s,), np.int32), np.zeros((s,), np.float32), np.ones((s,), np.int32)
-        batch = Batch(np.zeros((s, q), np.int32), np.zeros((s, q), np.int32), one, one,
-                      np.full((s, p), DUMMY_PAGE, np.int32))  # fmt: skip
-        samp = SamplingInputs(zf, zi, np.ones((s,), np.float32), zi, zi, zi, zf)
-        calls[(s, q, p)] = (
-            runner.compiled((s, q, p)),
+    for shape in shapes:
+        groups = [shape] if isinstance(shape[0], int) else list(shape)
+        batches = []
+        for s, q, p in groups:
+            one = np.ones((s,), np.int32)
+            batches.append(Batch(np.zeros((s, q), np.int32), np.zeros((s, q), np.int32), one,
+                                 one, np.full((s, p), DUMMY_PAGE, np.int32)))  # fmt: skip
+        n = sum(g[0] for g in groups)
+        zi, zf = np.zeros((n,), np.int32), np.zeros((n,), np.float32)
+        samp = SamplingInputs(zf, zi, np.ones((n,), np.float32), zi, zi, zi, zf)
+        batch = batches[0] if len(batches) == 1 else tuple(batches)
+        calls[shape] = (
+            runner.compiled(shape),
             batch,
             samp,
-            runner.neutral_adjust(s),
-            runner.idle_feed(s),
+            runner.neutral_adjust(n),
+            runner.idle_feed(n),
         )
-    times: dict[Shape, list[float]] = {shape: [] for shape in calls}
+    times: dict[CallShape, list[float]] = {shape: [] for shape in calls}
     for i in range(rounds + 1):
         for shape, (step, batch, samp, adj, feed) in calls.items():
             t0 = time.perf_counter()

@@ -3,13 +3,16 @@ device, through one jitted step (model forward over the paged KV, then sampling)
 
 * :class:`EngineExecutor` is what the step loop calls (``scheduler/core.py``'s ``Executor``;
   the simulated one is ``scheduler/sim_executor.py``): the plan's KV copies go to the transfer
-  engine (when the host tier is on), its chunks become rows (:func:`rows_from_chunks`).
+  engine (when the host tier is on), its chunks become rows
+  (:func:`~tokencake.step_inputs.rows_from_chunks`).
 * :class:`ModelRunner` owns the model state and the device KV arrays. Shapes are padded to
   buckets so that every step reuses an executable compiled at warm-up (ahead of time, with
   ``jit.lower().compile()``); an unbucketed shape is a bug and raises instead of compiling
   mid-serving. Decode rows (one token) and prefill chunks run as two calls of the same step
   function with different bucket shapes, so a long prompt chunk does not pad every decode row
-  to its length.
+  to its length; with ``fused_steps`` a prefill chunk and the decode rows share one call that
+  reads the weights once and still attends per group at each group's own shape
+  (``StepBuckets.calls``, ``step_inputs.py``).
 * :func:`~tokencake.sampler.sample` picks each row's token inside the jitted step, so only
   ``[S]`` ints (and the logprobs asked for) leave the device, not logits.
 * Overlap scheduling (``tokencake/overlap.py``): :meth:`ModelRunner.dispatch` returns before
@@ -22,8 +25,8 @@ timings, prompt logits) are ``diagnostics.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,41 +37,31 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tokencake.buckets import Shape
-from tokencake.memory.kv_cache import DUMMY_PAGE, KVCacheSpec, allocate_kv_cache
+from tokencake.buckets import CallShape, Shape
+from tokencake.memory.kv_cache import KVCacheSpec, allocate_kv_cache
 from tokencake.memory.transfer import TransferEngine, TransferHandle
 from tokencake.models import sharding
 from tokencake.models.attention.backend import get_backend
 from tokencake.models.config import ModelConfig
 from tokencake.models.llama import Batch, DecoderLM
 from tokencake.models.logits_adjust import LogitsAdjust, mask_words
-from tokencake.row_controls import MAX_LOGIT_BIAS, RowControls
+from tokencake.row_controls import MAX_LOGIT_BIAS
 from tokencake.runner_config import RunnerConfig, enable_compilation_cache
 from tokencake.sampler import SampleOutput, SamplingInputs, sample
 from tokencake.scheduler.copies import CopyTracker
-from tokencake.scheduler.plan import BlockCopy, ScheduledChunk, StepPlan
+from tokencake.scheduler.plan import BlockCopy, StepPlan
 from tokencake.scheduler.request import PENDING_TOKEN, Request
+from tokencake.step_inputs import (  # noqa: F401 (RowRequest, RowSampling: re-exported)
+    CallInputs,
+    RowRequest,
+    RowSampling,
+    abstract_batch,
+    abstract_sampling,
+    build_inputs,
+    rows_from_chunks,
+)
 
 log = logging.getLogger(__name__)
-
-
-# ---- rows: what the runner needs of one scheduled chunk --------------------------------------
-@dataclass(frozen=True)
-class RowRequest:
-    """What the runner needs of one scheduled chunk: tokens, context, blocks, sampling."""
-
-    request_id: str
-    token_ids: Sequence[int]  # the chunk's tokens
-    start: int  # position of the first chunk token
-    block_ids: Sequence[int]
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    counter: int
-    want_top: bool = False  # compute the top-20 logprobs for this row
-    min_p: float = 0.0
-    controls: RowControls | None = None  # penalties, logit bias, grammar mask (None: none)
 
 
 @dataclass(frozen=True)
@@ -77,46 +70,6 @@ class SampledToken:
     logprob: float
     top_ids: np.ndarray
     top_logprobs: np.ndarray
-
-
-class RowSampling(NamedTuple):
-    """A request's per-row sampling inputs, as the engine hands them to :func:`rows_from_chunks`."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    want_top: bool
-    min_p: float = 0.0
-    controls: RowControls | None = None
-
-
-def rows_from_chunks(
-    chunks: Sequence[ScheduledChunk], sampling_of: Callable[[Request], RowSampling]
-) -> list[RowRequest]:
-    """Build runner rows from scheduler chunks; ``sampling_of(request)`` gives its sampling."""
-    rows = []
-    for c in chunks:
-        req = c.request
-        tokens = req.all_token_ids[c.start : c.start + c.num_tokens]
-        rs = sampling_of(req)
-        rows.append(
-            RowRequest(
-                req.request_id,
-                tokens,
-                c.start,
-                req.block_ids,
-                rs.temperature,
-                rs.top_k,
-                rs.top_p,
-                rs.seed,
-                len(req.output_token_ids),
-                rs.want_top,
-                rs.min_p,
-                rs.controls,
-            )  # fmt: skip
-        )
-    return rows
 
 
 # ---- the executor behind the step loop -------------------------------------------------------
@@ -241,7 +194,7 @@ class ModelRunner:
         self.state, self._state_def = jax.tree_util.tree_flatten(state)
         self.k, self.v = allocate_kv_cache(self.kv_spec, kv_sharding)
         self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
-        self._compiled: dict[tuple[int, int, int], jax.stages.Compiled] = {}
+        self._compiled: dict[CallShape, jax.stages.Compiled] = {}
         # Distinct tokens of a row's context never exceed its length nor the vocabulary, so
         # this capacity holds every penalized row without a per-request bucket.
         self.penalty_capacity = min(cfg.max_model_len, model_cfg.vocab_size)
@@ -252,6 +205,11 @@ class ModelRunner:
         self.token_slots = cfg.max_num_seqs + cfg.max_prefill_seqs
         self._idle_feed: dict[int, TokenFeed] = {}
         self.compile_seconds = 0.0
+        self.compile_times: dict[CallShape, float] = {}  # seconds each shape took to compile
+        # Fused steps (``cfg.fused_steps``): steps with prefill and decode rows, by whether
+        # they ran as one fused call or fell back to separate calls (shape outside the family).
+        self.fused_counts = {"fused": 0, "unfused": 0}
+        self.buckets = cfg.buckets  # how steps are split into calls (see set_fused_steps)
         self.strict = False  # after warm-up, a missing shape is an error
         self.channel = None  # multi-process leader: announces each step (tokencake.multihost)
         self.group = None  # multi-process, every process: waits for new compiles together
@@ -262,20 +220,35 @@ class ModelRunner:
         return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(self._state_def, state))
 
     def _step_fn(
-        self, state, k, v, batch: Batch, sampling: SamplingInputs, adj: LogitsAdjust,
-        feed: TokenFeed,
+        self, state, k, v, batch: Batch | tuple[Batch, ...], sampling: SamplingInputs,
+        adj: LogitsAdjust, feed: TokenFeed,
     ):  # fmt: skip
+        """One call: a :class:`Batch`, or (fused) a tuple of group batches whose sampled rows
+        follow each other in ``sampling``/``adj``/``feed`` order."""
         model = self.model(state)
-        rows = jnp.arange(batch.input_ids.shape[0])
-        last_col = jnp.maximum(batch.q_lens - 1, 0)
+        groups = (batch,) if isinstance(batch, Batch) else batch
         # Overlap scheduling: a row whose last input token was sampled by the step before
         # (still on the device when this one was planned) reads it from that step's buffer.
         fed = feed.prev[jnp.clip(feed.src, 0, feed.prev.shape[0] - 1)]
-        given = batch.input_ids[rows, last_col]
-        ids = batch.input_ids.at[rows, last_col].set(jnp.where(feed.src >= 0, fed, given))
-        hidden, k, v = model(batch._replace(input_ids=ids), k, v, self.attention_fn)
-        last = hidden[rows, last_col]
-        out = sample(model.logits(last), sampling, adj)
+        fed_groups, picks, r0 = [], [], 0
+        for g in groups:
+            s = g.input_ids.shape[0]
+            rows, last_col = jnp.arange(s), jnp.maximum(g.q_lens - 1, 0)
+            src = feed.src[r0 : r0 + s]
+            given = g.input_ids[rows, last_col]
+            ids = g.input_ids.at[rows, last_col].set(jnp.where(src >= 0, fed[r0 : r0 + s], given))
+            fed_groups.append(g._replace(input_ids=ids))
+            picks.append((rows, last_col))
+            r0 += s
+        hidden, k, v = model(
+            fed_groups[0] if isinstance(batch, Batch) else tuple(fed_groups), k, v,
+            self.attention_fn,
+        )  # fmt: skip
+        hidden = (hidden,) if isinstance(batch, Batch) else hidden
+        last = [h[rows, col] for h, (rows, col) in zip(hidden, picks, strict=True)]
+        out = sample(
+            model.logits(last[0] if len(last) == 1 else jnp.concatenate(last)), sampling, adj
+        )
         tokens = feed.out.at[feed.dst].set(out.tokens, mode="drop")
         return out, tokens, k, v
 
@@ -315,39 +288,35 @@ class ModelRunner:
         self, rows: int, q: int, pages: int
     ) -> tuple[Batch, SamplingInputs, LogitsAdjust]:
         """Shapes and dtypes of one step's host inputs for bucket ``(rows, q, pages)``."""
-        i32 = jax.ShapeDtypeStruct
-        batch = Batch(
-            i32((rows, q), jnp.int32), i32((rows, q), jnp.int32), i32((rows,), jnp.int32),
-            i32((rows,), jnp.int32), i32((rows, pages), jnp.int32),
-        )  # fmt: skip
-        samp = SamplingInputs(
-            i32((rows,), jnp.float32), i32((rows,), jnp.int32), i32((rows,), jnp.float32),
-            i32((rows,), jnp.int32), i32((rows,), jnp.int32), i32((rows,), jnp.int32),
-            i32((rows,), jnp.float32),
-        )  # fmt: skip
-        adj = LogitsAdjust(*(i32(a.shape, a.dtype) for a in self.neutral_adjust(rows)))
-        return batch, samp, adj
+        a = jax.ShapeDtypeStruct
+        adj = LogitsAdjust(*(a(x.shape, x.dtype) for x in self.neutral_adjust(rows)))
+        return abstract_batch(rows, q, pages), abstract_sampling(rows), adj
 
-    def compiled(self, shape: tuple[int, int, int]) -> jax.stages.Compiled:
-        """The executable of a bucketed step shape (compiled now, unless warm-up did: after
-        warm-up an unknown shape raises)."""
+    def compiled(self, shape: CallShape) -> jax.stages.Compiled:
+        """The executable of a bucketed call shape, plain or fused (compiled now, unless
+        warm-up did: after warm-up an unknown shape raises)."""
         if shape in self._compiled:
             return self._compiled[shape]
         if self.strict:
             raise RuntimeError(f"step shape {shape} was not compiled at warm-up (bucketing bug)")
         t0 = time.perf_counter()
-        batch, samp, adj = self.abstract_inputs(*shape)
-        feed = TokenFeed(
-            *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.idle_feed(shape[0]))
-        )
+        n = _call_rows(shape)
+        a = jax.ShapeDtypeStruct
+        batch = abstract_batch(*shape) if isinstance(shape[0], int) else tuple(
+            abstract_batch(*g) for g in shape
+        )  # fmt: skip
+        samp = abstract_sampling(n)
+        adj = LogitsAdjust(*(a(x.shape, x.dtype) for x in self.neutral_adjust(n)))
+        feed = TokenFeed(*(a(x.shape, x.dtype) for x in self.idle_feed(n)))
         compiled = self._step.lower(self.state, self.k, self.v, batch, samp, adj, feed).compile()
-        self.compile_seconds += time.perf_counter() - t0
+        self.compile_times[shape] = time.perf_counter() - t0
+        self.compile_seconds += self.compile_times[shape]
         self._compiled[shape] = compiled
         return compiled
 
     def warmup(self, progress: bool = False) -> None:
         """Compile every bucketed shape now; afterwards an unknown shape raises."""
-        shapes = self.cfg.shapes()
+        shapes: list[CallShape] = [*self.cfg.shapes(), *self.cfg.buckets.fused_shapes()]
         it = shapes
         if progress:
             import sys
@@ -367,6 +336,14 @@ class ModelRunner:
         self.strict = True
         log.info("warm-up compiled %d step shapes in %.1fs", len(shapes), self.compile_seconds)
 
+    def set_fused_steps(self, on: bool) -> None:
+        """Fuse mixed steps or not from now on (``cfg.fused_steps`` is the initial state and
+        must be on for ``on``: it puts the fused family in warm-up). Lets one runner compare
+        both ways on the same weights and executables (bench/bench_engine.py --fused)."""
+        if on and not self.cfg.fused_steps:
+            raise ValueError("set_fused_steps(True) needs a runner built with fused_steps=True")
+        self.buckets = dataclasses.replace(self.cfg.buckets, fused_steps=on)
+
     # ---- execution ------------------------------------------------------------------------
     def execute(self, rows: Sequence[RowRequest]) -> dict[str, SampledToken]:
         """Run all rows (decode and prefill chunks); return one sampled token per row."""
@@ -383,18 +360,22 @@ class ModelRunner:
         buffer (``StepHandle.tokens``), and a row whose last token is :data:`PENDING_TOKEN`
         takes that token from ``after``'s buffer (``after`` is the step dispatched before
         this one; its tokens need not be read yet)."""
-        buckets = self.cfg.buckets
         spans = [(r.start, len(r.token_ids)) for r in rows]
         handle = StepHandle([], None, {})
         slot = 0
-        for prefill, idx in buckets.split(spans):
-            group = [rows[i] for i in idx]
-            shape = buckets.group_shape([spans[i] for i in idx], prefill)
-            tf = self.idle_feed(shape[0])
+        calls = self.buckets.calls(spans)
+        if self.buckets.fused_steps and len({pf for c in calls for pf, _, _ in c.groups}) == 2:
+            self.fused_counts["fused" if any(c.fused for c in calls) else "unfused"] += 1
+        for call in calls:
+            inputs = build_inputs(
+                [([rows[i] for i in idx], shape) for _, idx, shape in call.groups],
+                self.cfg.page_size, self.model_cfg.vocab_size,
+            )  # fmt: skip
+            tf = self.idle_feed(len(inputs.rows))
             if feed:
-                tf, slot = self._feed(group, shape[0], after, handle, slot)
-            res, tokens = self._dispatch_group(group, shape, tf)
-            handle.groups.append((group, res))
+                tf, slot = self._feed(inputs.rows, after, handle, slot)
+            res, tokens = self._dispatch_call(inputs, call.shape, tf)
+            handle.groups.append((inputs.rows, res))
             if feed:
                 handle.tokens = tokens
         return handle
@@ -407,24 +388,26 @@ class ModelRunner:
             out.update(
                 (r.request_id, SampledToken(int(res.tokens[i]), float(res.logprob[i]),
                                             res.top_ids[i], res.top_logprobs[i]))
-                for i, r in enumerate(group)
+                for i, r in enumerate(group) if r is not None
             )  # fmt: skip
         return out
 
     def _feed(
         self,
-        group: Sequence[RowRequest],
-        s: int,
+        group: Sequence[RowRequest | None],
         after: StepHandle | None,
         handle: StepHandle,
         slot: int,
     ) -> tuple[TokenFeed, int]:
         """The token feed of one call of an overlapped step: where each row's pending last
-        token comes from (``after``'s slots) and which slot its sampled token goes to."""
-        b = self.token_slots
+        token comes from (``after``'s slots) and which slot its sampled token goes to.
+        ``group`` is the call's padded rows (None: padding)."""
+        b, s = self.token_slots, len(group)
         src = np.full((s,), -1, np.int32)
         dst = np.full((s,), b, np.int32)  # out of range: dropped
         for i, r in enumerate(group):
+            if r is None:
+                continue
             if r.token_ids[-1] == PENDING_TOKEN:
                 if after is None or r.request_id not in after.slots:
                     raise RuntimeError(
@@ -439,51 +422,31 @@ class ModelRunner:
         out = handle.tokens if handle.tokens is not None else zeros
         return TokenFeed(prev, src, out, dst), slot
 
-    def _dispatch_group(
-        self, rows: Sequence[RowRequest], shape: Shape, feed: TokenFeed
+    def _dispatch_call(
+        self, inputs: CallInputs, shape: CallShape, feed: TokenFeed
     ) -> tuple[SampleOutput, jax.Array]:
-        s, q, p = shape
-        ids = np.zeros((s, q), np.int32)
-        pos = np.zeros((s, q), np.int32)
-        q_lens = np.zeros((s,), np.int32)
-        kv_lens = np.zeros((s,), np.int32)
-        tables = np.full((s, p), DUMMY_PAGE, np.int32)
-        temp = np.zeros((s,), np.float32)
-        top_k = np.zeros((s,), np.int32)
-        top_p = np.ones((s,), np.float32)
-        seeds = np.zeros((s,), np.int32)
-        counters = np.zeros((s,), np.int32)
-        want_top = np.zeros((s,), np.int32)
-        min_p = np.zeros((s,), np.float32)
-        for i, r in enumerate(rows):
-            n = len(r.token_ids)
-            ids[i, :n] = r.token_ids
-            pos[i, :n] = np.arange(r.start, r.start + n)
-            q_lens[i] = n
-            kv_lens[i] = r.start + n
-            nb = math.ceil((r.start + n) / self.cfg.page_size)
-            tables[i, :nb] = r.block_ids[:nb]
-            temp[i], top_k[i], top_p[i] = (
-                r.temperature,
-                min(r.top_k, self.model_cfg.vocab_size),
-                r.top_p,
-            )
-            seeds[i], counters[i], want_top[i] = r.seed, r.counter, r.want_top
-            min_p[i] = r.min_p
-        neg = ids < 0
-        if neg.any():  # only a fed row's last token may be pending (the step fills it in)
-            neg[np.arange(s), np.maximum(q_lens - 1, 0)] &= np.asarray(feed.src) < 0
-            if neg.any():
-                raise RuntimeError("a row holds a pending token the step is not fed")
+        """Launch one call (plain or fused) on its host inputs; returns its device results."""
+        r0 = 0
+        for b in inputs.batches:
+            s, neg = b.input_ids.shape[0], b.input_ids < 0
+            if neg.any():  # only a fed row's last token may be pending (the step fills it in)
+                src = np.asarray(feed.src[r0 : r0 + s])
+                neg[np.arange(s), np.maximum(b.q_lens - 1, 0)] &= src < 0
+                if neg.any():
+                    raise RuntimeError("a row holds a pending token the step is not fed")
+            r0 += s
         # numpy goes straight to the executable: jnp.asarray would compile a staging program per
         # new shape, which breaks the no-compilation-after-warm-up rule.
-        batch = Batch(ids, pos, q_lens, kv_lens, tables)
-        samp = SamplingInputs(temp, top_k, top_p, seeds, counters, want_top, min_p)
-        adj = self._adjust_inputs(rows, s)
+        batch = inputs.batches[0] if len(inputs.batches) == 1 else inputs.batches
+        adj = self._adjust_inputs(inputs.rows)
         if self.channel is not None:  # the other processes launch the same call with these
-            self.channel.send_step((s, q, p), (*batch, *samp, *adj))  # (never fed: no overlap)
-        compiled = self._compiled_together((s, q, p))  # (announced first: all compile at once)
-        res, tokens, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj, feed)
+            if len(inputs.batches) > 1:
+                raise RuntimeError("fused steps are not supported across processes")
+            self.channel.send_step(shape, (*batch, *inputs.sampling, *adj))  # (never fed)
+        compiled = self._compiled_together(shape)  # (announced first: all compile at once)
+        res, tokens, self.k, self.v = compiled(
+            self.state, self.k, self.v, batch, inputs.sampling, adj, feed
+        )
         return res, tokens
 
     def run_inputs(self, shape: Shape, arrays: Sequence[np.ndarray]) -> None:
@@ -494,7 +457,7 @@ class ModelRunner:
         compiled = self._compiled_together(shape)
         _, _, self.k, self.v = compiled(self.state, self.k, self.v, batch, samp, adj, feed)
 
-    def _compiled_together(self, shape: Shape) -> jax.stages.Compiled:
+    def _compiled_together(self, shape: CallShape) -> jax.stages.Compiled:
         """:meth:`compiled`; in a multi-process run a shape compiled just now is first waited
         for by every process (XLA:CPU's collectives give up on a peer still compiling after
         30 s). A shape compiled at warm-up needs no wait."""
@@ -504,10 +467,14 @@ class ModelRunner:
             self.group.barrier(f"step/{shape}")
         return compiled
 
-    def _adjust_inputs(self, rows: Sequence[RowRequest], s: int) -> LogitsAdjust:
-        """The group's adjustment arrays: the shared neutral ones unless a row uses one."""
+    def _adjust_inputs(self, rows: Sequence[RowRequest | None]) -> LogitsAdjust:
+        """The call's adjustment arrays over its padded ``rows`` (None: padding): the shared
+        neutral ones unless a row uses one."""
+        s = len(rows)
         neutral = self.neutral_adjust(s)
-        used = [(i, r.controls) for i, r in enumerate(rows) if r.controls is not None]
+        used = [
+            (i, r.controls) for i, r in enumerate(rows) if r is not None and r.controls is not None
+        ]
         if not used:
             if self.mesh is not None:  # let the executable place them on its mesh
                 return neutral
@@ -520,6 +487,11 @@ class ModelRunner:
         for i, c in used:
             c.fill(i, adj)
         return adj
+
+
+def _call_rows(shape: CallShape) -> int:
+    """Sampled rows of a call: its shape's rows, summed over a fused call's groups."""
+    return shape[0] if isinstance(shape[0], int) else sum(g[0] for g in shape)
 
 
 def _fetch(res: SampleOutput) -> tuple[np.ndarray, ...]:
@@ -549,6 +521,6 @@ class StepHandle:
     """A dispatched step: its calls' rows and device results (read by
     :meth:`ModelRunner.collect`) and, when fed, its token buffer and each row's slot."""
 
-    groups: list[tuple[list[RowRequest], SampleOutput]]
+    groups: list[tuple[list[RowRequest | None], SampleOutput]]  # padded rows (None: padding)
     tokens: jax.Array | None  # [B] the step's sampled tokens by slot (None unless fed)
     slots: dict[str, int]  # request id -> its slot in ``tokens``

@@ -50,6 +50,7 @@ class RunnerConfig:
     tensor_parallel_size: int = 1
     layer_loop: str = "auto"  # "auto" (switch on CPU, scan elsewhere) or one of LAYER_LOOPS
     pack_weights: bool = False  # on one CPU device: weights in one huge-page buffer (host_arena)
+    fused_steps: bool = False  # a step's prefill chunk and decode rows in one call (buckets.py)
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.num_pages < 2:
@@ -73,7 +74,8 @@ class RunnerConfig:
     def buckets(self) -> StepBuckets:
         """The step shape buckets of this configuration (shared with the simulator)."""
         return StepBuckets(self.page_size, self.max_model_len, self.max_num_seqs,
-                           self.max_prefill_chunk, self.max_prefill_seqs)  # fmt: skip
+                           self.max_prefill_chunk, self.max_prefill_seqs,
+                           self.fused_steps)  # fmt: skip
 
     @property
     def max_pages_per_seq(self) -> int:
