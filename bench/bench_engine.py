@@ -13,7 +13,7 @@ the test suite's random tiny model, whose short steps show the host's share):
 
     python bench/bench_engine.py --overlap [--model default|tiny] [--rounds 3] [--steps 40]
 
-``--fused`` measures fused steps instead (issue 17 item 2): ``--rows`` (8) requests decode while
+``--fused`` measures fused steps instead (issue 17 item 2): ``--rows`` - 1 (7) requests decode while
 a queue of prompts prefills one chunk per step beside them, so every step holds decode rows and
 a prefill chunk. One engine built with ``fused_steps=True`` runs interleaved rounds with fusion
 on and off (``ModelRunner.set_fused_steps``: the same weights and executables); it prints the
@@ -203,14 +203,14 @@ def overlap_round(
 
 
 def fused_round(engine: LLMEngine, args, seed: int, tag: str) -> dict[str, float]:
-    """One measured run: ``--rows`` requests brought to decoding (untimed), then ``--prompts``
+    """One measured run: ``--rows`` - 1 requests brought to decoding (untimed), then ``--prompts``
     prompts of ``--prompt-len`` tokens queued (one token each to generate) and the engine
     stepped until they finish, timed, while the rows keep decoding; then all aborted."""
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     runner = engine.runner
     ids = []
-    for n in range(args.rows):
+    for n in range(args.rows - 1):  # one seat (max_num_seqs = --rows) left for the prompts
         prompt = [rng.randrange(3, vocab) for _ in range(32)]
         sp = SamplingParams(max_tokens=512, ignore_eos=True)  # aborted at the end of the round
         ids.append(engine.add_request(prompt, sp, f"{tag}-d{n}"))

@@ -13,8 +13,8 @@ benchmark) the first 256 requests finish in lockstep waves of 64 and every wave 
 
     python bench/bench_schedule.py [--policies vllm,tokencake] [--steps 500] [--profile]
 
-``--profile`` runs the timed steps under cProfile and prints the top functions by cumulative
-time for each policy.
+``--profile`` runs the timed ``plan()`` calls under cProfile and prints the top functions by
+cumulative and by own time for each policy.
 """
 
 from __future__ import annotations
@@ -89,17 +89,22 @@ class Bench:
         """Refill the waiting queue to its target (finished requests left the engine)."""
         self.add(self.target_waiting - len(self.s.waiting))
 
-    def step(self) -> tuple[float, float, int, int]:
+    def step(self, prof: cProfile.Profile | None = None) -> tuple[float, float, int, int]:
         """One timed ``plan()`` (schedule) call: (wall seconds, this thread's CPU seconds,
         running, waiting it saw). The CPU time is the load-robust figure on a shared machine:
-        wall time also counts the time other processes held the core."""
+        wall time also counts the time other processes held the core. ``prof`` profiles the
+        ``plan()`` call alone (not the simulated execution or the queue top-up)."""
         self.top_up()
         running, waiting = len(self.s.running), len(self.s.waiting)
+        if prof is not None:
+            prof.enable()
         c0 = time.thread_time()
         t0 = time.perf_counter()
         plan = self.loop.plan()
         dt = time.perf_counter() - t0
         dc = time.thread_time() - c0
+        if prof is not None:
+            prof.disable()
         self.loop.update(plan, self.loop.execute(plan))
         return dt, dc, running, waiting
 
@@ -125,16 +130,12 @@ def main() -> None:
         b = Bench(policy, args.running, args.waiting, max_tokens=(lo, hi))
         prof = cProfile.Profile() if args.profile else None
         wall, cpu, runs, waits = [], [], [], []
-        if prof is not None:
-            prof.enable()
         for _ in range(args.steps):
-            dt, dc, r, w = b.step()
+            dt, dc, r, w = b.step(prof)
             wall.append(1e3 * dt)
             cpu.append(1e3 * dc)
             runs.append(r)
             waits.append(w)
-        if prof is not None:
-            prof.disable()
         print(f"{policy:16s} running {min(runs)}-{max(runs)} (median {statistics.median(runs):.0f}) "
               f"waiting {min(waits)}-{max(waits)}", flush=True)  # fmt: skip
         for label, ms in (("wall", sorted(wall)), ("cpu", sorted(cpu))):
@@ -142,7 +143,9 @@ def main() -> None:
                   f"p90 {pct(ms, 0.9):7.3f}  p99 {pct(ms, 0.99):7.3f}  max {ms[-1]:7.3f}",
                   flush=True)  # fmt: skip
         if prof is not None:
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+            stats = pstats.Stats(prof)
+            stats.sort_stats("cumulative").print_stats(25)
+            stats.sort_stats("tottime").print_stats(20)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Continuous-batching scheduler core: waiting/running queues, token budget, chunked prefill,
-prefix-cache hits and recompute preemption, and the one step loop that drives it. Pure Python;
+prefix-cache hits and recompute preemption. Pure Python;
 the policy plugs in decisions.
 
 Invariant kept by every method: a running request owns exactly the blocks covering its
@@ -8,7 +8,8 @@ is accounted for in the pool (``check_integrity``).
 
 :class:`StepLoop` (schedule -> execute -> update) is shared by the engine and the simulator;
 the executor is the only difference between a real and a simulated step (DESIGN.md rule 4).
-``SchedulerConfig`` (the batch limits) lives in ``config.py`` and is re-exported here.
+``SchedulerConfig`` (the batch limits) lives in ``config.py`` and ``StepLoop`` in
+``step_loop.py``; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from tokencake.scheduler.host_tier import HostTier
 from tokencake.scheduler.inferred import ToolCallIndex, open_lifecycle
 from tokencake.scheduler.lifecycle import Disposition, Lifecycle
 from tokencake.scheduler.limits import check_fits
-from tokencake.scheduler.plan import Executor, ScheduledChunk, StepPlan
+from tokencake.scheduler.plan import ScheduledChunk, StepPlan
 from tokencake.scheduler.policies import policy_factory
 from tokencake.scheduler.policy import Admission, PolicyContext, PolicyFactory
 from tokencake.scheduler.request import PENDING_TOKEN, Request, RequestStatus
 from tokencake.scheduler.tokencake_config import TokencakeConfig
 
 _ARRIVAL = attrgetter("arrival_time")
+_RUNNING = RequestStatus.RUNNING
+_new_chunk = tuple.__new__  # ScheduledChunk(*fields) without a Python frame per chunk
 MAX_FAULT_RETRIES = 16  # culprits removed per schedule() before a failure counts as the engine's
 
 
@@ -278,27 +281,37 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         prefill_rows = 0
 
-        # 1. Running requests, oldest first; preempt per policy when blocks run out. Hot loop:
-        # the common case (the next token fits the last block) is inlined.
-        bs, awaiting = self.pool.block_size, self.host_tier.awaits_copy_in
+        # 1. Running requests, oldest first; preempt per policy when blocks run out. Hot loop
+        # (256 rows a step): the common case (a decode row whose next token fits its last
+        # block) is inlined, with locals for everything it reads.
+        bs, awaiting = self.pool.block_size, self.host_tier.awaiting
         chunk, max_prefill_rows = cfg.max_prefill_chunk, cfg.max_prefill_seqs
+        chunks = plan.chunks
         for req in sorted(self.running, key=_ARRIVAL):
             if budget <= 0:
                 break
-            if req.status is not RequestStatus.RUNNING or awaiting(req.request_id):
+            if req.status is not _RUNNING or (awaiting and req.request_id in awaiting):
                 continue  # preempted as a victim this step, or its prefix pages are in flight
-            if req.num_pending and len(req.output_token_ids) >= req.max_tokens:
+            num_out = len(req.output_token_ids)
+            if req.num_pending and num_out >= req.max_tokens:
                 continue  # its last token is in flight (overlap): nothing left to compute
             start = req.num_computed_tokens
-            left = len(req.prompt_token_ids) + len(req.output_token_ids) - start
-            n = min(left, chunk, budget) if left > 1 else 1  # prefill rows take a chunk
-            if n > 1 and prefill_rows >= max_prefill_rows:
-                continue
-            if start + n > len(req.block_ids) * bs and not self._make_room(plan, req, n):
-                continue
-            plan.chunks.append(ScheduledChunk(req, start, n))
+            left = len(req.prompt_token_ids) + num_out - start
+            if left > 1:  # a prefill row takes a chunk
+                n = min(left, chunk, budget)
+                if n > 1 and prefill_rows >= max_prefill_rows:
+                    continue
+            else:
+                n = 1
+            if start + n > len(req.block_ids) * bs:
+                if not self._make_room(plan, req, n):
+                    chunks = plan.chunks  # a victim's chunk may have been dropped
+                    continue
+                chunks = plan.chunks
+            chunks.append(_new_chunk(ScheduledChunk, (req, start, n)))
             budget -= n
-            prefill_rows += n > 1
+            if n > 1:
+                prefill_rows += 1
 
         # 2. Admit waiting requests in policy order while budget, rows and blocks allow.
         if not plan.preempted:
@@ -503,42 +516,8 @@ class Scheduler:
         return disp, body
 
 
-class StepLoop:
-    """One scheduler driving one executor: :meth:`plan`, :meth:`execute`, :meth:`update`.
+# The step loop lives in step_loop.py; imported last (it names Scheduler only for typing) and
+# re-exported, since the engine, the simulator and the benchmarks import it from here.
+from tokencake.scheduler.step_loop import StepLoop  # noqa: E402
 
-    Landed copies go to the scheduler's copy tracker before planning and again right after
-    executing (a simulated copy lands within the step that issued it; a real one whenever the
-    device says). Callers that observe the plan (the benchmark's metrics) or wrap execution
-    (the engine's fault handling, detokenization) use the three phases; :meth:`step` runs
-    them in order."""
-
-    def __init__(self, scheduler: Scheduler, executor: Executor) -> None:
-        self.scheduler = scheduler
-        self.executor = executor
-
-    def report_copies(self) -> None:
-        """Hand copies the executor finished (or gave up on) to the scheduler's copy tracker,
-        the core's and the policy's alike (fences drop, pages publish, issuers continue)."""
-        done, failed = self.executor.landed_copies()
-        if done or failed:
-            self.scheduler.copies.complete(done, failed)
-
-    def plan(self) -> StepPlan:
-        """Phase 1: report landed copies, then choose this step's work."""
-        self.report_copies()
-        return self.scheduler.schedule()
-
-    def execute(self, plan: StepPlan) -> Mapping[str, int]:
-        """Phase 2: run the plan (copies first, then compute) and report what landed."""
-        sampled = self.executor.execute(plan)
-        self.report_copies()
-        return sampled
-
-    def update(self, plan: StepPlan, sampled: Mapping[str, int]) -> list[Request]:
-        """Phase 3: advance progress and append tokens; the requests that got one."""
-        return self.scheduler.update(plan, sampled)
-
-    def step(self) -> tuple[StepPlan, list[Request]]:
-        """All three phases: the plan and the requests that got a token."""
-        plan = self.plan()
-        return plan, self.update(plan, self.execute(plan))
+__all__ = ["Scheduler", "SchedulerConfig", "StepLoop"]

@@ -17,7 +17,7 @@ With no host pool every method is a no-op (nothing is found, nothing is copied).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 from tokencake.memory.block_pool import BlockPool
@@ -52,6 +52,12 @@ class HostTier:
     def awaits_copy_in(self, request_id: str) -> bool:
         """Whether the request's prefix pages are still being copied in (it must not run)."""
         return request_id in self._awaiting
+
+    @property
+    def awaiting(self) -> Mapping[str, str]:
+        """Ids of the requests whose copy-in is in flight (a read-only view for the core's
+        running loop, which tests it only when it is not empty)."""
+        return self._awaiting
 
     def forget(self, request_id: str) -> None:
         """The request gave its device blocks back: drop its pending hit and copy-in wait

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from tokencake.scheduler.request import Request
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
-    """Compute ``num_tokens`` tokens of ``request`` starting at ``start`` (its computed count)."""
+class ScheduledChunk(NamedTuple):
+    """Compute ``num_tokens`` tokens of ``request`` starting at ``start`` (its computed count).
+
+    A named tuple (immutable, like the frozen dataclass it was): the scheduler makes one per
+    running row every step, and a tuple is several times cheaper to build."""
 
     request: Request
     start: int

@@ -22,7 +22,8 @@ def inflight_hashes(running: Sequence[Request], block_size: int) -> set[bytes]:
     """Hashes of the full blocks running requests are still prefilling (computed soon)."""
     out: set[bytes] = set()
     for r in running:
-        if not r.is_prefill:
+        # ``r.is_prefill``, inlined: this visits every running request every step.
+        if r.num_computed_tokens >= len(r.prompt_token_ids) + len(r.output_token_ids) - 1:
             continue
         hashes = r.block_hashes(block_size)
         out.update(hashes[r.num_computed_tokens // block_size :])

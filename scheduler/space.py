@@ -20,6 +20,9 @@ import enum
 import logging
 import math
 from collections.abc import Sequence
+from operator import attrgetter
+
+import numpy as np
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.agent_scores import AgentHistory, static_parts, time_parts, type_score
@@ -29,6 +32,8 @@ from tokencake.scheduler.space_scoring import SpaceScores
 from tokencake.scheduler.tokencake_config import SpaceConfig
 
 Charge = list[tuple[str | None, int]]
+_PROMPT, _OUTPUT = attrgetter("prompt_token_ids"), attrgetter("output_token_ids")
+_BLOCKS, _MAX_TOKENS = attrgetter("block_ids"), attrgetter("max_tokens")
 log = logging.getLogger(__name__)
 
 
@@ -113,14 +118,17 @@ class SpaceScheduler(SpaceScores):
     def refresh_uncommitted(self, running: Sequence[Request], committed_extra: int) -> None:
         """Recompute the capacity no admitted request or restore has claimed: free blocks minus
         running requests' remaining growth minus ``committed_extra`` (restores)."""
-        bs = self.pool.block_size
+        # remaining_growth() over every running request, in numpy columns (exact integers):
+        # this runs every step over the whole running set.
+        bs, n = self.pool.block_size, len(running)
+        prompt = np.fromiter(map(len, map(_PROMPT, running)), np.int64, n)
         if self.cfg.reserve_generation_tokens:
-            cap = self.max_model_len
-            growth = sum(max(0, -(-min(len(r.prompt_token_ids) + r.max_tokens, cap) // bs)
-                             - len(r.block_ids)) for r in running)  # fmt: skip
-        else:  # remaining_growth() inlined: this runs twice a step over every running request
-            growth = sum(max(0, -(-(len(r.prompt_token_ids) + len(r.output_token_ids)) // bs)
-                             - len(r.block_ids)) for r in running)  # fmt: skip
+            future = prompt + np.fromiter(map(_MAX_TOKENS, running), np.int64, n)
+            tokens = np.minimum(future, self.max_model_len)
+        else:
+            tokens = prompt + np.fromiter(map(len, map(_OUTPUT, running)), np.int64, n)
+        need = -(-tokens // bs) - np.fromiter(map(len, map(_BLOCKS, running)), np.int64, n)
+        growth = int(need[need > 0].sum())
         self._growth = growth
         self.uncommitted = self.pool.num_free - growth - committed_extra
 

@@ -222,7 +222,10 @@ class SpaceScores(abc.ABC):
         if crit_ids and waiting:
             rows = t.rows(waiting) if rows is None else rows
             tid = t.type[rows]
-            mine = np.isin(tid, list(crit_ids))
+            # np.isin(tid, crit ids), as a lookup (rows with no type hold -1: masked out)
+            is_crit = np.zeros(len(t.types.keys), np.bool_)
+            is_crit[list(crit_ids)] = True
+            mine = is_crit[tid] & (tid >= 0)
             if mine.any():
                 top = np.full(len(t.types.keys), _NONE, np.int64)
                 np.maximum.at(top, tid[mine], t.eff[rows[mine]])

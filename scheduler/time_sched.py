@@ -25,6 +25,8 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
+from itertools import compress
+from operator import attrgetter, not_
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
@@ -38,6 +40,8 @@ from tokencake.scheduler.preservation import Preservation, PState
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.time_decisions import Action, Decide, DecisionContext, tokencake_decide
 from tokencake.scheduler.tokencake_config import TimeConfig
+
+_RANKED = attrgetter("reuse_ranked")
 
 
 class TimeScheduler:
@@ -245,9 +249,8 @@ class TimeScheduler:
         awaited since its arrival, so it outlives every tool-waiting agent's blocks (and all
         unranked ones). Once per request (ranks stick until taken or evicted), at most
         ``budget`` new requests a tick: hashing a long prompt is not free."""
-        for r in waiting:
-            if r.reuse_ranked:
-                continue
+        # The ranked ones (nearly the whole queue, step after step) are skipped at C speed.
+        for r in compress(waiting, map(not_, map(_RANKED, waiting))):
             r.reuse_ranked = True
             hashes = r.block_hashes(self.pool.block_size)
             n = self.pool.expect_reuse(self.pool.lookup_prefix(hashes), r.arrival_time)
