@@ -77,6 +77,7 @@ def filler_tokens(n: int, key: str, vocab_size: int, low: int = 3) -> list[int]:
 #: Characters per token of the authors' texts, measured from their own file: the 24 initial
 #: inputs' characters over their ``context_token_count`` sum to a ratio of 3.85.
 SIM_CHARS_PER_TOKEN = 3.85
+SIM_EPOCH_S = 1000.0  # what the simulated clock reads when a run starts (see SimBackend)
 
 
 def hashed_text_tokens(
@@ -518,7 +519,10 @@ class SimBackend:
         self.policy = policy
         self.preset = preset
         self.vocab_size = vocab_size
-        self.clock = SimClock()
+        # A real clock (time.monotonic) never reads 0, and 0 in application_started_at_s means
+        # "not given": started at 0, the first application would carry no start time and lose
+        # its application-level priority (program-level FCFS, app age, join inheritance).
+        self.clock = SimClock(start=SIM_EPOCH_S)
         self.pool = BlockPool(preset.num_blocks + 1, preset.block_size)  # +1: the dummy page
         host = HostBlockPool(preset.host_blocks, preset.block_size) if preset.host_blocks else None
         self.cost_model = preset.cost_model()

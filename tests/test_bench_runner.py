@@ -176,3 +176,24 @@ def test_sim_tool_calling_clients_send_no_hints_and_no_events():
     assert annotated.events and not inferred.events  # events: annotated only
     assert m["calls"] == wl.num_llm_calls and inferred.outputs == annotated.outputs
     assert all(not math.isnan(a.finished_s) for a in inferred.apps)
+
+
+def test_sim_first_application_carries_its_start_time(monkeypatch):
+    """0 in ``application_started_at_s`` means "not given"; the simulated clock must not read
+    0 when the first application starts, or that application loses its program-level rank."""
+    from bench.driver import SimBackend
+
+    seen: dict[str, float] = {}
+    submit = SimBackend.submit
+
+    def spy(self, rid, prompt, max_tokens, metadata):
+        if isinstance(metadata, dict):
+            seen[rid] = metadata["application_started_at_s"]
+        submit(self, rid, prompt, max_tokens, metadata)
+
+    monkeypatch.setattr(SimBackend, "submit", spy)
+    wl = tiny_workload()
+    run_sim(wl, "continuum", tiny_preset(), seed=3)
+    first = min(wl.applications, key=lambda a: a.arrival_s).app_id
+    assert any(rid.startswith(f"{first}/") for rid in seen)
+    assert all(start > 0 for start in seen.values()), seen
