@@ -51,10 +51,16 @@ def time_parts(
     m: AgentMetadata, arrival: float, now: float, rem_ratio: float, progress: float
 ) -> float:
     """The score's time-dependent part: application age, queueing time and progress."""
+    wait = max(0.0, now - arrival)
     elapsed = m.application_elapsed_s
     if m.application_started_at_s > 0:
         elapsed = max(elapsed, now - m.application_started_at_s)
-    wait = max(0.0, now - arrival)
+    else:
+        # No start time (0 is "not given", and also a start at clock 0: the first application
+        # of every simulated run): the application has aged by the time this request waited.
+        # Frozen at its submission value, the first application's age never grew and its late
+        # stages starved (bench/RESULTS.md, "Fifth round").
+        elapsed += wait
     age = min(elapsed, 300) * (1 + 0.75 * rem_ratio)
     queue = min(wait, 180) * (1 + 0.5 * rem_ratio)
     completion = min(elapsed, 240) * progress

@@ -159,8 +159,8 @@ class ScoreTable:
         rr = self.rr[rows]
         # time_parts(), step for step: Python's max/min of two finite floats pick the value
         # np.maximum/np.minimum pick, and every + - * rounds identically.
-        elapsed = np.where(started > 0, np.maximum(elapsed, now - started), elapsed)
         wait = np.maximum(0.0, now - self.arrival[rows])
+        elapsed = np.where(started > 0, np.maximum(elapsed, now - started), elapsed + wait)
         age = np.minimum(elapsed, 300.0) * (1 + 0.75 * rr)
         queue = np.minimum(wait, 180.0) * (1 + 0.5 * rr)
         completion = np.minimum(elapsed, 240.0) * self.pg[rows]

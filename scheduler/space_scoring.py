@@ -278,7 +278,10 @@ class SpaceScores(abc.ABC):
         bs = self.pool.block_size
         hashes = r.block_hashes(bs)
         hits = self.pool.lookup_prefix(hashes[: (r.num_tokens - 1) // bs])
-        shared = sum(1 for b in hits if self.pool.ref_count(b) > 0)
+        if self.cfg.affinity_counts_cached:  # every resident hit, held or merely cached
+            shared = len(hits)
+        else:
+            shared = sum(1 for b in hits if self.pool.ref_count(b) > 0)
         demand = max(0, -(-self.admission_tokens(r) // bs) - len(hits))
         if shared < demand or shared == 0:
             return (0.0, 0)

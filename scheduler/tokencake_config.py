@@ -98,6 +98,11 @@ class SpaceConfig:
     # 516.8 s, 12 @ 1.0 286.5 vs 271.9; won at 0.2 (540.0 vs 548.5) and code-writer (327.9
     # vs 332.4); bench/RESULTS.md. Off: the optimistic estimate.
     backfill_sure_extra: bool = False
+    # ours (issue 12, fifth round): the active-prefix affinity (§4.7) also counts a prefix
+    # that is resident but held by no running request (a finished predecessor's cached
+    # blocks, which the next admission may evict). Off: measured in bench/RESULTS.md
+    # ("Fifth round"); the ``tokencake-with-resident-affinity`` ablation switches it on.
+    affinity_counts_cached: bool = False
 
     def __post_init__(self) -> None:
         _nonneg("scheduling.score_refresh_s", self.score_refresh_s)

@@ -218,10 +218,17 @@ class TokencakePolicy(Policy):
         return rec is not None and not rec.terminal and rec.metadata.preservable
 
     def _demand(self, request: Request, blocks_needed: int) -> int:
-        """Blocks ``request`` (prefix hit applied) needs admitted, as the Space check counts."""
-        bs = self.ctx.pool.block_size
-        full = -(-self.space.admission_tokens(request) // bs) - len(request.block_ids)
-        return max(blocks_needed, full)
+        """Capacity ``request`` (prefix hit applied) takes from ``uncommitted`` when admitted,
+        as the Space check counts it: its new blocks plus the cached blocks its prefix hit
+        revives (they were free, and counted in ``uncommitted``, until it took them).
+
+        Without the revived blocks a head denied only because of them (a writer reviving its
+        predecessor's 800 cached blocks) looked 0 blocks short: backfill gave its capacity to
+        the requests behind it, step after step (bench/RESULTS.md, "Fifth round")."""
+        pool = self.ctx.pool
+        full = -(-self.space.admission_tokens(request) // pool.block_size) - len(request.block_ids)
+        revived = sum(1 for b in request.block_ids if pool.ref_count(b) == 1)
+        return max(blocks_needed, full) + revived
 
     def on_admitted(self, request: Request, now: float) -> None:
         if self._inflight is not None and request.is_prefill:

@@ -189,3 +189,65 @@ def test_blocks_a_keep_will_pin_are_not_left_over_for_backfill():
     new, out_new, _, _ = _pinned_run("tokencake", sure_extra=True)
     assert new["h"] == strict["h"] and new["s"] >= new["h"]
     assert out_old == out_new == out_strict  # greedy outputs identical (only timing changes)
+
+
+# ---- a head denied for the cached blocks its prefix hit revives ----------------------------------
+def _revive_run(policy: str) -> tuple[dict[str, int], dict[str, list[int]], int]:
+    """9 usable blocks, 16-token chunks. P (64 tokens, 1 output) finishes and leaves 4 cached
+    blocks; L (20 tokens, 12 outputs) runs in 2 blocks; R (48 tokens) has prefilled 1 block
+    and grows by 2 more. Free: 4 cached + 2 = 6, uncommitted 6 - 2 = 4. H (P's 64 tokens + 8)
+    revives P's 4 blocks and needs 1 new: 5 > 4, denied although its first chunk fits. S (40
+    tokens = 3 blocks, 8 outputs) arrives right after H and fits now. Returns the step each
+    request first ran, the outputs and the number of backfilled requests."""
+    clock = SimClock()
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_prefill_chunk=16,
+                          max_prefill_seqs=4, max_model_len=256)  # fmt: skip
+    pool = BlockPool(10, 16)
+    s = Scheduler(cfg, pool, policy, clock)
+    ex = SimExecutor(clock)
+    md = {"agent_type": "coder", "importance": 1.0, "depth": 1}
+    reqs = {
+        "p": Request("P", list(range(100, 164)), 1, 0.0, metadata=md),
+        "l": Request("L", list(range(300, 320)), 12, 0.0, metadata=md),
+    }
+    for r in reqs.values():
+        s.add_request(r)
+    step = 0
+    while not reqs["p"].status.finished:
+        sim_step(s, ex)
+        step += 1
+    reqs["r"] = Request("R", list(range(500, 548)), 1, clock(), metadata=md)
+    s.add_request(reqs["r"])
+    sim_step(s, ex)
+    step += 1
+    assert (pool.num_free, len(reqs["r"].block_ids), len(reqs["l"].block_ids)) == (6, 1, 2)
+    h_prompt = list(range(100, 164)) + list(range(900, 908))
+    reqs["h"] = Request("H", h_prompt, 8, clock(), metadata=md)
+    reqs["s"] = Request("S", list(range(2000, 2040)), 8, clock() + 1e-6, metadata=md)
+    s.add_request(reqs["h"])
+    s.add_request(reqs["s"])
+    started: dict[str, int] = {}
+    while s.has_work:
+        sim_step(s, ex)
+        step += 1
+        for k, r in reqs.items():
+            if r.status is not RequestStatus.WAITING and k not in started:
+                started[k] = step
+        assert step < 500
+    pool.check_integrity()
+    outputs = {k: list(r.output_token_ids) for k, r in reqs.items()}
+    return started, outputs, s.policy.counters.get("backfilled", 0)
+
+
+def test_a_head_short_only_by_its_revived_blocks_is_protected():
+    """By hand (``_revive_run``): H is short by 5 - 4 = 1 block, not by 1 - 4 < 0. Counting
+    only its new block, backfill saw a head with nothing missing (shadow step 0, 3 blocks
+    left over), started S on them, S's allocations evicted P's cached blocks, and H started
+    at step 14 instead of step 8. Counted as the Space check counts it, the shadow is R's
+    finish (3 steps: 2 chunks and 1 decode; R frees its 2 blocks, 1 left over): S (11 steps,
+    3 blocks) cannot start before H, and H starts exactly when it does without backfill."""
+    strict, out_strict, _ = _revive_run("tokencake-no-backfill")
+    assert strict["h"] == 8 and strict["s"] > strict["h"]
+    started, out, backfilled = _revive_run("tokencake")
+    assert started["h"] == strict["h"] and started["s"] > started["h"] and backfilled == 0
+    assert out == out_strict  # greedy outputs identical (only timing changes)

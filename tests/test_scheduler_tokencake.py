@@ -74,14 +74,35 @@ def test_config_unknown_key_is_named():
 # ---- request score (§4.2.1) -----------------------------------------------------------------------
 def test_request_score_by_hand():
     m = AgentMetadata(importance=2, depth=1, out_degree=1, critical_path=True)
-    # 100*2 + 15*1 + 45*1 + 180 + 4*depth(1) = 444; waiting 10 s adds 8*10*(1+0.5*0) = 80
+    # 100*2 + 15*1 + 45*1 + 180 + 4*depth(1) = 444; waiting 10 s adds 8*10*(1+0.5*0) = 80,
+    # and with no application start time the application aged those 10 s too: age
+    # 5*10*(1+0.75*0) = 50 and completion 5*10*progress(1/1) = 50
     assert request_score(m, arrival_time=0.0, now=0.0) == 444
-    assert request_score(m, arrival_time=0.0, now=10.0) == 524
+    assert request_score(m, arrival_time=0.0, now=10.0) == 624
+    # with a start time the application's age is read from it (started 2 s before: 12 s)
+    s = AgentMetadata(importance=2, depth=1, out_degree=1, critical_path=True,
+                      application_started_at_s=8.0)  # fmt: skip
+    assert request_score(s, arrival_time=10.0, now=20.0) == 444 + 80 + 5 * 12 + 5 * 12
+
     # the dataset's programmer_1_validate_patch: static part ~= 1752 (digest §4.2.1)
     p = AgentMetadata(importance=9, depth=9, out_degree=1, in_degree=1, similarity=1 / 3,
                       remaining_depth=8, critical_path=True, join_group="g", dependency_depth=9,
                       fanout_width=3, memory_weight=1.6)  # fmt: skip
     assert request_score(p, 0.0, 0.0) == 1751  # 1751.87 truncated
+
+
+def test_an_application_started_at_clock_zero_ages():
+    """A start time of 0 reads as "not given" (the first application of a simulated run starts
+    at clock 0). Its age must still grow with the time its request waits: the same agent of
+    an application started later must not overtake it."""
+    first = AgentMetadata(importance=4, depth=4, application_max_depth=5, remaining_depth=1,
+                          application_started_at_s=0.0, application_elapsed_s=38.2)  # fmt: skip
+    later = AgentMetadata(importance=4, depth=4, application_max_depth=5, remaining_depth=1,
+                          application_started_at_s=5.0, application_elapsed_s=33.2)  # fmt: skip
+    # both submitted at t = 38.2 s; 60 s later the first application is 98.2 s old and the
+    # later one 93.2 s (frozen at its submission value, the first one stayed 38.2 s old and
+    # ranked below: 5 * (93.2 - 38.2) * (1 + 0.75 / 5 + 4 / 5) = 536 points less)
+    assert request_score(first, 38.2, 98.2) > request_score(later, 38.2, 98.2)
 
 
 def test_join_priority_inheritance():
@@ -589,3 +610,23 @@ def test_eviction_keeps_a_waiting_agents_kv_and_drops_a_finished_leaf_first():
     assert counters["eviction_ranked_blocks"] == 6 and counters["eviction_demoted_blocks"] == 6
     off = TokencakeConfig(offload=TimeConfig(reuse_aware_eviction=False))
     assert _eviction_scenario("tokencake", off)[:2] == (0, 6)  # the knob turns it off
+
+
+def test_resident_affinity_counts_a_cached_prefix():
+    """``affinity_counts_cached``: a request whose prefix is resident but held by nobody (its
+    predecessor finished: 4 cached blocks) has affinity 4 / (4 + 1) with it on; off, only
+    blocks a running request holds count, and it has none (0.0, 0)."""
+    pool = BlockPool(17, 16)
+    r = Request("w", list(range(80)), 8, 0.0, metadata=AgentMetadata(importance=5))
+    hashes = r.block_hashes(16)
+    blocks = pool.allocate(4)
+    for b, h in zip(blocks, hashes[:4], strict=True):
+        pool.register(b, h)
+    pool.free(blocks)  # the predecessor finished: cached, reference count 0
+    off = SpaceScheduler(SpaceConfig(), pool, 4096)
+    on = SpaceScheduler(SpaceConfig(affinity_counts_cached=True), pool, 4096)
+    assert off._affinity(r) == (0.0, 0)
+    assert on._affinity(r) == (4 / 5, 4)  # 80 tokens = 5 blocks: 4 resident, 1 to compute
+    pool.hold(blocks[:2])  # a running request now holds the first two
+    assert off._affinity(r) == (2 / 3, 2)  # 2 held blocks, 1 to compute
+    assert on._affinity(r) == (4 / 5, 4)
