@@ -251,11 +251,13 @@ def measure_fused(args) -> None:
     else:
         cfg, params, tok, name = resolve_model(None)
     # One prefill chunk per step (max_prefill_seqs=1) beside the decode rows: every mixed
-    # step's shapes are in the fused family.
+    # step's shapes are in the fused family. No prefix cache: both modes of a round see the
+    # same prompts, and the second would otherwise skip the prefill the first cached.
     engine = LLMEngine(
         EngineConfig(num_pages=512, max_model_len=1024, max_num_seqs=max(args.rows, 1),
                      max_num_batched_tokens=args.chunk + args.rows, max_prefill_chunk=args.chunk,
-                     max_prefill_seqs=1, fused_steps=True, warmup=False),
+                     max_prefill_seqs=1, fused_steps=True, enable_prefix_cache=False,
+                     warmup=False),
         model_config=cfg, params=params, tokenizer=tok, model_name=name,
     )  # fmt: skip
     runner = engine.runner
