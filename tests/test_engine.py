@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers.compiles import recorded_compiles
 from tokencake.llm import LLM
 from tokencake.sampling_params import SamplingParams
 
@@ -190,14 +191,7 @@ def test_abort_frees_blocks(make_engine):
 
 def test_no_compilation_after_warmup(make_engine):
     engine = make_engine(warmup=True)
-    compiles: list[str] = []
-
-    def listener(event: str, duration: float, **_: object) -> None:
-        if "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with recorded_compiles() as compiles:
         plain = run_batch(engine, PROMPTS)
         run_batch(
             engine,
@@ -223,7 +217,5 @@ def test_no_compilation_after_warmup(make_engine):
         over = LLM.from_engine(engine).generate(PROMPTS[: len(mixed)], mixed)
         assert [o.token_ids for o in over] == [o.token_ids for o in sync]
         assert engine.overlap.overlapped_steps > 0
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [], f"compiled after warm-up: {compiles}"
     assert engine.runner.strict

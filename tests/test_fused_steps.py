@@ -6,10 +6,10 @@ scheduling too, and nothing compiles after warm-up."""
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
+from tests.helpers.compiles import recorded_compiles
 from tests.test_engine import PROMPTS
 from tokencake.buckets import StepBuckets
 from tokencake.config import EngineConfig
@@ -106,19 +106,10 @@ def test_no_compilation_after_warmup_fused(make_engine):
     engine = make_engine(warmup=True, fused_steps=True)
     b = engine.runner.cfg.buckets
     assert len(engine.runner._compiled) == len(b.shapes()) + len(b.fused_shapes())
-    compiles: list[str] = []
-
-    def listener(event: str, duration: float, **_: object) -> None:
-        if "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with recorded_compiles() as compiles:
         staggered(engine)
         sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=5, presence_penalty=0.5)
         staggered(engine, sampled)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [], f"compiled after warm-up: {compiles}"
     assert engine.runner.fused_counts["fused"] > 0
 
