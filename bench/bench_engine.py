@@ -237,19 +237,24 @@ def fused_round(engine: LLMEngine, args, seed: int, tag: str) -> dict[str, float
             "fused_steps": mixed["fused"], "unfused_mixed_steps": mixed["unfused"]}  # fmt: skip
 
 
-def measure_fused(args) -> None:
-    """Fused steps on vs off, interleaved rounds on one engine (module docstring)."""
-    import os
-
-    if args.model == "tiny":
+def engine_model(model: str) -> tuple:
+    """``(config, params, tokenizer, name)`` of ``--model``: ``tiny`` (random weights, byte
+    tokenizer) or the default model."""
+    if model == "tiny":
         from tokencake.models.config import tiny_config
         from tokencake.models.tokenizer import Tokenizer
         from tokencake.models.weights import random_params
 
         cfg = tiny_config(max_position_embeddings=1024)
-        params, tok, name = random_params(cfg, 0), Tokenizer.byte_level_for_tests(), "tiny"
-    else:
-        cfg, params, tok, name = resolve_model(None)
+        return cfg, random_params(cfg, 0), Tokenizer.byte_level_for_tests(), "tiny"
+    return resolve_model(None)
+
+
+def measure_fused(args) -> None:
+    """Fused steps on vs off, interleaved rounds on one engine (module docstring)."""
+    import os
+
+    cfg, params, tok, name = engine_model(args.model)
     # One prefill chunk per step (max_prefill_seqs=1) beside the decode rows: every mixed
     # step's shapes are in the fused family. No prefix cache: both modes of a round see the
     # same prompts, and the second would otherwise skip the prefill the first cached.
@@ -286,15 +291,7 @@ def measure_overlap(args) -> None:
     import os
 
     sys.setswitchinterval(0.0005)  # the timeline thread must not wait 5 ms for the GIL
-    if args.model == "tiny":
-        from tokencake.models.config import tiny_config
-        from tokencake.models.tokenizer import Tokenizer
-        from tokencake.models.weights import random_params
-
-        cfg = tiny_config(max_position_embeddings=1024)
-        params, tok, name = random_params(cfg, 0), Tokenizer.byte_level_for_tests(), "tiny"
-    else:
-        cfg, params, tok, name = resolve_model(None)
+    cfg, params, tok, name = engine_model(args.model)
     engine = LLMEngine(
         EngineConfig(num_pages=64 * 24 + 64, max_model_len=512, max_num_seqs=args.rows,
                      max_num_batched_tokens=512, max_prefill_chunk=256, max_prefill_seqs=4,
