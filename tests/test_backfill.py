@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from tokencake.memory.block_pool import BlockPool
@@ -103,6 +105,29 @@ def test_policies_finish_everything(policy):
     assert sorted(out) == ["a", "h", "s"]
 
 
+def _start_steps(
+    s: Scheduler,
+    ex: SimExecutor,
+    reqs: dict[str, Request],
+    step: int,
+    limit: int,
+    after_step: Callable[[], None] | None = None,
+) -> dict[str, int]:
+    """Step ``s`` until it has no work; the step (counted on from ``step``) at which each of
+    ``reqs`` first left the waiting queue. ``after_step`` runs after every step."""
+    started: dict[str, int] = {}
+    while s.has_work:
+        sim_step(s, ex)
+        step += 1
+        for k, r in reqs.items():
+            if r.status is not RequestStatus.WAITING and k not in started:
+                started[k] = step
+        if after_step is not None:
+            after_step()
+        assert step < limit
+    return started
+
+
 # ---- blocks pinned past a finish (Time Scheduler KEEP) ------------------------------------------
 def _pinned_run(
     policy: str, sure_extra: bool = False
@@ -140,20 +165,17 @@ def _pinned_run(
     shadows = shadow(3, running, pool, 256), shadow(3, running, pool, 256, kept)
     reqs["s"] = Request("S", list(range(2000, 2016)), 200, clock(), metadata=plain)
     s.add_request(reqs["s"])
-    started: dict[str, int] = {}
-    step, stalled = 2, False
-    while s.has_work:
-        sim_step(s, ex)
-        step += 1
-        for k, r in reqs.items():
-            if r.status is not RequestStatus.WAITING and k not in started:
-                started[k] = step
-        if reqs["a"].status.finished and not stalled:  # the client reports the tool call
+    stalled = False
+
+    def report_tool_call() -> None:  # the client reports A's tool call once A finishes
+        nonlocal stalled
+        if reqs["a"].status.finished and not stalled:
             ev = {"event": "stall_started", "lifecycle_id": "A", "kind": "tool",
                   "estimated_duration_s": 1.0}  # fmt: skip
             assert s.lifecycle_event(ev)[0].http_status == 200
             stalled = True
-        assert step < 1000
+
+    started = _start_steps(s, ex, reqs, 2, 1000, report_tool_call)
     pool.check_integrity()
     assert s.policy.counters["action_keep"] >= 1  # A's blocks really were pinned
     return started, {k: list(r.output_token_ids) for k, r in reqs.items()}, *shadows
@@ -226,14 +248,7 @@ def _revive_run(policy: str) -> tuple[dict[str, int], dict[str, list[int]], int]
     reqs["s"] = Request("S", list(range(2000, 2040)), 8, clock() + 1e-6, metadata=md)
     s.add_request(reqs["h"])
     s.add_request(reqs["s"])
-    started: dict[str, int] = {}
-    while s.has_work:
-        sim_step(s, ex)
-        step += 1
-        for k, r in reqs.items():
-            if r.status is not RequestStatus.WAITING and k not in started:
-                started[k] = step
-        assert step < 500
+    started = _start_steps(s, ex, reqs, step, 500)
     pool.check_integrity()
     outputs = {k: list(r.output_token_ids) for k, r in reqs.items()}
     return started, outputs, s.policy.counters.get("backfilled", 0)
