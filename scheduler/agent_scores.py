@@ -56,10 +56,11 @@ def time_parts(
     if m.application_started_at_s > 0:
         elapsed = max(elapsed, now - m.application_started_at_s)
     else:
-        # No start time (0 is "not given", and also a start at clock 0: the first application
-        # of every simulated run): the application has aged by the time this request waited.
-        # Frozen at its submission value, the first application's age never grew and its late
-        # stages starved (bench/RESULTS.md, "Fifth round").
+        # No start time (0 is "not given"): the application's age is its elapsed time at
+        # submission plus the time this request has waited since. Frozen at its submission
+        # value, such an application's age never grew and its late stages starved
+        # (bench/RESULTS.md, "Fifth round"; the simulator's first application carried no
+        # start time until its clock stopped starting at 0).
         elapsed += wait
     age = min(elapsed, 300) * (1 + 0.75 * rem_ratio)
     queue = min(wait, 180) * (1 + 0.5 * rem_ratio)
