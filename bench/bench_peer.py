@@ -1,7 +1,8 @@
 """The engine against llama.cpp on the same weights, in one interleaved run, with the roofline.
 
     python bench/bench_peer.py [--rounds 5] [--steps 32] [--batches 1,8,32] [--prefill 512]
-                               [--layer-loop auto[,scan,...]] [--pack-weights] [--no-peer]
+                               [--layer-loop auto[,scan,...]] [--attention auto[,reference]]
+                               [--pack-weights] [--no-peer]
                                [--out results.json]
 
 The peer is llama.cpp through ``llama-cpp-python`` (the optional ``bench`` extra:
@@ -279,6 +280,11 @@ def main() -> None:
         default="auto",
         help="comma-separated: one engine per layer loop (the first is compared with the peer)",
     )
+    ap.add_argument(
+        "--attention",
+        default="auto",
+        help="comma-separated attention backends: one engine per (layer loop, backend) pair",
+    )
     ap.add_argument("--pack-weights", action="store_true", help="RunnerConfig.pack_weights")
     ap.add_argument("--no-peer", action="store_true", help="engine only (no llama-cpp-python)")
     ap.add_argument("--out", default=None)
@@ -289,11 +295,13 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
 
     cfg, params, _, _ = resolve_model(None)
-    loops = args.layer_loop.split(",")
+    combos = [(loop, attn) for loop in args.layer_loop.split(",")
+              for attn in args.attention.split(",")]  # fmt: skip
     benches: list = [
         EngineBench(params, cfg, loop, max(batches), args.prefill, args.pack_weights,
-                    "engine" if len(loops) == 1 else f"engine {loop}")
-        for loop in loops
+                    "engine" if len(combos) == 1 else f"engine {loop}/{attn}",
+                    attention_backend=attn)
+        for loop, attn in combos
     ]  # fmt: skip
     engines = len(benches)
     if not args.no_peer:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from tokencake.models.attention import pallas_gpu, pallas_tpu
-from tokencake.models.attention.backend import get_backend
+from tokencake.models.attention.backend import default_backend_name, get_backend
+from tokencake.models.attention.chunked import chunked_paged_attention
 from tokencake.models.attention.reference import dense_causal_attention
 from tokencake.models.attention.reference import (
     reference_paged_attention as _reference_paged_attention,
@@ -211,6 +212,81 @@ def test_pallas_rejects_unsupported_shapes() -> None:
         )
     with pytest.raises(ValueError, match="head_dim"):
         pallas_gpu.check_shapes(16, 24)
+
+
+# --- (2b) chunked (the CPU default) vs reference ------------------------------------------------
+
+chunked = jax.jit(chunked_paged_attention, static_argnames=("scale", "chunk_tokens"))
+
+
+@pytest.mark.parametrize(
+    ("group", "hkv", "page", "chunk_tokens"),
+    [(1, 2, 16, 16), (3, 3, 16, 32), (4, 2, 8, 24), (8, 1, 32, 64), (3, 3, 16, 4096)],
+)
+def test_chunked_matches_reference_mixed(
+    group: int, hkv: int, page: int, chunk_tokens: int
+) -> None:
+    """Chunks of one page, of several, of a page count that does not divide the table width
+    (the table is padded), and one chunk wider than every context."""
+    d = 32
+    b = make_batch(MIXED_ROWS, hq=group * hkv, hkv=hkv, d=d, page=page, seed=20 + group)
+    want = reference_paged_attention(*b.args(), scale=d**-0.5)
+    got = chunked(*b.args(), scale=d**-0.5, chunk_tokens=chunk_tokens)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert max_err(got, want) <= F32_TOL
+    assert not jnp.any(got[3]), "the padding row must come back as zeros"
+
+
+def test_chunked_matches_dense_on_a_long_decode_batch() -> None:
+    """Decode rows (the default model's 9/3 heads x 64) whose contexts span many chunks, each row
+    against dense causal attention over its own contiguous keys."""
+    rows = ((1, 150), (1, 1), (1, 64), (1, 65), (0, 0), (1, 97))
+    b = make_batch(rows, hq=9, hkv=3, d=64, page=16, seed=21)
+    got = chunked(*b.args(), scale=0.125, chunk_tokens=32)
+    for s, (q_len, kv_len) in enumerate(rows):
+        if q_len:
+            want = dense_attention(
+                jnp.asarray(b.full_q[s]),
+                jnp.asarray(b.full_k[s]),
+                jnp.asarray(b.full_v[s]),
+                scale=0.125,
+            )[kv_len - 1 :]
+            assert max_err(got[s, :1], want) <= F32_TOL, f"row {s}"
+
+
+def test_chunked_row_does_not_depend_on_its_batch() -> None:
+    """A row's output is bit-identical alone and beside a much longer row (which adds chunks
+    that are wholly past the short row's context) and in a wider padded table."""
+    b = make_batch(((1, 40), (1, 300)), hq=6, hkv=2, d=16, page=16, seed=22)
+    both = chunked(*b.args(), scale=0.25, chunk_tokens=32)
+    alone = chunked(
+        b.q[:1],
+        b.k_pages,
+        b.v_pages,
+        b.block_tables[:1, :3],
+        b.q_lens[:1],
+        b.kv_lens[:1],
+        scale=0.25,
+        chunk_tokens=32,
+    )
+    assert bool(jnp.all(both[0] == alone[0]))
+
+
+def test_chunked_bf16_and_poisoned_pages() -> None:
+    b = make_batch(MIXED_ROWS, hq=6, hkv=2, d=32, page=16, dtype=jnp.bfloat16, seed=23)
+    got = chunked(*b.args(), scale=32**-0.5, chunk_tokens=16)
+    assert got.dtype == jnp.bfloat16
+    assert max_err(got, reference_paged_attention(*b.args(), scale=32**-0.5)) <= BF16_TOL
+    f = make_batch(MIXED_ROWS, hq=6, hkv=2, d=16, page=16, seed=24)
+    clean = chunked(*f.args(), scale=0.25, chunk_tokens=16)
+    dirty = chunked(*poisoned(f, 1e30).args(), scale=0.25, chunk_tokens=16)
+    assert max_err(clean, dirty) == 0.0
+
+
+def test_cpu_default_backend_is_chunked() -> None:
+    assert default_backend_name("cpu") == "chunked"
+    assert default_backend_name("gpu") == "pallas-gpu"
+    assert get_backend("chunked").fn is chunked_paged_attention
 
 
 # --- (3) poisoned free pages must not change any result ------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import jax
 
+from tokencake.models.attention.chunked import chunked_paged_attention
 from tokencake.models.attention.reference import reference_paged_attention
 
 log = logging.getLogger(__name__)
@@ -26,15 +27,14 @@ class AttentionBackend:
     fn: AttentionFn
 
 
-BACKENDS = ("reference", "pallas-gpu", "pallas-tpu")
+BACKENDS = ("reference", "chunked", "pallas-gpu", "pallas-tpu")
 
 
 def default_backend_name(platform: str | None = None) -> str:
     """The backend chosen for ``platform`` (``jax.default_backend()`` when None)."""
     platform = platform or jax.default_backend()
-    return {"gpu": "pallas-gpu", "cuda": "pallas-gpu", "tpu": "pallas-tpu"}.get(
-        platform, "reference"
-    )
+    # Elsewhere (CPU) the chunked XLA backend: its cost follows the longest row's context.
+    return {"gpu": "pallas-gpu", "cuda": "pallas-gpu", "tpu": "pallas-tpu"}.get(platform, "chunked")
 
 
 def get_backend(name: str | None = None) -> AttentionBackend:
@@ -47,6 +47,8 @@ def get_backend(name: str | None = None) -> AttentionBackend:
         )
     if name == "reference":
         return AttentionBackend("reference", reference_paged_attention)
+    if name == "chunked":
+        return AttentionBackend("chunked", chunked_paged_attention)
     if name == "pallas-gpu":
         from tokencake.models.attention import pallas_gpu
 
