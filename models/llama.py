@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from tokencake.memory.kv_cache import DUMMY_PAGE
 from tokencake.models import sharding
-from tokencake.models.attention.backend import AttentionFn
+from tokencake.models.attention.backend import LayerAttentionFn
 from tokencake.models.config import ModelConfig
 from tokencake.models.host_arena import HostArena
 from tokencake.models.rope import apply_rope, inv_frequencies
@@ -149,7 +149,7 @@ class DecoderLM(nnx.Module):
         batch: Batch | Sequence[Batch],
         k_cache: jax.Array,
         v_cache: jax.Array,
-        attention: AttentionFn,
+        attention: LayerAttentionFn,
     ) -> tuple[jax.Array | tuple[jax.Array, ...], jax.Array, jax.Array]:
         """Run the layers; returns final hidden states ``[S, Q, H]`` and the updated caches.
 
@@ -196,8 +196,8 @@ class DecoderLM(nnx.Module):
             outs, start = [], 0
             for g, (s, q), n in zip(groups, shapes, sizes, strict=True):
                 a = attention(
-                    qx[start : start + n].reshape(s, q, hq, d), kc[li], vc[li],
-                    g.block_tables, g.q_lens, g.kv_lens, scale=scale,
+                    qx[start : start + n].reshape(s, q, hq, d), kc, vc,
+                    g.block_tables, g.q_lens, g.kv_lens, scale=scale, layer=li,
                 )  # fmt: skip
                 outs.append(a.reshape(n, hq * d))
                 start += n

@@ -9,14 +9,13 @@ unchanged on one shard.
 
 from __future__ import annotations
 
-import functools
-
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tokencake.models.attention.backend import AttentionFn
+from tokencake.models.attention.backend import LayerAttentionFn
 from tokencake.models.config import ModelConfig
 
 AXIS = "tp"
@@ -67,17 +66,19 @@ def kv_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, KV_SPEC)
 
 
-def shard_attention(fn: AttentionFn, mesh: Mesh) -> AttentionFn:
-    """Run ``fn`` per device over its local query and KV heads."""
+def shard_attention(fn: LayerAttentionFn, mesh: Mesh) -> LayerAttentionFn:
+    """Run the model-facing ``fn`` per device over its local query and KV heads."""
 
-    def wrapped(q, k_pages, v_pages, block_tables, q_lens, kv_lens, *, scale):
-        local = functools.partial(fn, scale=scale)
+    def wrapped(q, k_cache, v_cache, block_tables, q_lens, kv_lens, *, scale, layer):
+        def local(q, k_cache, v_cache, block_tables, q_lens, kv_lens, layer):
+            return fn(q, k_cache, v_cache, block_tables, q_lens, kv_lens, scale=scale, layer=layer)
+
         return jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, P(), P(), P()),
+            in_specs=(HEADS_SPEC, KV_SPEC, KV_SPEC, P(), P(), P(), P()),
             out_specs=HEADS_SPEC,
             check_vma=False,
-        )(q, k_pages, v_pages, block_tables, q_lens, kv_lens)
+        )(q, k_cache, v_cache, block_tables, q_lens, kv_lens, jnp.asarray(layer, jnp.int32))
 
     return wrapped

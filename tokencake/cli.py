@@ -35,7 +35,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV"
     )
     p.add_argument(
-        "--attention-backend", default="auto", help="auto, reference, pallas-gpu or pallas-tpu"
+        "--attention-backend",
+        default="auto",
+        help="auto, chunked, reference, pallas-gpu or pallas-tpu",
     )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices per model")
     p.add_argument(

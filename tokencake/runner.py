@@ -176,12 +176,12 @@ class ModelRunner:
             model_cfg.head_dim, cfg.dtype,
         )  # fmt: skip
         self.mesh = None
-        self.attention_fn = self.backend.fn
+        self.attention_fn = self.backend.layer_fn()
         kv_sharding = None
         if cfg.tensor_parallel_size > 1:
             sharding.check_divisible(model_cfg, cfg.tensor_parallel_size)
             self.mesh = sharding.make_mesh(cfg.tensor_parallel_size)
-            self.attention_fn = sharding.shard_attention(self.backend.fn, self.mesh)
+            self.attention_fn = sharding.shard_attention(self.attention_fn, self.mesh)
             kv_sharding = sharding.kv_sharding(self.mesh)
         pack = cfg.pack_weights and self.mesh is None and jax.default_backend() == "cpu"
         model = DecoderLM(

@@ -17,14 +17,32 @@ log = logging.getLogger(__name__)
 #   fn(q[S,Q,Hq,D], k_pages[N,page,Hkv,D], v_pages[N,page,Hkv,D], block_tables[S,P],
 #      q_lens[S], kv_lens[S], *, scale) -> [S,Q,Hq,D]
 AttentionFn = Callable[..., jax.Array]
+# What the model calls, once per layer: the whole caches and the layer index,
+#   fn(q, k_cache[L,N,page,Hkv,D], v_cache, block_tables, q_lens, kv_lens, *, scale, layer)
+LayerAttentionFn = Callable[..., jax.Array]
 
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    """A named paged-attention implementation over the engine's KV layout."""
+    """A named paged-attention implementation over the engine's KV layout.
+
+    ``whole_cache`` backends take the layer-major caches and ``layer=`` themselves (their
+    gathers index the layer and the pages at once); the others get one layer's pages."""
 
     name: str
     fn: AttentionFn
+    whole_cache: bool = False
+
+    def layer_fn(self) -> LayerAttentionFn:
+        """The backend in the form the model calls (see ``LayerAttentionFn``)."""
+        if self.whole_cache:
+            return self.fn
+        fn = self.fn
+
+        def one_layer(q, k_cache, v_cache, block_tables, q_lens, kv_lens, *, scale, layer):
+            return fn(q, k_cache[layer], v_cache[layer], block_tables, q_lens, kv_lens, scale=scale)
+
+        return one_layer
 
 
 BACKENDS = ("reference", "chunked", "pallas-gpu", "pallas-tpu")
@@ -48,7 +66,9 @@ def get_backend(name: str | None = None) -> AttentionBackend:
     if name == "reference":
         return AttentionBackend("reference", reference_paged_attention)
     if name == "chunked":
-        return AttentionBackend("chunked", chunked_paged_attention)
+        # Whole caches: a layer slice taken outside the chunk loop would be copied (the whole
+        # layer's pool, every layer, every step); a gather by (layer, page) reads in place.
+        return AttentionBackend("chunked", chunked_paged_attention, whole_cache=True)
     if name == "pallas-gpu":
         from tokencake.models.attention import pallas_gpu
 

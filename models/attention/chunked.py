@@ -26,23 +26,30 @@ import jax.numpy as jnp
 CHUNK_TOKENS = 64
 
 
-def gather_chunk(pages: jax.Array, tables: jax.Array) -> jax.Array:
-    """``pages[N, page, H, D]`` x ``tables[S, C]`` -> ``[S, C*page, H, D]``.
+def gather_chunk(pages: jax.Array, tables: jax.Array, layer: jax.Array | int | None) -> jax.Array:
+    """``tables[S, C]`` of one layer's ``pages[N, page, H, D]`` (``layer`` None), or of layer
+    ``layer`` of the whole cache ``[L, N, page, H, D]`` -> ``[S, C*page, H, D]``.
 
     Block ids come from the engine's pool (padding entries are the dummy page 0), so the gather
     promises in-bounds indices: XLA then emits a plain row copy, ~2x faster on CPU than
     ``jnp.take``'s default out-of-bounds fill.
     """
-    n, page, h, d = pages.shape
+    page, h, d = pages.shape[-3:]
     s, c = tables.shape
+    ids = tables.reshape(s * c, 1)
+    lead = pages.shape[:-3]  # (N,) or (L, N)
+    if layer is not None:
+        ids = jnp.concatenate([jnp.full_like(ids, layer), ids], axis=1)
     dims = jax.lax.GatherDimensionNumbers(
-        offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,)
+        offset_dims=(1,),
+        collapsed_slice_dims=tuple(range(len(lead))),
+        start_index_map=tuple(range(len(lead))),
     )
     rows = jax.lax.gather(
-        pages.reshape(n, page * h * d),
-        tables.reshape(s * c, 1),
+        pages.reshape(*lead, page * h * d),
+        ids,
         dims,
-        slice_sizes=(1, page * h * d),
+        slice_sizes=(*(1 for _ in lead), page * h * d),
         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
     )
     return rows.reshape(s, c * page, h, d)
@@ -58,11 +65,15 @@ def chunked_paged_attention(
     *,
     scale: float,
     chunk_tokens: int = CHUNK_TOKENS,
+    layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """Same contract as :func:`reference_paged_attention` (``q[S, Q, Hq, D]`` -> ``[S, Q, Hq, D]``,
-    zeros past ``q_lens``), computed chunk by chunk up to the longest row's ``kv_len``."""
+    zeros past ``q_lens``), computed chunk by chunk up to the longest row's ``kv_len``.
+
+    With ``layer`` given, ``k_pages``/``v_pages`` are the whole ``[L, N, page, Hkv, D]`` caches
+    and the gathers read that layer's pages in place (the model's form)."""
     s, qn, hq, d = q.shape
-    page, hkv = k_pages.shape[1], k_pages.shape[2]
+    page, hkv = k_pages.shape[-3], k_pages.shape[-2]
     group = hq // hkv
     rows = group * qn
     per_chunk = max(1, chunk_tokens // page)
@@ -82,8 +93,8 @@ def chunked_paged_attention(
     def step(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]):
         run_max, run_sum, acc = carry
         tables = jax.lax.dynamic_slice_in_dim(block_tables, i * per_chunk, per_chunk, axis=1)
-        k = gather_chunk(k_pages, tables).astype(jnp.float32)  # [S, keys, Hkv, D]
-        v = gather_chunk(v_pages, tables).astype(jnp.float32)
+        k = gather_chunk(k_pages, tables, layer).astype(jnp.float32)  # [S, keys, Hkv, D]
+        v = gather_chunk(v_pages, tables, layer).astype(jnp.float32)
         scores = jnp.einsum("shrd,skhd->shrk", qg, k)  # [S, Hkv, G*Q, keys]
         k_pos = i * keys + jnp.arange(keys)
         visible = (
