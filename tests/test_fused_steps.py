@@ -137,7 +137,7 @@ def test_fused_steps_refused_with_several_devices():
 def test_fused_forward_equals_separate_calls(tiny_model):
     """The model alone: one fused forward over two groups gives each group's hidden states and
     KV writes of two separate forwards (f32; the dense parts see the same tokens)."""
-    from tokencake.models.attention.reference import reference_paged_attention
+    from tokencake.models.attention.backend import get_backend
     from tokencake.models.llama import Batch, DecoderLM
 
     cfg, params, _ = tiny_model
@@ -159,7 +159,7 @@ def test_fused_forward_equals_separate_calls(tiny_model):
         np.array([[30], [9]], i32), np.array([1, 1], i32), np.array([31, 10], i32),
         np.array([[3, 4], [5, 0]], i32),
     )  # fmt: skip
-    attn = reference_paged_attention
+    attn = get_backend("reference").layer_fn()
     (hp, hd), kf, vf = model((pf, dc), k0, v0, attn)
     hp1, k1, v1 = model(pf, k0, v0, attn)
     hd1, k2, v2 = model(dc, k1, v1, attn)

@@ -20,9 +20,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Keys per loop iteration. Small enough that a B=32 chunk's K and V (32 x 64 tokens x 3 heads x
-# 64 x 4 B = 1.5 MiB) stay in L2 between the gather and the matmuls; large enough that the loop
-# overhead stays small against a prefill chunk's matmuls (bench/bench_attention.py measures it).
+# Keys per loop iteration. Small enough that a chunk's gathered K and V stay in cache between
+# the gather and the matmuls; large enough that the loop overhead stays small against a prefill
+# chunk's matmuls. bench/bench_attention.py (32/64/128/256, default model heads, two runs):
+# decode steps were fastest at 32 (B=32, 128-256 tokens: 3.8 vs 5.5 ms at 64), 512-token
+# prefill chunks at 64 (1.5k context: 29.8 vs 36.8 ms at 32).
+DECODE_CHUNK_TOKENS = 32
 CHUNK_TOKENS = 64
 
 
@@ -64,18 +67,21 @@ def chunked_paged_attention(
     kv_lens: jax.Array,
     *,
     scale: float,
-    chunk_tokens: int = CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """Same contract as :func:`reference_paged_attention` (``q[S, Q, Hq, D]`` -> ``[S, Q, Hq, D]``,
     zeros past ``q_lens``), computed chunk by chunk up to the longest row's ``kv_len``.
 
     With ``layer`` given, ``k_pages``/``v_pages`` are the whole ``[L, N, page, Hkv, D]`` caches
-    and the gathers read that layer's pages in place (the model's form)."""
+    and the gathers read that layer's pages in place (the model's form). ``chunk_tokens``
+    defaults to ``DECODE_CHUNK_TOKENS`` for single-token rows, ``CHUNK_TOKENS`` otherwise."""
     s, qn, hq, d = q.shape
     page, hkv = k_pages.shape[-3], k_pages.shape[-2]
     group = hq // hkv
     rows = group * qn
+    if chunk_tokens is None:
+        chunk_tokens = DECODE_CHUNK_TOKENS if qn == 1 else CHUNK_TOKENS
     per_chunk = max(1, chunk_tokens // page)
     width = block_tables.shape[1]
     if width % per_chunk:
