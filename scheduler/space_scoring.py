@@ -128,7 +128,7 @@ class SpaceScores(abc.ABC):
         """This step's scores: all of them when the refresh is due, else the newcomers'."""
         new = self._order.sync(waiting)  # None: no kept order, find newcomers the slow way
         if now - self._scored_at >= self.cfg.score_refresh_s or self._scored_at > now:
-            self._rescore(now, running, waiting)
+            self._rescore(now, running, waiting, new)
             return
         # Between refreshes only newcomers (new or requeued requests) need a score; they
         # inherit their join group's frozen maximum.
@@ -152,10 +152,11 @@ class SpaceScores(abc.ABC):
         score then, and scores are only dropped by a refresh (which scores every queued one)
         or when a request leaves the engine, so the newcomers are the only candidates."""
         t = self.table
-        scored, row = t.scored, t.row
+        row = t.row
         for r in new:
             if r not in row:
                 self._row(r)
+        scored = t.scored  # after the rows are made: a growing table replaces its columns
         return [r for r in new if r.metadata is not None and not scored[row[r]]]
 
     def _unscored(self, waiting: Sequence[Request]) -> list[Request]:
@@ -180,15 +181,33 @@ class SpaceScores(abc.ABC):
             return (m.application_started_at_s, m.join_group)
         return None
 
-    def _rescore(self, now: float, running: Sequence[Request], waiting: Sequence[Request]) -> None:
+    def _rescore(
+        self,
+        now: float,
+        running: Sequence[Request],
+        waiting: Sequence[Request],
+        new: list[Request] | None,
+    ) -> None:
         """Every waiting request's score and every grouped running one's, from scratch: one
         numpy expression over their score-table rows (``score_table.py``); join groups take
         their members' maximum. When every waiting request is annotated the admission order
-        is sorted here too, once per refresh (:class:`ScoreOrder` keeps it until the next)."""
+        is sorted here too, once per refresh (:class:`ScoreOrder` keeps it until the next).
+
+        ``new``: the newcomers of this step's :meth:`ScoreOrder.sync` (None: no kept order);
+        with a kept order the waiting requests' rows come from it (the order keeps them),
+        the newcomers' are made, in queue order, as :meth:`_rows_of` would."""
         self._scored_at = now
-        self._order.invalidate()
+        order = self._order
+        if new is not None:
+            kept, krows = order.synced()
+            nrows = np.fromiter(map(self._row, new), np.int64, len(new))
+            wreqs: Sequence[Request] = kept + new
+            wrows = np.concatenate([krows, nrows])
+            members: set[Request] | None = order._members  # set(waiting), from the sync
+        else:
+            wreqs, wrows, members = waiting, self._rows_of(waiting), None
+        order.invalidate()
         t = self.table
-        wrows = self._rows_of(waiting)
         rrows = self._rows_of(running)
         wsel = t.ann[wrows]
         rsel = t.group[rrows] >= 0  # running scores matter for join groups (victims: lazily)
@@ -196,6 +215,7 @@ class SpaceScores(abc.ABC):
         rows = np.concatenate([wrows if every else wrows[wsel], rrows[rsel]])
         own = t.own_scores(rows, now)
         if own is None:  # unreachable with validated metadata: the scalar path blames someone
+            wsel = t.ann[self._rows_of(waiting)]  # in queue order, as ever
             reqs = [*compress(waiting, wsel.tolist()), *compress(running, rsel.tolist())]
             own = np.array([self.own_score(r, now) for r in reqs], np.int64)
         eff = own.copy()
@@ -217,9 +237,9 @@ class SpaceScores(abc.ABC):
         t.own[rows] = own
         t.eff[rows] = eff
         self._groups = groups
-        self._best(waiting, wrows)
+        self._best(wreqs, wrows)
         if every:  # no ordinary request: the whole queue is sorted by score
-            self._order.sort(waiting, wrows)
+            order.sort(wreqs, wrows, waiting, members)
 
     def _best(self, waiting: Sequence[Request], rows: np.ndarray | None = None) -> None:
         """Each critical type's highest effective score among the waiting requests (``rows``:
@@ -268,7 +288,7 @@ class SpaceScores(abc.ABC):
         if (band > 0 and self.pool.enable_prefix_cache and head
                 and self.uncommitted <= cap * (1 - 0.75)):  # fmt: skip
             head = self._affinity_bands(head, t.eff[t.rows(head)].tolist(), band)
-        return head + tail
+        return head + tail if tail else head  # head: a fresh list either way
 
     def _affinity_bands(self, head: list[Request], eff: list[int], band: int) -> list[Request]:
         """``head`` (sorted, ``eff`` its effective scores) with each run of requests within
