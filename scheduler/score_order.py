@@ -100,18 +100,7 @@ class ScoreOrder(KeptOrder):
         (default ``reqs``; the same requests in another order; ``members``: its set, when at
         hand)."""
         t = self.table
-        eff, own, arrival = t.eff[rows], t.own[rows], t.arrival[rows]
-        idx = np.lexsort((arrival, -own, -eff))  # last key first; stable
-        # Requests equal in all three keys (siblings submitted together) are ordered by id:
-        # a string key in the lexsort would cost more than this pass over the few such runs.
-        e, o, a = eff[idx], own[idx], arrival[idx]
-        tie = (e[1:] == e[:-1]) & (o[1:] == o[:-1]) & (a[1:] == a[:-1])
-        if tie.any():
-            rid = t.rid
-            edges = np.flatnonzero(np.diff(np.concatenate(([0], tie.view(np.int8), [0]))))
-            for lo, hi in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
-                run = idx[lo : hi + 1]  # positions lo..hi are equal: by id
-                idx[lo : hi + 1] = run[np.argsort(rid[rows[run]], kind="stable")]
+        idx = np.lexsort((t.rid[rows], t.arrival[rows], -t.own[rows], -t.eff[rows]))  # last key 1st
         ranked = [reqs[i] for i in idx.tolist()]
         self.reset(ranked, reqs if queue is None else queue, members)
         if self.valid:
