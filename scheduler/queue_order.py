@@ -96,14 +96,13 @@ class KeptOrder:
         gone = members.difference(cur)
         if gone:
             ranked = self._ranked
+            pos = self.positions(gone, cur)
             keep = np.ones(len(ranked), np.bool_)
-            if len(gone) <= 8:  # a few admitted: find them (C-level identity scans)
-                pos = sorted(map(ranked.index, gone), reverse=True)
-                keep[pos] = False
-                for i in pos:
+            keep[pos] = False
+            if len(pos) <= 8:  # a few admitted: delete them (memmoves)
+                for i in reversed(pos):
                     del ranked[i]
             else:  # many: one pass
-                keep = np.fromiter(map(cur.__contains__, ranked), np.bool_, len(ranked))
                 self._ranked = list(compress(ranked, keep.tolist()))
             self.departed(gone, keep)
         missing = len(cur) - len(members) + len(gone)
@@ -120,6 +119,13 @@ class KeptOrder:
         self._queue = None
         self._pending = new
         return new
+
+    def positions(self, gone: set[Request], cur: set[Request]) -> list[int]:
+        """Where the departed ``gone`` are in the order, ascending (``cur``: the queue's set)."""
+        ranked = self._ranked
+        if len(gone) <= 8:  # a few: scans that stop at them
+            return sorted(map(ranked.index, gone))
+        return [i for i, r in enumerate(ranked) if r not in cur]
 
     def departed(self, gone: set[Request], keep: np.ndarray) -> None:
         """Hook: ``gone`` left the queue; ``keep`` masks the order as it was before."""

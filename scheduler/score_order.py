@@ -37,18 +37,33 @@ class ScoreOrder(KeptOrder):
     def __init__(self, table: ScoreTable) -> None:
         self.table = table
         self._rows = np.zeros(0, np.int64)  # the ordered requests' score-table rows
-        self._forgotten: set[Request] = set()  # members since the last sync that lost their row
+        self._keys: dict[Request, tuple[int, int, float, str]] = {}  # valid while the order is
+        self._forgotten: dict[Request, int] = {}  # members that lost their row since the last
+        # sync, with the row they had (it finds them in the order)
         super().__init__(self._key)
 
     def invalidate(self) -> None:
         super().invalidate()
         self._rows = np.zeros(0, np.int64)
+        self._keys = {}
+
+    def positions(self, gone: set[Request], cur: set[Request]) -> list[int]:
+        """Found by their rows (unique among the members): no scan of the requests."""
+        row, lost = self.table.row, self._forgotten
+        g = [lost[r] if r in lost else row[r] for r in gone]
+        mark = np.zeros(max(len(self.table.ann), max(g) + 1), np.bool_)  # np.isin, by lookup
+        mark[g] = True
+        return np.flatnonzero(mark[self._rows]).tolist()
 
     def departed(self, gone: set[Request], keep: np.ndarray) -> None:
         self._rows = self._rows[keep]
+        keys = self._keys
+        for r in gone:
+            keys.pop(r, None)
 
     def inserted(self, i: int, r: Request) -> None:
-        self._rows = np.insert(self._rows, i, self.table.row[r])
+        rows = self._rows  # np.concatenate: np.insert's argument handling costs more
+        self._rows = np.concatenate((rows[:i], (self.table.row[r],), rows[i:]))
 
     def synced(self) -> tuple[list[Request], np.ndarray]:
         """After :meth:`sync`: the requests that stayed queued, in order, and their rows."""
@@ -57,15 +72,18 @@ class ScoreOrder(KeptOrder):
     def forget(self, r: Request) -> None:
         """``r`` lost its score-table row (it left the engine, usually after it left the queue:
         admitted, then finished). Still queued at the next sync, the order could not key it."""
-        if r in self._members:
-            self._forgotten.add(r)
+        i = self.table.row.get(r)
+        if i is not None and r in self._members:
+            self._forgotten[r] = i
 
     def sync(self, queue: Sequence[Request]) -> list[Request] | None:
-        if self._forgotten:
-            if not self._forgotten.isdisjoint(queue):
-                self.invalidate()
-            self._forgotten.clear()
-        return super().sync(queue)
+        lost = self._forgotten
+        if lost and not lost.keys().isdisjoint(queue):
+            self.invalidate()
+        try:
+            return super().sync(queue)
+        finally:
+            lost.clear()
 
     def update(self, queue: Sequence[Request]) -> list[Request] | None:
         if self._forgotten:
@@ -74,9 +92,12 @@ class ScoreOrder(KeptOrder):
 
     def _key(self, r: Request) -> tuple[int, int, float, str]:
         """``r``'s place: the sort key of :meth:`sort`, read from its score-table row."""
-        t = self.table
-        i = t.row[r]
-        return (-int(t.eff[i]), -int(t.own[i]), float(t.arrival[i]), t.rid[i])
+        k = self._keys.get(r)  # a binary search probes the same middle requests step after step
+        if k is None:
+            t = self.table
+            i = t.row[r]
+            k = self._keys[r] = (-t.eff.item(i), -t.own.item(i), t.arrival.item(i), t.rid[i])
+        return k
 
     def placeable(self, new: list[Request]) -> bool:
         """Every newcomer has a score (an ordinary request has none: no kept order)."""
