@@ -103,9 +103,15 @@ class SpaceConfig:
     # blocks, which the next admission may evict). Off: measured in bench/RESULTS.md
     # ("Fifth round"); the ``tokencake-with-resident-affinity`` ablation switches it on.
     affinity_counts_cached: bool = False
+    # ours (issue 12, sixth round): for this many seconds after a request finishes, a waiting
+    # request that extends its still-cached context (its successor in the application) goes
+    # first in the admission order (scheduler/handoff.py). 0 switches it off (the
+    # ``tokencake-no-successor-handoff`` ablation).
+    successor_handoff_s: float = 0.0
 
     def __post_init__(self) -> None:
         _nonneg("scheduling.score_refresh_s", self.score_refresh_s)
+        _nonneg("scheduling.successor_handoff_s", self.successor_handoff_s)
         _check(
             self.admission_order in ADMISSION_ORDERS,
             "scheduling.admission_order",
