@@ -15,9 +15,13 @@ has that hash extends the finished request's context; while that block is still 
 device it is a *successor* and goes first in the admission order (within the annotated part of
 the queue: the ordinary-request barrier stands). Its admission then costs only its new blocks,
 because the context it revives is already free capacity. After the grace it ranks by score
-again, so a successor that cannot fit never holds the queue for long. The Time Scheduler's
-``handoff_grace_s`` does the same for a tool call's pinned blocks; this covers the blocks of an
-agent that has simply finished.
+again, so a successor that cannot fit never holds the queue for long. A leaf of a described
+DAG (the report) is not promoted (:func:`_leaf`). The Time Scheduler's ``handoff_grace_s``
+does the same for a tool call's pinned blocks; this covers the blocks of an agent that has
+simply finished.
+
+Off by default: it did not pay on total E2E (bench/RESULTS.md, "Sixth round");
+``tokencake-with-successor-handoff`` switches it on.
 """
 
 from __future__ import annotations
@@ -109,8 +113,8 @@ def _leaf(r: Request) -> bool:
     """A leaf of a described DAG (nothing follows it): it is not promoted. Jumping the queue
     pays for a request that unblocks more of its application's work; a leaf only finishes
     its own, and with memory for about three large contexts at once the older requests it
-    would pass carry the longer remaining chains (longest-remaining-work first; a promoted
-    report made deep-research's last application run alone at the end, bench/RESULTS.md,
-    "Sixth round")."""
+    would pass carry the longer remaining chains (longest remaining work first). Promoting
+    deep-research's reports too made its synthesizers wait 50 s instead of 33 s and the
+    total 1.9% longer at both rates (bench/RESULTS.md, "Sixth round")."""
     m = r.metadata
     return m is not None and m.application_max_depth > 0 and m.out_degree == 0

@@ -104,9 +104,10 @@ class SpaceConfig:
     # ("Fifth round"); the ``tokencake-with-resident-affinity`` ablation switches it on.
     affinity_counts_cached: bool = False
     # ours (issue 12, sixth round): for this many seconds after a request finishes, a waiting
-    # request that extends its still-cached context (its successor in the application) goes
-    # first in the admission order (scheduler/handoff.py). 0 switches it off (the
-    # ``tokencake-no-successor-handoff`` ablation).
+    # request that extends its still-cached context (its successor in the application, not a
+    # DAG leaf) goes first in the admission order (scheduler/handoff.py). Off (0): on
+    # deep-research it cost 2.2% at 1.0 apps/s while saving 2.4% at 0.2 (bench/RESULTS.md,
+    # "Sixth round"); ``tokencake-with-successor-handoff`` sets 0.5 s.
     successor_handoff_s: float = 0.0
 
     def __post_init__(self) -> None:
