@@ -40,6 +40,7 @@ from tokencake.scheduler.time_decisions import (
     tokencake_decide,
 )
 from tokencake.scheduler.time_sched import TimeScheduler
+from tokencake.scheduler.victims import restore_seconds
 
 
 class TokencakePolicy(Policy):
@@ -251,9 +252,13 @@ class TokencakePolicy(Policy):
             cfg = self.ctx.config
             target = needy.num_computed_tokens + min(needy.remaining_tokens, cfg.max_prefill_chunk)
             needed = max(1, -(-target // pool.block_size) - len(needy.block_ids) - pool.num_free)
-            v = self.space.victim(
-                running, needy, needed, self.ctx.clock(), self._restorable(running)
-            )
+            restorable = self._restorable(running)
+            restore_s = None
+            if self.config.scheduling.victim_by_restore_time:
+                restore_s = restore_seconds(
+                    running, restorable, self.ctx.cost_model, pool.block_size
+                )
+            v = self.space.victim(running, needy, needed, self.ctx.clock(), restorable, restore_s)
             if v is not False:
                 return v  # type: ignore[return-value]
         return super().choose_victim(running, needy)
