@@ -3,12 +3,15 @@ request that extends it."""
 
 from __future__ import annotations
 
+import pytest
+
 from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.handoff import HandOff
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.request import Request, RequestStatus
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
+from tokencake.scheduler.tokencake_config import TokencakeConfig
 
 MID = dict(agent_type="coder", application_max_depth=3, depth=1, out_degree=1)  # not a leaf
 LEAF = dict(agent_type="writer", application_max_depth=3, depth=3, out_degree=0)
@@ -138,3 +141,11 @@ def test_the_successor_takes_its_predecessors_blocks_before_an_older_request():
     assert ho["s"] == ho["p_finished"] + 1  # with: S the very next step ...
     assert ho["o"] > ho["s"]  # ... and O after it
     assert cached_ho == 96  # P's whole context (6 blocks) handed over
+
+
+def test_bad_grace_is_an_error_naming_the_knob():
+    with pytest.raises(ValueError, match="successor_handoff_s"):
+        TokencakeConfig.from_dict({"scheduling": {"successor_handoff_s": -1.0}})
+    with pytest.raises(ValueError, match="grace_s"):
+        HandOff(BlockPool(9, 4), grace_s=0.0)
+    assert TokencakeConfig().scheduling.successor_handoff_s == 0.0  # off by default
