@@ -23,6 +23,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "no-backfill": ({"backfill": False}, {}),
     "with-full-future-admission": ({"reserve_generation_tokens": True}, {}),
     "with-resident-affinity": ({"affinity_counts_cached": True}, {}),
+    "with-successor-handoff": ({"successor_handoff_s": 0.5}, {}),
+    "with-restore-time-victims": ({"victim_by_restore_time": True}, {}),
     # selective offload is off by default (issue 12); predictive upload acts only with it
     "with-offload": ({}, {"selective_offload": True}),
     "with-offload-no-predictive-upload": (

@@ -62,13 +62,14 @@ class ScoreTable:
     """One row per request the Space Scheduler has seen (annotated or not), until it finishes.
 
     Columns: ``ann`` (carries metadata), the static score parts (``static``, ``rr``: remaining-
-    depth ratio, ``pg``: progress), the metadata's ``elapsed`` and ``started`` application times,
+    depth ratio, ``pg``: progress; ``age_f`` and ``queue_f``: the score's two factors of
+    ``rr``), the metadata's ``elapsed`` and ``started`` application times,
     the request's ``arrival``, its join ``group`` id and agent ``type`` id (-1: none), and the
     scores it holds until the next refresh: ``own`` and ``eff`` (effective), valid where
     ``scored``; ``rid`` is the request id as a numpy string, the admission order's last key
     (numpy compares code points, as Python does)."""
 
-    _FLOAT = ("static", "rr", "pg", "elapsed", "started", "arrival")
+    _FLOAT = ("static", "rr", "pg", "elapsed", "started", "arrival", "age_f", "queue_f")
 
     def __init__(self, capacity: int = 256) -> None:
         self.row: dict[Request, int] = {}
@@ -127,6 +128,9 @@ class ScoreTable:
         else:
             self.ann[i] = True
             self.static[i], self.rr[i], self.pg[i] = parts
+            rr = parts[1]
+            # time_parts()'s two rr factors, each computed as it does (same IEEE operations)
+            self.age_f[i], self.queue_f[i] = 1 + 0.75 * rr, 1 + 0.5 * rr
             self.elapsed[i] = m.application_elapsed_s
             self.started[i] = m.application_started_at_s
             self.group[i] = -1 if group is None else self.groups.acquire(group)
@@ -156,13 +160,12 @@ class ScoreTable:
         not finite or not below 2**62 (then the scalar path decides, and raises)."""
         started = self.started[rows]
         elapsed = self.elapsed[rows]
-        rr = self.rr[rows]
         # time_parts(), step for step: Python's max/min of two finite floats pick the value
         # np.maximum/np.minimum pick, and every + - * rounds identically.
         wait = np.maximum(0.0, now - self.arrival[rows])
         elapsed = np.where(started > 0, np.maximum(elapsed, now - started), elapsed + wait)
-        age = np.minimum(elapsed, 300.0) * (1 + 0.75 * rr)
-        queue = np.minimum(wait, 180.0) * (1 + 0.5 * rr)
+        age = np.minimum(elapsed, 300.0) * self.age_f[rows]  # (1 + 0.75 * rr), per row
+        queue = np.minimum(wait, 180.0) * self.queue_f[rows]  # (1 + 0.5 * rr)
         completion = np.minimum(elapsed, 240.0) * self.pg[rows]
         total = self.static[rows] + (5 * age + 8 * queue + 5 * completion)
         if not (np.abs(total) < _INT_LIMIT).all():  # also False for NaN

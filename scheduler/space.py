@@ -287,9 +287,16 @@ class SpaceScheduler(SpaceScores):
 
     # ---- victims (§4.8) -----------------------------------------------------------------------
     def victim(self, running: Sequence[Request], needy: Request, needed: int, now: float,
-               restorable_tokens: dict[str, int] | None = None) -> Request | None | bool:  # fmt: skip
+               restorable_tokens: dict[str, int] | None = None,
+               restore_s: dict[str, float] | None = None) -> Request | None | bool:  # fmt: skip
         """Tokencake's victim among annotated running requests; ``False`` means "no opinion,
-        use the native rule" (unannotated requester or no annotated candidate)."""
+        use the native rule" (unannotated requester or no annotated candidate).
+
+        Within the lowest score band, near-finish requests last, then the least recompute per
+        freed block. With ``restore_s`` (seconds to bring each request's KV back, from
+        ``scheduling.victim_by_restore_time``): when some candidate alone frees ``needed``
+        blocks, the one with the cheapest restore among those; otherwise the cheapest restore
+        per freed block."""
         if needy.metadata is None:
             return False
         ann = [r for r in running if r.metadata is not None]
@@ -306,6 +313,7 @@ class SpaceScheduler(SpaceScores):
         }
         others = [r for r in cands if r is not needy]
         narrowed = [r for r in others if released[r.request_id] >= needed]
+        sufficient = bool(narrowed)
         if not narrowed:
             narrowed = [r for r in cands if released[r.request_id] > 0]
         if not narrowed:
@@ -315,10 +323,13 @@ class SpaceScheduler(SpaceScores):
 
         def key(r: Request) -> tuple:
             rel = released[r.request_id]
-            recompute = max(0, r.num_computed_tokens - restorable.get(r.request_id, 0))
             near = len(r.output_token_ids) >= nf * r.max_tokens
-            return (near, recompute / rel, recompute, -rel,
-                    (sc[r.request_id], -r.arrival_time, r.request_id))  # fmt: skip
+            tie = (sc[r.request_id], -r.arrival_time, r.request_id)
+            if restore_s is not None:
+                t = restore_s.get(r.request_id, 0.0)
+                return (near, t if sufficient else t / rel, -rel, tie)
+            recompute = max(0, r.num_computed_tokens - restorable.get(r.request_id, 0))
+            return (near, recompute / rel, recompute, -rel, tie)
 
         v = min(narrowed, key=key)
         return None if v is needy else v

@@ -1,16 +1,17 @@
 """The Space Scheduler's per-request scores and the admission order they give (paper digest
 §4.2.1, §4.6, §4.7), kept fast for a long queue (issue 17 item 4).
 
-* Scores are frozen for ``score_refresh_s``: a refresh rescored every waiting request (and every
-  running one in a join group) from scratch, now one numpy expression over the requests'
-  score-table rows (``score_table.py``); between refreshes only newcomers are scored, found by
-  set difference rather than a scan of the queue.
+* Scores are frozen for ``score_refresh_s``: a refresh rescores every waiting request (and every
+  running one in a join group) from scratch, one numpy expression over the requests'
+  score-table rows (``score_table.py``); between refreshes only newcomers are scored.
 * The scores live in the table's ``own`` / ``eff`` columns (``scored`` says which are valid),
   not in a dict of Python tuples: a refresh writes them with two numpy assignments.
 * The order sorts the queue by ``(-effective, -own, arrival, id)``, a total order: one
-  ``np.lexsort`` over the table's columns (the id is kept there as a numpy string).
+  ``np.lexsort`` over the table's columns (the id is kept there as a numpy string) at a refresh;
+  between refreshes :class:`~tokencake.scheduler.score_order.ScoreOrder` keeps the order and
+  inserts newcomers, and tells the scorer which requests are new.
 
-``tests/test_space_scoring.py`` checks scores, groups, best waiting scores and the order against
+``tests/test_schedule_cost.py`` checks scores, groups, best waiting scores and the order against
 a plain full recomputation on random queues.
 """
 
@@ -31,6 +32,7 @@ from tokencake.scheduler.faults import blame
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.partition import PartitionPlan
 from tokencake.scheduler.request import Request
+from tokencake.scheduler.score_order import ScoreOrder
 from tokencake.scheduler.score_table import ScoreTable
 from tokencake.scheduler.tokencake_config import SpaceConfig
 
@@ -47,21 +49,6 @@ _NATIVE = attrgetter("arrival_time", "request_id")
 _NONE = np.iinfo(np.int64).min
 
 
-def _in_order(queue: Sequence[Request], subset: set[Request]) -> list[Request]:
-    """The members of ``subset`` in ``queue`` order. Newcomers join a queue at its end, so the
-    scan runs from there and stops once all are found."""
-    if len(subset) <= 1:
-        return list(subset)
-    out = []
-    for r in reversed(queue):
-        if r in subset:
-            out.append(r)
-            if len(out) == len(subset):
-                break
-    out.reverse()
-    return out
-
-
 class SpaceScores(abc.ABC):
     """Scores and admission order; the base of :class:`~tokencake.scheduler.space.SpaceScheduler`
     (which sets ``plan`` and ``uncommitted`` and defines ``admission_tokens``)."""
@@ -75,7 +62,7 @@ class SpaceScores(abc.ABC):
         self.best_waiting: dict[str, int] = {}  # critical type -> highest waiting effective score
         # Row per seen request: static score parts, group and type ids.
         self.table = ScoreTable()
-        self._scored: set[Request] = set()  # the requests whose table scores are valid
+        self._order = ScoreOrder(self.table)  # the last admission order, kept between refreshes
         self._groups: dict[tuple[float, str], int] = {}
         self._scored_at = -math.inf
 
@@ -127,41 +114,58 @@ class SpaceScores(abc.ABC):
 
     def set_score(self, r: Request, own: int, eff: int) -> None:
         """Give ``r`` these scores (until the next refresh)."""
+        self._set(r, own, eff)
+        self._order.invalidate()  # an order built on the old score is stale
+
+    def _set(self, r: Request, own: int, eff: int) -> None:
         t = self.table
         i = self._row(r)
         t.own[i], t.eff[i], t.scored[i] = own, eff, True
-        self._scored.add(r)
 
     def score_step(
         self, now: float, running: Sequence[Request], waiting: Sequence[Request]
     ) -> None:
         """This step's scores: all of them when the refresh is due, else the newcomers'."""
+        new = self._order.sync(waiting)  # None: no kept order, find newcomers the slow way
         if now - self._scored_at >= self.cfg.score_refresh_s or self._scored_at > now:
-            self._rescore(now, running, waiting)
-        else:
-            # Between refreshes only newcomers (new or requeued requests) need a score; they
-            # inherit their join group's frozen maximum.
-            for r in self._unscored(waiting):
-                s = self.own_score(r, now)
-                g = self._group_of(r.metadata)
-                eff = max(s, self._groups.get(g, s)) if g is not None else s
-                if g is not None:
-                    self._groups[g] = eff
-                self.set_score(r, s, eff)
-                k = r.metadata.agent_type
-                if self.plan is not None and k in self.plan.reserved:
-                    self.best_waiting[k] = max(self.best_waiting.get(k, eff), eff)
+            self._rescore(now, running, waiting, new)
+            return
+        # Between refreshes only newcomers (new or requeued requests) need a score; they
+        # inherit their join group's frozen maximum.
+        todo = self._unscored(waiting) if new is None else self._unscored_of(new)
+        for r in todo:
+            s = self.own_score(r, now)
+            g = self._group_of(r.metadata)
+            eff = max(s, self._groups.get(g, s)) if g is not None else s
+            if g is not None:
+                self._groups[g] = eff
+            self._set(r, s, eff)
+            k = r.metadata.agent_type
+            if self.plan is not None and k in self.plan.reserved:
+                self.best_waiting[k] = max(self.best_waiting.get(k, eff), eff)
+        if new is not None:
+            self._order.place(waiting, new)
+
+    def _unscored_of(self, new: list[Request]) -> list[Request]:
+        """The annotated requests of ``new`` (this step's newcomers, in queue order) with no
+        score yet; each gets its score-table row. Requests queued at the last step all had a
+        score then, and scores are only dropped by a refresh (which scores every queued one)
+        or when a request leaves the engine, so the newcomers are the only candidates."""
+        t = self.table
+        row = t.row
+        for r in new:
+            if r not in row:
+                self._row(r)
+        scored = t.scored  # after the rows are made: a growing table replaces its columns
+        return [r for r in new if r.metadata is not None and not scored[row[r]]]
 
     def _unscored(self, waiting: Sequence[Request]) -> list[Request]:
         """Annotated requests of ``waiting`` with no score yet, in queue order (every request
         of ``waiting`` gets its score-table row on the way)."""
-        new = set(waiting).difference(self._scored)
-        if not new:
-            return []
-        row = self.table.row
-        for r in _in_order(waiting, {r for r in new if r not in row}):
-            self._row(r)
-        return _in_order(waiting, {r for r in new if r.metadata is not None})
+        rows = self._rows_of(waiting)
+        t = self.table
+        todo = t.ann[rows] & ~t.scored[rows]
+        return list(compress(waiting, todo.tolist())) if todo.any() else []
 
     def _rows_of(self, reqs: Sequence[Request]) -> np.ndarray:
         """The score-table rows of ``reqs``, in order; rows are made for requests without one."""
@@ -177,19 +181,41 @@ class SpaceScores(abc.ABC):
             return (m.application_started_at_s, m.join_group)
         return None
 
-    def _rescore(self, now: float, running: Sequence[Request], waiting: Sequence[Request]) -> None:
+    def _rescore(
+        self,
+        now: float,
+        running: Sequence[Request],
+        waiting: Sequence[Request],
+        new: list[Request] | None,
+    ) -> None:
         """Every waiting request's score and every grouped running one's, from scratch: one
         numpy expression over their score-table rows (``score_table.py``); join groups take
-        their members' maximum."""
+        their members' maximum. When every waiting request is annotated the admission order
+        is sorted here too, once per refresh (:class:`ScoreOrder` keeps it until the next).
+
+        ``new``: the newcomers of this step's :meth:`ScoreOrder.sync` (None: no kept order);
+        with a kept order the waiting requests' rows come from it (the order keeps them),
+        the newcomers' are made, in queue order, as :meth:`_rows_of` would."""
         self._scored_at = now
+        order = self._order
+        if new is not None:
+            kept, krows = order.synced()
+            nrows = np.fromiter(map(self._row, new), np.int64, len(new))
+            wreqs: Sequence[Request] = kept + new
+            wrows = np.concatenate([krows, nrows])
+            members: set[Request] | None = order._members  # set(waiting), from the sync
+        else:
+            wreqs, wrows, members = waiting, self._rows_of(waiting), None
+        order.invalidate()
         t = self.table
-        wrows = self._rows_of(waiting)
         rrows = self._rows_of(running)
         wsel = t.ann[wrows]
         rsel = t.group[rrows] >= 0  # running scores matter for join groups (victims: lazily)
-        rows = np.concatenate([wrows[wsel], rrows[rsel]])
+        every = bool(wsel.all())
+        rows = np.concatenate([wrows if every else wrows[wsel], rrows[rsel]])
         own = t.own_scores(rows, now)
         if own is None:  # unreachable with validated metadata: the scalar path blames someone
+            wsel = t.ann[self._rows_of(waiting)]  # in queue order, as ever
             reqs = [*compress(waiting, wsel.tolist()), *compress(running, rsel.tolist())]
             own = np.array([self.own_score(r, now) for r in reqs], np.int64)
         eff = own.copy()
@@ -197,20 +223,23 @@ class SpaceScores(abc.ABC):
         grouped = gid >= 0
         groups: dict[tuple[float, str], int] = {}
         if grouped.any():
-            ids, inv = np.unique(gid[grouped], return_inverse=True)
-            best = np.full(len(ids), _NONE, np.int64)
-            np.maximum.at(best, inv, own[grouped])
-            eff[grouped] = best[inv]
+            # Each group's maximum, by group id (ids are small: the interner recycles them).
+            g = gid[grouped]
+            best = np.full(len(t.groups.keys), _NONE, np.int64)
+            np.maximum.at(best, g, own[grouped])
+            eff[grouped] = best[g]
+            ids = np.flatnonzero(best > _NONE)
             groups = dict(
-                zip(map(t.groups.keys.__getitem__, ids.tolist()), best.tolist(), strict=True)
+                zip(map(t.groups.keys.__getitem__, ids.tolist()), best[ids].tolist(), strict=True)
             )
         t.scored[:] = False  # a running request outside a join group loses its score (victims:
         t.scored[rows] = True  # scored lazily)
-        self._scored = {*compress(waiting, wsel.tolist()), *compress(running, rsel.tolist())}
         t.own[rows] = own
         t.eff[rows] = eff
         self._groups = groups
-        self._best(waiting, wrows)
+        self._best(wreqs, wrows)
+        if every:  # no ordinary request: the whole queue is sorted by score
+            order.sort(wreqs, wrows, waiting, members)
 
     def _best(self, waiting: Sequence[Request], rows: np.ndarray | None = None) -> None:
         """Each critical type's highest effective score among the waiting requests (``rows``:
@@ -238,25 +267,28 @@ class SpaceScores(abc.ABC):
         re-sorted by score (the ordinary-request barrier) and, under high committed pressure,
         by active-prefix affinity within 500-point bands."""
         t = self.table
-        rows = self._rows_of(waiting)
-        if t.scored[rows].all():
-            # Every request is annotated: the barrier is past the end, the whole queue is
-            # the head.
-            head, tail = list(waiting), []
-        else:
-            native = sorted(waiting, key=_NATIVE)
-            cut = next((i for i, r in enumerate(native) if r.metadata is None), len(native))
-            head, tail = native[:cut], native[cut:]
-            rows = t.rows(head)
-        eff = t.eff[rows]
-        idx = np.lexsort((t.rid[rows], t.arrival[rows], -t.own[rows], -eff))  # last key first
-        head = [head[i] for i in idx.tolist()]
+        head = self._order.update(waiting)  # every request scored: the kept order, updated
+        tail: list[Request] = []
+        if head is None:
+            rows = self._rows_of(waiting)
+            if t.scored[rows].all():
+                # Every request is annotated: the barrier is past the end, the whole queue is
+                # the head.
+                head = self._order.sort(waiting, rows)
+            else:
+                self._order.invalidate()
+                native = sorted(waiting, key=_NATIVE)
+                cut = next((i for i, r in enumerate(native) if r.metadata is None), len(native))
+                head, tail = native[:cut], native[cut:]
+                rows = t.rows(head)
+                idx = np.lexsort((t.rid[rows], t.arrival[rows], -t.own[rows], -t.eff[rows]))
+                head = [head[i] for i in idx.tolist()]
         band = self.cfg.cache_affinity_score_band
         cap = self.pool.capacity
         if (band > 0 and self.pool.enable_prefix_cache and head
                 and self.uncommitted <= cap * (1 - 0.75)):  # fmt: skip
-            head = self._affinity_bands(head, eff[idx].tolist(), band)
-        return head + tail
+            head = self._affinity_bands(head, t.eff[t.rows(head)].tolist(), band)
+        return head + tail if tail else head  # head: a fresh list either way
 
     def _affinity_bands(self, head: list[Request], eff: list[int], band: int) -> list[Request]:
         """``head`` (sorted, ``eff`` its effective scores) with each run of requests within
@@ -290,5 +322,5 @@ class SpaceScores(abc.ABC):
     def forget(self, r: Request) -> None:
         """``r`` left the engine: drop its row and its score (a later request reusing the id is a
         newcomer)."""
-        self._scored.discard(r)
+        self._order.forget(r)
         self.table.drop(r)

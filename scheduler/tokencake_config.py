@@ -103,9 +103,24 @@ class SpaceConfig:
     # blocks, which the next admission may evict). Off: measured in bench/RESULTS.md
     # ("Fifth round"); the ``tokencake-with-resident-affinity`` ablation switches it on.
     affinity_counts_cached: bool = False
+    # ours (issue 12, sixth round): for this many seconds after a request finishes, a waiting
+    # request that extends its still-cached context (its successor in the application, not a
+    # DAG leaf) goes first in the admission order (scheduler/handoff.py). Off (0): on
+    # deep-research it cost 2.2% at 1.0 apps/s while saving 2.4% at 0.2 (bench/RESULTS.md,
+    # "Sixth round"); ``tokencake-with-successor-handoff`` sets 0.5 s.
+    successor_handoff_s: float = 0.0
+    # ours (issue 12, sixth round): among running requests that each free enough blocks for
+    # the needy one, preempt the one whose KV is cheapest to restore in *seconds* (copy-in of
+    # the host-restorable prefix plus recompute of the rest, by the cost model), not the one
+    # with the least recompute per freed block. With every block written back, a long-context
+    # request recomputes nothing, so the per-block rule preempted the longest session to give
+    # a decoding neighbour one block (multi-turn, bench/RESULTS.md "Sixth round"). Off: it
+    # lost on deep-research; ``tokencake-with-restore-time-victims`` switches it on.
+    victim_by_restore_time: bool = False
 
     def __post_init__(self) -> None:
         _nonneg("scheduling.score_refresh_s", self.score_refresh_s)
+        _nonneg("scheduling.successor_handoff_s", self.successor_handoff_s)
         _check(
             self.admission_order in ADMISSION_ORDERS,
             "scheduling.admission_order",

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from tokencake.scheduler.backfill import Backfill
 from tokencake.scheduler.faults import RequestFault
+from tokencake.scheduler.handoff import HandOff
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.offload_benefit import Pressure, waiting_pressure
 from tokencake.scheduler.policy import Admission, Policy, PolicyContext, TimeSchedulerStats
@@ -39,6 +40,7 @@ from tokencake.scheduler.time_decisions import (
     tokencake_decide,
 )
 from tokencake.scheduler.time_sched import TimeScheduler
+from tokencake.scheduler.victims import restore_seconds
 
 
 class TokencakePolicy(Policy):
@@ -82,6 +84,9 @@ class TokencakePolicy(Policy):
         if self.use_space and self.config.scheduling.backfill:
             kept = self.may_keep if self.config.scheduling.backfill_sure_extra else None
             self.backfill = Backfill(ctx.pool, ctx.config.max_prefill_chunk, kept=kept)
+        self.handoff: HandOff | None = None
+        if self.use_space and self.config.scheduling.successor_handoff_s > 0:
+            self.handoff = HandOff(ctx.pool, self.config.scheduling.successor_handoff_s)
         self._app_fcfs = SortedQueue()  # program-level FCFS, sorted incrementally
         self._passes = 2 if self.use_space else 1  # pass 1 retries reservation refusals
         self._pass = 0
@@ -141,7 +146,10 @@ class TokencakePolicy(Policy):
                 return self._app_fcfs.order(waiting)
             if self.config.scheduling.admission_order == "arrival":
                 return list(super().admission_order(0, waiting, now) or ())
-            return self.space.order(waiting)
+            order = self.space.order(waiting)
+            if self.handoff is not None:
+                order = self.handoff.promote(order, waiting, now)
+            return order
         return list(super().admission_order(0, waiting, now) or ())
 
     def admission_order(
@@ -244,9 +252,13 @@ class TokencakePolicy(Policy):
             cfg = self.ctx.config
             target = needy.num_computed_tokens + min(needy.remaining_tokens, cfg.max_prefill_chunk)
             needed = max(1, -(-target // pool.block_size) - len(needy.block_ids) - pool.num_free)
-            v = self.space.victim(
-                running, needy, needed, self.ctx.clock(), self._restorable(running)
-            )
+            restorable = self._restorable(running)
+            restore_s = None
+            if self.config.scheduling.victim_by_restore_time:
+                restore_s = restore_seconds(
+                    running, restorable, self.ctx.cost_model, pool.block_size
+                )
+            v = self.space.victim(running, needy, needed, self.ctx.clock(), restorable, restore_s)
             if v is not False:
                 return v  # type: ignore[return-value]
         return super().choose_victim(running, needy)
@@ -294,6 +306,8 @@ class TokencakePolicy(Policy):
     def on_finished(self, request: Request) -> None:
         if self.space is not None:
             self.space.on_finished(request, self.ctx.clock())
+        if self.handoff is not None:
+            self.handoff.on_finished(request, self.ctx.clock())
         leaf = self._leaf_blocks.pop(request.request_id, None)
         if leaf and self.time is not None:  # released by now: evict these first
             self.time.demote_unneeded(leaf)
@@ -318,6 +332,8 @@ class TokencakePolicy(Policy):
         out: dict[str, int] = {"inflight_prefix_deferrals": self.sharing_deferrals}
         if self.backfill is not None:
             out["backfilled"] = self.backfill.backfilled
+        if self.handoff is not None:
+            out["handoff_promotions"] = self.handoff.promoted
         for part in (self.space, self.time):
             if part is not None:
                 for k, v in part.counters.items():

@@ -59,9 +59,10 @@ def _random_metadata(rng: random.Random) -> AgentMetadata:
 _HINTS = [_random_metadata(random.Random(i)) for i in range(60)]
 
 
-def _metadata(rng: random.Random) -> AgentMetadata | None:
-    """One of a fixed set of hints (building validated metadata is slow), or none."""
-    return None if rng.random() < 0.1 else rng.choice(_HINTS)
+def _metadata(rng: random.Random, ordinary: float = 0.1) -> AgentMetadata | None:
+    """One of a fixed set of hints (building validated metadata is slow), or none (with
+    probability ``ordinary``)."""
+    return None if rng.random() < ordinary else rng.choice(_HINTS)
 
 
 def test_vectorized_scores_equal_the_scalar_score():
@@ -159,8 +160,11 @@ class Reference:
         return [r.request_id for r in head + native[cut:]]
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_space_scores_and_order_equal_a_full_recomputation(seed):
+@pytest.mark.parametrize(("seed", "ordinary"), [(0, 0.1), (1, 0.1), (2, 0.1), (3, 0.0), (4, 0.0),
+                                                (5, 0.002)])  # fmt: skip
+def test_space_scores_and_order_equal_a_full_recomputation(seed, ordinary):
+    """Also with every request annotated (``ordinary`` 0), where the order is kept between
+    refreshes (``score_order.py``) and only sorted from scratch after one."""
     rng = random.Random(seed)
     cfg = SpaceConfig(adjustment_window=rng.choice([3, 7, 500]))
     pool = BlockPool(4096, 16)
@@ -168,11 +172,12 @@ def test_space_scores_and_order_equal_a_full_recomputation(seed):
     ref = Reference(cfg)
     waiting: list[Request] = []
     running: list[Request] = []
-    now, n = 0.0, 0
+    now, n, refreshes = 0.0, 0, 0
     for _ in range(100):
         for _ in range(rng.choice([0, 0, 1, 3, 25])):  # arrivals, often at the same time
             arrival = now if rng.random() < 0.7 else rng.uniform(0, now + 1e-9)
-            waiting.append(Request(f"q{n}", [1] * 4, 4, arrival, metadata=_metadata(rng)))
+            md = _metadata(rng, ordinary)
+            waiting.append(Request(f"q{n}", [1] * 4, 4, arrival, metadata=md))
             n += 1
         for r in rng.sample(waiting, min(len(waiting), rng.choice([0, 1, 5, 30]))):
             waiting.remove(r)  # admitted
@@ -187,7 +192,7 @@ def test_space_scores_and_order_equal_a_full_recomputation(seed):
         if rng.random() < 0.05:  # an id reused by a new request after its owner finished
             gone = f"q{rng.randrange(n)}"
             if all(r.request_id != gone for r in waiting + running):
-                waiting.append(Request(gone, [1] * 4, 4, now, metadata=_metadata(rng)))
+                waiting.append(Request(gone, [1] * 4, 4, now, metadata=_metadata(rng, ordinary)))
         now += rng.choice([0.0, 0.01, 0.03, 0.1, 0.25])
         before = sp.plan
         reserved_before = set(before.reserved) if before is not None else set()
@@ -199,9 +204,22 @@ def test_space_scores_and_order_equal_a_full_recomputation(seed):
         bands = rng.random() < 0.3
         sp.uncommitted = 0 if bands else pool.capacity  # high committed pressure: bands
         assert [r.request_id for r in sp.order(waiting)] == ref.order(waiting, bands)
+        kept = sp._order
+        if kept.valid:  # the kept order's rows stay aligned with its requests
+            assert kept._rows.tolist() == [sp.table.row[r] for r in kept._ranked]
         for r in running:
             if r.request_id in ref.scores:
                 assert sp.effective(r) == ref.scores[r.request_id].eff
+        refreshes += sp._scored_at == now
+        if rng.random() < 0.02 and waiting:  # a score set by hand: the kept order is stale
+            r = rng.choice(waiting)
+            if r.metadata is not None:
+                s = rng.randrange(-50, 3000)
+                sp.set_score(r, s, s)
+                ref.scores[r.request_id] = Scored(s, s)
+                refreshes += 1
+    if ordinary == 0:  # the kept order served the steps between refreshes (and hand sets)
+        assert sp._order.full_sorts <= refreshes + 1
 
 
 def test_sorted_queue_equals_a_full_sort():
@@ -217,6 +235,7 @@ def test_sorted_queue_equals_a_full_sort():
             if rng.random() < 0.3:
                 queue.append(r)  # requeued
         assert q.order(queue) == application_fcfs(queue)
+    assert q.full_sorts == 1  # then kept: departed requests removed, newcomers inserted
 
 
 def _tool_workload(full_visit: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:

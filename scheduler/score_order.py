@@ -1,0 +1,129 @@
+"""The Space Scheduler's admission order, kept between score refreshes (issue 17 item 4).
+
+Scores are frozen between refreshes (``score_refresh_s``), and the order's key
+``(-effective, -own, arrival, id)`` is a total order (request ids are unique among live
+requests), so between two refreshes a queued request never changes place relative to another:
+:class:`ScoreOrder` is a :class:`~tokencake.scheduler.queue_order.KeptOrder` over that key
+(departed requests leave the order, each newcomer is inserted by binary search), instead of
+sorting the whole queue of a thousand requests at every step. The full sort (``np.lexsort``
+over the score table's columns) runs only at a refresh, after a score was set by hand, or
+after the queue held a request the order cannot rank (an ordinary request without a score,
+which the caller orders behind its barrier).
+
+The same bookkeeping tells the scorer which requests are new since the last step, so it needs
+no set of scored requests (rebuilt at every refresh) to find them.
+
+``tests/test_schedule_cost.py`` checks the order against a full sort of the queue at every
+step, on random queues that grow, get admitted, preempted and finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from tokencake.scheduler.queue_order import KeptOrder
+from tokencake.scheduler.request import Request
+from tokencake.scheduler.score_table import ScoreTable
+
+
+class ScoreOrder(KeptOrder):
+    """The waiting requests (all scored) in admission order, valid until a score changes.
+
+    A step calls :meth:`sync` with the queue, scores the newcomers it returns, then
+    :meth:`place` s them; :meth:`update` serves a caller that only wants the order."""
+
+    def __init__(self, table: ScoreTable) -> None:
+        self.table = table
+        self._rows = np.zeros(0, np.int64)  # the ordered requests' score-table rows
+        self._keys: dict[Request, tuple[int, int, float, str]] = {}  # valid while the order is
+        self._forgotten: dict[Request, int] = {}  # members that lost their row since the last
+        # sync, with the row they had (it finds them in the order)
+        super().__init__(self._key)
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        self._rows = np.zeros(0, np.int64)
+        self._keys = {}
+
+    def positions(self, gone: set[Request], cur: set[Request]) -> list[int]:
+        """Found by their rows (unique among the members): no scan of the requests."""
+        row, lost = self.table.row, self._forgotten
+        g = [lost[r] if r in lost else row[r] for r in gone]
+        mark = np.zeros(max(len(self.table.ann), max(g) + 1), np.bool_)  # np.isin, by lookup
+        mark[g] = True
+        return np.flatnonzero(mark[self._rows]).tolist()
+
+    def departed(self, gone: set[Request], keep: np.ndarray) -> None:
+        self._rows = self._rows[keep]
+        keys = self._keys
+        for r in gone:
+            keys.pop(r, None)
+
+    def inserted(self, i: int, r: Request) -> None:
+        rows = self._rows  # np.concatenate: np.insert's argument handling costs more
+        self._rows = np.concatenate((rows[:i], (self.table.row[r],), rows[i:]))
+
+    def synced(self) -> tuple[list[Request], np.ndarray]:
+        """After :meth:`sync`: the requests that stayed queued, in order, and their rows."""
+        return self._ranked, self._rows
+
+    def forget(self, r: Request) -> None:
+        """``r`` lost its score-table row (it left the engine, usually after it left the queue:
+        admitted, then finished). Still queued at the next sync, the order could not key it."""
+        i = self.table.row.get(r)
+        if i is not None and r in self._members:
+            self._forgotten[r] = i
+
+    def sync(self, queue: Sequence[Request]) -> list[Request] | None:
+        lost = self._forgotten
+        if lost and not lost.keys().isdisjoint(queue):
+            self.invalidate()
+        try:
+            return super().sync(queue)
+        finally:
+            lost.clear()
+
+    def update(self, queue: Sequence[Request]) -> list[Request] | None:
+        if self._forgotten:
+            self._queue = None  # no shortcut: the sync checks them
+        return super().update(queue)
+
+    def _key(self, r: Request) -> tuple[int, int, float, str]:
+        """``r``'s place: the sort key of :meth:`sort`, read from its score-table row."""
+        k = self._keys.get(r)  # a binary search probes the same middle requests step after step
+        if k is None:
+            t = self.table
+            i = t.row[r]
+            k = self._keys[r] = (-t.eff.item(i), -t.own.item(i), t.arrival.item(i), t.rid[i])
+        return k
+
+    def placeable(self, new: list[Request]) -> bool:
+        """Every newcomer has a score (an ordinary request has none: no kept order)."""
+        t = self.table
+        row, scored = t.row, t.scored
+        for r in new:
+            i = row.get(r)
+            if i is None or not scored[i]:
+                return False
+        return True
+
+    def sort(
+        self,
+        reqs: Sequence[Request],
+        rows: np.ndarray,
+        queue: Sequence[Request] | None = None,
+        members: set[Request] | None = None,
+    ) -> list[Request]:
+        """``reqs`` (every request scored; ``rows`` their score-table rows) sorted by
+        ``(-effective, -own, arrival, id)``, kept for the next steps as the order of ``queue``
+        (default ``reqs``; the same requests in another order; ``members``: its set, when at
+        hand)."""
+        t = self.table
+        idx = np.lexsort((t.rid[rows], t.arrival[rows], -t.own[rows], -t.eff[rows]))  # last key 1st
+        ranked = [reqs[i] for i in idx.tolist()]
+        self.reset(ranked, reqs if queue is None else queue, members)
+        if self.valid:
+            self._rows = rows[idx]
+        return ranked
