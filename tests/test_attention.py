@@ -128,6 +128,21 @@ def max_err(a: jax.Array, b: jax.Array) -> float:
     return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
 
 
+def assert_rows_match_dense(out: jax.Array, b: Batch, scale: float) -> None:
+    """Each row's live queries equal dense causal attention over its own contiguous keys;
+    its padding query slots are zero."""
+    for s, (q_len, kv_len) in enumerate(zip(b.q_lens.tolist(), b.kv_lens.tolist(), strict=True)):
+        if q_len:
+            want = dense_attention(
+                jnp.asarray(b.full_q[s]),
+                jnp.asarray(b.full_k[s]),
+                jnp.asarray(b.full_v[s]),
+                scale=scale,
+            )[kv_len - q_len :]
+            assert max_err(out[s, :q_len], want) <= F32_TOL, f"row {s}"
+        assert not jnp.any(out[s, q_len:]), f"padding slots of row {s} must be zero"
+
+
 def pallas(batch: Batch, scale: float) -> jax.Array:
     return pallas_gpu.pallas_paged_attention(*batch.args(), scale=scale, interpret=True)
 
@@ -139,17 +154,7 @@ def pallas(batch: Batch, scale: float) -> jax.Array:
 def test_reference_matches_dense(group: int) -> None:
     hkv, d = 2, 16
     b = make_batch(MIXED_ROWS, hq=group * hkv, hkv=hkv, d=d, page=16, seed=group)
-    out = reference_paged_attention(*b.args(), scale=d**-0.5)
-    for s, (q_len, kv_len) in enumerate(MIXED_ROWS):
-        if q_len:
-            want = dense_attention(
-                jnp.asarray(b.full_q[s]),
-                jnp.asarray(b.full_k[s]),
-                jnp.asarray(b.full_v[s]),
-                scale=d**-0.5,
-            )[kv_len - q_len :]
-            assert max_err(out[s, :q_len], want) <= F32_TOL, f"row {s}"
-        assert not jnp.any(out[s, q_len:]), f"padding slots of row {s} must be zero"
+    assert_rows_match_dense(reference_paged_attention(*b.args(), scale=d**-0.5), b, d**-0.5)
 
 
 # --- (2) pallas-gpu (interpret mode) vs reference ----------------------------------------------
@@ -242,16 +247,7 @@ def test_chunked_matches_dense_on_a_long_decode_batch() -> None:
     against dense causal attention over its own contiguous keys."""
     rows = ((1, 150), (1, 1), (1, 64), (1, 65), (0, 0), (1, 97))
     b = make_batch(rows, hq=9, hkv=3, d=64, page=16, seed=21)
-    got = chunked(*b.args(), scale=0.125, chunk_tokens=32)
-    for s, (q_len, kv_len) in enumerate(rows):
-        if q_len:
-            want = dense_attention(
-                jnp.asarray(b.full_q[s]),
-                jnp.asarray(b.full_k[s]),
-                jnp.asarray(b.full_v[s]),
-                scale=0.125,
-            )[kv_len - 1 :]
-            assert max_err(got[s, :1], want) <= F32_TOL, f"row {s}"
+    assert_rows_match_dense(chunked(*b.args(), scale=0.125, chunk_tokens=32), b, 0.125)
 
 
 def test_chunked_row_does_not_depend_on_its_batch() -> None:

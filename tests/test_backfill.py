@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
+from tests.helpers.sim_steps import start_steps
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
 from tokencake.scheduler.backfill import Backfill, shadow, steps_to_finish
@@ -105,29 +104,6 @@ def test_policies_finish_everything(policy):
     assert sorted(out) == ["a", "h", "s"]
 
 
-def _start_steps(
-    s: Scheduler,
-    ex: SimExecutor,
-    reqs: dict[str, Request],
-    step: int,
-    limit: int,
-    after_step: Callable[[], None] | None = None,
-) -> dict[str, int]:
-    """Step ``s`` until it has no work; the step (counted on from ``step``) at which each of
-    ``reqs`` first left the waiting queue. ``after_step`` runs after every step."""
-    started: dict[str, int] = {}
-    while s.has_work:
-        sim_step(s, ex)
-        step += 1
-        for k, r in reqs.items():
-            if r.status is not RequestStatus.WAITING and k not in started:
-                started[k] = step
-        if after_step is not None:
-            after_step()
-        assert step < limit
-    return started
-
-
 # ---- blocks pinned past a finish (Time Scheduler KEEP) ------------------------------------------
 def _pinned_run(
     policy: str, sure_extra: bool = False
@@ -167,7 +143,7 @@ def _pinned_run(
     s.add_request(reqs["s"])
     stalled = False
 
-    def report_tool_call() -> None:  # the client reports A's tool call once A finishes
+    def report_tool_call(_step: int) -> None:  # the client reports A's tool call once A finishes
         nonlocal stalled
         if reqs["a"].status.finished and not stalled:
             ev = {"event": "stall_started", "lifecycle_id": "A", "kind": "tool",
@@ -175,7 +151,7 @@ def _pinned_run(
             assert s.lifecycle_event(ev)[0].http_status == 200
             stalled = True
 
-    started = _start_steps(s, ex, reqs, 2, 1000, report_tool_call)
+    started = start_steps(s, ex, reqs, 2, 1000, report_tool_call)
     pool.check_integrity()
     assert s.policy.counters["action_keep"] >= 1  # A's blocks really were pinned
     return started, {k: list(r.output_token_ids) for k, r in reqs.items()}, *shadows
@@ -248,7 +224,7 @@ def _revive_run(policy: str) -> tuple[dict[str, int], dict[str, list[int]], int]
     reqs["s"] = Request("S", list(range(2000, 2040)), 8, clock() + 1e-6, metadata=md)
     s.add_request(reqs["h"])
     s.add_request(reqs["s"])
-    started = _start_steps(s, ex, reqs, step, 500)
+    started = start_steps(s, ex, reqs, step, 500)
     pool.check_integrity()
     outputs = {k: list(r.output_token_ids) for k, r in reqs.items()}
     return started, outputs, s.policy.counters.get("backfilled", 0)

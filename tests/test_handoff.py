@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.sim_steps import start_steps
 from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.handoff import HandOff
@@ -109,19 +110,16 @@ def _run(policy: str) -> tuple[dict[str, int], dict[str, list[int]], int]:
     s.add_request(o)
     reqs = {"p": p, "o": o}
     started = {"p": 1}
-    step = 1
-    while s.has_work:
+
+    def submit_successor(step: int) -> None:  # S arrives once P has finished
         if p.status.finished and "s" not in reqs:
             reqs["s"] = Request("S", p.all_token_ids[:100] + list(range(3000, 3016)), 4,
                                 clock(), metadata=MID)  # fmt: skip
             s.add_request(reqs["s"])
             started["p_finished"] = step
-        sim_step(s, ex)
-        step += 1
-        for k, r in reqs.items():
-            if r.status is not RequestStatus.WAITING and k not in started:
-                started[k] = step
-        assert step < 200
+
+    # P's own start and its finish step are set here; start_steps adds the others.
+    started = {**start_steps(s, ex, reqs, 1, 200, submit_successor), **started}
     pool.check_integrity()
     outputs = {k: list(r.output_token_ids) for k, r in reqs.items()}
     return started, outputs, reqs["s"].num_cached_tokens

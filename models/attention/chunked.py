@@ -3,7 +3,8 @@
 The reference gathers every page of the padded block table (``P`` pages per row, the compiled
 bucket) and attends over all of them: a B=32 decode step with contexts of 130-260 tokens pads to
 a 32-page (512-token) bucket and gathers, transposes and multiplies twice the keys it needs, per
-layer. This backend walks the block table in chunks of ``CHUNK_TOKENS`` with an online
+layer. This backend walks the block table in chunks of keys (``DECODE_CHUNK_TOKENS`` for
+decode rows, ``CHUNK_TOKENS`` for prefill chunks) with an online
 (flash-style) softmax inside a ``fori_loop`` whose trip count is ``ceil(max(kv_lens) / chunk)``,
 a traced value: the program stays one per bucket while the work stops at the longest live row.
 Each chunk's gathered keys and values (a few hundred KiB at B=32) stay in cache between the
