@@ -133,15 +133,17 @@ def test_token_texts_from_another_thread_while_the_engine_decodes(async_engine):
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=hammer) for _ in range(2)]
-    for t in threads:
-        t.start()
-
     async def main():
         params = SamplingParams(max_tokens=24, ignore_eos=True)
         outs = await asyncio.gather(*(e.generate(f"p{i}", params) for i in range(4)))
         assert all(o.finished and len(o.token_ids) == 24 for o in outs)
 
+    # Once alone first, so the step shapes are compiled before the threads start: tracing a
+    # step under two spinning Python threads took most of this test's time.
+    asyncio.run(main())
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
     try:
         asyncio.run(main())
     finally:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tokencake import executable_cache
 from tokencake.buckets import CallShape, Shape
 from tokencake.memory.kv_cache import KVCacheSpec, allocate_kv_cache
 from tokencake.memory.transfer import TransferEngine, TransferHandle
@@ -308,7 +309,9 @@ class ModelRunner:
         samp = abstract_sampling(n)
         adj = LogitsAdjust(*(a(x.shape, x.dtype) for x in self.neutral_adjust(n)))
         feed = TokenFeed(*(a(x.shape, x.dtype) for x in self.idle_feed(n)))
-        compiled = self._step.lower(self.state, self.k, self.v, batch, samp, adj, feed).compile()
+        lowered = self._step.lower(self.state, self.k, self.v, batch, samp, adj, feed)
+        devices = tuple(sorted(d.id for d in self.k.sharding.device_set))
+        compiled = executable_cache.compile_lowered(lowered, devices)
         self.compile_times[shape] = time.perf_counter() - t0
         self.compile_seconds += self.compile_times[shape]
         self._compiled[shape] = compiled

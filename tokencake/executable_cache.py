@@ -1,0 +1,59 @@
+"""A process-wide cache of compiled step executables, keyed by the lowered program itself.
+
+Two runners with the same model shapes, KV layout, attention backend and bucket lower their step
+to the same StableHLO module: the second one reuses the first one's executable instead of
+compiling it again. XLA:CPU takes seconds per step shape even for a two-layer model (most of
+it in the sampler's sorts and scatters), so every engine built in one process (a benchmark
+that runs one engine per policy, a notebook that rebuilds its ``LLM``, the test suite) paid
+its whole warm-up again. The persistent compilation cache on disk covers the same ground
+across processes; this one also works where that one is off.
+
+The key is the module text (which carries the argument shapes, shardings and donations) and
+the ids of the devices the program runs on, so a hit is always the same program on the same
+devices. The cache holds at most :data:`CAPACITY` executables, least recently used first
+out: XLA:CPU maps each executable's code into its own memory regions and Linux caps a
+process's regions, so the cache must not keep every executable it ever saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+
+import jax
+
+#: Executables kept; a runner's own table keeps its executables alive besides.
+CAPACITY = 128
+
+_lock = threading.Lock()
+_cache: OrderedDict[tuple[str, tuple[int, ...]], jax.stages.Compiled] = OrderedDict()
+stats = {"hits": 0, "misses": 0}
+
+
+def compile_lowered(lowered: jax.stages.Lowered, devices: tuple[int, ...]) -> jax.stages.Compiled:
+    """``lowered.compile()``, or the executable an earlier identical lowering compiled for
+    the same ``devices`` (ids)."""
+    key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(), devices)
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            stats["hits"] += 1
+            return hit
+    # Compiled outside the lock: two threads missing on the same key compile it twice, which
+    # is harmless, where holding the lock would serialise unrelated compiles.
+    compiled = lowered.compile()
+    with _lock:
+        stats["misses"] += 1
+        _cache[key] = compiled
+        _cache.move_to_end(key)
+        while len(_cache) > CAPACITY:
+            _cache.popitem(last=False)
+    return compiled
+
+
+def clear() -> None:
+    """Drop every cached executable (runners keep the ones they already hold)."""
+    with _lock:
+        _cache.clear()
