@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokencake.executable_cache import compile_lowered
 from tokencake.memory.cost_model import BandwidthEstimator
 from tokencake.memory.host_kv import HostKV, replicated
 from tokencake.memory.host_pool import DUMMY_HOST_BLOCK
@@ -168,11 +169,12 @@ class TransferEngine:
     def _build(self, direction: str, bucket: int):
         k, v, hk, hv = self.owner.k, self.owner.v, self.host.k, self.host.v
         hs, ds, rs = self._host_sharding, self._kv_sharding, self._ids_sharding
+        devices = tuple(sorted(d.id for d in k.sharding.device_set))
         ids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=rs)
         if hs is None:  # numpy host tier: only the device half is jitted
             if direction == "d2h":
                 gather = jax.jit(lambda k, v, ids: (k[:, ids], v[:, ids]), out_shardings=(ds, ds))
-                return gather.lower(k, v, ids).compile()
+                return compile_lowered(gather.lower(k, v, ids), devices)
             shape = (k.shape[0], bucket, *k.shape[2:])
             data = jax.ShapeDtypeStruct(shape, k.dtype, sharding=ds)
             scatter = jax.jit(
@@ -184,7 +186,7 @@ class TransferEngine:
                 donate_argnums=(0, 1),
                 out_shardings=(ds, ds, rs),
             )
-            return scatter.lower(k, v, ids, data, data).compile()
+            return compile_lowered(scatter.lower(k, v, ids, data, data), devices)
         if direction == "d2h":
 
             def d2h(k, v, hk, hv, ids, hids):
@@ -193,7 +195,7 @@ class TransferEngine:
                 return hk.at[:, hids].set(pk), hv.at[:, hids].set(pv), jnp.sum(hids)
 
             fn = jax.jit(d2h, donate_argnums=(2, 3), out_shardings=(hs, hs, rs))
-            return fn.lower(k, v, hk, hv, ids, ids).compile()
+            return compile_lowered(fn.lower(k, v, hk, hv, ids, ids), devices)
 
         def h2d(k, v, hk, hv, ids, hids):
             pk = jax.device_put(hk[:, hids], ds)
@@ -202,7 +204,7 @@ class TransferEngine:
 
         hids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=replicated(hs))
         fn = jax.jit(h2d, donate_argnums=(0, 1), out_shardings=(ds, ds, rs))
-        return fn.lower(k, v, hk, hv, ids, hids).compile()
+        return compile_lowered(fn.lower(k, v, hk, hv, ids, hids), devices)
 
     def warmup(self) -> None:
         """Compile every bucket in both directions; afterwards a new shape raises."""
