@@ -4,9 +4,10 @@ An order whose key is a total order (it ends with the request id, unique among l
 and does not change while a request is queued is the same whatever order the queue is in, so a
 step's order is the last step's order without the requests that left the queue, with each
 newcomer inserted by binary search on its key. :class:`KeptOrder` does that bookkeeping: a
-set difference for the departed, a scan from the queue's end for the newcomers (they join a queue at its end), a binary search (``bisect``) per newcomer. A step that
-admits a few requests and gains a few costs a few C-level passes over a thousand requests, not
-a sort with a Python key per request.
+set difference for the departed (the members set is then updated by the changes), a scan from
+the queue's end for the newcomers (they join a queue at its end), a binary search (``bisect``)
+per newcomer. A step that admits a few requests and gains a few costs a few C-level passes
+over a thousand requests, not a sort with a Python key per request.
 
 Users: program-level FCFS (:class:`SortedQueue`: Continuum's admission order, and Tokencake's
 ``application-fcfs``) and the Space Scheduler's score order

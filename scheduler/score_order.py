@@ -6,9 +6,9 @@ requests), so between two refreshes a queued request never changes place relativ
 :class:`ScoreOrder` is a :class:`~tokencake.scheduler.queue_order.KeptOrder` over that key
 (departed requests leave the order, each newcomer is inserted by binary search), instead of
 sorting the whole queue of a thousand requests at every step. The full sort (``np.lexsort``
-over the score table's integer columns, ``(arrival, id)`` as one tie label) runs only at a refresh, after a score was set by hand, or
-after the queue held a request the order cannot rank (an ordinary request without a score,
-which the caller orders behind its barrier).
+over the score table's integer columns, ``(arrival, id)`` as one tie label) runs only at a
+refresh, after a score was set by hand, or after the queue held a request the order cannot
+rank (an ordinary request without a score, which the caller orders behind its barrier).
 
 The same bookkeeping tells the scorer which requests are new since the last step, so it needs
 no set of scored requests (rebuilt at every refresh) to find them.

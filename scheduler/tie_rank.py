@@ -34,6 +34,7 @@ class TieRank:
         self._rows: list[int] = []  # the row of each key
         self._labels: list[int] = []  # each key's label: ascending, equal for equal keys
         self._key_of: dict[int, TieKey] = {}  # row -> its key
+        self._equal = 0  # neighbouring pairs of equal keys (0: a relabel needs no comparisons)
         self.relabels = 0  # how often every label was assigned again (tests, observers)
 
     def __len__(self) -> int:
@@ -47,6 +48,7 @@ class TieRank:
         i = bisect_right(keys, key)
         if i and keys[i - 1] == key:
             label = labels[i - 1]  # an equal key: the same label
+            self._equal += 1
         elif i == len(keys):
             label = labels[-1] + _GAP if keys else 0
         elif i == 0:
@@ -66,15 +68,23 @@ class TieRank:
     def remove(self, row: int) -> None:
         """``row`` (ranked) left the table."""
         keys, rows = self._keys, self._rows
-        i = bisect_left(keys, self._key_of.pop(row))
+        key = self._key_of.pop(row)
+        i = bisect_left(keys, key)
         while rows[i] != row:  # among equal keys, find this row's
             i += 1
+        if (i and keys[i - 1] == key) or (i + 1 < len(keys) and keys[i + 1] == key):
+            self._equal -= 1  # one pair of equal neighbours less
         del keys[i], rows[i], self._labels[i]
 
     def _relabel(self, column: np.ndarray) -> None:
         """Every label again, ``_GAP`` apart in key order (equal keys keep one label)."""
         self.relabels += 1
         keys = self._keys
+        if not self._equal:  # every key distinct: no comparisons (a burst of arrivals relabels)
+            new = np.arange(0, len(keys) * _GAP, _GAP, dtype=np.int64)
+            column[np.array(self._rows, np.int64)] = new
+            self._labels = new.tolist()
+            return
         label, labels = 0, []
         for j, k in enumerate(keys):
             if j and k != keys[j - 1]:

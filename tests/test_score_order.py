@@ -135,8 +135,8 @@ def test_tie_rank_follows_arrivals_and_removals(seed):
             if rng.random() < 0.1:  # a run into one gap: "m", "mm", "mmm", ... after "m"
                 key = (0.5, "m" * (1 + sum(k[1].startswith("m") for k in live.values())))
             else:
-                key = (rng.choice([0.0, -0.0, 0.5, 1.0, float(step)]),
-                       rng.choice(["", "a", "é", "Z", "ab", "日"]) + rng.choice(["", "1", "a"]))  # fmt: skip
+                rid = rng.choice(["", "a", "é", "Z", "ab", "日"]) + rng.choice(["", "1", "a"])
+                key = (rng.choice([0.0, -0.0, 0.5, 1.0, float(step)]), rid)
             ranks.add(key, row, col)
             live[row] = key
         else:
@@ -145,6 +145,8 @@ def test_tie_rank_follows_arrivals_and_removals(seed):
             del live[row]
             free.append(row)
         assert len(ranks) == len(live)
+        ordered = sorted(live.values())
+        assert ranks._equal == sum(a == b for a, b in zip(ordered, ordered[1:], strict=False))
         if step % 25 == 0:
             _check_ranks(live, col)
     _check_ranks(live, col)
@@ -154,14 +156,19 @@ def test_tie_rank_relabels_when_a_gap_runs_out(monkeypatch):
     monkeypatch.setattr(tie_rank, "_LIMIT", 1 << 41)  # 512 gaps: 900 labels need a relabel
     col = np.zeros(1000, np.int64)
     ranks = TieRank()
-    live = {999: (1.0, "c")}
-    ranks.add(live[999], 999, col)
+    live = {999: (1.0, "c"), 998: (1.0, "a"), 997: (1.0, "a")}  # "a" again below: 3 equal
+    for row in (999, 998, 997):
+        ranks.add(live[row], row, col)
     for row in range(100):  # each key after the last, before "c": halves the same gap
         key = (1.0, "a" + "b" * row)
         ranks.add(key, row, col)
         live[row] = key
     assert ranks.relabels >= 2  # 2**32 halves 32 times
     _check_ranks(live, col)
+    for row in (998, 997, 0):  # every (1.0, "a") leaves: no equal keys, the fast relabel
+        ranks.remove(row)
+        del live[row]
+    assert ranks._equal == 0
     before = ranks.relabels
     for row in range(100, 900):  # each key first: walks down toward -_LIMIT
         key = (0.0, f"{1000 - row:04d}")
