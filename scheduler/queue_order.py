@@ -3,11 +3,11 @@
 An order whose key is a total order (it ends with the request id, unique among live requests)
 and does not change while a request is queued is the same whatever order the queue is in, so a
 step's order is the last step's order without the requests that left the queue, with each
-newcomer inserted by binary search on its key. :class:`KeptOrder` does that bookkeeping: one
-set of the queue, a set difference for the departed, a scan from the queue's end for the
-newcomers (they join a queue at its end), a binary search (``bisect``) per newcomer. A step that
-admits a few requests and gains a few costs a few C-level passes over a thousand requests, not
-a sort with a Python key per request.
+newcomer inserted by binary search on its key. :class:`KeptOrder` does that bookkeeping: a
+set difference for the departed (the members set is then updated by the changes), a scan from
+the queue's end for the newcomers (they join a queue at its end), a binary search (``bisect``)
+per newcomer. A step that admits a few requests and gains a few costs a few C-level passes
+over a thousand requests, not a sort with a Python key per request.
 
 Users: program-level FCFS (:class:`SortedQueue`: Continuum's admission order, and Tokencake's
 ``application-fcfs``) and the Space Scheduler's score order
@@ -88,15 +88,13 @@ class KeptOrder:
             self.invalidate()
         if not self.valid:
             return None
-        cur = set(queue)
-        if len(cur) != len(queue):
-            self.invalidate()
-            return None
         members = self._members
-        gone = members.difference(cur)
+        # The departed, by one C-level pass that hashes requests by identity; the members set
+        # is then kept up to date by the changes alone, not rebuilt from the queue.
+        gone = members.difference(queue)
         if gone:
             ranked = self._ranked
-            pos = self.positions(gone, cur)
+            pos = self.positions(gone)
             keep = np.ones(len(ranked), np.bool_)
             keep[pos] = False
             if len(pos) <= 8:  # a few admitted: delete them (memmoves)
@@ -105,9 +103,10 @@ class KeptOrder:
             else:  # many: one pass
                 self._ranked = list(compress(ranked, keep.tolist()))
             self.departed(gone, keep)
-        missing = len(cur) - len(members) + len(gone)
+            members.difference_update(gone)
+        missing = len(queue) - len(members)  # the newcomers, unless the queue repeats one
         new: list[Request] = []
-        if missing:
+        if missing > 0:
             # Newcomers join a queue at its end: scan from there, stop once all are found.
             for r in reversed(queue):
                 if r not in members:
@@ -115,17 +114,20 @@ class KeptOrder:
                     if len(new) == missing:
                         break
             new.reverse()
-        self._members = cur
+            members.update(new)
+        if len(members) != len(queue):  # a request twice is no queue we keep
+            self.invalidate()
+            return None
         self._queue = None
         self._pending = new
         return new
 
-    def positions(self, gone: set[Request], cur: set[Request]) -> list[int]:
-        """Where the departed ``gone`` are in the order, ascending (``cur``: the queue's set)."""
+    def positions(self, gone: set[Request]) -> list[int]:
+        """Where the departed ``gone`` are in the order, ascending."""
         ranked = self._ranked
         if len(gone) <= 8:  # a few: scans that stop at them
             return sorted(map(ranked.index, gone))
-        return [i for i, r in enumerate(ranked) if r not in cur]
+        return [i for i, r in enumerate(ranked) if r in gone]
 
     def departed(self, gone: set[Request], keep: np.ndarray) -> None:
         """Hook: ``gone`` left the queue; ``keep`` masks the order as it was before."""

@@ -6,9 +6,9 @@ requests), so between two refreshes a queued request never changes place relativ
 :class:`ScoreOrder` is a :class:`~tokencake.scheduler.queue_order.KeptOrder` over that key
 (departed requests leave the order, each newcomer is inserted by binary search), instead of
 sorting the whole queue of a thousand requests at every step. The full sort (``np.lexsort``
-over the score table's columns) runs only at a refresh, after a score was set by hand, or
-after the queue held a request the order cannot rank (an ordinary request without a score,
-which the caller orders behind its barrier).
+over the score table's integer columns, ``(arrival, id)`` as one tie label) runs only at a
+refresh, after a score was set by hand, or after the queue held a request the order cannot
+rank (an ordinary request without a score, which the caller orders behind its barrier).
 
 The same bookkeeping tells the scorer which requests are new since the last step, so it needs
 no set of scored requests (rebuilt at every refresh) to find them.
@@ -47,7 +47,7 @@ class ScoreOrder(KeptOrder):
         self._rows = np.zeros(0, np.int64)
         self._keys = {}
 
-    def positions(self, gone: set[Request], cur: set[Request]) -> list[int]:
+    def positions(self, gone: set[Request]) -> list[int]:
         """Found by their rows (unique among the members): no scan of the requests."""
         row, lost = self.table.row, self._forgotten
         g = [lost[r] if r in lost else row[r] for r in gone]
@@ -96,7 +96,8 @@ class ScoreOrder(KeptOrder):
         if k is None:
             t = self.table
             i = t.row[r]
-            k = self._keys[r] = (-t.eff.item(i), -t.own.item(i), t.arrival.item(i), t.rid[i])
+            # (arrival, id) as they are, not the tie label: a relabel would make a kept key stale
+            k = self._keys[r] = (-t.eff.item(i), -t.own.item(i), t.arrival.item(i), r.request_id)
         return k
 
     def placeable(self, new: list[Request]) -> bool:
@@ -121,8 +122,8 @@ class ScoreOrder(KeptOrder):
         (default ``reqs``; the same requests in another order; ``members``: its set, when at
         hand)."""
         t = self.table
-        idx = np.lexsort((t.rid[rows], t.arrival[rows], -t.own[rows], -t.eff[rows]))  # last key 1st
-        ranked = [reqs[i] for i in idx.tolist()]
+        idx = np.lexsort((t.tie[rows], -t.own[rows], -t.eff[rows]))  # last key first
+        ranked = list(map(reqs.__getitem__, idx.tolist()))  # no Python frame per request
         self.reset(ranked, reqs if queue is None else queue, members)
         if self.valid:
             self._rows = rows[idx]

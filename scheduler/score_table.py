@@ -21,6 +21,7 @@ import numpy as np
 
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.request import Request
+from tokencake.scheduler.tie_rank import TieRank
 
 _INT_LIMIT = 2.0**62  # int64 holds the truncated score, its negation and a group max
 
@@ -66,13 +67,14 @@ class ScoreTable:
     ``rr``), the metadata's ``elapsed`` and ``started`` application times,
     the request's ``arrival``, its join ``group`` id and agent ``type`` id (-1: none), and the
     scores it holds until the next refresh: ``own`` and ``eff`` (effective), valid where
-    ``scored``; ``rid`` is the request id as a numpy string, the admission order's last key
-    (numpy compares code points, as Python does)."""
+    ``scored``; ``tie`` is a label that orders rows by ``(arrival, id)`` (``tie_rank.py``), the
+    admission order's last key."""
 
     _FLOAT = ("static", "rr", "pg", "elapsed", "started", "arrival", "age_f", "queue_f")
 
     def __init__(self, capacity: int = 256) -> None:
         self.row: dict[Request, int] = {}
+        self.ties = TieRank()
         self.groups = Interner()
         self.types = Interner()
         self._free: list[int] = []
@@ -94,10 +96,7 @@ class ScoreTable:
         self.own = grow(getattr(self, "own", None), 0, np.int64)
         self.eff = grow(getattr(self, "eff", None), 0, np.int64)
         self.scored = grow(getattr(self, "scored", None), False, np.bool_)
-        old = getattr(self, "rid", None)
-        self.rid = np.full(n, "", old.dtype if old is not None else "<U16")
-        if old is not None:
-            self.rid[: len(old)] = old
+        self.tie = grow(getattr(self, "tie", None), 0, np.int64)
 
     def add(
         self,
@@ -116,10 +115,7 @@ class ScoreTable:
             self._used += 1
         m: AgentMetadata | None = r.metadata
         self.arrival[i] = r.arrival_time
-        rid = r.request_id
-        if len(rid) > self.rid.dtype.itemsize // 4:  # wider ids than seen so far: widen
-            self.rid = self.rid.astype(f"<U{max(len(rid), 2 * self.rid.dtype.itemsize // 4)}")
-        self.rid[i] = rid
+        self.ties.add((r.arrival_time, r.request_id), i, self.tie)
         self.own[i] = self.eff[i] = 0
         self.scored[i] = False
         if parts is None or m is None:
@@ -143,6 +139,7 @@ class ScoreTable:
         i = self.row.pop(r, None)
         if i is None:
             return
+        self.ties.remove(i)
         if self.group[i] >= 0:
             self.groups.release(int(self.group[i]))
         if self.type[i] >= 0:

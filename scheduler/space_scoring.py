@@ -7,7 +7,8 @@
 * The scores live in the table's ``own`` / ``eff`` columns (``scored`` says which are valid),
   not in a dict of Python tuples: a refresh writes them with two numpy assignments.
 * The order sorts the queue by ``(-effective, -own, arrival, id)``, a total order: one
-  ``np.lexsort`` over the table's columns (the id is kept there as a numpy string) at a refresh;
+  ``np.lexsort`` over the table's columns (``(arrival, id)`` as one integer label,
+  ``tie_rank.py``) at a refresh;
   between refreshes :class:`~tokencake.scheduler.score_order.ScoreOrder` keeps the order and
   inserts newcomers, and tells the scorer which requests are new.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from itertools import compress, repeat
 from operator import attrgetter
 from typing import NamedTuple
@@ -63,7 +64,12 @@ class SpaceScores(abc.ABC):
         # Row per seen request: static score parts, group and type ids.
         self.table = ScoreTable()
         self._order = ScoreOrder(self.table)  # the last admission order, kept between refreshes
-        self._groups: dict[tuple[float, str], int] = {}
+        # Join groups' maxima at the last refresh, by the group ids of then (``_gids``: the
+        # interner's key -> id map of then, copied; ids are recycled), and the maxima raised
+        # by newcomers since (``_groups``): no dict of every group rebuilt at each refresh.
+        self._gbest = np.zeros(0, np.int64)
+        self._gids: dict[Hashable, int] = {}
+        self._groups: dict[Hashable, int] = {}
         self._scored_at = -math.inf
 
     @abc.abstractmethod
@@ -136,15 +142,35 @@ class SpaceScores(abc.ABC):
         for r in todo:
             s = self.own_score(r, now)
             g = self._group_of(r.metadata)
-            eff = max(s, self._groups.get(g, s)) if g is not None else s
             if g is not None:
+                top = self._group_max(g)
+                eff = s if top is None else max(s, top)
                 self._groups[g] = eff
+            else:
+                eff = s
             self._set(r, s, eff)
             k = r.metadata.agent_type
             if self.plan is not None and k in self.plan.reserved:
                 self.best_waiting[k] = max(self.best_waiting.get(k, eff), eff)
         if new is not None:
             self._order.place(waiting, new)
+
+    def _group_max(self, g: Hashable) -> int | None:
+        """Join group ``g``'s highest effective score (frozen; None: no member scored)."""
+        top = self._groups.get(g)
+        if top is None:
+            i = self._gids.get(g)
+            if i is not None and self._gbest[i] > _NONE:
+                top = int(self._gbest[i])
+        return top
+
+    @property
+    def groups(self) -> dict[Hashable, int]:
+        """Every join group's frozen maximum by group key (a snapshot for observers, tests)."""
+        best = self._gbest
+        out = {g: int(best[i]) for g, i in self._gids.items() if best[i] > _NONE}
+        out.update(self._groups)
+        return out
 
     def _unscored_of(self, new: list[Request]) -> list[Request]:
         """The annotated requests of ``new`` (this step's newcomers, in queue order) with no
@@ -221,22 +247,20 @@ class SpaceScores(abc.ABC):
         eff = own.copy()
         gid = t.group[rows]
         grouped = gid >= 0
-        groups: dict[tuple[float, str], int] = {}
         if grouped.any():
             # Each group's maximum, by group id (ids are small: the interner recycles them).
             g = gid[grouped]
             best = np.full(len(t.groups.keys), _NONE, np.int64)
             np.maximum.at(best, g, own[grouped])
             eff[grouped] = best[g]
-            ids = np.flatnonzero(best > _NONE)
-            groups = dict(
-                zip(map(t.groups.keys.__getitem__, ids.tolist()), best[ids].tolist(), strict=True)
-            )
+            self._gbest, self._gids = best, dict(t.groups.ids)
+        else:
+            self._gbest, self._gids = np.zeros(0, np.int64), {}
+        self._groups = {}
         t.scored[:] = False  # a running request outside a join group loses its score (victims:
         t.scored[rows] = True  # scored lazily)
         t.own[rows] = own
         t.eff[rows] = eff
-        self._groups = groups
         self._best(wreqs, wrows)
         if every:  # no ordinary request: the whole queue is sorted by score
             order.sort(wreqs, wrows, waiting, members)
@@ -281,7 +305,7 @@ class SpaceScores(abc.ABC):
                 cut = next((i for i, r in enumerate(native) if r.metadata is None), len(native))
                 head, tail = native[:cut], native[cut:]
                 rows = t.rows(head)
-                idx = np.lexsort((t.rid[rows], t.arrival[rows], -t.own[rows], -t.eff[rows]))
+                idx = np.lexsort((t.tie[rows], -t.own[rows], -t.eff[rows]))
                 head = [head[i] for i in idx.tolist()]
         band = self.cfg.cache_affinity_score_band
         cap = self.pool.capacity

@@ -308,6 +308,8 @@ class TokencakePolicy(Policy):
             self.space.on_finished(request, self.ctx.clock())
         if self.handoff is not None:
             self.handoff.on_finished(request, self.ctx.clock())
+        if self.time is not None:
+            self.time.forget(request)
         leaf = self._leaf_blocks.pop(request.request_id, None)
         if leaf and self.time is not None:  # released by now: evict these first
             self.time.demote_unneeded(leaf)

@@ -3,7 +3,7 @@ their plain definitions decide, on random request states:
 
 * the Space Scheduler's uncommitted capacity (numpy columns over the running set) against
   ``free - sum(remaining_growth(r))``, with and without full-future admission;
-* the Time Scheduler's ranking of queued requests' prefixes (a C-level skip of the ranked
+* the Time Scheduler's ranking of queued requests' prefixes (a set probe skips the ranked
   ones) against a loop over the queue;
 * the in-flight prefix hashes (``is_prefill`` inlined) against the property.
 """
@@ -61,24 +61,45 @@ def _rank_reference(waiting: list[Request], budget: int = 16) -> list[str]:
     return [r.request_id for r in waiting if not r.reuse_ranked][:budget]
 
 
-def test_queued_requests_are_ranked_in_queue_order_up_to_the_budget():
-    rng = random.Random(3)
+@pytest.mark.parametrize("forget", [True, False])
+def test_queued_requests_are_ranked_in_queue_order_up_to_the_budget(forget, monkeypatch):
+    """Ranked in queue order (the order of the pool calls, which the eviction ranks follow),
+    also for requests that leave and come back (requeued), requests ranked before the Time
+    Scheduler saw them, and with or without ``forget`` for finished ones (without it, the
+    set of ranked requests is rebuilt from the queue once it grows large)."""
+    rng = random.Random(3 + forget)
     pool = BlockPool(512, BS)
     ts = TimeScheduler(TimeConfig(), pool, Lifecycle(lambda: 0.0), CopyTracker(pool, None))
+    calls: list[float] = []
+    real = pool.expect_reuse
+    monkeypatch.setattr(pool, "expect_reuse", lambda b, t: calls.append(t) or real(b, t))
     waiting: list[Request] = []
+    away: list[Request] = []
     n = 0
-    for step in range(30):
-        for _ in range(rng.randrange(0, 25)):
-            waiting.append(_random_request(rng, n))
+    for step in range(300):
+        for _ in range(rng.choice([0, 0, 1, 3, 25, 60])):
+            r = _random_request(rng, n)
+            r.arrival_time = float(n)  # names the request in ``calls``
+            r.reuse_ranked = rng.random() < 0.05  # ranked by someone else
+            waiting.append(r)
             n += 1
-        for _ in range(rng.randrange(0, 8)):
+        for _ in range(rng.randrange(0, 30)):
             if waiting:
-                waiting.pop(rng.randrange(len(waiting)))
+                r = waiting.pop(rng.randrange(len(waiting)))
+                if rng.random() < 0.3:
+                    away.append(r)  # admitted, to be preempted
+                elif forget:
+                    ts.forget(r)  # finished
+        for _ in range(rng.choice([0, 0, 2])):
+            if away:
+                waiting.append(away.pop(rng.randrange(len(away))))  # requeued at the end
         expected = _rank_reference(waiting)
-        before = {r.request_id for r in waiting if r.reuse_ranked}
+        by_time = {r.arrival_time: r.request_id for r in waiting}
+        calls.clear()
         ts._rank_queued(waiting)
-        ranked = [r.request_id for r in waiting if r.reuse_ranked and r.request_id not in before]
-        assert ranked == expected, step
+        assert [by_time[t] for t in calls] == expected, step
+    # without forget() the set was rebuilt: it holds no more than the bound allows
+    assert n > 3000 and len(waiting) < n - 1024 and len(ts._ranked) <= 2 * len(waiting) + 1024
 
 
 def test_inflight_hashes_are_the_prefilling_requests_uncomputed_blocks():

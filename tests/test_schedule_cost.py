@@ -199,7 +199,7 @@ def test_space_scores_and_order_equal_a_full_recomputation(seed, ordinary):
         sp.begin_step(now, running, waiting, 0)
         ref.step(now, running, waiting, reserved_before, sp.plan.critical, sp.plan is not before)
         assert sp.scores == ref.scores
-        assert sp._groups == ref.groups
+        assert sp.groups == ref.groups
         assert sp.best_waiting == ref.best
         bands = rng.random() < 0.3
         sp.uncommitted = 0 if bands else pool.capacity  # high committed pressure: bands
