@@ -39,15 +39,14 @@ def test_second_engine_reuses_the_first_engines_executables(make_engine):
 
 def test_a_different_program_compiles(make_engine):
     generate(make_engine(num_pages=40))
-    other = make_engine(num_pages=48)  # another KV shape: another program
+    other = make_engine(num_pages=41)  # another KV shape (used by no other test): another program
     with recorded_compiles() as compiles:
         generate(other)
     assert compiles, "an engine with a different KV shape was served a cached executable"
 
 
-def test_least_recently_used_executables_leave_first(make_engine, monkeypatch):
+def test_least_recently_used_executables_leave_first(make_engine, monkeypatch, kept_cache):
     monkeypatch.setattr(executable_cache, "CAPACITY", 1)
-    executable_cache.clear()
     engine = make_engine(num_pages=40, enable_prefix_cache=False)  # same shapes when rerun
     generate(engine)
     assert len(engine.runner._compiled) > 1  # several shapes ran, only the last one is kept
@@ -58,8 +57,12 @@ def test_least_recently_used_executables_leave_first(make_engine, monkeypatch):
     assert compiles == []
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
+@pytest.fixture
+def kept_cache():
+    """An empty cache for the test; the suite's cached executables come back afterwards (the
+    other tests' engines reuse them: clearing the cache for good would slow the suite)."""
+    saved = executable_cache._cache.copy()
     executable_cache.clear()
     yield
     executable_cache.clear()
+    executable_cache._cache.update(saved)

@@ -11,8 +11,9 @@ across processes; this one also works where that one is off.
 The key is the module text (which carries the argument shapes, shardings and donations) and
 the ids of the devices the program runs on, so a hit is always the same program on the same
 devices. The cache holds at most :data:`CAPACITY` executables, least recently used first
-out: XLA:CPU maps each executable's code into its own memory regions and Linux caps a
-process's regions, so the cache must not keep every executable it ever saw.
+out: XLA:CPU maps each executable's code into its own memory regions (about 330 for one step
+of the two-layer test model) and Linux caps a process's regions (``vm.max_map_count``,
+65,530 by default), so the cache must not keep every executable it ever saw.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from collections import OrderedDict
 
 import jax
 
-#: Executables kept; a runner's own table keeps its executables alive besides.
-CAPACITY = 128
+#: Executables kept (~16,000 mapped regions on XLA:CPU); a runner's own table keeps its
+#: executables alive besides.
+CAPACITY = 48
 
 _lock = threading.Lock()
 _cache: OrderedDict[tuple[str, tuple[int, ...]], jax.stages.Compiled] = OrderedDict()
