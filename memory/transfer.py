@@ -169,12 +169,11 @@ class TransferEngine:
     def _build(self, direction: str, bucket: int):
         k, v, hk, hv = self.owner.k, self.owner.v, self.host.k, self.host.v
         hs, ds, rs = self._host_sharding, self._kv_sharding, self._ids_sharding
-        devices = tuple(sorted(d.id for d in k.sharding.device_set))
         ids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=rs)
         if hs is None:  # numpy host tier: only the device half is jitted
             if direction == "d2h":
                 gather = jax.jit(lambda k, v, ids: (k[:, ids], v[:, ids]), out_shardings=(ds, ds))
-                return compile_lowered(gather.lower(k, v, ids), devices)
+                return compile_lowered(gather.lower(k, v, ids), k)
             shape = (k.shape[0], bucket, *k.shape[2:])
             data = jax.ShapeDtypeStruct(shape, k.dtype, sharding=ds)
             scatter = jax.jit(
@@ -186,7 +185,7 @@ class TransferEngine:
                 donate_argnums=(0, 1),
                 out_shardings=(ds, ds, rs),
             )
-            return compile_lowered(scatter.lower(k, v, ids, data, data), devices)
+            return compile_lowered(scatter.lower(k, v, ids, data, data), k)
         if direction == "d2h":
 
             def d2h(k, v, hk, hv, ids, hids):
@@ -195,7 +194,7 @@ class TransferEngine:
                 return hk.at[:, hids].set(pk), hv.at[:, hids].set(pv), jnp.sum(hids)
 
             fn = jax.jit(d2h, donate_argnums=(2, 3), out_shardings=(hs, hs, rs))
-            return compile_lowered(fn.lower(k, v, hk, hv, ids, ids), devices)
+            return compile_lowered(fn.lower(k, v, hk, hv, ids, ids), k)
 
         def h2d(k, v, hk, hv, ids, hids):
             pk = jax.device_put(hk[:, hids], ds)
@@ -204,7 +203,7 @@ class TransferEngine:
 
         hids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=replicated(hs))
         fn = jax.jit(h2d, donate_argnums=(0, 1), out_shardings=(ds, ds, rs))
-        return compile_lowered(fn.lower(k, v, hk, hv, ids, hids), devices)
+        return compile_lowered(fn.lower(k, v, hk, hv, ids, hids), k)
 
     def warmup(self) -> None:
         """Compile every bucket in both directions; afterwards a new shape raises."""

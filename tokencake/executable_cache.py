@@ -33,9 +33,10 @@ _cache: OrderedDict[tuple[str, tuple[int, ...]], jax.stages.Compiled] = OrderedD
 stats = {"hits": 0, "misses": 0}
 
 
-def compile_lowered(lowered: jax.stages.Lowered, devices: tuple[int, ...]) -> jax.stages.Compiled:
+def compile_lowered(lowered: jax.stages.Lowered, on: jax.Array) -> jax.stages.Compiled:
     """``lowered.compile()``, or the executable an earlier identical lowering compiled for
-    the same ``devices`` (ids)."""
+    the devices that ``on`` (an array the program takes, e.g. the KV cache) lives on."""
+    devices = tuple(sorted(d.id for d in on.sharding.device_set))
     key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(), devices)
     with _lock:
         hit = _cache.get(key)

@@ -310,8 +310,7 @@ class ModelRunner:
         adj = LogitsAdjust(*(a(x.shape, x.dtype) for x in self.neutral_adjust(n)))
         feed = TokenFeed(*(a(x.shape, x.dtype) for x in self.idle_feed(n)))
         lowered = self._step.lower(self.state, self.k, self.v, batch, samp, adj, feed)
-        devices = tuple(sorted(d.id for d in self.k.sharding.device_set))
-        compiled = executable_cache.compile_lowered(lowered, devices)
+        compiled = executable_cache.compile_lowered(lowered, self.k)
         self.compile_times[shape] = time.perf_counter() - t0
         self.compile_seconds += self.compile_times[shape]
         self._compiled[shape] = compiled
