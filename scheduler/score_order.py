@@ -123,8 +123,9 @@ class ScoreOrder(KeptOrder):
         hand)."""
         t = self.table
         idx = np.lexsort((t.tie[rows], -t.own[rows], -t.eff[rows]))  # last key first
-        ranked = list(map(reqs.__getitem__, idx.tolist()))  # no Python frame per request
+        rows = rows[idx]
+        ranked = t.req[rows].tolist()  # ``reqs`` in order: each row's request, no Python call
         self.reset(ranked, reqs if queue is None else queue, members)
         if self.valid:
-            self._rows = rows[idx]
+            self._rows = rows
         return ranked
