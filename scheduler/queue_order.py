@@ -24,8 +24,6 @@ from collections.abc import Callable, Sequence
 from itertools import compress
 from typing import Any
 
-import numpy as np
-
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.waiting_queue import Mark, WaitingQueue, net_changes
 
@@ -43,6 +41,19 @@ def app_fcfs_key(r: Request) -> tuple[float, float, str]:
 def application_fcfs(waiting: Sequence[Request]) -> list[Request]:
     """Program-level FCFS order of ``waiting``, from scratch."""
     return sorted(waiting, key=app_fcfs_key)
+
+
+def delete_positions(items: list[Any], pos: list[int]) -> list[Any]:
+    """``items`` without the entries at ``pos`` (ascending): a few are deleted in place
+    (memmoves), many by one pass that builds a new list."""
+    if len(pos) <= 8:
+        for i in reversed(pos):
+            del items[i]
+        return items
+    keep = [True] * len(items)
+    for i in pos:
+        keep[i] = False
+    return list(compress(items, keep))
 
 
 class KeptOrder:
@@ -126,16 +137,9 @@ class KeptOrder:
             # set is then kept up to date by the changes alone, not rebuilt from the queue.
             gone = members.difference(queue)
         if gone:
-            ranked = self._ranked
             pos = self.positions(gone)
-            keep = np.ones(len(ranked), np.bool_)
-            keep[pos] = False
-            if len(pos) <= 8:  # a few admitted: delete them (memmoves)
-                for i in reversed(pos):
-                    del ranked[i]
-            else:  # many: one pass
-                self._ranked = list(compress(ranked, keep.tolist()))
-            self.departed(gone, keep)
+            self._ranked = delete_positions(self._ranked, pos)
+            self.departed(gone, pos)
             members.difference_update(gone)
         missing = len(queue) - len(members)  # the newcomers, unless the queue repeats one
         new: list[Request] = []
@@ -169,8 +173,9 @@ class KeptOrder:
             return sorted(map(ranked.index, gone))
         return [i for i, r in enumerate(ranked) if r in gone]
 
-    def departed(self, gone: set[Request], keep: np.ndarray) -> None:
-        """Hook: ``gone`` left the queue; ``keep`` masks the order as it was before."""
+    def departed(self, gone: set[Request], pos: list[int]) -> None:
+        """Hook: ``gone`` left the queue, from positions ``pos`` (ascending) of the order as it
+        was before."""
 
     def inserted(self, i: int, r: Request) -> None:
         """Hook: newcomer ``r`` was inserted at position ``i`` of the order."""
@@ -229,7 +234,7 @@ class SortedQueue(KeptOrder):
             k = self._keys[r] = self._key(r)
         return k
 
-    def departed(self, gone: set[Request], keep: np.ndarray) -> None:
+    def departed(self, gone: set[Request], pos: list[int]) -> None:
         for r in gone:
             self._keys.pop(r, None)
 

@@ -226,9 +226,9 @@ class SpaceScores(abc.ABC):
         order = self._order
         if new is not None:
             kept, krows = order.synced()
-            nrows = np.fromiter(map(self._row, new), np.int64, len(new))
+            nrows = list(map(self._row, new))  # made in queue order
             wreqs: Sequence[Request] = kept + new
-            wrows = np.concatenate([krows, nrows])
+            wrows = np.array(krows + nrows, np.int64)
             members: set[Request] | None = order._members  # set(waiting), from the sync
         else:
             wreqs, wrows, members = waiting, self._rows_of(waiting), None

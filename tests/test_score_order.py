@@ -47,7 +47,7 @@ def test_sort_breaks_full_ties_by_id():
         got = order.sort(reqs, t.rows(reqs))
         assert got == sorted(reqs, key=lambda r: _full_key(t, r))
         assert order.valid
-        assert order._rows.tolist() == [t.row[r] for r in got]
+        assert list(order._rows) == [t.row[r] for r in got]
 
 
 @pytest.mark.parametrize("logged", [False, True])
@@ -73,7 +73,7 @@ def test_kept_order_follows_a_queue(logged):
             queue.insert(0, queue.pop())  # not logged: the next sync passes over the queue
         got = order.update(queue)
         assert got == sorted(queue, key=lambda r: _full_key(t, r))
-        assert order._rows.tolist() == [t.row[r] for r in got]
+        assert list(order._rows) == [t.row[r] for r in got]
         assert order.update(queue) == got  # unchanged: the order as it is
     assert order.full_sorts == 1
 
