@@ -215,7 +215,7 @@ class KeptOrder:
             return False
         if self._queue is queue and self._logged is queue:
             changes = self._logged.since(self._mark)
-            return changes is not None and not changes
+            return changes is not None and not changes[0]
         return not isinstance(self._queue, WaitingQueue) and self._queue == queue
 
 

@@ -20,9 +20,12 @@ from typing import Any, SupportsIndex
 from tokencake.scheduler.request import Request
 
 Mark = tuple[int, int]  # (epoch, absolute log position)
-Change = tuple[Request, int]  # (request, +1 joined / -1 left)
+Changes = tuple[list[Request], bytearray]  # the requests, and for each 1 (joined) or 0 (left)
 
-_LOG_LIMIT = 8192  # entries kept; consumers read theirs every step, a few dozen at most
+# Entries kept. Consumers read theirs every step (a few dozen); a burst longer than this makes
+# them pass over the queue once. Kept short: the log holds requests (finished ones too) alive,
+# and every long-lived object costs the garbage collector's passes.
+_LOG_LIMIT = 512
 _epochs = itertools.count(1)  # unique across queues: a mark never matches another queue
 
 
@@ -36,31 +39,36 @@ class WaitingQueue(list[Request]):
     def _restart(self) -> None:
         """Every mark taken so far is stale (a change the log does not describe)."""
         self._epoch = next(_epochs)
-        self._log: list[Change] = []
+        # Two flat logs, no tuple per entry (a tuple is an object the collector tracks).
+        self._log: list[Request] = []
+        self._joined = bytearray()
         self._base = 0  # absolute position of ``_log[0]``
 
     def append(self, r: Request) -> None:
         super().append(r)
-        self._log.append((r, 1))
+        self._log.append(r)
+        self._joined.append(1)
         if len(self._log) > _LOG_LIMIT:  # drop the older half; marks before it go stale
             half = _LOG_LIMIT // 2
-            del self._log[:half]
+            del self._log[:half], self._joined[:half]
             self._base += half
 
     def remove(self, r: Request) -> None:
         super().remove(r)
-        self._log.append((r, -1))
+        self._log.append(r)
+        self._joined.append(0)
 
     def mark(self) -> Mark:
         """The queue as it is now, for :meth:`since`."""
         return (self._epoch, self._base + len(self._log))
 
-    def since(self, mark: Mark | None) -> list[Change] | None:
+    def since(self, mark: Mark | None) -> Changes | None:
         """The logged changes after ``mark``, oldest first; None when the log cannot say
         (no mark, one taken before an unlogged change, or older than the log)."""
         if mark is None or mark[0] != self._epoch or mark[1] < self._base:
             return None
-        return self._log[mark[1] - self._base :]
+        i = mark[1] - self._base
+        return self._log[i:], self._joined[i:]
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (WaitingQueue, (list(self),))
@@ -110,16 +118,16 @@ class WaitingQueue(list[Request]):
         return self
 
 
-def net_changes(changes: list[Change]) -> tuple[list[Request], list[Request]]:
+def net_changes(changes: Changes) -> tuple[list[Request], list[Request]]:
     """``(left, joined)``: the requests ``changes`` took out of the queue and those they put
     in, net (a request that left and came back is in neither). ``joined`` is in queue order:
     requests join at the end, so the survivors are ordered by their last append."""
     net: dict[Request, int] = {}
-    for r, d in changes:
-        if d > 0:
+    for r, joined in zip(*changes, strict=True):
+        if joined:
             net[r] = net.pop(r, 0) + 1  # re-inserted: its last append decides its place
         else:
             net[r] = net.get(r, 0) - 1
     left = [r for r, d in net.items() if d < 0]
-    joined = [r for r, d in net.items() if d > 0]
-    return left, joined
+    joined_ = [r for r, d in net.items() if d > 0]
+    return left, joined_
