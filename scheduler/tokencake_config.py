@@ -123,7 +123,8 @@ class SpaceConfig:
     # the blocks left over), as in the first pass. Off, the state is reset between passes and
     # a refused request retried in the second pass could take the blocks the head was promised
     # (tests/test_backfill.py). Off by default: deep-research 12 -2.8% at 0.2 apps/s but +2.9%
-    # at 1.0 (bench/RESULTS.md, "Eighth round"); ``tokencake-with-second-pass-backfill``.
+    # at 1.0, code-writer 12 +5.7% / +1.5% (bench/RESULTS.md, "Eighth round");
+    # ``tokencake-with-second-pass-backfill`` switches it on.
     backfill_second_pass: bool = False
 
     def __post_init__(self) -> None:
