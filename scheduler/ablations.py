@@ -25,6 +25,7 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "with-resident-affinity": ({"affinity_counts_cached": True}, {}),
     "with-successor-handoff": ({"successor_handoff_s": 0.5}, {}),
     "with-restore-time-victims": ({"victim_by_restore_time": True}, {}),
+    "with-second-pass-backfill": ({"backfill_second_pass": True}, {}),
     # selective offload is off by default (issue 12); predictive upload acts only with it
     "with-offload": ({}, {"selective_offload": True}),
     "with-offload-no-predictive-upload": (

@@ -35,6 +35,7 @@ from tokencake.scheduler.policies import policy_factory
 from tokencake.scheduler.policy import Admission, PolicyContext, PolicyFactory
 from tokencake.scheduler.request import PENDING_TOKEN, Request, RequestStatus
 from tokencake.scheduler.tokencake_config import TokencakeConfig
+from tokencake.scheduler.waiting_queue import WaitingQueue
 
 _ARRIVAL = attrgetter("arrival_time")
 _RUNNING = RequestStatus.RUNNING
@@ -69,7 +70,9 @@ class Scheduler:
         self.host_tier = HostTier(pool, host_pool, self.copies, self._copied_in)
         self._refused: tuple[str, Admission] | None = None  # latest refusal this admission pass
         self.clock = clock or time.monotonic
-        self.waiting: list[Request] = []
+        # A list that logs its appends and removes: per-step consumers read a step's changes
+        # instead of passing over the whole queue (waiting_queue.py).
+        self.waiting: WaitingQueue = WaitingQueue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0

@@ -25,6 +25,7 @@ from typing import ClassVar
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
 from tokencake.memory.host_pool import HostBlockPool
+from tokencake.scheduler.arrival_order import ArrivalOrder
 from tokencake.scheduler.config import SchedulerConfig
 from tokencake.scheduler.copies import CopyTracker
 from tokencake.scheduler.lifecycle import Lifecycle
@@ -77,6 +78,7 @@ class Policy:
     """Base policy = vLLM-style FCFS: arrival order, admit while blocks last, preempt newest."""
 
     name: ClassVar[str] = "vllm"
+    _arrivals: ArrivalOrder | None = None  # the FCFS order, kept between steps
 
     def __init__(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
@@ -88,7 +90,11 @@ class Policy:
         """Candidates of admission pass ``pass_index`` (0, 1, ..) in the order they are
         considered; ``None`` ends admission for this step. Pass 0 sees the whole queue; a
         later pass typically retries requests an earlier one deferred."""
-        return sorted(waiting, key=_ARRIVAL) if pass_index == 0 else None
+        if pass_index:
+            return None
+        if self._arrivals is None:  # made here: subclasses need not call our __init__
+            self._arrivals = ArrivalOrder()
+        return self._arrivals.order(waiting)  # sorted(waiting, key=arrival), kept
 
     def admit(self, request: Request, blocks_needed: int, running: Sequence[Request]) -> Admission:
         """Gate on top of "the blocks for this step are free": ``request`` (its prefix hit

@@ -19,11 +19,12 @@ step, on random queues that grow, get admitted, preempted and finished.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 
 import numpy as np
 
-from tokencake.scheduler.queue_order import KeptOrder
+from tokencake.scheduler.queue_order import KeptOrder, delete_positions
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.score_table import ScoreTable
 
@@ -36,7 +37,9 @@ class ScoreOrder(KeptOrder):
 
     def __init__(self, table: ScoreTable) -> None:
         self.table = table
-        self._rows = np.zeros(0, np.int64)  # the ordered requests' score-table rows
+        # The ordered requests' score-table rows: a plain list, kept in step with the order by
+        # the same deletes and inserts (no numpy call per change: ~10 us each inside a step).
+        self._rows: list[int] = []
         self._keys: dict[Request, tuple[int, int, float, str]] = {}  # valid while the order is
         self._forgotten: dict[Request, int] = {}  # members that lost their row since the last
         # sync, with the row they had (it finds them in the order)
@@ -44,28 +47,33 @@ class ScoreOrder(KeptOrder):
 
     def invalidate(self) -> None:
         super().invalidate()
-        self._rows = np.zeros(0, np.int64)
+        self._rows = []
         self._keys = {}
 
     def positions(self, gone: set[Request]) -> list[int]:
-        """Found by their rows (unique among the members): no scan of the requests."""
-        row, lost = self.table.row, self._forgotten
-        g = [lost[r] if r in lost else row[r] for r in gone]
-        mark = np.zeros(max(len(self.table.ann), max(g) + 1), np.bool_)  # np.isin, by lookup
-        mark[g] = True
-        return np.flatnonzero(mark[self._rows]).tolist()
+        """Found by binary search on their keys (the order is sorted by them, and they are
+        unique). While a member has lost its row (it left the engine: no key) the search could
+        probe it, so the requests are searched for instead."""
+        if self._forgotten:
+            return super().positions(gone)
+        ranked, key = self._ranked, self.key
+        out = []
+        for r in gone:
+            i = bisect_left(ranked, key(r), key=key)
+            out.append(i if i < len(ranked) and ranked[i] is r else ranked.index(r))
+        out.sort()
+        return out
 
-    def departed(self, gone: set[Request], keep: np.ndarray) -> None:
-        self._rows = self._rows[keep]
+    def departed(self, gone: set[Request], pos: list[int]) -> None:
+        self._rows = delete_positions(self._rows, pos)
         keys = self._keys
         for r in gone:
             keys.pop(r, None)
 
     def inserted(self, i: int, r: Request) -> None:
-        rows = self._rows  # np.concatenate: np.insert's argument handling costs more
-        self._rows = np.concatenate((rows[:i], (self.table.row[r],), rows[i:]))
+        self._rows.insert(i, self.table.row[r])
 
-    def synced(self) -> tuple[list[Request], np.ndarray]:
+    def synced(self) -> tuple[list[Request], list[int]]:
         """After :meth:`sync`: the requests that stayed queued, in order, and their rows."""
         return self._ranked, self._rows
 
@@ -123,8 +131,9 @@ class ScoreOrder(KeptOrder):
         hand)."""
         t = self.table
         idx = np.lexsort((t.tie[rows], -t.own[rows], -t.eff[rows]))  # last key first
-        ranked = list(map(reqs.__getitem__, idx.tolist()))  # no Python frame per request
+        rows = rows[idx]
+        ranked = t.req[rows].tolist()  # ``reqs`` in order: each row's request, no Python call
         self.reset(ranked, reqs if queue is None else queue, members)
         if self.valid:
-            self._rows = rows[idx]
+            self._rows = rows.tolist()
         return ranked

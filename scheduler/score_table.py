@@ -68,7 +68,8 @@ class ScoreTable:
     the request's ``arrival``, its join ``group`` id and agent ``type`` id (-1: none), and the
     scores it holds until the next refresh: ``own`` and ``eff`` (effective), valid where
     ``scored``; ``tie`` is a label that orders rows by ``(arrival, id)`` (``tie_rank.py``), the
-    admission order's last key."""
+    admission order's last key; ``req`` holds the request itself (an object column: a sorted
+    order of rows becomes its list of requests by one fancy index, no Python call per row)."""
 
     _FLOAT = ("static", "rr", "pg", "elapsed", "started", "arrival", "age_f", "queue_f")
 
@@ -82,14 +83,20 @@ class ScoreTable:
         self._alloc(capacity)
 
     def _alloc(self, n: int) -> None:
-        def grow(old: np.ndarray | None, fill: float | int | bool, dtype: type) -> np.ndarray:
+        def grow(old: np.ndarray | None, fill: object, dtype: type) -> np.ndarray:
             a = np.full(n, fill, dtype)
             if old is not None:
                 a[: len(old)] = old
             return a
 
-        for name in self._FLOAT:
-            setattr(self, name, grow(getattr(self, name, None), 0.0, np.float64))
+        # The float columns are the rows of one 2-D array: a refresh gathers all of them for
+        # its rows by one fancy index (each numpy call costs ~10 us inside a step).
+        old = getattr(self, "floats", None)
+        self.floats = np.zeros((len(self._FLOAT), n), np.float64)
+        if old is not None:
+            self.floats[:, : old.shape[1]] = old
+        for k, name in enumerate(self._FLOAT):
+            setattr(self, name, self.floats[k])
         self.ann = grow(getattr(self, "ann", None), False, np.bool_)
         self.group = grow(getattr(self, "group", None), -1, np.int64)
         self.type = grow(getattr(self, "type", None), -1, np.int64)
@@ -97,6 +104,7 @@ class ScoreTable:
         self.eff = grow(getattr(self, "eff", None), 0, np.int64)
         self.scored = grow(getattr(self, "scored", None), False, np.bool_)
         self.tie = grow(getattr(self, "tie", None), 0, np.int64)
+        self.req = grow(getattr(self, "req", None), None, object)
 
     def add(
         self,
@@ -118,6 +126,7 @@ class ScoreTable:
         self.ties.add((r.arrival_time, r.request_id), i, self.tie)
         self.own[i] = self.eff[i] = 0
         self.scored[i] = False
+        self.req[i] = r
         if parts is None or m is None:
             self.ann[i] = False
             self.group[i] = self.type[i] = -1
@@ -146,6 +155,7 @@ class ScoreTable:
             self.types.release(int(self.type[i]))
         self.ann[i] = self.scored[i] = False
         self.group[i] = self.type[i] = -1
+        self.req[i] = None  # the table must not keep a finished request alive
         self._free.append(i)
 
     def rows(self, reqs: Sequence[Request]) -> np.ndarray:
@@ -155,16 +165,15 @@ class ScoreTable:
     def own_scores(self, rows: np.ndarray, now: float) -> np.ndarray | None:
         """``request_score`` of the annotated ``rows`` at ``now`` (int64), or None when one is
         not finite or not below 2**62 (then the scalar path decides, and raises)."""
-        started = self.started[rows]
-        elapsed = self.elapsed[rows]
+        static, _, pg, elapsed, started, arrival, age_f, queue_f = self.floats[:, rows]
         # time_parts(), step for step: Python's max/min of two finite floats pick the value
         # np.maximum/np.minimum pick, and every + - * rounds identically.
-        wait = np.maximum(0.0, now - self.arrival[rows])
+        wait = np.maximum(0.0, now - arrival)
         elapsed = np.where(started > 0, np.maximum(elapsed, now - started), elapsed + wait)
-        age = np.minimum(elapsed, 300.0) * self.age_f[rows]  # (1 + 0.75 * rr), per row
-        queue = np.minimum(wait, 180.0) * self.queue_f[rows]  # (1 + 0.5 * rr)
-        completion = np.minimum(elapsed, 240.0) * self.pg[rows]
-        total = self.static[rows] + (5 * age + 8 * queue + 5 * completion)
-        if not (np.abs(total) < _INT_LIMIT).all():  # also False for NaN
+        age = np.minimum(elapsed, 300.0) * age_f  # (1 + 0.75 * rr), per row
+        queue = np.minimum(wait, 180.0) * queue_f  # (1 + 0.5 * rr)
+        completion = np.minimum(elapsed, 240.0) * pg
+        total = static + (5 * age + 8 * queue + 5 * completion)
+        if total.size and not np.abs(total).max() < _INT_LIMIT:  # also for NaN (max is NaN)
             return None
-        return np.trunc(total).astype(np.int64)  # int(): toward zero
+        return total.astype(np.int64)  # int(): the cast truncates toward zero

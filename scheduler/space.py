@@ -20,9 +20,6 @@ import enum
 import logging
 import math
 from collections.abc import Sequence
-from operator import attrgetter
-
-import numpy as np
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.agent_scores import AgentHistory, static_parts, time_parts, type_score
@@ -32,8 +29,6 @@ from tokencake.scheduler.space_scoring import SpaceScores
 from tokencake.scheduler.tokencake_config import SpaceConfig
 
 Charge = list[tuple[str | None, int]]
-_PROMPT, _OUTPUT = attrgetter("prompt_token_ids"), attrgetter("output_token_ids")
-_BLOCKS, _MAX_TOKENS = attrgetter("block_ids"), attrgetter("max_tokens")
 log = logging.getLogger(__name__)
 
 
@@ -118,17 +113,24 @@ class SpaceScheduler(SpaceScores):
     def refresh_uncommitted(self, running: Sequence[Request], committed_extra: int) -> None:
         """Recompute the capacity no admitted request or restore has claimed: free blocks minus
         running requests' remaining growth minus ``committed_extra`` (restores)."""
-        # remaining_growth() over every running request, in numpy columns (exact integers):
-        # this runs every step over the whole running set.
-        bs, n = self.pool.block_size, len(running)
-        prompt = np.fromiter(map(len, map(_PROMPT, running)), np.int64, n)
+        # remaining_growth() over every running request, every step: one plain loop. Three
+        # np.fromiter columns and an expression measured 2-3x slower inside a step (about 10 us
+        # per numpy call once the rest of the step has run; 0.1 vs 0.15-0.29 ms for 256 rows).
+        bs, growth = self.pool.block_size, 0
         if self.cfg.reserve_generation_tokens:
-            future = prompt + np.fromiter(map(_MAX_TOKENS, running), np.int64, n)
-            tokens = np.minimum(future, self.max_model_len)
+            limit = self.max_model_len
+            for r in running:
+                tokens = len(r.prompt_token_ids) + r.max_tokens
+                need = -(-(tokens if tokens < limit else limit) // bs) - len(r.block_ids)
+                if need > 0:
+                    growth += need
         else:
-            tokens = prompt + np.fromiter(map(len, map(_OUTPUT, running)), np.int64, n)
-        need = -(-tokens // bs) - np.fromiter(map(len, map(_BLOCKS, running)), np.int64, n)
-        growth = int(need[need > 0].sum())
+            for r in running:
+                need = -(-(len(r.prompt_token_ids) + len(r.output_token_ids)) // bs) - len(
+                    r.block_ids
+                )
+                if need > 0:
+                    growth += need
         self._growth = growth
         self.uncommitted = self.pool.num_free - growth - committed_extra
 

@@ -226,15 +226,18 @@ class SpaceScores(abc.ABC):
         order = self._order
         if new is not None:
             kept, krows = order.synced()
-            nrows = np.fromiter(map(self._row, new), np.int64, len(new))
+            nrows = list(map(self._row, new))  # made in queue order
             wreqs: Sequence[Request] = kept + new
-            wrows = np.concatenate([krows, nrows])
+            wrows = np.array(krows + nrows, np.int64)
             members: set[Request] | None = order._members  # set(waiting), from the sync
         else:
             wreqs, wrows, members = waiting, self._rows_of(waiting), None
         order.invalidate()
         t = self.table
-        rrows = self._rows_of(running)
+        try:  # every running request has its row (admission scored it), unless ...
+            rrows = t.rows(running)
+        except KeyError:  # ... it was admitted before the policy saw it: make them
+            rrows = self._rows_of(running)
         wsel = t.ann[wrows]
         rsel = t.group[rrows] >= 0  # running scores matter for join groups (victims: lazily)
         every = bool(wsel.all())
@@ -275,10 +278,11 @@ class SpaceScores(abc.ABC):
         if crit_ids and waiting:
             rows = t.rows(waiting) if rows is None else rows
             tid = t.type[rows]
-            # np.isin(tid, crit ids), as a lookup (rows with no type hold -1: masked out)
-            is_crit = np.zeros(len(t.types.keys), np.bool_)
+            # np.isin(tid, crit ids), as a lookup; rows with no type hold -1, which reads the
+            # extra last entry (never critical)
+            is_crit = np.zeros(len(t.types.keys) + 1, np.bool_)
             is_crit[list(crit_ids)] = True
-            mine = is_crit[tid] & (tid >= 0)
+            mine = is_crit[tid]
             if mine.any():
                 top = np.full(len(t.types.keys), _NONE, np.int64)
                 np.maximum.at(top, tid[mine], t.eff[rows[mine]])

@@ -40,6 +40,7 @@ from tokencake.scheduler.preservation import Preservation, PState
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.time_decisions import Action, Decide, DecisionContext, tokencake_decide
 from tokencake.scheduler.tokencake_config import TimeConfig
+from tokencake.scheduler.waiting_queue import Mark, WaitingQueue, net_changes
 
 _RANKED = attrgetter("reuse_ranked")
 
@@ -77,6 +78,9 @@ class TimeScheduler:
         self.items: dict[str, Preservation] = {}
         self._ranked: set[Request] = set()  # requests _rank_queued saw ranked (only those;
         # some may have left the queue since)
+        # The queue as of the last ranking pass that saw every queued request (its mark): then
+        # only requests that joined since can be unseen, and its log names them.
+        self._seen: tuple[WaitingQueue, Mark] | None = None
         # Items a tick must visit (lifecycle id -> seq): every item that is not dormant, and
         # any whose lifecycle moved since the last tick. A queue of agents waiting to start
         # their tools would otherwise cost a tick (and each committed_blocks) a pass over all.
@@ -256,10 +260,21 @@ class TimeScheduler:
         # ``reuse_ranked`` off a thousand requests scattered in memory cost 3-4x as much. The
         # set only ever holds ranked requests (the flag is never cleared), so whatever it
         # misses is checked below: the same requests in the same order as a scan of the flag.
+        # After a pass that saw every queued request (all in the set), only the requests that
+        # joined the queue since can be new: a logged queue names them, in queue order, so the
+        # pass reads a step's few changes instead of the thousand requests.
         known = self._ranked
+        candidates: Sequence[Request] = waiting
         if len(known) > 2 * len(waiting) + 1024:  # a caller that never calls forget()
             known = self._ranked = set(compress(waiting, map(_RANKED, waiting)))
-        for r in filterfalse(known.__contains__, waiting):
+        elif self._seen is not None and self._seen[0] is waiting:
+            queue, seen_at = self._seen
+            changes = queue.since(seen_at)
+            if changes is not None:
+                candidates = net_changes(changes)[1]
+        self._seen = None  # until this pass sees every request
+        mark = waiting.mark() if isinstance(waiting, WaitingQueue) else None
+        for r in filterfalse(known.__contains__, candidates):
             known.add(r)
             if r.reuse_ranked:
                 continue
@@ -269,7 +284,9 @@ class TimeScheduler:
             self._count("eviction_ranked_blocks", n)
             budget -= 1
             if budget == 0:
-                return
+                return  # the rest of the queue waits for the next pass
+        if mark is not None:
+            self._seen = (waiting, mark)
 
     def forget(self, request: Request) -> None:
         """``request`` left the engine: the ranked set must not keep it (and its tokens) alive."""

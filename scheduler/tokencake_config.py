@@ -117,6 +117,15 @@ class SpaceConfig:
     # a decoding neighbour one block (multi-turn, bench/RESULTS.md "Sixth round"). Off: it
     # lost on deep-research; ``tokencake-with-restore-time-victims`` switches it on.
     victim_by_restore_time: bool = False
+    # ours (issue 12, eighth round): the second admission pass (which retries requests the
+    # reservations refused) keeps the first pass's backfill state: a request retried there
+    # starts only if it cannot delay the blocked head (finishes by its shadow step, or fits in
+    # the blocks left over), as in the first pass. Off, the state is reset between passes and
+    # a refused request retried in the second pass could take the blocks the head was promised
+    # (tests/test_backfill.py). Off by default: deep-research 12 -2.8% at 0.2 apps/s but +2.9%
+    # at 1.0, code-writer 12 +5.7% / +1.5% (bench/RESULTS.md, "Eighth round");
+    # ``tokencake-with-second-pass-backfill`` switches it on.
+    backfill_second_pass: bool = False
 
     def __post_init__(self) -> None:
         _nonneg("scheduling.score_refresh_s", self.score_refresh_s)

@@ -158,7 +158,11 @@ class TokencakePolicy(Policy):
         if pass_index >= self._passes:
             return None
         self._pass = pass_index
-        if self.backfill is not None:
+        if self.backfill is not None and (
+            pass_index == 0 or not self.config.scheduling.backfill_second_pass
+        ):
+            # The second pass retries reservation refusals; with backfill_second_pass it
+            # keeps the first pass's blocked head, shadow and left-over blocks (EASY's promise).
             self.backfill.reset()
         if pass_index == 0:
             order = self.order_waiting(waiting, now)

@@ -242,3 +242,57 @@ def test_a_head_short_only_by_its_revived_blocks_is_protected():
     started, out, backfilled = _revive_run("tokencake")
     assert started["h"] == strict["h"] and started["s"] > started["h"] and backfilled == 0
     assert out == out_strict  # greedy outputs identical (only timing changes)
+
+
+# ---- the blocked head's protection in the second (work-conserving) pass --------------------------
+def _second_pass_run(protect: bool) -> tuple[dict[str, int], dict[str, list[int]], str]:
+    """12 usable blocks; reservations fixed at half the pool (``reserve_ratio`` 0.5, re-split
+    every step, ``critical_ratio`` 0.5), so with types W (importance 5), B and C (importance 1)
+    present, W is the one critical type: 6 blocks reserved for W, 6 shared. A (type B, 56
+    tokens + 8 outputs: 4 blocks from the shared pool) runs. H (type W, 160 tokens = 10 blocks) and X (type C, 40
+    tokens = 3 blocks, 100 outputs) arrive together. Returns the step each request first ran,
+    the outputs and X's denial in the first pass."""
+    clock = SimClock()
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_prefill_chunk=256,
+                          max_prefill_seqs=4, max_model_len=256)  # fmt: skip
+    pool = BlockPool(13, 16)
+    sc = SpaceConfig(reserve_ratio_min=0.5, reserve_ratio_max=0.5, adjustment_window=1,
+                     critical_ratio=0.5, backfill_second_pass=protect)  # fmt: skip
+    s = Scheduler(cfg, pool, "tokencake", clock, tokencake=TokencakeConfig(scheduling=sc))
+    ex = SimExecutor(clock)
+    b = {"agent_type": "b", "importance": 1.0, "depth": 1}
+    c = {"agent_type": "c", "importance": 1.0, "depth": 1}
+    w = {"agent_type": "w", "importance": 5.0, "depth": 1}
+    reqs = {"a": Request("A", list(range(100, 156)), 8, 0.0, metadata=b)}
+    s.add_request(reqs["a"])
+    sim_step(s, ex)  # A prefills: 4 blocks, charged to the shared pool
+    assert len(reqs["a"].block_ids) == 4
+    reqs["h"] = Request("H", list(range(1000, 1160)), 4, clock(), metadata=w)
+    reqs["x"] = Request("X", list(range(2000, 2040)), 100, clock() + 1e-6, metadata=c)
+    s.add_request(reqs["h"])
+    s.add_request(reqs["x"])
+    started = start_steps(s, ex, reqs, 1, 500)
+    pool.check_integrity()
+    denied = "reservation_denied" if s.policy.counters.get("reservation_denied") else "none"
+    return started, {k: list(r.output_token_ids) for k, r in reqs.items()}, denied
+
+
+def test_the_blocked_head_stays_protected_in_the_second_pass():
+    """By hand (``_second_pass_run``). After A's prefill 8 blocks are free and uncommitted. H
+    needs 10: 2 short, the protected head; A frees its 4 blocks when it finishes (7 decode
+    steps left), so the shadow is step 7 and 2 blocks are left over. X fits in the 8 free
+    blocks, but the shared pool has 6 - 4 = 2 and W, a critical type with a waiting request,
+    lends only in the second pass: X is denied by the reservations and retried there. The
+    first pass's protection used to be reset before the second: X borrowed W's block and
+    started at once (step 2: prefill and first token, then 99 decodes to step 101), holding 3
+    blocks, so at A's finish (step 8) 12 - 3 = 9 free blocks did not cover H's 10 and H waited
+    for X: step 102. With the protection kept, X (1 + 100 steps, past the shadow; 3 blocks > 2
+    left over) is deferred, H starts right after A finishes (step 9, 4 outputs: done at step
+    12) and X starts at step 13."""
+    old, out_old, denied = _second_pass_run(protect=False)
+    assert denied == "reservation_denied"
+    assert (old["x"], old["h"]) == (2, 102)
+    new, out_new, denied = _second_pass_run(protect=True)
+    assert denied == "reservation_denied"
+    assert (new["h"], new["x"]) == (9, 13)
+    assert out_old == out_new  # greedy outputs identical (only timing changes)

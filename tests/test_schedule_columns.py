@@ -23,6 +23,7 @@ from tokencake.scheduler.sharing import inflight_hashes
 from tokencake.scheduler.space import SpaceScheduler
 from tokencake.scheduler.time_sched import TimeScheduler
 from tokencake.scheduler.tokencake_config import SpaceConfig, TimeConfig
+from tokencake.scheduler.waiting_queue import WaitingQueue
 
 BS = 16
 
@@ -61,19 +62,22 @@ def _rank_reference(waiting: list[Request], budget: int = 16) -> list[str]:
     return [r.request_id for r in waiting if not r.reuse_ranked][:budget]
 
 
+@pytest.mark.parametrize("logged", [False, True])
 @pytest.mark.parametrize("forget", [True, False])
-def test_queued_requests_are_ranked_in_queue_order_up_to_the_budget(forget, monkeypatch):
+def test_queued_requests_are_ranked_in_queue_order_up_to_the_budget(forget, logged, monkeypatch):
     """Ranked in queue order (the order of the pool calls, which the eviction ranks follow),
     also for requests that leave and come back (requeued), requests ranked before the Time
     Scheduler saw them, and with or without ``forget`` for finished ones (without it, the
-    set of ranked requests is rebuilt from the queue once it grows large)."""
-    rng = random.Random(3 + forget)
+    set of ranked requests is rebuilt from the queue once it grows large). ``logged``: the
+    core's queue, whose log names the newcomers after a pass that saw every request (and
+    an occasional unlogged change, after which the pass reads the whole queue)."""
+    rng = random.Random(3 + forget + 2 * logged)
     pool = BlockPool(512, BS)
     ts = TimeScheduler(TimeConfig(), pool, Lifecycle(lambda: 0.0), CopyTracker(pool, None))
     calls: list[float] = []
     real = pool.expect_reuse
     monkeypatch.setattr(pool, "expect_reuse", lambda b, t: calls.append(t) or real(b, t))
-    waiting: list[Request] = []
+    waiting: list[Request] = WaitingQueue() if logged else []
     away: list[Request] = []
     n = 0
     for step in range(300):
@@ -85,7 +89,11 @@ def test_queued_requests_are_ranked_in_queue_order_up_to_the_budget(forget, monk
             n += 1
         for _ in range(rng.randrange(0, 30)):
             if waiting:
-                r = waiting.pop(rng.randrange(len(waiting)))
+                r = waiting[rng.randrange(len(waiting))]
+                if logged and rng.random() < 0.97:
+                    waiting.remove(r)
+                else:
+                    waiting.pop(waiting.index(r))  # unlogged on a logged queue
                 if rng.random() < 0.3:
                     away.append(r)  # admitted, to be preempted
                 elif forget:

@@ -206,7 +206,7 @@ def test_space_scores_and_order_equal_a_full_recomputation(seed, ordinary):
         assert [r.request_id for r in sp.order(waiting)] == ref.order(waiting, bands)
         kept = sp._order
         if kept.valid:  # the kept order's rows stay aligned with its requests
-            assert kept._rows.tolist() == [sp.table.row[r] for r in kept._ranked]
+            assert list(kept._rows) == [sp.table.row[r] for r in kept._ranked]
         for r in running:
             if r.request_id in ref.scores:
                 assert sp.effective(r) == ref.scores[r.request_id].eff

@@ -16,6 +16,7 @@ from tokencake.scheduler.request import Request
 from tokencake.scheduler.score_order import ScoreOrder
 from tokencake.scheduler.score_table import ScoreTable
 from tokencake.scheduler.tie_rank import TieRank
+from tokencake.scheduler.waiting_queue import WaitingQueue
 
 
 def _scored_table(rng: random.Random, n: int) -> tuple[ScoreTable, list[Request]]:
@@ -46,14 +47,17 @@ def test_sort_breaks_full_ties_by_id():
         got = order.sort(reqs, t.rows(reqs))
         assert got == sorted(reqs, key=lambda r: _full_key(t, r))
         assert order.valid
-        assert order._rows.tolist() == [t.row[r] for r in got]
+        assert list(order._rows) == [t.row[r] for r in got]
 
 
-def test_kept_order_follows_a_queue():
+@pytest.mark.parametrize("logged", [False, True])
+def test_kept_order_follows_a_queue(logged):
+    """With a plain list the order finds the changes by passing over the queue; with the
+    core's logged queue it reads them off its log (and falls back after an unlogged change)."""
     rng = random.Random(1)
     t, pool = _scored_table(rng, 600)
     order = ScoreOrder(t)
-    queue = pool[:100]
+    queue = WaitingQueue(pool[:100]) if logged else pool[:100]
     rest = pool[100:]
     assert order.update(queue) is None  # nothing kept yet: the caller sorts
     order.sort(queue, t.rows(queue))
@@ -65,10 +69,27 @@ def test_kept_order_follows_a_queue():
         for _ in range(rng.choice([0, 1, 2, 9])):
             if rest:
                 queue.append(rest.pop(rng.randrange(len(rest))))
+        if logged and rng.random() < 0.05:
+            queue.insert(0, queue.pop())  # not logged: the next sync passes over the queue
         got = order.update(queue)
         assert got == sorted(queue, key=lambda r: _full_key(t, r))
-        assert order._rows.tolist() == [t.row[r] for r in got]
+        assert list(order._rows) == [t.row[r] for r in got]
+        assert order.update(queue) == got  # unchanged: the order as it is
     assert order.full_sorts == 1
+
+
+def test_a_logged_queue_holding_a_request_twice_means_a_full_sort():
+    t, reqs = _scored_table(random.Random(4), 20)
+    queue = WaitingQueue(reqs)
+    order = ScoreOrder(t)
+    order.sort(queue, t.rows(queue))
+    queue.append(queue[3])  # logged, but a request twice is no queue we keep
+    assert order.update(queue) is None and not order.valid
+    queue.remove(queue[3])
+    order.sort(queue, t.rows(queue))
+    other = WaitingQueue(queue)  # the same requests in another queue: its log is not ours
+    other.remove(other[0])
+    assert order.update(other) == sorted(other, key=lambda r: _full_key(t, r))
 
 
 def test_a_request_twice_or_an_unscored_newcomer_means_a_full_sort():
