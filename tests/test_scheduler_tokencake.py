@@ -504,6 +504,7 @@ def test_time_scheduler_offloads_and_uploads_under_pressure():
 
 # ---- engine on the tiny model ---------------------------------------------------------------------
 def test_engine_greedy_outputs_identical_under_every_policy():
+    from tests.conftest import TINY_ENGINE
     from tokencake.config import EngineConfig
     from tokencake.engine import LLMEngine
     from tokencake.models.config import tiny_config
@@ -521,9 +522,10 @@ def test_engine_greedy_outputs_identical_under_every_policy():
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     results = {}
     for policy in POLICIES:
-        eng = LLMEngine(EngineConfig(num_pages=12, page_size=16, max_model_len=128, max_num_seqs=4,
-                                     max_num_batched_tokens=64, max_prefill_chunk=64, max_prefill_seqs=2,
-                                     warmup=False, policy=policy),
+        # A small pool, so the policies' choices differ; the KV shape of the other pressure
+        # tests (test_engine.py), whose executables this reuses.
+        eng = LLMEngine(EngineConfig(**{**TINY_ENGINE, "num_pages": 14, "max_num_seqs": 4,
+                                        "policy": policy}),
                         model_config=cfg, params=params, tokenizer=tok)  # fmt: skip
         texts = {}
         lids = []
