@@ -173,7 +173,7 @@ class TransferEngine:
         if hs is None:  # numpy host tier: only the device half is jitted
             if direction == "d2h":
                 gather = jax.jit(lambda k, v, ids: (k[:, ids], v[:, ids]), out_shardings=(ds, ds))
-                return compile_lowered(gather.lower(k, v, ids), k)
+                return compile_lowered(gather.lower(k, v, ids), k, "copy")
             shape = (k.shape[0], bucket, *k.shape[2:])
             data = jax.ShapeDtypeStruct(shape, k.dtype, sharding=ds)
             scatter = jax.jit(
@@ -185,7 +185,7 @@ class TransferEngine:
                 donate_argnums=(0, 1),
                 out_shardings=(ds, ds, rs),
             )
-            return compile_lowered(scatter.lower(k, v, ids, data, data), k)
+            return compile_lowered(scatter.lower(k, v, ids, data, data), k, "copy")
         if direction == "d2h":
 
             def d2h(k, v, hk, hv, ids, hids):
@@ -194,7 +194,7 @@ class TransferEngine:
                 return hk.at[:, hids].set(pk), hv.at[:, hids].set(pv), jnp.sum(hids)
 
             fn = jax.jit(d2h, donate_argnums=(2, 3), out_shardings=(hs, hs, rs))
-            return compile_lowered(fn.lower(k, v, hk, hv, ids, ids), k)
+            return compile_lowered(fn.lower(k, v, hk, hv, ids, ids), k, "copy")
 
         def h2d(k, v, hk, hv, ids, hids):
             pk = jax.device_put(hk[:, hids], ds)
@@ -203,7 +203,7 @@ class TransferEngine:
 
         hids = jax.ShapeDtypeStruct((bucket,), jnp.int32, sharding=replicated(hs))
         fn = jax.jit(h2d, donate_argnums=(0, 1), out_shardings=(ds, ds, rs))
-        return compile_lowered(fn.lower(k, v, hk, hv, ids, hids), k)
+        return compile_lowered(fn.lower(k, v, hk, hv, ids, hids), k, "copy")
 
     def warmup(self) -> None:
         """Compile every bucket in both directions; afterwards a new shape raises."""

@@ -14,6 +14,7 @@ from bench.generators import make_workload
 from bench.presets import a800_qwen25_14b, make_preset
 from bench.report import markdown_table
 from bench.run import run_real, run_sim
+from tests.conftest import TINY_ENGINE
 from tokencake.scheduler.metadata import AgentMetadata
 
 METRICS = (
@@ -123,11 +124,9 @@ def test_real_engine_run_two_small_apps(tiny_model):
         "code_writer", num_apps=2, arrival_rate=4.0, context_scale=0.01, output_scale=0.02,
         tool_time_scale=0.02, seed=1,
     )  # fmt: skip
-    engine_kwargs = dict(
-        num_pages=64, page_size=16, max_model_len=256, max_num_seqs=8,
-        max_num_batched_tokens=64, max_prefill_chunk=64, max_prefill_seqs=2,
-        host_kv_gib=0.001, warmup=False,  # compile only the shapes the run meets
-    )  # fmt: skip
+    # The suite's tiny engine with a host tier (as tests/test_memory_hierarchy.py): the run
+    # reuses the executables other tests compiled; TINY_ENGINE compiles lazily.
+    engine_kwargs = {**TINY_ENGINE, "host_kv_gib": 0.01}
     for policy in ("vllm", "tokencake"):
         m, res, _ = run_real(
             wl, policy, model=(cfg, params, tok), engine_kwargs=engine_kwargs, max_wall_s=120

@@ -51,10 +51,10 @@ def test_fused_family_is_bounded():
     assert all(pf in b.shapes() and dc[1] == 1 for pf, dc in b.fused_shapes())
 
 
-def staggered(engine, params=GREEDY) -> dict[str, tuple[int, ...]]:
-    """PROMPTS added two at a time, every third step, so new prompts prefill while the earlier
-    ones decode; returns each request's tokens."""
-    pending = list(enumerate(PROMPTS))
+def staggered(engine, params=GREEDY, prompts=PROMPTS) -> dict[str, tuple[int, ...]]:
+    """``prompts`` added two at a time, every third step, so new prompts prefill while the
+    earlier ones decode; returns each request's tokens."""
+    pending = list(enumerate(prompts))
     done: dict[str, tuple[int, ...]] = {}
     steps = 0
     while pending or engine.has_unfinished_requests():
@@ -103,15 +103,18 @@ def test_fused_with_preemption_and_prefix_hits(make_engine):
 
 
 def test_no_compilation_after_warmup_fused(make_engine):
-    # Four rows, not eight: 30 plain and fused shapes to warm up instead of 40 (the slowest
-    # test of the suite), and the staggered prompts still queue, prefill and fuse.
-    engine = make_engine(warmup=True, fused_steps=True, max_num_seqs=4)
+    # Four rows and a 128-token context (one pages bucket): 11 plain and fused shapes to warm
+    # up instead of 40, where this was the slowest test of the suite; both prefill buckets
+    # stay, and the staggered prompts (those that fit) still queue, prefill and fuse.
+    engine = make_engine(warmup=True, fused_steps=True, max_num_seqs=4, max_model_len=128)
     b = engine.runner.cfg.buckets
     assert len(engine.runner._compiled) == len(b.shapes()) + len(b.fused_shapes())
+    assert len(b.fused_shapes()) > 1 and len({s[1] for s in b.shapes()}) > 2
+    fits = [p for p in PROMPTS if len(p) + 12 <= 128]
     with recorded_compiles() as compiles:
-        staggered(engine)
+        staggered(engine, prompts=fits)
         sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=5, presence_penalty=0.5)
-        staggered(engine, sampled)
+        staggered(engine, sampled, prompts=fits)
     assert compiles == [], f"compiled after warm-up: {compiles}"
     assert engine.runner.fused_counts["fused"] > 0
 

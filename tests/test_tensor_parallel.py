@@ -11,19 +11,20 @@ from tests.helpers.device_subprocess import run_device_check
 SCRIPT = Path(__file__).parent / "helpers" / "tp_check.py"
 
 
-def run_check(n: int, which: str) -> dict:
-    return run_device_check(SCRIPT, n, which, timeout=900)
+def run_check(n: int, which: str, sizes: str | None = None) -> dict:
+    return run_device_check(SCRIPT, n, which, *([sizes] if sizes else []), timeout=900)
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_tiny_model_tp_matches_single_device(n):
-    res = run_check(n, "tiny")
-    assert res["1"]["tokens"] == res[str(n)]["tokens"]
-    assert "'tp'" in res[str(n)]["k_sharding"]
+def test_tiny_model_tp_matches_single_device():
+    # One process with four devices runs TP 1, 2 and 4 (one reference for both).
+    res = run_check(4, "tiny", "1,2,4")
+    for n in ("2", "4"):
+        assert res["1"]["tokens"] == res[n]["tokens"], n
+        assert "'tp'" in res[n]["k_sharding"]
 
 
 def test_indivisible_heads_are_refused():
-    res = run_check(3, "tiny")  # the tiny model has 8 query / 4 KV heads
+    res = run_check(3, "tiny", "3")  # the tiny model has 8 query / 4 KV heads
     assert "does not divide" in res["3"]["error"]
 
 

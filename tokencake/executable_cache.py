@@ -10,10 +10,12 @@ across processes; this one also works where that one is off.
 
 The key is the module text (which carries the argument shapes, shardings and donations) and
 the ids of the devices the program runs on, so a hit is always the same program on the same
-devices. The cache holds at most :data:`CAPACITY` executables, least recently used first
-out: XLA:CPU maps each executable's code into its own memory regions (about 330 for one step
-of the two-layer test model) and Linux caps a process's regions (``vm.max_map_count``,
-65,530 by default), so the cache must not keep every executable it ever saw.
+devices. The cache holds at most :data:`CAPACITY` executables of each kind, least recently
+used first out: XLA:CPU maps each executable's code into its own memory regions (about 330
+for one step of the two-layer test model, about 15 for a KV copy kernel) and Linux caps a
+process's regions (``vm.max_map_count``, 65,530 by default), so the cache must not keep every
+executable it ever saw. Kinds are counted apart so that a burst of cheap copy kernels (a host
+tier compiles 16) does not push out step executables that take seconds each to compile.
 """
 
 from __future__ import annotations
@@ -24,20 +26,26 @@ from collections import OrderedDict
 
 import jax
 
-#: Executables kept (~16,000 mapped regions on XLA:CPU); a runner's own table keeps its
-#: executables alive besides.
-CAPACITY = 48
+#: Executables kept per kind: steps ~16,000 mapped regions on XLA:CPU, copies ~1,000. A
+#: runner's own table keeps its executables alive besides.
+CAPACITY = {"step": 48, "copy": 64}
 
+_Key = tuple[str, str, tuple[int, ...]]  # (kind, module hash, device ids)
 _lock = threading.Lock()
-_cache: OrderedDict[tuple[str, tuple[int, ...]], jax.stages.Compiled] = OrderedDict()
+_cache: OrderedDict[_Key, jax.stages.Compiled] = OrderedDict()
 stats = {"hits": 0, "misses": 0}
 
 
-def compile_lowered(lowered: jax.stages.Lowered, on: jax.Array) -> jax.stages.Compiled:
+def compile_lowered(
+    lowered: jax.stages.Lowered, on: jax.Array, kind: str = "step"
+) -> jax.stages.Compiled:
     """``lowered.compile()``, or the executable an earlier identical lowering compiled for
-    the devices that ``on`` (an array the program takes, e.g. the KV cache) lives on."""
+    the devices that ``on`` (an array the program takes, e.g. the KV cache) lives on.
+    ``kind`` (a key of :data:`CAPACITY`) picks the budget the executable counts against."""
+    if kind not in CAPACITY:
+        raise ValueError(f"unknown executable kind {kind!r}; expected one of {sorted(CAPACITY)}")
     devices = tuple(sorted(d.id for d in on.sharding.device_set))
-    key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(), devices)
+    key = (kind, hashlib.sha256(lowered.as_text().encode()).hexdigest(), devices)
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
@@ -51,8 +59,9 @@ def compile_lowered(lowered: jax.stages.Lowered, on: jax.Array) -> jax.stages.Co
         stats["misses"] += 1
         _cache[key] = compiled
         _cache.move_to_end(key)
-        while len(_cache) > CAPACITY:
-            _cache.popitem(last=False)
+        kept = [k for k in _cache if k[0] == kind]  # oldest first
+        for old in kept[: max(0, len(kept) - CAPACITY[kind])]:
+            del _cache[old]
     return compiled
 
 

@@ -1,6 +1,7 @@
-"""Run greedy generation at tensor_parallel_size=1 and =N on simulated CPU devices and print
-both token lists as JSON. Invoked in a subprocess by tests/test_tensor_parallel.py because the
-device count must be fixed before JAX starts."""
+"""Run greedy generation on N simulated CPU devices at each tensor_parallel_size asked for
+(``tp_check.py N tiny|default [1,2,4]``, default ``1,N``) and print the token lists as JSON, by
+size. Invoked in a subprocess by tests/test_tensor_parallel.py because the device count must be
+fixed before JAX starts; one process runs several sizes so they share the 1-device reference."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 n = int(sys.argv[1])
 which = sys.argv[2]  # "tiny" or "default"
+sizes = [int(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else [1, n]
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
@@ -38,7 +40,7 @@ else:
     options = dict(TINY_ENGINE, num_pages=64, max_model_len=256)
 
 results = {}
-for tp in (1, n):
+for tp in sizes:
     try:
         engine = LLMEngine(
             EngineConfig(**options, tensor_parallel_size=tp),
