@@ -15,6 +15,10 @@ benchmark) the first 256 requests finish in lockstep waves of 64 and every wave 
 
 ``--profile`` runs the timed ``plan()`` calls under cProfile and prints the top functions by
 cumulative and by own time for each policy.
+
+For a policy with the Space Scheduler (``tokencake``, ``tokencake-space``) the thread-CPU times
+are also split into the calls that refreshed every score (``score_refresh_s`` of engine time
+passed) and the others: the p99 of these policies is the slowest refresh call.
 """
 
 from __future__ import annotations
@@ -89,6 +93,11 @@ class Bench:
         """Refill the waiting queue to its target (finished requests left the engine)."""
         self.add(self.target_waiting - len(self.s.waiting))
 
+    def refreshed_at(self) -> float | None:
+        """When the Space Scheduler last refreshed every score (None: the policy has none)."""
+        space = getattr(self.s.policy, "space", None)
+        return None if space is None else space._scored_at
+
     def step(self, prof: cProfile.Profile | None = None) -> tuple[float, float, int, int]:
         """One timed ``plan()`` (schedule) call: (wall seconds, this thread's CPU seconds,
         running, waiting it saw). The CPU time is the load-robust figure on a shared machine:
@@ -130,8 +139,12 @@ def main() -> None:
         b = Bench(policy, args.running, args.waiting, max_tokens=(lo, hi))
         prof = cProfile.Profile() if args.profile else None
         wall, cpu, runs, waits = [], [], [], []
+        split: dict[bool, list[float]] = {True: [], False: []}  # refreshed scores -> CPU ms
         for _ in range(args.steps):
+            before = b.refreshed_at()
             dt, dc, r, w = b.step(prof)
+            if before is not None:
+                split[b.refreshed_at() != before].append(1e3 * dc)
             wall.append(1e3 * dt)
             cpu.append(1e3 * dc)
             runs.append(r)
@@ -142,6 +155,13 @@ def main() -> None:
             print(f"  schedule() {label:4s} ms: median {statistics.median(ms):7.3f}  "
                   f"p90 {pct(ms, 0.9):7.3f}  p99 {pct(ms, 0.99):7.3f}  max {ms[-1]:7.3f}",
                   flush=True)  # fmt: skip
+        for refresh, ms in split.items():
+            if ms:
+                ms.sort()
+                label = "refresh" if refresh else "other"
+                print(f"  cpu ms, {label:7s} calls ({len(ms):3d}): median "
+                      f"{statistics.median(ms):7.3f}  p90 {pct(ms, 0.9):7.3f}  max {ms[-1]:7.3f}",
+                      flush=True)  # fmt: skip
         if prof is not None:
             stats = pstats.Stats(prof)
             stats.sort_stats("cumulative").print_stats(25)
