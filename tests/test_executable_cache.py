@@ -64,7 +64,7 @@ def test_least_recently_used_executables_leave_first(monkeypatch, kept_cache):
     assert compiles(1.0) == 1 and compiles(2.0) == 1
     assert compiles(1.0) == 0  # a hit, and now the most recently used
     assert compiles(3.0) == 1  # full: the least recently used (2.0) leaves
-    assert len(executable_cache._cache) == 2
+    assert len(executable_cache._caches["step"]) == 2
     assert compiles(1.0) == 0
     # Other kinds have their own budget: cheap copy kernels do not push steps out.
     assert all(compiles(c, "copy") == 1 for c in (4.0, 5.0, 6.0))
@@ -78,13 +78,8 @@ def test_least_recently_used_executables_leave_first(monkeypatch, kept_cache):
 def test_a_runner_keeps_its_executables_when_the_cache_drops_them(make_engine):
     engine = make_engine(enable_prefix_cache=False)  # same shapes when rerun
     want = generate(engine)  # compiles, or reuses the suite's executables
-    saved = executable_cache._cache.copy()
-    executable_cache.clear()
-    try:
-        with recorded_compiles() as compiles:
-            assert generate(engine) == want
-    finally:
-        executable_cache._cache.update(saved)
+    with executable_cache.emptied(), recorded_compiles() as compiles:
+        assert generate(engine) == want
     assert compiles == []
 
 
@@ -92,8 +87,5 @@ def test_a_runner_keeps_its_executables_when_the_cache_drops_them(make_engine):
 def kept_cache():
     """An empty cache for the test; the suite's cached executables come back afterwards (the
     other tests' engines reuse them: clearing the cache for good would slow the suite)."""
-    saved = executable_cache._cache.copy()
-    executable_cache.clear()
-    yield
-    executable_cache.clear()
-    executable_cache._cache.update(saved)
+    with executable_cache.emptied():
+        yield

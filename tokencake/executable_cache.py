@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import jax
 
@@ -31,9 +33,10 @@ import jax
 #: peaked at 26,600 regions and compiled 35 programs a second time after dropping them.)
 CAPACITY = {"step": 64, "copy": 64}
 
-_Key = tuple[str, str, tuple[int, ...]]  # (kind, module hash, device ids)
+_Key = tuple[str, tuple[int, ...]]  # (module hash, device ids)
 _lock = threading.Lock()
-_cache: OrderedDict[_Key, jax.stages.Compiled] = OrderedDict()
+# One LRU per kind, least recently used first.
+_caches: dict[str, OrderedDict[_Key, jax.stages.Compiled]] = {k: OrderedDict() for k in CAPACITY}
 stats = {"hits": 0, "misses": 0}
 
 
@@ -43,14 +46,15 @@ def compile_lowered(
     """``lowered.compile()``, or the executable an earlier identical lowering compiled for
     the devices that ``on`` (an array the program takes, e.g. the KV cache) lives on.
     ``kind`` (a key of :data:`CAPACITY`) picks the budget the executable counts against."""
-    if kind not in CAPACITY:
+    cache = _caches.get(kind)
+    if cache is None:
         raise ValueError(f"unknown executable kind {kind!r}; expected one of {sorted(CAPACITY)}")
     devices = tuple(sorted(d.id for d in on.sharding.device_set))
-    key = (kind, hashlib.sha256(lowered.as_text().encode()).hexdigest(), devices)
+    key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(), devices)
     with _lock:
-        hit = _cache.get(key)
+        hit = cache.get(key)
         if hit is not None:
-            _cache.move_to_end(key)
+            cache.move_to_end(key)
             stats["hits"] += 1
             return hit
     # Compiled outside the lock: two threads missing on the same key compile it twice, which
@@ -58,15 +62,31 @@ def compile_lowered(
     compiled = lowered.compile()
     with _lock:
         stats["misses"] += 1
-        _cache[key] = compiled
-        _cache.move_to_end(key)
-        kept = [k for k in _cache if k[0] == kind]  # oldest first
-        for old in kept[: max(0, len(kept) - CAPACITY[kind])]:
-            del _cache[old]
+        cache[key] = compiled
+        cache.move_to_end(key)
+        while len(cache) > CAPACITY[kind]:
+            cache.popitem(last=False)
     return compiled
 
 
 def clear() -> None:
     """Drop every cached executable (runners keep the ones they already hold)."""
     with _lock:
-        _cache.clear()
+        for cache in _caches.values():
+            cache.clear()
+
+
+@contextmanager
+def emptied() -> Iterator[None]:
+    """Run the block with an empty cache, then put back what it held (tests: an empty cache
+    for one check, without making the rest of the suite compile again)."""
+    with _lock:
+        saved = {k: c.copy() for k, c in _caches.items()}
+    clear()
+    try:
+        yield
+    finally:
+        with _lock:
+            for k, c in _caches.items():
+                c.clear()
+                c.update(saved[k])
