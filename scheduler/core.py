@@ -73,6 +73,9 @@ class Scheduler:
         # A list that logs its appends and removes: per-step consumers read a step's changes
         # instead of passing over the whole queue (waiting_queue.py).
         self.waiting: WaitingQueue = WaitingQueue()
+        # A plain list: a logged one held finished requests alive in its log, and freed them
+        # in bursts inside schedule() when the log was trimmed (bench/RESULTS.md, #17 item 4,
+        # "Ninth round").
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0

@@ -69,7 +69,10 @@ class ScoreTable:
     scores it holds until the next refresh: ``own`` and ``eff`` (effective), valid where
     ``scored``; ``tie`` is a label that orders rows by ``(arrival, id)`` (``tie_rank.py``), the
     admission order's last key; ``req`` holds the request itself (an object column: a sorted
-    order of rows becomes its list of requests by one fancy index, no Python call per row)."""
+    order of rows becomes its list of requests by one fancy index, no Python call per row);
+    ``queued`` marks the rows of the Space Scheduler's kept admission order (``score_order.py``
+    sets and clears it; a dropped row loses its mark). Rows ``[used:]`` have never been
+    given out."""
 
     _FLOAT = ("static", "rr", "pg", "elapsed", "started", "arrival", "age_f", "queue_f")
 
@@ -80,6 +83,7 @@ class ScoreTable:
         self.types = Interner()
         self._free: list[int] = []
         self._used = 0
+        self._unstarted = 0  # live annotated rows without an application start time
         self._alloc(capacity)
 
     def _alloc(self, n: int) -> None:
@@ -103,6 +107,7 @@ class ScoreTable:
         self.own = grow(getattr(self, "own", None), 0, np.int64)
         self.eff = grow(getattr(self, "eff", None), 0, np.int64)
         self.scored = grow(getattr(self, "scored", None), False, np.bool_)
+        self.queued = grow(getattr(self, "queued", None), False, np.bool_)
         self.tie = grow(getattr(self, "tie", None), 0, np.int64)
         self.req = grow(getattr(self, "req", None), None, object)
 
@@ -138,6 +143,8 @@ class ScoreTable:
             self.age_f[i], self.queue_f[i] = 1 + 0.75 * rr, 1 + 0.5 * rr
             self.elapsed[i] = m.application_elapsed_s
             self.started[i] = m.application_started_at_s
+            if not m.application_started_at_s > 0:
+                self._unstarted += 1
             self.group[i] = -1 if group is None else self.groups.acquire(group)
             self.type[i] = self.types.acquire(m.agent_type)
         self.row[r] = i
@@ -149,14 +156,21 @@ class ScoreTable:
         if i is None:
             return
         self.ties.remove(i)
+        if self.ann[i] and not self.started[i] > 0:
+            self._unstarted -= 1
         if self.group[i] >= 0:
             self.groups.release(int(self.group[i]))
         if self.type[i] >= 0:
             self.types.release(int(self.type[i]))
-        self.ann[i] = self.scored[i] = False
+        self.ann[i] = self.scored[i] = self.queued[i] = False
         self.group[i] = self.type[i] = -1
         self.req[i] = None  # the table must not keep a finished request alive
         self._free.append(i)
+
+    @property
+    def used(self) -> int:
+        """Rows ever given out (every live row is below it)."""
+        return self._used
 
     def rows(self, reqs: Sequence[Request]) -> np.ndarray:
         """The rows of ``reqs`` (each must have one), in order."""
@@ -167,13 +181,27 @@ class ScoreTable:
         not finite or not below 2**62 (then the scalar path decides, and raises)."""
         static, _, pg, elapsed, started, arrival, age_f, queue_f = self.floats[:, rows]
         # time_parts(), step for step: Python's max/min of two finite floats pick the value
-        # np.maximum/np.minimum pick, and every + - * rounds identically.
-        wait = np.maximum(0.0, now - arrival)
-        elapsed = np.where(started > 0, np.maximum(elapsed, now - started), elapsed + wait)
-        age = np.minimum(elapsed, 300.0) * age_f  # (1 + 0.75 * rr), per row
-        queue = np.minimum(wait, 180.0) * queue_f  # (1 + 0.5 * rr)
-        completion = np.minimum(elapsed, 240.0) * pg
-        total = static + (5 * age + 8 * queue + 5 * completion)
-        if total.size and not np.abs(total).max() < _INT_LIMIT:  # also for NaN (max is NaN)
+        # np.maximum/np.minimum pick, and every + - * rounds identically (a * b is b * a, and
+        # a + b is b + a, exactly). In place: each temporary is a buffer for the next step.
+        wait = now - arrival
+        np.maximum(0.0, wait, out=wait)
+        if self._unstarted == 0:  # every row has a start time (the usual case): no np.where
+            elapsed = np.maximum(elapsed, now - started)
+        else:
+            elapsed = np.where(started > 0, np.maximum(elapsed, now - started), elapsed + wait)
+        total = np.minimum(elapsed, 300.0)
+        total *= age_f  # age = min(elapsed, 300) * (1 + 0.75 * rr)
+        total *= 5
+        np.minimum(wait, 180.0, out=wait)
+        wait *= queue_f  # queue = min(wait, 180) * (1 + 0.5 * rr)
+        wait *= 8
+        total += wait  # 5 * age + 8 * queue
+        np.minimum(elapsed, 240.0, out=elapsed)
+        elapsed *= pg  # completion = min(elapsed, 240) * progress
+        elapsed *= 5
+        total += elapsed  # ... + 5 * completion
+        total += static  # static + (...)
+        # Not finite or too large: a NaN makes both comparisons False.
+        if total.size and not (total.max() < _INT_LIMIT and total.min() > -_INT_LIMIT):
             return None
         return total.astype(np.int64)  # int(): the cast truncates toward zero

@@ -29,7 +29,7 @@ import numpy as np
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.agent_scores import static_parts, time_parts
-from tokencake.scheduler.faults import blame
+from tokencake.scheduler.faults import RequestFault
 from tokencake.scheduler.metadata import AgentMetadata
 from tokencake.scheduler.partition import PartitionPlan
 from tokencake.scheduler.request import Request
@@ -48,6 +48,7 @@ class Scored(NamedTuple):
 # C-level helpers for the hot per-step paths (no Python frame per request).
 _NATIVE = attrgetter("arrival_time", "request_id")
 _NONE = np.iinfo(np.int64).min
+_STAGE = "the Space Scheduler's score"  # a score fault's stage
 
 
 class SpaceScores(abc.ABC):
@@ -83,10 +84,16 @@ class SpaceScores(abc.ABC):
         if m is None:
             return 0
         t = self.table
-        with blame(r, "the Space Scheduler's score"):
+        # ``with blame(r, _STAGE)``, written out: a generator context manager costs a few us
+        # per call, and every newcomer passes here and through :meth:`_row`.
+        try:
             i = self._row(r)
             static, rr, pg = float(t.static[i]), float(t.rr[i]), float(t.pg[i])
             return int(static + time_parts(m, r.arrival_time, now, rr, pg))
+        except RequestFault:
+            raise
+        except Exception as exc:
+            raise RequestFault(r.request_id, _STAGE, exc) from exc
 
     def _row(self, r: Request) -> int:
         """``r``'s row in the score table, made (static parts computed) on first sight."""
@@ -96,8 +103,12 @@ class SpaceScores(abc.ABC):
         m = r.metadata
         if m is None:
             return self.table.add(r, None, None)
-        with blame(r, "the Space Scheduler's score"):
+        try:  # ``with blame(r, _STAGE)``, written out (see :meth:`own_score`)
             return self.table.add(r, static_parts(m), self._group_of(m))
+        except RequestFault:
+            raise
+        except Exception as exc:
+            raise RequestFault(r.request_id, _STAGE, exc) from exc
 
     def effective(self, r: Request) -> int:
         """``r``'s effective score this step (0: not scored)."""
@@ -225,13 +236,12 @@ class SpaceScores(abc.ABC):
         self._scored_at = now
         order = self._order
         if new is not None:
-            kept, krows = order.synced()
+            krows = order.synced()
             nrows = list(map(self._row, new))  # made in queue order
-            wreqs: Sequence[Request] = kept + new
-            wrows = np.array(krows + nrows, np.int64)
+            wrows = np.concatenate([krows, np.array(nrows, np.int64)]) if nrows else krows
             members: set[Request] | None = order._members  # set(waiting), from the sync
         else:
-            wreqs, wrows, members = waiting, self._rows_of(waiting), None
+            wrows, members = self._rows_of(waiting), None
         order.invalidate()
         t = self.table
         try:  # every running request has its row (admission scored it), unless ...
@@ -239,54 +249,57 @@ class SpaceScores(abc.ABC):
         except KeyError:  # ... it was admitted before the policy saw it: make them
             rrows = self._rows_of(running)
         wsel = t.ann[wrows]
-        rsel = t.group[rrows] >= 0  # running scores matter for join groups (victims: lazily)
-        every = bool(wsel.all())
-        rows = np.concatenate([wrows if every else wrows[wsel], rrows[rsel]])
+        rrows = rrows[t.group[rrows] >= 0]  # running scores matter for join groups (victims:
+        every = bool(wsel.all())  # scored lazily)
+        rows = np.concatenate([wrows if every else wrows[wsel], rrows])
         own = t.own_scores(rows, now)
         if own is None:  # unreachable with validated metadata: the scalar path blames someone
-            wsel = t.ann[self._rows_of(waiting)]  # in queue order, as ever
+            wrows = self._rows_of(waiting)  # in queue order, as ever; ``rows`` follows ``reqs``
+            wsel, rrows = t.ann[wrows], self._rows_of(running)
+            rsel = t.group[rrows] >= 0
             reqs = [*compress(waiting, wsel.tolist()), *compress(running, rsel.tolist())]
+            rows = np.concatenate([wrows if every else wrows[wsel], rrows[rsel]])
             own = np.array([self.own_score(r, now) for r in reqs], np.int64)
-        eff = own.copy()
+        # Each join group's maximum, by group id (ids are small: the interner recycles them),
+        # over every row at once: a row without a group holds -1, which reads an extra last
+        # entry kept at _NONE, so max(own, best[gid]) is the group's maximum for a member
+        # (it is at least its own score) and its own score for the others. No masks.
         gid = t.group[rows]
-        grouped = gid >= 0
-        if grouped.any():
-            # Each group's maximum, by group id (ids are small: the interner recycles them).
-            g = gid[grouped]
-            best = np.full(len(t.groups.keys), _NONE, np.int64)
-            np.maximum.at(best, g, own[grouped])
-            eff[grouped] = best[g]
-            self._gbest, self._gids = best, dict(t.groups.ids)
-        else:
-            self._gbest, self._gids = np.zeros(0, np.int64), {}
+        k = len(t.groups.keys)
+        best = np.full(k + 1, _NONE, np.int64)
+        np.maximum.at(best, gid, own)
+        best[k] = _NONE
+        eff = np.maximum(own, best[gid])
+        self._gbest, self._gids = best[:k], dict(t.groups.ids)
         self._groups = {}
         t.scored[:] = False  # a running request outside a join group loses its score (victims:
         t.scored[rows] = True  # scored lazily)
         t.own[rows] = own
         t.eff[rows] = eff
-        self._best(wreqs, wrows)
+        n = len(wrows)  # with every waiting request annotated, the first n rows are wrows
+        self._best(waiting, wrows, eff[:n] if every else None)
         if every:  # no ordinary request: the whole queue is sorted by score
-            order.sort(wreqs, wrows, waiting, members)
+            order.sort(waiting, wrows, waiting, members, (own[:n], eff[:n]))
 
-    def _best(self, waiting: Sequence[Request], rows: np.ndarray | None = None) -> None:
+    def _best(
+        self,
+        waiting: Sequence[Request],
+        rows: np.ndarray | None = None,
+        eff: np.ndarray | None = None,
+    ) -> None:
         """Each critical type's highest effective score among the waiting requests (``rows``:
-        their score-table rows, when already at hand)."""
+        their score-table rows, ``eff``: their effective scores, when already at hand)."""
         crit = self.plan.critical if self.plan else set()
         t = self.table
         crit_ids = {t.types.ids[k]: k for k in crit if k in t.types.ids}
         best: dict[str, int] = {}
         if crit_ids and waiting:
             rows = t.rows(waiting) if rows is None else rows
-            tid = t.type[rows]
-            # np.isin(tid, crit ids), as a lookup; rows with no type hold -1, which reads the
-            # extra last entry (never critical)
-            is_crit = np.zeros(len(t.types.keys) + 1, np.bool_)
-            is_crit[list(crit_ids)] = True
-            mine = is_crit[tid]
-            if mine.any():
-                top = np.full(len(t.types.keys), _NONE, np.int64)
-                np.maximum.at(top, tid[mine], t.eff[rows[mine]])
-                best = {k: int(top[i]) for i, k in crit_ids.items() if top[i] > _NONE}
+            # Every type's maximum, critical or not, by one unmasked pass; rows with no type
+            # hold -1, which reads the extra last entry (never read back).
+            top = np.full(len(t.types.keys) + 1, _NONE, np.int64)
+            np.maximum.at(top, t.type[rows], t.eff[rows] if eff is None else eff)
+            best = {k: int(top[i]) for i, k in crit_ids.items() if top[i] > _NONE}
         self.best_waiting = best
 
     # ---- ordering (§4.6, §4.7) ----------------------------------------------------------------

@@ -40,6 +40,11 @@ class TieRank:
     def __len__(self) -> int:
         return len(self._keys)
 
+    @property
+    def has_equal(self) -> bool:
+        """Whether two ranked rows share a key (then they share a label too)."""
+        return self._equal > 0
+
     def add(self, key: TieKey, row: int, column: np.ndarray) -> None:
         """Rank ``row`` (not ranked yet) by ``key``: its label goes to ``column[row]`` (a
         relabel rewrites the other ranked rows' labels there too)."""
