@@ -107,7 +107,7 @@ class BlockPool:
         """Take ``n`` fresh blocks (ref count 1), evicting LRU cached blocks if needed."""
         if n < 0:
             raise ValueError("cannot allocate a negative number of blocks")
-        if n > self.num_free:
+        if n > len(self._free) and n > self.num_free:  # (the free list alone: no property call)
             raise PoolExhaustedError(f"asked for {n} blocks, only {self.num_free} free")
         out = []
         for _ in range(n):

@@ -290,7 +290,8 @@ class Scheduler:
         # 1. Running requests, oldest first; preempt per policy when blocks run out. Hot loop
         # (256 rows a step): the common case (a decode row whose next token fits its last
         # block) is inlined, with locals for everything it reads.
-        bs, awaiting = self.pool.block_size, self.host_tier.awaiting
+        pool = self.pool
+        bs, awaiting = pool.block_size, self.host_tier.awaiting
         chunk, max_prefill_rows = cfg.max_prefill_chunk, cfg.max_prefill_seqs
         chunks = plan.chunks
         for req in sorted(self.running, key=_ARRIVAL):
@@ -310,10 +311,16 @@ class Scheduler:
             else:
                 n = 1
             if start + n > len(req.block_ids) * bs:
-                if not self._make_room(plan, req, n):
-                    chunks = plan.chunks  # a victim's chunk may have been dropped
-                    continue
-                chunks = plan.chunks
+                # ``_grow`` inlined for the usual case (a decode row entering its next block,
+                # ~16 rows a step): the pool has the blocks. Else ``_make_room`` preempts.
+                need = -(-(start + n) // bs) - len(req.block_ids)
+                if need <= pool.num_free:
+                    req.block_ids.extend(pool.allocate(need))
+                else:
+                    if not self._make_room(plan, req, n):
+                        chunks = plan.chunks  # a victim's chunk may have been dropped
+                        continue
+                    chunks = plan.chunks
             chunks.append(_new_chunk(ScheduledChunk, (req, start, n)))
             budget -= n
             if n > 1:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tokencake.scheduler.lifecycle import LifecycleRecord
 from tokencake.scheduler.plan import BlockCopy
@@ -22,13 +23,21 @@ class PState(enum.Enum):
 
 @dataclass
 class Preservation:
-    """One lifecycle's KV preservation (``seq``: creation order, the order ticks visit in)."""
+    """One lifecycle's KV preservation (``seq``: creation order, the order ticks visit in).
+
+    One is made for every finished annotated request and lives as long as its lifecycle, so it
+    holds no container of its own until it needs one: ``hashes`` is the lifecycle's snapshot
+    tuple itself, and ``pins`` and ``host_retained`` stay the empty tuple until something is
+    pinned or retained (each is then replaced by a new sequence, never changed in place).
+    Three lists per finished request were a fifth of the objects the garbage collector's
+    young generation gained per step in the schedule benchmark (bench/RESULTS.md, issue 17
+    item 4, "Tenth round")."""
 
     rec: LifecycleRecord
-    hashes: list[bytes]
+    hashes: tuple[bytes, ...]
     state: PState = PState.DROPPED
-    pins: list[int] = field(default_factory=list)  # device blocks we hold one reference on
-    host_retained: list[bytes] = field(default_factory=list)
+    pins: Sequence[int] = ()  # device blocks we hold one reference on
+    host_retained: Sequence[bytes] = ()
     upload_at: float = math.inf
     n_restore: int = 0
     ttl: float = math.inf

@@ -47,8 +47,12 @@ class ScoreOrder(KeptOrder):
         super().__init__(self._key)
 
     def invalidate(self) -> None:
+        # Marks are set only while the order is valid (by its inserts and its sort), so an
+        # invalid order has none to clear: a refresh invalidates, then its sort invalidates
+        # again (reset), and the second pass over the column was for nothing.
+        if self.valid:
+            self.table.queued[:] = False
         super().invalidate()
-        self.table.queued[:] = False
         self._keys = {}
 
     def positions(self, gone: set[Request]) -> list[int]:

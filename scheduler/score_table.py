@@ -84,6 +84,7 @@ class ScoreTable:
         self._free: list[int] = []
         self._used = 0
         self._unstarted = 0  # live annotated rows without an application start time
+        self.plain = 0  # live rows without metadata (0: every live request is annotated)
         self._alloc(capacity)
 
     def _alloc(self, n: int) -> None:
@@ -133,6 +134,7 @@ class ScoreTable:
         self.scored[i] = False
         self.req[i] = r
         if parts is None or m is None:
+            self.plain += 1
             self.ann[i] = False
             self.group[i] = self.type[i] = -1
         else:
@@ -156,7 +158,9 @@ class ScoreTable:
         if i is None:
             return
         self.ties.remove(i)
-        if self.ann[i] and not self.started[i] > 0:
+        if not self.ann[i]:
+            self.plain -= 1
+        elif not self.started[i] > 0:
             self._unstarted -= 1
         if self.group[i] >= 0:
             self.groups.release(int(self.group[i]))

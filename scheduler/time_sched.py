@@ -104,7 +104,8 @@ class TimeScheduler:
         if transition == "completed" and rec.snapshot:
             if lid not in self.items:
                 self._seq += 1
-                self.items[lid] = Preservation(rec, list(rec.snapshot), seq=self._seq)
+                # tuple() of the core's snapshot tuple is that tuple: no copy to keep
+                self.items[lid] = Preservation(rec, tuple(rec.snapshot), seq=self._seq)
         elif transition in ("started", "completed"):
             p = self.items.get(lid)
             if p is not None:
@@ -405,20 +406,20 @@ class TimeScheduler:
     def _unpin(self, p: Preservation) -> None:
         if p.pins:
             self.pool.free(p.pins)
-            p.pins = []
+            p.pins = ()
 
     def _drop(self, p: Preservation) -> None:
         self._unpin(p)
         if p.host_retained and self.host is not None:
             self.host.release(p.host_retained)
-        p.host_retained = []
+        p.host_retained = ()
         p.state = PState.DROPPED
 
     def _offload(self, p: Preservation, dev: list[int], count: int, now: float) -> None:
         host = self.host
         hashes = p.hashes[:count]
         # Retain what the host already has first, so allocating the rest cannot evict it.
-        p.host_retained = host.retain(hashes)
+        p.host_retained = retained = host.retain(hashes)
         src: list[int] = []
         dst: list[int] = []
         for i, h in enumerate(hashes):
@@ -429,7 +430,7 @@ class TimeScheduler:
                 count = i  # keep the contiguous prefix that fits
                 break
             host.register(got[0], h, pending=True)
-            p.host_retained += host.retain([h])
+            retained += host.retain([h])
             src.append(dev[i])
             dst.append(got[0])
         p.n_restore = count
@@ -491,7 +492,9 @@ class TimeScheduler:
             self._count("failed_copies")
             self._drop(p)
 
-    def _uploaded(self, p: Preservation, hashes: list[bytes], copy: BlockCopy, ok: bool) -> None:
+    def _uploaded(
+        self, p: Preservation, hashes: Sequence[bytes], copy: BlockCopy, ok: bool
+    ) -> None:
         """The upload's copy-in ended: register the pages and pin them for the successor."""
         p.inflight = None
         pool = self.pool
@@ -502,12 +505,14 @@ class TimeScheduler:
             pool.free(copy.device_blocks)  # never registered: back to the free list, no stale hash
             p.state = PState.OFFLOADED
             return
+        kept = []
         for b, h in zip(copy.device_blocks, hashes, strict=True):
             pool.register(b, h)
             if pool.hash_of(b) == h:
-                p.pins.append(b)
+                kept.append(b)
             else:
                 pool.free([b])  # an identical block got cached meanwhile: ours is moot
+        p.pins = [*p.pins, *kept]  # after the device hits _upload pinned
         p.state = PState.RESTORED
 
     def relieve(self) -> bool:

@@ -31,7 +31,7 @@ from tokencake.scheduler.offload_benefit import Pressure, waiting_pressure
 from tokencake.scheduler.policy import Admission, Policy, PolicyContext, TimeSchedulerStats
 from tokencake.scheduler.queue_order import SortedQueue
 from tokencake.scheduler.request import Request
-from tokencake.scheduler.sharing import inflight_hashes, waits_for_inflight
+from tokencake.scheduler.sharing import Prefills, waits_for_inflight
 from tokencake.scheduler.space import Denial, SpaceScheduler
 from tokencake.scheduler.time_decisions import (
     Decide,
@@ -68,6 +68,10 @@ class TokencakePolicy(Policy):
             self.config.offload.write_back_all if write_back_all is None else write_back_all
         )
         self._inflight: set[bytes] | None = None  # block hashes running prefills will compute
+        # The running requests that may still prefill (None: no in-flight deferral).
+        self._prefills: Prefills | None = None
+        if self.use_space and self.config.scheduling.defer_inflight_prefix:
+            self._prefills = Prefills()
         self.sharing_deferrals = 0
         self._leaf_blocks: dict[str, list[int]] = {}  # finished leaf agent -> blocks to demote
         self.space: SpaceScheduler | None = None
@@ -94,8 +98,8 @@ class TokencakePolicy(Policy):
 
     # ---- per step -----------------------------------------------------------------------------
     def on_step(self, now: float, running: Sequence[Request], waiting: Sequence[Request]) -> None:
-        if self.use_space and self.config.scheduling.defer_inflight_prefix:
-            self._inflight = inflight_hashes(running, self.ctx.pool.block_size)
+        if self._prefills is not None:  # inflight_hashes(running), from the few that may prefill
+            self._inflight = self._prefills.inflight(self.ctx.pool.block_size)
         # Space first: the Time Scheduler's pressure forecast reads this step's plan (scores,
         # uncommitted capacity). Run after the tick, it read the previous step's plan, which
         # still counted a just-finished agent's growth and hid the queue's real fit demand.
@@ -243,6 +247,8 @@ class TokencakePolicy(Policy):
         return max(blocks_needed, full) + revived
 
     def on_admitted(self, request: Request, now: float) -> None:
+        if self._prefills is not None:
+            self._prefills.admitted(request)
         if self._inflight is not None and request.is_prefill:
             bs = self.ctx.pool.block_size
             self._inflight.update(request.block_hashes(bs)[request.num_computed_tokens // bs :])

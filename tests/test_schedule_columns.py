@@ -5,7 +5,9 @@ their plain definitions decide, on random request states:
   ``free - sum(remaining_growth(r))``, with and without full-future admission;
 * the Time Scheduler's ranking of queued requests' prefixes (a set probe skips the ranked
   ones) against a loop over the queue;
-* the in-flight prefix hashes (``is_prefill`` inlined) against the property.
+* the in-flight prefix hashes (``is_prefill`` inlined) against the property, and the
+  policy's kept set of possibly prefilling requests against a pass over the running set, at
+  every step of a simulated run with chunked prefills, shared prefixes, preemptions and aborts.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import pytest
 
 from tokencake.memory.block_pool import BlockPool
 from tokencake.scheduler.copies import CopyTracker
+from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.lifecycle import Lifecycle
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sharing import inflight_hashes
+from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
 from tokencake.scheduler.space import SpaceScheduler
 from tokencake.scheduler.time_sched import TimeScheduler
 from tokencake.scheduler.tokencake_config import SpaceConfig, TimeConfig
@@ -119,3 +123,40 @@ def test_inflight_hashes_are_the_prefilling_requests_uncomputed_blocks():
             if r.is_prefill:
                 expected.update(r.block_hashes(BS)[r.num_computed_tokens // BS :])
         assert inflight_hashes(running, BS) == expected, trial
+
+
+@pytest.mark.parametrize("policy", ["tokencake", "tokencake-space"])
+def test_kept_prefills_give_the_inflight_hashes_of_the_running_set(policy):
+    """The policy's in-flight hashes come from the requests admitted mid-prompt (``Prefills``);
+    at every step they equal ``inflight_hashes`` over the whole running set."""
+    rng = random.Random(5)
+    clock = SimClock()
+    pool = BlockPool(160, BS)  # small: growth preempts
+    cfg = SchedulerConfig(max_num_seqs=24, max_num_batched_tokens=256, max_prefill_chunk=32,
+                          max_prefill_seqs=6, max_model_len=512)  # fmt: skip
+    s = Scheduler(cfg, pool, policy, clock)
+    ex = SimExecutor(clock)
+    pol = s.policy
+    checked = []
+    on_step = pol.on_step
+
+    def checked_on_step(now, running, waiting):
+        on_step(now, running, waiting)
+        assert pol._inflight == inflight_hashes(running, BS), len(checked)
+        checked.append(sum(r.is_prefill for r in running))
+
+    pol.on_step = checked_on_step
+    parents = [[rng.randrange(1, 500) for _ in range(rng.randrange(40, 160))] for _ in range(6)]
+    n = 0
+    for _ in range(400):
+        for _ in range(rng.choice([0, 0, 1, 3])):  # fan-outs: siblings share a parent's prefix
+            prompt = rng.choice(parents) + [
+                rng.randrange(1, 500) for _ in range(rng.randrange(1, 40))
+            ]
+            s.add_request(Request(f"q{n}", prompt, rng.randrange(2, 200), clock()))
+            n += 1
+        if s.running and rng.random() < 0.05:
+            s.abort(rng.choice(s.running).request_id)
+        sim_step(s, ex)
+    assert len(checked) == 400 and max(checked) >= 2  # prefills ran side by side
+    assert pol.sharing_deferrals > 0 and s.num_preemptions > 0

@@ -218,6 +218,9 @@ def test_space_scores_and_order_equal_a_full_recomputation(seed, ordinary):
         # the table marks exactly the kept order's rows (none while it is invalid)
         marked = np.flatnonzero(sp.table.queued).tolist()
         assert marked == sorted(sp.table.row[r] for r in kept._ranked)
+        # the table's count of live rows without metadata (a refresh reads it), kept by
+        # add/drop, is the count over its rows
+        assert sp.table.plain == sum(r.metadata is None for r in sp.table.row)
         for r in running:
             if r.request_id in ref.scores:
                 assert sp.effective(r) == ref.scores[r.request_id].eff
