@@ -9,9 +9,11 @@ with the default model, times every ``step()`` and fits, by non-negative least s
 the second of two passes (the first pays JIT compilation):
 
 * the step model: ``step = overhead + overhead_row * rows + overhead_ctx * live context
-  tokens + sum of its calls' shape prices`` (the calls grouped and padded as the runner
-  does, ``tokencake.buckets``; a shape's price is timed on dummy pages, so gathering live
-  pages is the ``overhead_ctx`` term);
+  tokens + sum of its calls' prices`` (the calls grouped and padded as the runner does,
+  ``tokencake.buckets``). Each shape is timed twice on dummy pages, with one-token contexts
+  and with its page bucket's full span; a call is priced between the two by its longest
+  row's context (``StepModel.calls_time``), since the chunked attention's work follows it.
+  Gathering live pages is the ``overhead_ctx`` term;
 * a linear model ``a + b * decode_rows + c * prefill_tokens + d * decode_context +
   e * prefill x ctx``, whose prefill terms give the policies' recompute-cost estimate.
 
@@ -33,6 +35,7 @@ import numpy as np
 from bench.presets import (
     DEFAULT_LOCAL,
     LOCAL_PRESET_PATH,
+    StepModel,
     linear_features,
     load_local,
     plan_spans,
@@ -154,14 +157,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The step model proper: every compiled call shape priced on its own, then the per-step
     # and per-row overhead fitted to what the real steps took beyond their calls.
     buckets = engine.runner.cfg.buckets
-    shape_s = {
-        shape_key(sh): t
-        for sh, t in time_shapes(
-            engine.runner, [*buckets.shapes(), *buckets.fused_shapes()]
-        ).items()
+    shapes = [*buckets.shapes(), *buckets.fused_shapes()]
+    shape_s = {shape_key(sh): t for sh, t in time_shapes(engine.runner, shapes).items()}
+    shape_full_s = {
+        shape_key(sh): t for sh, t in time_shapes(engine.runner, shapes, full_context=True).items()
     }
-    calls = np.array([sum(shape_s[shape_key(c)] for c in buckets.call_shapes(sp))
-                      for _, sp, _ in samples])  # fmt: skip
+    prices = StepModel(0, 0, 0, 0, 0, shape_s=shape_s, shape_full_s=shape_full_s, buckets=buckets)
+    calls = np.array([prices.calls_time(sp) for _, sp, _ in samples])
     rows = np.array([[1.0, len(sp), sum(a + n for a, n in sp)] for _, sp, _ in samples])
     over = nnls(rows, y - calls)
     pred = calls + rows @ over
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "overhead_row": float(over[1]),
             "overhead_ctx": float(over[2]),
             "shape_s": shape_s,
+            "shape_full_s": shape_full_s,
         },
         "vocab_size": mc.vocab_size,
         "calibration": {

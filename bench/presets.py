@@ -81,6 +81,12 @@ class StepModel:
     # runner does, plus a per-step and per-row overhead; the linear terms above then serve
     # only the recompute-cost model.
     shape_s: dict[str, float] = field(default_factory=dict)
+    # The same shapes timed with every row's context at its page bucket's full span. The
+    # chunked attention (the CPU default) walks keys up to the longest row of a call, so a
+    # call's attention grows with that row's context: a call is priced between its two
+    # prices, linearly in that context (absent: every call costs its ``shape_s`` price, as
+    # under the reference backend, which attends the whole padded bucket anyway).
+    shape_full_s: dict[str, float] = field(default_factory=dict)
     buckets: StepBuckets | None = None
     overhead: float = 0.0  # per non-empty step, beyond its calls (scheduling, batch building)
     overhead_row: float = 0.0  # per scheduled row
@@ -91,26 +97,44 @@ class StepModel:
             return self.idle
         if self.shape_s and self.buckets is not None:
             spans = plan_spans(plan)
-            calls = self.buckets.call_shapes(spans)
             return (
                 self.overhead
                 + self.overhead_row * len(spans)
                 + self.overhead_ctx * sum(start + n for start, n in spans)
-                + sum(self._shape_time(c) for c in calls)
+                + self.calls_time(spans)
             )
         _, rows, prefill, ctx, pctx = linear_features(plan)
         mem = self.m0 + self.d * ctx
         compute = self.b * rows + self.c * prefill + self.e * pctx
         return self.a + (max(mem, compute) if self.roofline else mem + compute)
 
-    def _shape_time(self, shape: CallShape) -> float:
-        t = self.shape_s.get(shape_key(shape))
-        if t is None:
-            raise KeyError(
-                f"call shape {shape_key(shape)} has no measured price in this preset (a preset "
-                "calibrated without fused_steps cannot price a fused engine; recalibrate)"
-            )
-        return t
+    def calls_time(self, spans: list[tuple[int, int]]) -> float:
+        """Seconds of the runner's calls for a step over ``spans`` (``(start, num_tokens)``
+        of each row), grouped and padded as the runner does, each priced by its shape and
+        the context of its longest row (see ``shape_full_s``)."""
+        assert self.buckets is not None
+        page, limit = self.buckets.page_size, self.buckets.max_model_len
+        total = 0.0
+        for call in self.buckets.calls(spans):
+            key = shape_key(call.shape)
+            t = self.shape_s.get(key)
+            if t is None:
+                raise KeyError(
+                    f"call shape {key} has no measured price in this preset (a preset "
+                    "calibrated without fused_steps cannot price a fused engine; recalibrate)"
+                )
+            full = self.shape_full_s.get(key, t)
+            if full > t:
+                # The share of the full span the longest row reaches, over the call's groups
+                # (a fused call's two groups share one price pair: the larger share is used).
+                share = 0.0
+                for _, rows, (_, _, pages) in call.groups:
+                    span = min(pages * page, limit)
+                    longest = max(spans[i][0] + spans[i][1] for i in rows)
+                    share = max(share, (longest - 1) / max(1, span - 1))
+                t += (full - t) * min(1.0, share)
+            total += t
+        return total
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,38 @@ def test_shape_priced_step_time_follows_the_runners_calls():
     assert m.step_time(NS(chunks=[])) == m.idle
 
 
+def test_call_price_follows_the_longest_rows_context():
+    """With full-span prices, a call costs between its two prices, linearly in its longest
+    row's context over the bucket's span (capped by the model length); each call of a step
+    by its own rows."""
+    from types import SimpleNamespace as NS
+
+    from bench.presets import StepModel
+    from tokencake.buckets import StepBuckets
+
+    b = StepBuckets(page_size=16, max_model_len=1000, max_num_seqs=16, max_prefill_chunk=256,
+                    max_prefill_seqs=2)  # fmt: skip
+    low = {",".join(map(str, sh)): 1.0 for sh in b.shapes()}
+    full = {k: 3.0 for k in low}
+    m = StepModel(a=9, b=9, c=9, d=9, e=9, shape_s=low, shape_full_s=full, buckets=b)
+
+    def chunk(start: int, n: int) -> NS:
+        return NS(start=start, num_tokens=n, request=NS(num_prompt_tokens=n))
+
+    # decode rows of 101 and 301 tokens: the 32-page bucket (512 tokens); the longest row
+    # reaches (301 - 1) / (512 - 1) of its span
+    assert m.step_time(NS(chunks=[chunk(100, 1), chunk(300, 1)])) == pytest.approx(
+        1.0 + 2.0 * 300 / 511
+    )
+    # a 100-token chunk at 900 (1000 tokens, the 64-page bucket is capped at 1000 tokens):
+    # full price; plus a one-token decode row alone in its own call: the low price
+    plan = NS(chunks=[chunk(900, 100), chunk(0, 1)])
+    assert m.step_time(plan) == pytest.approx(3.0 + 1.0)
+    # without full-span prices (a preset calibrated before them) a call costs its shape price
+    old = StepModel(a=9, b=9, c=9, d=9, e=9, shape_s=low, buckets=b)
+    assert old.step_time(NS(chunks=[chunk(100, 1), chunk(300, 1)])) == 1.0
+
+
 def test_real_engine_run_two_small_apps(tiny_model):
     cfg, params, tok = tiny_model
     wl = make_workload(

@@ -22,12 +22,14 @@ from tokencake.runner import ModelRunner, RowRequest, SamplingInputs
 
 
 def time_shapes(
-    runner: ModelRunner, shapes: list[CallShape], rounds: int = 7
+    runner: ModelRunner, shapes: list[CallShape], rounds: int = 7, full_context: bool = False
 ) -> dict[CallShape, float]:
     """Median seconds of one call of each compiled shape (plain or fused) on padding input:
     every row has one token and every page-table entry is the dummy page, so no live KV is
-    touched. On XLA:CPU a call costs what its padded shape costs, less the cache misses of
-    gathering live pages, which the simulator prices separately (per context token).
+    touched. Each row's context is one token, or with ``full_context`` its page bucket's
+    whole span (capped by the model length): an attention backend whose work follows the
+    longest row (``chunked``) costs its least and its most at these two. The cache misses of
+    gathering live pages are not in either; the simulator prices them per context token.
 
     The shapes are timed in ``rounds`` interleaved rounds (each round calls every shape once)
     rather than one shape after another: on a shared machine a burst of load then spreads
@@ -38,8 +40,13 @@ def time_shapes(
         batches = []
         for s, q, p in groups:
             one = np.ones((s,), np.int32)
-            batches.append(Batch(np.zeros((s, q), np.int32), np.zeros((s, q), np.int32), one,
-                                 one, np.full((s, p), DUMMY_PAGE, np.int32)))  # fmt: skip
+            kv = np.full((s,), min(p * runner.cfg.page_size, runner.cfg.max_model_len), np.int32)
+            pos = np.zeros((s, q), np.int32)
+            if full_context:
+                pos[:, 0] = kv - 1  # the row's one token is its context's last
+            batches.append(Batch(np.zeros((s, q), np.int32), pos, one,
+                                 kv if full_context else one,
+                                 np.full((s, p), DUMMY_PAGE, np.int32)))  # fmt: skip
         n = sum(g[0] for g in groups)
         zi, zf = np.zeros((n,), np.int32), np.zeros((n,), np.float32)
         samp = SamplingInputs(zf, zi, np.ones((n,), np.float32), zi, zi, zi, zf)

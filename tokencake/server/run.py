@@ -19,6 +19,7 @@ from aiohttp import web
 
 from tokencake.async_engine import AsyncEngine
 from tokencake.config import EngineConfig
+from tokencake.gc_heap import freeze_startup_heap
 from tokencake.logs import setup_json_logging
 from tokencake.server.app import build_app
 from tokencake.server.connections import (
@@ -170,7 +171,8 @@ def run_follower(engine_config: EngineConfig) -> int:
 
 
 def _load_engine(config: EngineConfig, progress: bool) -> Any:
-    """The engine, warmed up (with a progress bar when ``progress``)."""
+    """The engine, warmed up (with a progress bar when ``progress``), with the start-up heap
+    frozen (:func:`~tokencake.gc_heap.freeze_startup_heap`)."""
     from tokencake.engine import LLMEngine
 
     if progress:
@@ -178,6 +180,10 @@ def _load_engine(config: EngineConfig, progress: bool) -> Any:
     engine = LLMEngine(dataclasses.replace(config, warmup=False))
     if config.warmup:
         engine.warmup(progress=progress)
+    # This process is the engine's: the start-up heap (JAX, the model, compiled steps) is kept
+    # out of every later collection, whose full passes would otherwise stall steps (gc_heap.py).
+    frozen = freeze_startup_heap()
+    log.info(json.dumps({"event": "gc_heap_frozen", "objects": frozen}))
     return engine
 
 
