@@ -136,8 +136,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eng_kw = dict(cfg["engine"])
     if args.num_pages:
         eng_kw["num_pages"] = args.num_pages
-    # A larger pool while calibrating: the batches above must not preempt.
-    engine = LLMEngine(EngineConfig(**{**eng_kw, "num_pages": max(eng_kw["num_pages"], 400)}))
+    # A larger pool while calibrating: the batches above must not preempt. Synchronous steps:
+    # each step's wall time must be its own plan's (with overlap it is the plan before's).
+    pages = max(eng_kw["num_pages"], 400)
+    engine = LLMEngine(EngineConfig(**{**eng_kw, "num_pages": pages, "overlap": False}))
     mc = engine.model_config
     rng = random.Random(0)
     t0 = time.time()

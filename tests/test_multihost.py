@@ -178,7 +178,7 @@ def test_process_group_failure_stops_the_engine(make_engine):
     """What the leader does when a cross-process device call raises (simulated in one
     process): every request in flight fails with ProcessGroupFailed, then add_request and
     step raise it."""
-    eng = make_engine()
+    eng = make_engine(overlap=False)  # as a distributed engine runs (no overlap there)
     eng.channel = _Group()
     eng.loop.execute = _broken
     params = SamplingParams(max_tokens=8)
@@ -196,7 +196,7 @@ def test_process_group_failure_stops_the_engine(make_engine):
 def test_async_engine_stops_serving_after_a_process_group_failure(make_engine):
     """The server's engine thread: the request gets EngineDeadError (HTTP 503) with the reason,
     and the engine is no longer alive (``tokencake serve --distributed`` then exits)."""
-    eng = make_engine()
+    eng = make_engine(overlap=False)  # as a distributed engine runs (no overlap there)
     eng.channel = _Group()
     eng.loop.execute = _broken
     ae = AsyncEngine(eng)

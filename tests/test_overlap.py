@@ -78,6 +78,37 @@ def test_overlap_matches_synchronous_loop(make_engine):
     assert engine.pool.num_free == engine.pool.capacity  # nothing leaked (aborted row too)
 
 
+def test_abort_of_every_request_leaves_the_engine_idle(make_engine):
+    """Aborting every request while a step is in flight: the engine is idle at once (the
+    step has nothing left to report), no block is held, and the next request runs as on a
+    fresh engine (greedy tokens equal the synchronous loop's)."""
+    engine = make_engine(enable_prefix_cache=False)
+    assert engine.overlap is not None  # the default on one device
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    ids = [engine.add_request(p, greedy) for p in PROMPTS[:3]]
+    for _ in range(3):
+        engine.step()
+    assert engine.overlap.in_flight is not None and engine.pool.num_used > 0
+    for rid in ids:
+        assert engine.abort_request(rid)
+    assert not engine.has_unfinished_requests() and engine.pool.num_used == 0
+    after = drive_one(engine, PROMPTS[4], greedy)
+    engine.set_overlap(False)  # settles the in-flight step nobody reads any more
+    assert drive_one(engine, PROMPTS[4], greedy) == after
+    engine.pool.check_integrity()
+    assert engine.pool.num_free == engine.pool.capacity
+
+
+def drive_one(engine, prompt: str, params: SamplingParams) -> list[int]:
+    rid = engine.add_request(prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id == rid and out.error is None
+                tokens = list(out.token_ids)
+    return tokens
+
+
 def test_overlap_refused_with_tensor_parallelism():
     from tokencake.config import EngineConfig
 
@@ -88,5 +119,18 @@ def test_overlap_refused_with_tensor_parallelism():
 def test_cli_flag_sets_overlap():
     from tokencake.cli import build_parser, engine_config_from_args
 
-    assert engine_config_from_args(build_parser().parse_args(["serve", "--overlap"])).overlap
-    assert not engine_config_from_args(build_parser().parse_args(["serve"])).overlap
+    def overlap(*flags: str) -> bool:
+        return engine_config_from_args(build_parser().parse_args(["serve", *flags])).overlap
+
+    assert overlap("--overlap") and not overlap("--no-overlap")
+    assert overlap()  # on by default on one device
+    assert not overlap("--tensor-parallel-size", "2")  # and off where it is not supported
+
+
+def test_overlap_default_follows_device_count():
+    from tokencake.config import EngineConfig
+
+    assert EngineConfig().overlap is True
+    assert EngineConfig(tensor_parallel_size=2).overlap is False
+    assert EngineConfig(distributed=True).overlap is False
+    assert EngineConfig(overlap=False).overlap is False

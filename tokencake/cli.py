@@ -48,8 +48,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--overlap",
-        action="store_true",
-        help="plan and dispatch each step while the one before runs on the device",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan and dispatch each step while the one before runs on the device "
+        "(default: on, except with --tensor-parallel-size > 1 or --distributed)",
     )
     p.add_argument(
         "--fused-steps",

@@ -29,7 +29,9 @@ class EngineConfig:
     registered policy name (``tokencake.scheduler.policies.policy_names()``); ``tokencake``
     (a :class:`TokencakeConfig` or its ``from_dict`` form) tunes the agent-aware policies.
     ``overlap`` plans and dispatches each step while the one before still runs on the
-    device (``tokencake/overlap.py``; same greedy outputs; one device, for now).
+    device (``tokencake/overlap.py``; same greedy outputs; one device, for now): ``None``
+    (the default) turns it on wherever it is supported, that is without tensor parallelism
+    and without ``distributed``; ``True`` there is an error.
     ``fused_steps`` runs a step's prefill chunk and its decode rows as one device call (one
     weight read; attention still per group at each group's own shape) when the pair of shapes
     is in a small family compiled at warm-up (``StepBuckets.fused_shapes``), as two calls
@@ -56,7 +58,7 @@ class EngineConfig:
     distributed: bool = False  # call jax.distributed.initialize() (multi-host SPMD)
     warmup: bool = True
     seed: int = 0
-    overlap: bool = False
+    overlap: bool | None = None
     fused_steps: bool = False
 
     def __post_init__(self) -> None:
@@ -82,11 +84,15 @@ class EngineConfig:
                 raise TypeError("tokencake must be a TokencakeConfig, a dict or None")
             # frozen: normalise once, so every reader sees a TokencakeConfig
             object.__setattr__(self, "tokencake", TokencakeConfig.from_dict(self.tokencake))
-        if self.overlap and (self.tensor_parallel_size > 1 or self.distributed):
+        multi_device = self.tensor_parallel_size > 1 or self.distributed
+        if self.overlap is None:
+            # frozen: resolve the default once, so every reader sees a bool
+            object.__setattr__(self, "overlap", not multi_device)
+        elif self.overlap and multi_device:
             raise ValueError(
                 "overlap is not supported with tensor_parallel_size > 1 or distributed yet"
             )
-        if self.fused_steps and (self.tensor_parallel_size > 1 or self.distributed):
+        if self.fused_steps and multi_device:
             raise ValueError(
                 "fused_steps is not supported with tensor_parallel_size > 1 or distributed yet"
             )

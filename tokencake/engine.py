@@ -329,6 +329,8 @@ class LLMEngine:
     def set_overlap(self, on: bool) -> None:
         """Turn overlap scheduling (``EngineConfig.overlap``, its initial state) on or off
         while no step is in flight, e.g. to compare both on one warmed-up engine."""
+        if self.overlap is not None:
+            self.overlap.settle()  # a step left only by finished requests
         if self.overlap is not None and self.overlap.in_flight is not None:
             raise RuntimeError("set_overlap: a step is in flight; finish the requests first")
         if on:
@@ -339,7 +341,7 @@ class LLMEngine:
         return (
             self.scheduler.has_work
             or self.scheduler.copies.in_flight > 0
-            or (self.overlap is not None and self.overlap.in_flight is not None)
+            or (self.overlap is not None and self.overlap.live)
         )
 
     def seconds_until_timer(self) -> float:

@@ -96,6 +96,20 @@ class OverlapLoop:
             self.in_flight = InFlight(plan, handle, e.scheduler.advance(plan))
         return outputs + e._fault_outputs()
 
+    @property
+    def live(self) -> bool:
+        """Whether the step in flight still has a request to report on. One whose requests
+        all finished meanwhile (aborted) has nothing left to say: the engine counts as idle."""
+        step = self.in_flight
+        return step is not None and any(not c.request.status.finished for c in step.plan.chunks)
+
+    def settle(self) -> None:
+        """Read the step in flight now, if no request in it is live (waits for the device).
+        Its outputs are empty: :meth:`Scheduler.resolve` skips finished requests."""
+        if self.in_flight is not None and not self.live:
+            prev, self.in_flight = self.in_flight, None
+            self._collect(prev)
+
     def _needs_host(self, plan: StepPlan) -> bool:
         """Whether ``plan`` must wait for the step in flight to be read (module docstring)."""
         if plan.copies or not plan.chunks:
