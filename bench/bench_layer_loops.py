@@ -3,8 +3,8 @@
     python bench/bench_layer_loops.py [--loops scan,switch] [--batches 1,8] [--ctx 160]
                                       [--steps 30]
 
-One ``ModelRunner`` per loop over the default model (``switch+pack`` adds
-``pack_weights=True``); every configuration decodes the same rows in turn, step by step, so a
+One ``ModelRunner`` per loop over the default model (``+pack`` adds ``pack_weights=True``,
+``+fuse`` ``fuse_projections=True``, which is off otherwise here); every configuration decodes the same rows in turn, step by step, so a
 shared machine's load hits them alike. Prints median step times, the ratio against the first
 loop, and whether every loop sampled the same greedy tokens.
 """
@@ -37,7 +37,8 @@ def main() -> None:
     for loop in loops:
         rc = RunnerConfig(num_pages=2 + max(batches) * per_seq, max_model_len=1024,
                           max_num_seqs=max(batches), max_prefill_chunk=256, max_prefill_seqs=1,
-                          layer_loop=loop.split("+")[0], pack_weights="+pack" in loop)  # fmt: skip
+                          layer_loop=loop.split("+")[0], pack_weights="+pack" in loop,
+                          fuse_projections="+fuse" in loop)  # fmt: skip
         runners[loop] = r = ModelRunner(cfg, params, rc)
         for b in batches:
             shape = rc.buckets.group_shape([(args.ctx, 1)] * b, False)

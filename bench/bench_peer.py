@@ -96,8 +96,9 @@ class EngineBench:
                 max_num_seqs=max_rows,
                 max_prefill_chunk=prefill,
                 max_prefill_seqs=1,
-                layer_loop=layer_loop,
+                layer_loop=layer_loop.split("+")[0],
                 pack_weights=pack,
+                fuse_projections="+nofuse" not in layer_loop,
                 attention_backend=attention_backend,
                 dtype=dtype,
             ),  # fmt: skip
@@ -278,7 +279,8 @@ def main() -> None:
     ap.add_argument(
         "--layer-loop",
         default="auto",
-        help="comma-separated: one engine per layer loop (the first is compared with the peer)",
+        help="comma-separated: one engine per layer loop (the first is compared with the peer); "
+        "a '+nofuse' suffix turns RunnerConfig.fuse_projections off for that engine",
     )
     ap.add_argument(
         "--attention",

@@ -10,7 +10,7 @@ from tests.conftest import lively_params
 from tokencake.diagnostics import prompt_logits
 from tokencake.models.config import tiny_config
 from tokencake.models.host_arena import HUGE_PAGE, HostArena
-from tokencake.models.llama import LAYER_LOOPS, MATRIX_KEYS
+from tokencake.models.llama import LAYER_LOOPS
 from tokencake.runner import ModelRunner
 from tokencake.runner_config import RunnerConfig
 
@@ -119,15 +119,19 @@ def test_decoder_matches_dense_reference(name):
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("loop", LAYER_LOOPS)
 @pytest.mark.parametrize("name", ["qwen2-bias", "qwen3-qknorm"])
-def test_every_layer_loop_matches_dense_reference(loop, name):
+def test_every_layer_loop_matches_dense_reference(loop, name, fuse):
     # Biases and q/k norms are per-layer vectors indexed inside the loop; an off-by-one
-    # layer index in any loop would pair one layer's matrices with another's vectors.
+    # layer index in any loop would pair one layer's matrices with another's vectors. With
+    # fused projections, a wrong split of q/k/v or gate/up would mix heads or halves.
     cfg = tiny_config(num_layers=3, **VARIANTS[name])
     params = scaled_params(cfg)
     ids = np.random.default_rng(2).integers(8, cfg.vocab_size, 21).tolist()
-    ours = prompt_logits(variant_runner(cfg, params, loop), ids, [5, 2, 11])
+    runner = variant_runner(cfg, params, loop, fuse_projections=fuse)
+    assert runner.model(runner.state).fused is fuse
+    ours = prompt_logits(runner, ids, [5, 2, 11])
     np.testing.assert_allclose(ours, dense_forward(cfg, params, ids), atol=2e-4, rtol=2e-4)
 
 
@@ -140,7 +144,9 @@ def test_switch_loop_reads_weights_in_place():
     def weight_copies(loop: str) -> int:
         runner = variant_runner(cfg, params, loop)
         hlo = runner.compiled((1, 1, 8)).as_text()
-        shapes = {f"f32[{a},{b}]" for a, b in ((64, 64), (64, 32), (64, 192), (192, 64))}
+        # every matrix shape, unfused (q, k/v, gate/up, down) and fused (qkv, gate_up)
+        mats = ((64, 64), (64, 32), (64, 192), (192, 64), (64, 128), (64, 384))
+        shapes = {f"f32[{a},{b}]" for a, b in mats}
         return sum(
             1
             for line in hlo.splitlines()
@@ -167,7 +173,9 @@ def test_packed_weights_alias_one_buffer_and_match():
     packed = variant_runner(cfg, params, "switch", pack_weights=True)
     model = packed.model(packed.state)
     ptrs = [
-        model.matrices[i][k][...].unsafe_buffer_pointer() for i in range(3) for k in MATRIX_KEYS
+        model.matrices[i][k][...].unsafe_buffer_pointer()
+        for i in range(3)
+        for k in model.matrix_keys
     ]
     ptrs.append(model.lm_head[...].unsafe_buffer_pointer())
     assert ptrs == sorted(ptrs) and ptrs[0] % HUGE_PAGE == 0

@@ -186,8 +186,9 @@ class ModelRunner:
             kv_sharding = sharding.kv_sharding(self.mesh)
         pack = cfg.pack_weights and self.mesh is None and jax.default_backend() == "cpu"
         model = DecoderLM(
-            model_cfg, params, cfg.dtype, cfg.resolved_layer_loop(), self.mesh, pack_weights=pack
-        )
+            model_cfg, params, cfg.dtype, cfg.resolved_layer_loop(), self.mesh,
+            pack_weights=pack, fuse_projections=cfg.fuse_projections,
+        )  # fmt: skip
         # Split once: the graph definition is static, the state is the only weight argument.
         # The state goes to the step as a flat list of arrays: flattening an nnx.State of the
         # per-layer weights (200+ leaves) costs about a millisecond per call, a list does not.

@@ -50,6 +50,8 @@ class RunnerConfig:
     tensor_parallel_size: int = 1
     layer_loop: str = "auto"  # "auto" (switch on CPU, scan elsewhere) or one of LAYER_LOOPS
     pack_weights: bool = False  # on one CPU device: weights in one huge-page buffer (host_arena)
+    # one device: q/k/v and gate/up concatenated, 4 dots a layer instead of 7 (models/llama.py)
+    fuse_projections: bool = True
     fused_steps: bool = False  # a step's prefill chunk and decode rows in one call (buckets.py)
 
     def __post_init__(self) -> None:
