@@ -12,7 +12,7 @@ the second of two passes (the first pays JIT compilation):
   tokens + sum of its calls' prices`` (the calls grouped and padded as the runner does,
   ``tokencake.buckets``). Each shape is timed twice on dummy pages, with one-token contexts
   and with its page bucket's full span; a call is priced between the two by its longest
-  row's context (``StepModel.calls_time``), since the chunked attention's work follows it.
+  row's context (``bench.presets.price_calls``), since the chunked attention's work follows it.
   Gathering live pages is the ``overhead_ctx`` term;
 * a linear model ``a + b * decode_rows + c * prefill_tokens + d * decode_context +
   e * prefill x ctx``, whose prefill terms give the policies' recompute-cost estimate.
@@ -35,10 +35,10 @@ import numpy as np
 from bench.presets import (
     DEFAULT_LOCAL,
     LOCAL_PRESET_PATH,
-    StepModel,
     linear_features,
     load_local,
     plan_spans,
+    price_calls,
     shape_key,
 )
 
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shape_full_s = {
         shape_key(sh): t for sh, t in time_shapes(engine.runner, shapes, full_context=True).items()
     }
-    prices = StepModel(0, 0, 0, 0, 0, shape_s=shape_s, shape_full_s=shape_full_s, buckets=buckets)
-    calls = np.array([prices.calls_time(sp) for _, sp, _ in samples])
+    calls = np.array([price_calls(buckets, shape_s, shape_full_s, sp) for _, sp, _ in samples])
     rows = np.array([[1.0, len(sp), sum(a + n for a, n in sp)] for _, sp, _ in samples])
     over = nnls(rows, y - calls)
     pred = calls + rows @ over

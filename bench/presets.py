@@ -109,32 +109,43 @@ class StepModel:
         return self.a + (max(mem, compute) if self.roofline else mem + compute)
 
     def calls_time(self, spans: list[tuple[int, int]]) -> float:
-        """Seconds of the runner's calls for a step over ``spans`` (``(start, num_tokens)``
-        of each row), grouped and padded as the runner does, each priced by its shape and
-        the context of its longest row (see ``shape_full_s``)."""
+        """Seconds of the runner's calls for a step over ``spans`` (see :func:`price_calls`)."""
         assert self.buckets is not None
-        page, limit = self.buckets.page_size, self.buckets.max_model_len
-        total = 0.0
-        for call in self.buckets.calls(spans):
-            key = shape_key(call.shape)
-            t = self.shape_s.get(key)
-            if t is None:
-                raise KeyError(
-                    f"call shape {key} has no measured price in this preset (a preset "
-                    "calibrated without fused_steps cannot price a fused engine; recalibrate)"
-                )
-            full = self.shape_full_s.get(key, t)
-            if full > t:
-                # The share of the full span the longest row reaches, over the call's groups
-                # (a fused call's two groups share one price pair: the larger share is used).
-                share = 0.0
-                for _, rows, (_, _, pages) in call.groups:
-                    span = min(pages * page, limit)
-                    longest = max(spans[i][0] + spans[i][1] for i in rows)
-                    share = max(share, (longest - 1) / max(1, span - 1))
-                t += (full - t) * min(1.0, share)
-            total += t
-        return total
+        return price_calls(self.buckets, self.shape_s, self.shape_full_s, spans)
+
+
+def price_calls(
+    buckets: StepBuckets,
+    shape_s: dict[str, float],
+    shape_full_s: dict[str, float],
+    spans: list[tuple[int, int]],
+) -> float:
+    """Seconds of the runner's calls for a step over ``spans`` (``(start, num_tokens)`` of
+    each row), grouped and padded as the runner does (``buckets``), each priced by its
+    shape's measured time ``shape_s`` and, towards ``shape_full_s`` (the same shape with every
+    row at its page bucket's full span), by the context of its longest row."""
+    page, limit = buckets.page_size, buckets.max_model_len
+    total = 0.0
+    for call in buckets.calls(spans):
+        key = shape_key(call.shape)
+        t = shape_s.get(key)
+        if t is None:
+            raise KeyError(
+                f"call shape {key} has no measured price in this preset (a preset "
+                "calibrated without fused_steps cannot price a fused engine; recalibrate)"
+            )
+        full = shape_full_s.get(key, t)
+        if full > t:
+            # The share of the full span the longest row reaches, over the call's groups
+            # (a fused call's two groups share one price pair: the larger share is used).
+            share = 0.0
+            for _, rows, (_, _, pages) in call.groups:
+                span = min(pages * page, limit)
+                longest = max(spans[i][0] + spans[i][1] for i in rows)
+                share = max(share, (longest - 1) / max(1, span - 1))
+            t += (full - t) * min(1.0, share)
+        total += t
+    return total
 
 
 @dataclass(frozen=True)
