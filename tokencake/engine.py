@@ -331,8 +331,8 @@ class LLMEngine:
         while no step is in flight, e.g. to compare both on one warmed-up engine."""
         if self.overlap is not None:
             self.overlap.settle()  # a step left only by finished requests
-        if self.overlap is not None and self.overlap.in_flight is not None:
-            raise RuntimeError("set_overlap: a step is in flight; finish the requests first")
+            if self.overlap.in_flight is not None:
+                raise RuntimeError("set_overlap: a step is in flight; finish the requests first")
         if on:
             dataclasses.replace(self.config, overlap=True)  # raises where overlap is unsupported
         self.overlap = OverlapLoop(self) if on else None
