@@ -4,7 +4,8 @@
                                       [--steps 30]
 
 One ``ModelRunner`` per loop over the default model (``+pack`` adds ``pack_weights=True``,
-``+nofuse`` turns ``fuse_projections`` off, as in ``bench_peer.py``); every configuration
+``+nofuse`` turns ``fuse_projections`` off and ``+in_out`` sets ``transpose_weights=False``,
+as in ``bench_peer.py``); every configuration
 decodes the same rows in turn, step by step, so a shared machine's load hits them alike. Prints median step times, the ratio against the first
 loop, and whether every loop sampled the same greedy tokens.
 """
@@ -38,7 +39,8 @@ def main() -> None:
         rc = RunnerConfig(num_pages=2 + max(batches) * per_seq, max_model_len=1024,
                           max_num_seqs=max(batches), max_prefill_chunk=256, max_prefill_seqs=1,
                           layer_loop=loop.split("+")[0], pack_weights="+pack" in loop,
-                          fuse_projections="+nofuse" not in loop)  # fmt: skip
+                          fuse_projections="+nofuse" not in loop,
+                          transpose_weights=False if "+in_out" in loop else None)  # fmt: skip
         runners[loop] = r = ModelRunner(cfg, params, rc)
         for b in batches:
             shape = rc.buckets.group_shape([(args.ctx, 1)] * b, False)

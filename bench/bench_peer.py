@@ -99,6 +99,7 @@ class EngineBench:
                 layer_loop=layer_loop.split("+")[0],
                 pack_weights=pack,
                 fuse_projections="+nofuse" not in layer_loop,
+                transpose_weights=False if "+in_out" in layer_loop else None,
                 attention_backend=attention_backend,
                 dtype=dtype,
             ),  # fmt: skip
@@ -280,7 +281,8 @@ def main() -> None:
         "--layer-loop",
         default="auto",
         help="comma-separated: one engine per layer loop (the first is compared with the peer); "
-        "a '+nofuse' suffix turns RunnerConfig.fuse_projections off for that engine",
+        "a '+nofuse' suffix turns RunnerConfig.fuse_projections off for that engine, "
+        "'+in_out' keeps the matrices [in, out] (RunnerConfig.transpose_weights=False)",
     )
     ap.add_argument(
         "--attention",

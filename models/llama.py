@@ -53,6 +53,14 @@ _FUSED_PARTS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 LAYER_LOOPS = ("scan", "switch", "unroll")
 
 
+def project(h: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    """``h @ W`` for a matrix stored ``[in, out]``, or stored ``[out, in]`` when ``transposed``
+    (contracting ``h``'s last axis with ``w``'s last: XLA reads ``w`` in place, no transpose)."""
+    if not transposed:
+        return h @ w
+    return jax.lax.dot_general(h, w, (((h.ndim - 1,), (1,)), ((), ())))
+
+
 class Batch(NamedTuple):
     """Device inputs of one step (all int32)."""
 
@@ -104,7 +112,10 @@ class DecoderLM(nnx.Module):
     of :data:`LAYER_LOOPS`; ``mesh`` (optional) shards the weights for tensor parallelism.
     ``fuse_projections`` (one device only: tensor parallelism shards q, k and v by head, each
     on its own) concatenates the matrices that read the same input, so a layer runs 4 dots
-    instead of 7; the sums are the same, computed in one dot per group."""
+    instead of 7; the sums are the same, computed in one dot per group.
+    ``transpose_weights`` (one device only) stores every matrix ``[out, in]``, each output's
+    weights contiguous: on XLA:CPU a dot of a few rows (a decode batch) streams those rows
+    faster than the ``[in, out]`` columns, and large-M dots (prefill) do not care."""
 
     def __init__(
         self,
@@ -115,6 +126,7 @@ class DecoderLM(nnx.Module):
         mesh: Mesh | None = None,
         pack_weights: bool = False,
         fuse_projections: bool = False,
+        transpose_weights: bool = False,
     ):
         validate_params(cfg, params)
         if layer_loop not in LAYER_LOOPS:
@@ -127,8 +139,13 @@ class DecoderLM(nnx.Module):
         per_layer = layer_loop != "scan"
         self.fused = fuse_projections and mesh is None
         self.matrix_keys = FUSED_MATRIX_KEYS if self.fused else MATRIX_KEYS
+        self.transposed = transpose_weights and mesh is None
         mats = matrices_of(params, self.fused)
         head = ("lm_head", params["lm_head"]) if "lm_head" in params else ("embed", params["embed"])
+        if self.transposed:
+            mats = {k: np.swapaxes(v, -1, -2) for k, v in mats.items()}
+            if head[0] == "lm_head":
+                head = ("lm_head", head[1].T)  # [V, H], the same layout as a tied head
         # With ``pack_weights`` (one CPU device) the per-layer matrices and the head are packed
         # back to back into one huge-page host buffer in read order -- layer by layer, then the
         # head -- so a decode step streams them like one array (see host_arena.py).
@@ -160,13 +177,9 @@ class DecoderLM(nnx.Module):
         vectors = {k: params[k] for k in LAYER_KEYS if k in params and k not in MATRIX_KEYS}
         stacked = vectors if per_layer else {**mats, **vectors}
         self.layers = nnx.Dict({k: place(k, v) for k, v in stacked.items()})
-        self.lm_head = place("lm_head", params["lm_head"]) if "lm_head" in params else None
+        self.lm_head = place("lm_head", head[1]) if head[0] == "lm_head" else None
         self.embed = place("embed", params["embed"])
         self.final_norm = place("final_norm", params["final_norm"])
-
-    def head_weight(self) -> jax.Array:
-        """``[H, V]`` LM-head matrix (the transposed embedding when tied)."""
-        return self.lm_head[...] if self.lm_head is not None else self.embed[...].T
 
     def __call__(
         self,
@@ -239,11 +252,12 @@ class DecoderLM(nnx.Module):
             return x, kc, vc
 
         vectors = {k: self.layers[k][...] for k in self.layers}
+        dot = partial(project, transposed=self.transposed)
         if self.layer_loop == "scan":
 
             def scan_body(carry, w):
                 x, kc, vc, li = carry
-                x, kc, vc = layer(x, kc, vc, w, lambda h, key: h @ w[key], li)
+                x, kc, vc = layer(x, kc, vc, w, lambda h, key: dot(h, w[key]), li)
                 return (x, kc, vc, li + 1), None
 
             (x, k_cache, v_cache, _), _ = jax.lax.scan(
@@ -253,7 +267,7 @@ class DecoderLM(nnx.Module):
             for li, mats in enumerate(self.matrices):
                 w = {k: v[li] for k, v in vectors.items()}
                 x, k_cache, v_cache = layer(
-                    x, k_cache, v_cache, w, lambda h, key, m=mats: h @ m[key][...], li
+                    x, k_cache, v_cache, w, lambda h, key, m=mats: dot(h, m[key][...]), li
                 )
         else:
             mats = {k: [m[k][...] for m in self.matrices] for k in self.matrix_keys}
@@ -265,7 +279,7 @@ class DecoderLM(nnx.Module):
                 def mm(h, key):
                     # Branch j multiplies by layer j's matrix: the dot reads that buffer in
                     # place, where indexing a stacked array would copy the slice first.
-                    return jax.lax.switch(li, [partial(jnp.matmul, b=m) for m in mats[key]], h)
+                    return jax.lax.switch(li, [partial(dot, w=m) for m in mats[key]], h)
 
                 return layer(x, kc, vc, w, mm, li)
 
@@ -282,7 +296,7 @@ class DecoderLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits for hidden states ``[..., H]``."""
         if self.lm_head is not None:
-            return (hidden @ self.lm_head[...]).astype(jnp.float32)
+            return project(hidden, self.lm_head[...], self.transposed).astype(jnp.float32)
         # Tied head: contract against the embedding's hidden axis directly; writing
         # ``embed.T`` makes XLA:CPU materialise a [H, V] transpose on every step.
-        return jnp.einsum("...h,vh->...v", hidden, self.embed[...]).astype(jnp.float32)
+        return project(hidden, self.embed[...], True).astype(jnp.float32)

@@ -119,18 +119,21 @@ def test_decoder_matches_dense_reference(name):
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize(("fuse", "transpose"), [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("loop", LAYER_LOOPS)
 @pytest.mark.parametrize("name", ["qwen2-bias", "qwen3-qknorm"])
-def test_every_layer_loop_matches_dense_reference(loop, name, fuse):
+def test_every_layer_loop_matches_dense_reference(loop, name, fuse, transpose):
     # Biases and q/k norms are per-layer vectors indexed inside the loop; an off-by-one
     # layer index in any loop would pair one layer's matrices with another's vectors. With
-    # fused projections, a wrong split of q/k/v or gate/up would mix heads or halves.
+    # fused projections, a wrong split of q/k/v or gate/up would mix heads or halves; with
+    # [out, in] storage, a contraction over the wrong axis of a (square) matrix would
+    # multiply by its transpose; the untied head (qwen2-bias) is stored transposed too.
     cfg = tiny_config(num_layers=3, **VARIANTS[name])
     params = scaled_params(cfg)
     ids = np.random.default_rng(2).integers(8, cfg.vocab_size, 21).tolist()
-    runner = variant_runner(cfg, params, loop, fuse_projections=fuse)
-    assert runner.model(runner.state).fused is fuse
+    runner = variant_runner(cfg, params, loop, fuse_projections=fuse, transpose_weights=transpose)
+    model = runner.model(runner.state)
+    assert model.fused is fuse and model.transposed is transpose
     ours = prompt_logits(runner, ids, [5, 2, 11])
     np.testing.assert_allclose(ours, dense_forward(cfg, params, ids), atol=2e-4, rtol=2e-4)
 
@@ -144,9 +147,10 @@ def test_switch_loop_reads_weights_in_place():
     def weight_copies(loop: str) -> int:
         runner = variant_runner(cfg, params, loop)
         hlo = runner.compiled((1, 1, 8)).as_text()
-        # every matrix shape, unfused (q, k/v, gate/up, down) and fused (qkv, gate_up)
+        # every matrix shape, unfused (q, k/v, gate/up, down) and fused (qkv, gate_up),
+        # stored [in, out] or [out, in]
         mats = ((64, 64), (64, 32), (64, 192), (192, 64), (64, 128), (64, 384))
-        shapes = {f"f32[{a},{b}]" for a, b in mats}
+        shapes = {f"f32[{a},{b}]" for m in mats for a, b in (m, m[::-1])}
         return sum(
             1
             for line in hlo.splitlines()
@@ -157,6 +161,15 @@ def test_switch_loop_reads_weights_in_place():
 
     assert weight_copies("scan") > 0  # the check sees the copies the scan makes
     assert weight_copies("switch") == 0
+
+
+def test_weights_are_stored_out_in_by_default_on_cpu_only():
+    assert RunnerConfig(num_pages=4).resolved_transpose_weights("cpu") is True
+    assert RunnerConfig(num_pages=4).resolved_transpose_weights("gpu") is False
+    assert (
+        RunnerConfig(num_pages=4, transpose_weights=False).resolved_transpose_weights("cpu")
+        is False
+    )
 
 
 def test_unknown_layer_loop_is_refused():

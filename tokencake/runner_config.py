@@ -52,6 +52,8 @@ class RunnerConfig:
     pack_weights: bool = False  # on one CPU device: weights in one huge-page buffer (host_arena)
     # one device: q/k/v and gate/up concatenated, 4 dots a layer instead of 7 (models/llama.py)
     fuse_projections: bool = True
+    # one device: matrices stored [out, in]; None = on CPU, where few-row dots read them faster
+    transpose_weights: bool | None = None
     fused_steps: bool = False  # a step's prefill chunk and decode rows in one call (buckets.py)
 
     def __post_init__(self) -> None:
@@ -71,6 +73,15 @@ class RunnerConfig:
         if self.layer_loop != "auto":
             return self.layer_loop
         return "switch" if (platform or jax.default_backend()) == "cpu" else "scan"
+
+    def resolved_transpose_weights(self, platform: str | None = None) -> bool:
+        """Whether the matrices are stored ``[out, in]`` on ``platform`` (``jax.default_backend()``
+        when None): by default on CPU, where XLA's dots of 4-32 rows (batched decode) read that
+        layout in about 0.8x the time of ``[in, out]`` and large-M dots (prefill) are unchanged
+        (``bench/RESULTS.md`` §7); elsewhere the checkpoint's ``[in, out]``, not measured."""
+        if self.transpose_weights is not None:
+            return self.transpose_weights
+        return (platform or jax.default_backend()) == "cpu"
 
     @cached_property
     def buckets(self) -> StepBuckets:
