@@ -4,8 +4,9 @@
                                       [--steps 30]
 
 One ``ModelRunner`` per loop over the default model (``+pack`` adds ``pack_weights=True``,
-``+nofuse`` turns ``fuse_projections`` off and ``+in_out`` sets ``transpose_weights=False``,
-as in ``bench_peer.py``); every configuration
+``+nofuse`` turns ``fuse_projections`` off, ``+in_out`` sets ``transpose_weights=False``, as
+in ``bench_peer.py``, and ``+ladder`` pads calls to the page-bucket ladder,
+``bucket_pages=True``); every configuration
 decodes the same rows in turn, step by step, so a shared machine's load hits them alike. Prints median step times, the ratio against the first
 loop, and whether every loop sampled the same greedy tokens.
 """
@@ -40,7 +41,8 @@ def main() -> None:
                           max_num_seqs=max(batches), max_prefill_chunk=256, max_prefill_seqs=1,
                           layer_loop=loop.split("+")[0], pack_weights="+pack" in loop,
                           fuse_projections="+nofuse" not in loop,
-                          transpose_weights=False if "+in_out" in loop else None)  # fmt: skip
+                          transpose_weights=False if "+in_out" in loop else None,
+                          bucket_pages=True if "+ladder" in loop else None)  # fmt: skip
         runners[loop] = r = ModelRunner(cfg, params, rc)
         for b in batches:
             shape = rc.buckets.group_shape([(args.ctx, 1)] * b, False)

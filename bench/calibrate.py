@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The step model proper: every compiled call shape priced on its own, then the per-step
     # and per-row overhead fitted to what the real steps took beyond their calls.
     buckets = engine.runner.cfg.buckets
+    # The engine's resolved bucketing goes into the preset: the simulator must group and pad
+    # calls as this engine did, and the real-engine runs must build the same engine.
+    eng_kw["bucket_pages"] = buckets.bucket_pages
     shapes = [*buckets.shapes(), *buckets.fused_shapes()]
     shape_s = {shape_key(sh): t for sh, t in time_shapes(engine.runner, shapes).items()}
     shape_full_s = {

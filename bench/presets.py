@@ -322,9 +322,11 @@ def local(path: Path = LOCAL_PRESET_PATH) -> Preset:
     """
     cfg = load_local(path)
     eng = cfg["engine"]
+    # A preset calibrated before bucket_pages existed was calibrated with page buckets.
     buckets = StepBuckets(eng["page_size"], eng["max_model_len"], eng["max_num_seqs"],
                           eng["max_prefill_chunk"], eng["max_prefill_seqs"],
-                          eng.get("fused_steps", False))  # fmt: skip
+                          eng.get("fused_steps", False),
+                          bucket_pages=eng.get("bucket_pages", True))  # fmt: skip
     bpt = int(cfg["bytes_per_token"])
     host_blocks = int(eng.get("host_kv_gib", 0) * 2**30 // (bpt * eng["page_size"]))
     return Preset(

@@ -219,3 +219,26 @@ def test_no_compilation_after_warmup(make_engine):
         assert engine.overlap.overlapped_steps > 0
     assert compiles == [], f"compiled after warm-up: {compiles}"
     assert engine.runner.strict
+
+
+def test_page_bucket_ladder_does_not_change_outputs(make_engine, solo_reference):
+    # With the chunked attention (the CPU default) every call is padded to the largest page
+    # bucket; the ladder pads the same rows to narrower tables. Padding must be invisible.
+    ladder = make_engine(bucket_pages=True)
+    assert ladder.runner.cfg.buckets.page_buckets == (8, 16)
+    assert make_engine().runner.cfg.buckets.page_buckets == (16,)
+    assert run_batch(ladder, PROMPTS) == solo_reference
+
+
+def test_page_buckets_follow_the_attention_backend():
+    from tokencake.runner_config import RunnerConfig
+
+    def pages(**kw):
+        return RunnerConfig(num_pages=4, **kw).buckets.page_buckets
+
+    assert pages(attention_backend="chunked") == (128,)
+    assert pages(attention_backend="reference") == (8, 32, 128)
+    assert pages(attention_backend="chunked", bucket_pages=True) == (8, 32, 128)
+    assert pages(attention_backend="reference", bucket_pages=False) == (128,)
+    assert RunnerConfig(num_pages=4).resolved_bucket_pages("gpu") is True
+    assert RunnerConfig(num_pages=4).resolved_bucket_pages("cpu") is False

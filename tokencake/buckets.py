@@ -69,6 +69,9 @@ class StepBuckets:
     max_prefill_seqs: int = 4
     fused_steps: bool = False  # a step's prefill chunk and decode rows share one call
     fused_max_tokens: int = 128  # the largest prefill token bucket a fused call takes
+    # False: one page bucket (the maximum), for an attention whose cost follows each call's
+    # live context rather than its padded width; smaller buckets would only add programs.
+    bucket_pages: bool = True
 
     @cached_property
     def max_pages_per_seq(self) -> int:
@@ -88,6 +91,8 @@ class StepBuckets:
 
     @cached_property
     def page_buckets(self) -> tuple[int, ...]:
+        if not self.bucket_pages:
+            return (self.max_pages_per_seq,)
         return pow2_buckets(self.max_pages_per_seq, start=min(8, self.max_pages_per_seq), factor=4)
 
     def shapes(self) -> list[Shape]:

@@ -60,6 +60,7 @@ class EngineConfig:
     seed: int = 0
     overlap: bool | None = None
     fused_steps: bool = False
+    bucket_pages: bool | None = None  # see RunnerConfig.resolved_bucket_pages
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):

@@ -12,6 +12,7 @@ from functools import cached_property
 import jax
 
 from tokencake.buckets import StepBuckets
+from tokencake.models.attention.backend import default_backend_name
 from tokencake.models.llama import LAYER_LOOPS
 
 
@@ -55,6 +56,8 @@ class RunnerConfig:
     # one device: matrices stored [out, in]; None = on CPU, where few-row dots read them faster
     transpose_weights: bool | None = None
     fused_steps: bool = False  # a step's prefill chunk and decode rows in one call (buckets.py)
+    # calls padded to a ladder of page buckets; None = unless the attention is "chunked"
+    bucket_pages: bool | None = None
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.num_pages < 2:
@@ -83,12 +86,26 @@ class RunnerConfig:
             return self.transpose_weights
         return (platform or jax.default_backend()) == "cpu"
 
+    def resolved_bucket_pages(self, platform: str | None = None) -> bool:
+        """Whether calls are padded to a ladder of page buckets on ``platform``
+        (``jax.default_backend()`` when None). By default not with the ``chunked`` attention
+        (the CPU default): its loop stops at the longest live row, so a call costs the same
+        in any page bucket (``bench/RESULTS.md`` §7) and one bucket, the largest, compiles a
+        third of the programs. The other backends work over the padded width."""
+        if self.bucket_pages is not None:
+            return self.bucket_pages
+        name = self.attention_backend
+        if name in (None, "auto"):
+            name = default_backend_name(platform)
+        return name != "chunked"
+
     @cached_property
     def buckets(self) -> StepBuckets:
         """The step shape buckets of this configuration (shared with the simulator)."""
         return StepBuckets(self.page_size, self.max_model_len, self.max_num_seqs,
                            self.max_prefill_chunk, self.max_prefill_seqs,
-                           self.fused_steps)  # fmt: skip
+                           self.fused_steps,
+                           bucket_pages=self.resolved_bucket_pages())  # fmt: skip
 
     @property
     def max_pages_per_seq(self) -> int:
