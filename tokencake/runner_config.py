@@ -12,7 +12,7 @@ from functools import cached_property
 import jax
 
 from tokencake.buckets import StepBuckets
-from tokencake.models.attention.backend import default_backend_name
+from tokencake.models.attention.backend import FOLLOWS_LIVE_CONTEXT, resolve_backend_name
 from tokencake.models.llama import LAYER_LOOPS
 
 
@@ -56,7 +56,8 @@ class RunnerConfig:
     # one device: matrices stored [out, in]; None = on CPU, where few-row dots read them faster
     transpose_weights: bool | None = None
     fused_steps: bool = False  # a step's prefill chunk and decode rows in one call (buckets.py)
-    # calls padded to a ladder of page buckets; None = unless the attention is "chunked"
+    # calls padded to a ladder of page buckets; None = unless the attention follows the live
+    # context (models/attention/backend.py FOLLOWS_LIVE_CONTEXT)
     bucket_pages: bool | None = None
 
     def __post_init__(self) -> None:
@@ -88,16 +89,14 @@ class RunnerConfig:
 
     def resolved_bucket_pages(self, platform: str | None = None) -> bool:
         """Whether calls are padded to a ladder of page buckets on ``platform``
-        (``jax.default_backend()`` when None). By default not with the ``chunked`` attention
-        (the CPU default): its loop stops at the longest live row, so a call costs the same
-        in any page bucket (``bench/RESULTS.md`` §7) and one bucket, the largest, compiles a
-        third of the programs. The other backends work over the padded width."""
+        (``jax.default_backend()`` when None). By default not with an attention whose work
+        follows the live context (``FOLLOWS_LIVE_CONTEXT``: ``chunked``, the CPU default): a
+        call costs the same in any page bucket (``bench/RESULTS.md`` §7), and one bucket, the
+        largest, compiles a third of the programs. The other backends work over the padded
+        width."""
         if self.bucket_pages is not None:
             return self.bucket_pages
-        name = self.attention_backend
-        if name in (None, "auto"):
-            name = default_backend_name(platform)
-        return name != "chunked"
+        return resolve_backend_name(self.attention_backend, platform) not in FOLLOWS_LIVE_CONTEXT
 
     @cached_property
     def buckets(self) -> StepBuckets:

@@ -55,14 +55,26 @@ def default_backend_name(platform: str | None = None) -> str:
     return {"gpu": "pallas-gpu", "cuda": "pallas-gpu", "tpu": "pallas-tpu"}.get(platform, "chunked")
 
 
-def get_backend(name: str | None = None) -> AttentionBackend:
-    """Resolve a backend by name ("auto"/None picks from the platform); errors name the choices."""
+# Backends whose work stops at each call's longest live row: padding a call to a wider page
+# bucket costs them nothing (bench/RESULTS.md §7), so the runner compiles one page bucket.
+FOLLOWS_LIVE_CONTEXT = ("chunked",)
+
+
+def resolve_backend_name(name: str | None = None, platform: str | None = None) -> str:
+    """The backend ``name`` stands for ("auto"/None picks from ``platform``, by default
+    ``jax.default_backend()``); errors name the choices."""
     if name in (None, "auto"):
-        name = default_backend_name()
+        name = default_backend_name(platform)
     if name not in BACKENDS:
         raise ValueError(
             f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
         )
+    return name
+
+
+def get_backend(name: str | None = None) -> AttentionBackend:
+    """Resolve a backend by name ("auto"/None picks from the platform); errors name the choices."""
+    name = resolve_backend_name(name)
     if name == "reference":
         return AttentionBackend("reference", reference_paged_attention)
     if name == "chunked":
