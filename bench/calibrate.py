@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The engine's resolved bucketing goes into the preset: the simulator must group and pad
     # calls as this engine did, and the real-engine runs must build the same engine.
     eng_kw["bucket_pages"] = buckets.bucket_pages
+    eng_kw["fused_steps"] = buckets.fused_steps
     shapes = [*buckets.shapes(), *buckets.fused_shapes()]
     shape_s = {shape_key(sh): t for sh, t in time_shapes(engine.runner, shapes).items()}
     shape_full_s = {

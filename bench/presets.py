@@ -307,8 +307,16 @@ def load_local(path: Path = LOCAL_PRESET_PATH) -> dict[str, Any]:
 
 
 def local_engine_kwargs(path: Path = LOCAL_PRESET_PATH) -> dict[str, Any]:
-    """EngineConfig keyword arguments of the real-engine runs (shared with the preset)."""
-    return dict(load_local(path)["engine"])
+    """EngineConfig keyword arguments of the real-engine runs (shared with the preset).
+
+    Settings a preset file predates are filled in as they were when it was calibrated: page
+    buckets (before ``bucket_pages`` was recorded) and separate prefill and decode calls
+    (before ``fused_steps`` was), so the real engine and the simulator build the same calls.
+    """
+    eng = dict(load_local(path)["engine"])
+    eng.setdefault("bucket_pages", True)
+    eng.setdefault("fused_steps", False)
+    return eng
 
 
 def local(path: Path = LOCAL_PRESET_PATH) -> Preset:
@@ -321,12 +329,10 @@ def local(path: Path = LOCAL_PRESET_PATH) -> Preset:
     the real engine's.
     """
     cfg = load_local(path)
-    eng = cfg["engine"]
-    # A preset calibrated before bucket_pages existed was calibrated with page buckets.
+    eng = local_engine_kwargs(path)
     buckets = StepBuckets(eng["page_size"], eng["max_model_len"], eng["max_num_seqs"],
                           eng["max_prefill_chunk"], eng["max_prefill_seqs"],
-                          eng.get("fused_steps", False),
-                          bucket_pages=eng.get("bucket_pages", True))  # fmt: skip
+                          eng["fused_steps"], bucket_pages=eng["bucket_pages"])  # fmt: skip
     bpt = int(cfg["bytes_per_token"])
     host_blocks = int(eng.get("host_kv_gib", 0) * 2**30 // (bpt * eng["page_size"]))
     return Preset(

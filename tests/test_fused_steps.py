@@ -13,6 +13,7 @@ from tests.helpers.compiles import recorded_compiles
 from tests.test_engine import PROMPTS
 from tokencake.buckets import StepBuckets
 from tokencake.config import EngineConfig
+from tokencake.runner_config import RunnerConfig
 from tokencake.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -129,7 +130,7 @@ def test_fused_sampling_matches_unfused(make_engine):
 
 def test_set_fused_steps_needs_the_family_compiled(make_engine):
     with pytest.raises(ValueError, match="needs a runner built with fused_steps=True"):
-        make_engine().runner.set_fused_steps(True)
+        make_engine(fused_steps=False).runner.set_fused_steps(True)
 
 
 def test_fused_steps_refused_with_several_devices():
@@ -178,6 +179,20 @@ def test_fused_forward_equals_separate_calls(tiny_model):
 def test_cli_flag_sets_fused_steps():
     from tokencake.cli import build_parser, engine_config_from_args
 
-    args = build_parser().parse_args(["serve", "--fused-steps"])
-    assert engine_config_from_args(args).fused_steps
-    assert not engine_config_from_args(build_parser().parse_args(["serve"])).fused_steps
+    def parsed(*flags: str):
+        return engine_config_from_args(build_parser().parse_args(["serve", *flags])).fused_steps
+
+    assert parsed("--fused-steps") is True
+    assert parsed("--no-fused-steps") is False
+    assert parsed() is None  # the platform's default (RunnerConfig.resolved_fused_steps)
+
+
+def test_fused_steps_are_on_by_default_on_one_cpu_device_only():
+    assert RunnerConfig(num_pages=4).resolved_fused_steps("cpu") is True
+    assert RunnerConfig(num_pages=4).resolved_fused_steps("gpu") is False
+    assert RunnerConfig(num_pages=4, tensor_parallel_size=2).resolved_fused_steps("cpu") is False
+    assert RunnerConfig(num_pages=4, fused_steps=False).resolved_fused_steps("cpu") is False
+    assert RunnerConfig(num_pages=4, fused_steps=True).resolved_fused_steps("gpu") is True
+    # several devices: the default resolves to off instead of being refused
+    assert EngineConfig(tensor_parallel_size=2).fused_steps is False
+    assert EngineConfig(distributed=True).fused_steps is False

@@ -55,8 +55,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fused-steps",
-        action="store_true",
-        help="run a step's prefill chunk and decode rows as one device call (one weight read)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run a step's prefill chunk and decode rows as one device call (one weight read; "
+        "default: on with one CPU device, off elsewhere)",
     )
 
 

@@ -35,7 +35,8 @@ class EngineConfig:
     ``fused_steps`` runs a step's prefill chunk and its decode rows as one device call (one
     weight read; attention still per group at each group's own shape) when the pair of shapes
     is in a small family compiled at warm-up (``StepBuckets.fused_shapes``), as two calls
-    otherwise; same greedy outputs; one device, for now.
+    otherwise; same greedy outputs; one device, for now: ``None`` (the default) turns it on
+    on a CPU without tensor parallelism or ``distributed`` (``RunnerConfig.resolved_fused_steps``).
     """
 
     model: str | None = None
@@ -59,7 +60,7 @@ class EngineConfig:
     warmup: bool = True
     seed: int = 0
     overlap: bool | None = None
-    fused_steps: bool = False
+    fused_steps: bool | None = None
     bucket_pages: bool | None = None  # see RunnerConfig.resolved_bucket_pages
 
     def __post_init__(self) -> None:
@@ -93,7 +94,9 @@ class EngineConfig:
             raise ValueError(
                 "overlap is not supported with tensor_parallel_size > 1 or distributed yet"
             )
-        if self.fused_steps and multi_device:
+        if self.fused_steps is None and multi_device:
+            object.__setattr__(self, "fused_steps", False)  # frozen: resolved once, as overlap
+        elif self.fused_steps and multi_device:
             raise ValueError(
                 "fused_steps is not supported with tensor_parallel_size > 1 or distributed yet"
             )

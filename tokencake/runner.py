@@ -209,7 +209,7 @@ class ModelRunner:
         self._idle_feed: dict[int, TokenFeed] = {}
         self.compile_seconds = 0.0
         self.compile_times: dict[CallShape, float] = {}  # seconds each shape took to compile
-        # Fused steps (``cfg.fused_steps``): steps with prefill and decode rows, by whether
+        # Fused steps (``cfg.buckets.fused_steps``): steps with prefill and decode rows, by whether
         # they ran as one fused call or fell back to separate calls (shape outside the family).
         self.fused_counts = {"fused": 0, "unfused": 0}
         self.buckets = cfg.buckets  # how steps are split into calls (see set_fused_steps)
@@ -341,10 +341,10 @@ class ModelRunner:
         log.info("warm-up compiled %d step shapes in %.1fs", len(shapes), self.compile_seconds)
 
     def set_fused_steps(self, on: bool) -> None:
-        """Fuse mixed steps or not from now on (``cfg.fused_steps`` is the initial state and
-        must be on for ``on``: it puts the fused family in warm-up). Lets one runner compare
+        """Fuse mixed steps or not from now on (the configured state, ``cfg.buckets.fused_steps``,
+        is the initial one and must be on for ``on``: it puts the fused family in warm-up). Lets one runner compare
         both ways on the same weights and executables (bench/bench_engine.py --fused)."""
-        if on and not self.cfg.fused_steps:
+        if on and not self.cfg.buckets.fused_steps:
             raise ValueError("set_fused_steps(True) needs a runner built with fused_steps=True")
         self.buckets = dataclasses.replace(self.cfg.buckets, fused_steps=on)
 

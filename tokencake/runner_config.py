@@ -55,7 +55,8 @@ class RunnerConfig:
     fuse_projections: bool = True
     # one device: matrices stored [out, in]; None = on CPU, where few-row dots read them faster
     transpose_weights: bool | None = None
-    fused_steps: bool = False  # a step's prefill chunk and decode rows in one call (buckets.py)
+    # a step's prefill chunk and decode rows in one call (buckets.py); None = on CPU
+    fused_steps: bool | None = None
     # calls padded to a ladder of page buckets; None = unless the attention follows the live
     # context (models/attention/backend.py FOLLOWS_LIVE_CONTEXT)
     bucket_pages: bool | None = None
@@ -98,12 +99,22 @@ class RunnerConfig:
             return self.bucket_pages
         return resolve_backend_name(self.attention_backend, platform) not in FOLLOWS_LIVE_CONTEXT
 
+    def resolved_fused_steps(self, platform: str | None = None) -> bool:
+        """Whether a step's prefill chunk and decode rows run as one call on ``platform``
+        (``jax.default_backend()`` when None). By default on CPU with one device: there a mixed
+        step took 0.77x the time of two calls and the fused family adds 8 programs to warm-up
+        (one page bucket, ``bench/RESULTS.md`` §5); elsewhere off, not measured (with the
+        page-bucket ladder of the other backends the family is 72 programs)."""
+        if self.fused_steps is not None:
+            return self.fused_steps
+        return (platform or jax.default_backend()) == "cpu" and self.tensor_parallel_size == 1
+
     @cached_property
     def buckets(self) -> StepBuckets:
         """The step shape buckets of this configuration (shared with the simulator)."""
         return StepBuckets(self.page_size, self.max_model_len, self.max_num_seqs,
                            self.max_prefill_chunk, self.max_prefill_seqs,
-                           self.fused_steps,
+                           self.resolved_fused_steps(),
                            bucket_pages=self.resolved_bucket_pages())  # fmt: skip
 
     @property
