@@ -164,6 +164,10 @@ def run_real(
     row = summarize(res, col)
     row["step_wall_s"] = be.step_wall_s  # time inside engine.step() for non-empty steps
     row["step_pred_s"] = be.step_pred_s  # the local preset's prediction for the same plans
+    # steps with prefill and decode rows: one fused call, or two (fused_steps off, or a mix
+    # outside the fused family)
+    row["mixed_steps_fused"] = engine.runner.fused_counts["fused"]
+    row["mixed_steps_unfused"] = engine.runner.fused_counts["unfused"]
     return row, res, col
 
 

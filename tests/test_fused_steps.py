@@ -32,10 +32,13 @@ def test_calls_fuse_one_prefill_chunk_with_the_decode_rows():
     # Two prefill chunks in one group are outside the family: two calls, as unfused.
     two = [(0, 20), (0, 30), (50, 1)]
     assert b.call_shapes(two) == [(2, 32, 8), (1, 1, 8)]
-    # A chunk past fused_max_tokens (128) runs on its own: its compute dwarfs the saving.
     assert b.call_shapes([(0, 100), (0, 1)]) == [((1, 128, 8), (1, 1, 8))]
+    # By default every chunk length is fused; past a given fused_max_tokens a chunk runs alone.
     long = StepBuckets(16, 512, 16, 512, 2, fused_steps=True)
-    assert long.call_shapes([(0, 300), (0, 1)]) == [(1, 512, 32), (1, 1, 8)]
+    assert long.call_shapes([(0, 300), (0, 1)]) == [((1, 512, 32), (1, 1, 8))]
+    capped = StepBuckets(16, 512, 16, 512, 2, fused_steps=True, fused_max_tokens=128)
+    assert capped.call_shapes([(0, 300), (0, 1)]) == [(1, 512, 32), (1, 1, 8)]
+    assert capped.call_shapes([(0, 100), (0, 1)]) == [((1, 128, 8), (1, 1, 8))]
     # Only prefill, or only decode: nothing to fuse.
     assert b.call_shapes([(0, 20)]) == [(1, 32, 8)]
     assert b.call_shapes([(5, 1), (9, 1)]) == [(2, 1, 8)]
@@ -45,11 +48,14 @@ def test_calls_fuse_one_prefill_chunk_with_the_decode_rows():
 
 
 def test_fused_family_is_bounded():
-    b = StepBuckets(16, 2048, 32, 512, 4, fused_steps=True)
-    prefill_one = [s for s in b.shapes() if s[0] == 1 and 1 < s[1] <= b.fused_max_tokens]
-    decode = len(b.fused_decode_row_buckets) * len(b.page_buckets)
-    assert len(b.fused_shapes()) == len(prefill_one) * decode == 72
-    assert all(pf in b.shapes() and dc[1] == 1 for pf, dc in b.fused_shapes())
+    """One prefill chunk of any token bucket x a decode group on the x4 row ladder: 96
+    programs with the page-bucket ladder, 12 with one page bucket (the CPU default)."""
+    for bucket_pages, count in ((True, 96), (False, 12)):
+        b = StepBuckets(16, 2048, 32, 512, 4, fused_steps=True, bucket_pages=bucket_pages)
+        prefill_one = [s for s in b.shapes() if s[0] == 1 and s[1] > 1]
+        decode = len(b.fused_decode_row_buckets) * len(b.page_buckets)
+        assert len(b.fused_shapes()) == len(prefill_one) * decode == count
+        assert all(pf in b.shapes() and dc[1] == 1 for pf, dc in b.fused_shapes())
 
 
 def staggered(engine, params=GREEDY, prompts=PROMPTS) -> dict[str, tuple[int, ...]]:

@@ -68,7 +68,8 @@ class StepBuckets:
     max_prefill_chunk: int = 512
     max_prefill_seqs: int = 4
     fused_steps: bool = False  # a step's prefill chunk and decode rows share one call
-    fused_max_tokens: int = 128  # the largest prefill token bucket a fused call takes
+    # the largest prefill token bucket a fused call takes; None: every one (max_prefill_chunk)
+    fused_max_tokens: int | None = None
     # False: one page bucket (the maximum), for an attention whose cost follows each call's
     # live context rather than its padded width; smaller buckets would only add programs.
     bucket_pages: bool = True
@@ -132,20 +133,29 @@ class StepBuckets:
     # ---- fused steps -------------------------------------------------------------------------
     # A fused call pays one weight read for a prefill group and a decode group. Each group keeps
     # its own padded shape (attention is per group), so the family of fused executables is a
-    # cross product; it is kept small: one prefill chunk (rows bucket 1) of a token bucket up to
-    # ``fused_max_tokens`` (a longer chunk's own compute dwarfs the weight read fusion saves)
-    # and any page bucket, with a decode group from a coarser row ladder (x4) over any page
-    # bucket. Other mixes (several chunks in one group, a long chunk) run as separate calls.
+    # cross product; it is kept small: one prefill chunk (rows bucket 1) of any token bucket up
+    # to ``fused_max_tokens`` and any page bucket, with a decode group from a coarser row ladder
+    # (x4) over any page bucket. Other mixes (several chunks in one group) run as separate
+    # calls. Long chunks are fused too: on the default model on a CPU a 256-token chunk beside
+    # 7 decode rows took 0.85x the time of two calls (64 tokens: 0.77x), for 4 more programs
+    # (bench/RESULTS.md, "Fused steps on by default on CPU").
     @cached_property
     def fused_decode_row_buckets(self) -> tuple[int, ...]:
         return pow2_buckets(self.max_num_seqs, factor=4)
+
+    @cached_property
+    def fused_token_limit(self) -> int:
+        """The largest prefill token bucket a fused call takes."""
+        if self.fused_max_tokens is None:
+            return self.prefill_token_buckets[-1]
+        return self.fused_max_tokens
 
     def fused_shapes(self) -> list[FusedShape]:
         """Every fused (prefill shape, decode shape) the runner compiles (none unless
         ``fused_steps``)."""
         if not self.fused_steps:
             return []
-        prefill = [sh for sh in self.shapes() if sh[0] == 1 and 1 < sh[1] <= self.fused_max_tokens]
+        prefill = [sh for sh in self.shapes() if sh[0] == 1 and 1 < sh[1] <= self.fused_token_limit]
         decode = [(s, 1, p) for s in self.fused_decode_row_buckets for p in self.page_buckets]
         return [(pf, dc) for pf in prefill for dc in decode]
 
@@ -161,7 +171,7 @@ class StepBuckets:
         if not self.fused_steps or not first_decode:  # None, or no prefill group before it
             return out
         pf, dc = groups[first_decode - 1], groups[first_decode]
-        if pf[2][0] != 1 or pf[2][1] > self.fused_max_tokens:
+        if pf[2][0] != 1 or pf[2][1] > self.fused_token_limit:
             return out
         # The decode group padded to the fused row ladder (its pages bucket is its own).
         s = pick_bucket(len(dc[1]), self.fused_decode_row_buckets)

@@ -209,8 +209,8 @@ class ModelRunner:
         self._idle_feed: dict[int, TokenFeed] = {}
         self.compile_seconds = 0.0
         self.compile_times: dict[CallShape, float] = {}  # seconds each shape took to compile
-        # Fused steps (``cfg.buckets.fused_steps``): steps with prefill and decode rows, by whether
-        # they ran as one fused call or fell back to separate calls (shape outside the family).
+        # Steps with prefill and decode rows, by whether they ran as one fused call
+        # (``buckets.fused_steps``) or as separate calls (fusion off, or a mix outside the family).
         self.fused_counts = {"fused": 0, "unfused": 0}
         self.buckets = cfg.buckets  # how steps are split into calls (see set_fused_steps)
         self.strict = False  # after warm-up, a missing shape is an error
@@ -368,7 +368,7 @@ class ModelRunner:
         handle = StepHandle([], None, {})
         slot = 0
         calls = self.buckets.calls(spans)
-        if self.buckets.fused_steps and len({pf for c in calls for pf, _, _ in c.groups}) == 2:
+        if len({pf for c in calls for pf, _, _ in c.groups}) == 2:  # prefill and decode rows
             self.fused_counts["fused" if any(c.fused for c in calls) else "unfused"] += 1
         for call in calls:
             inputs = build_inputs(

@@ -102,9 +102,9 @@ class RunnerConfig:
     def resolved_fused_steps(self, platform: str | None = None) -> bool:
         """Whether a step's prefill chunk and decode rows run as one call on ``platform``
         (``jax.default_backend()`` when None). By default on CPU with one device: there a mixed
-        step took 0.77x the time of two calls and the fused family adds 8 programs to warm-up
-        (one page bucket, ``bench/RESULTS.md`` §5); elsewhere off, not measured (with the
-        page-bucket ladder of the other backends the family is 72 programs)."""
+        step took 0.77-0.85x the time of two calls and the fused family adds 12 programs to
+        warm-up (one page bucket, ``bench/RESULTS.md`` §5); elsewhere off, not measured (with
+        the page-bucket ladder of the other backends the family is 96 programs)."""
         if self.fused_steps is not None:
             return self.fused_steps
         return (platform or jax.default_backend()) == "cpu" and self.tensor_parallel_size == 1
