@@ -99,6 +99,21 @@ def test_fused_matches_unfused_greedy(make_engine):
     assert engine.overlap.overlapped_steps > 0
 
 
+def test_long_chunks_fuse_and_match_unfused(make_engine):
+    # Chunks past 128 tokens join the decode rows' call too (fused_max_tokens defaults to
+    # every prefill token bucket); the long prompts arrive while earlier ones decode.
+    long_prompts = [p * 2 for p in PROMPTS]
+    engine = make_engine(fused_steps=True, enable_prefix_cache=False, max_model_len=512,
+                         max_num_batched_tokens=256, max_prefill_chunk=256,
+                         max_prefill_seqs=1)  # fmt: skip
+    engine.runner.set_fused_steps(False)
+    plain = staggered(engine, prompts=long_prompts)
+    engine.runner.set_fused_steps(True)
+    assert staggered(engine, prompts=long_prompts) == plain
+    fused_chunks = [sh[0][1] for sh in engine.runner._compiled if not isinstance(sh[0], int)]
+    assert max(fused_chunks) == 256  # a chunk of the 256-token bucket ran fused
+
+
 def test_fused_with_preemption_and_prefix_hits(make_engine):
     # A small pool: decode growth preempts and recomputes; the second run hits the prefix
     # cache the first one filled.
