@@ -36,7 +36,8 @@ class EngineConfig:
     weight read; attention still per group at each group's own shape) when the pair of shapes
     is in a small family compiled at warm-up (``StepBuckets.fused_shapes``), as two calls
     otherwise; same greedy outputs; one device, for now: ``None`` (the default) turns it on
-    on a CPU without tensor parallelism or ``distributed`` (``RunnerConfig.resolved_fused_steps``).
+    on a CPU without tensor parallelism or ``distributed``
+    (``RunnerConfig.resolved_fused_steps``).
     """
 
     model: str | None = None

@@ -341,9 +341,10 @@ class ModelRunner:
         log.info("warm-up compiled %d step shapes in %.1fs", len(shapes), self.compile_seconds)
 
     def set_fused_steps(self, on: bool) -> None:
-        """Fuse mixed steps or not from now on (the configured state, ``cfg.buckets.fused_steps``,
-        is the initial one and must be on for ``on``: it puts the fused family in warm-up). Lets one runner compare
-        both ways on the same weights and executables (bench/bench_engine.py --fused)."""
+        """Fuse mixed steps or not from now on. The configured state
+        (``cfg.buckets.fused_steps``) is the initial one and must be on for ``on``: it puts the
+        fused family in warm-up. Lets one runner compare both ways on the same weights and
+        executables (bench/bench_engine.py --fused)."""
         if on and not self.cfg.buckets.fused_steps:
             raise ValueError("set_fused_steps(True) needs a runner built with fused_steps=True")
         self.buckets = dataclasses.replace(self.cfg.buckets, fused_steps=on)
