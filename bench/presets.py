@@ -313,10 +313,12 @@ def local_engine_kwargs(path: Path = LOCAL_PRESET_PATH) -> dict[str, Any]:
     buckets (before ``bucket_pages`` was recorded) and separate prefill and decode calls
     (before ``fused_steps`` was), so the real engine and the simulator build the same calls.
     """
-    eng = dict(load_local(path)["engine"])
-    eng.setdefault("bucket_pages", True)
-    eng.setdefault("fused_steps", False)
-    return eng
+    return _with_layout_defaults(load_local(path)["engine"])
+
+
+def _with_layout_defaults(engine: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a preset's engine settings with the call layout of its time filled in."""
+    return {"bucket_pages": True, "fused_steps": False, **engine}
 
 
 def local(path: Path = LOCAL_PRESET_PATH) -> Preset:
@@ -329,7 +331,7 @@ def local(path: Path = LOCAL_PRESET_PATH) -> Preset:
     the real engine's.
     """
     cfg = load_local(path)
-    eng = local_engine_kwargs(path)
+    eng = _with_layout_defaults(cfg["engine"])
     buckets = StepBuckets(eng["page_size"], eng["max_model_len"], eng["max_num_seqs"],
                           eng["max_prefill_chunk"], eng["max_prefill_seqs"],
                           eng["fused_steps"], bucket_pages=eng["bucket_pages"])  # fmt: skip

@@ -78,14 +78,14 @@ def staggered(engine, params=GREEDY, prompts=PROMPTS) -> dict[str, tuple[int, ..
     return done
 
 
-def both_ways(engine, params=GREEDY) -> tuple[dict, dict]:
+def both_ways(engine, params=GREEDY, prompts=PROMPTS) -> tuple[dict, dict]:
     """:func:`staggered` with fusion off, then on, on one engine built with ``fused_steps``
     (``ModelRunner.set_fused_steps``: the same weights and executables)."""
     engine.runner.set_fused_steps(False)
-    plain = staggered(engine, params)
+    plain = staggered(engine, params, prompts)
     assert engine.runner.fused_counts["fused"] == 0
     engine.runner.set_fused_steps(True)
-    return plain, staggered(engine, params)
+    return plain, staggered(engine, params, prompts)
 
 
 def test_fused_matches_unfused_greedy(make_engine):
@@ -106,10 +106,8 @@ def test_long_chunks_fuse_and_match_unfused(make_engine):
     engine = make_engine(fused_steps=True, enable_prefix_cache=False, max_model_len=512,
                          max_num_batched_tokens=256, max_prefill_chunk=256,
                          max_prefill_seqs=1)  # fmt: skip
-    engine.runner.set_fused_steps(False)
-    plain = staggered(engine, prompts=long_prompts)
-    engine.runner.set_fused_steps(True)
-    assert staggered(engine, prompts=long_prompts) == plain
+    plain, fused = both_ways(engine, prompts=long_prompts)
+    assert fused == plain
     fused_chunks = [sh[0][1] for sh in engine.runner._compiled if not isinstance(sh[0], int)]
     assert max(fused_chunks) == 256  # a chunk of the 256-token bucket ran fused
 
