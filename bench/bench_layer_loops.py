@@ -3,21 +3,26 @@
     python bench/bench_layer_loops.py [--loops scan,switch] [--batches 1,8] [--ctx 160]
                                       [--steps 30]
 
-One ``ModelRunner`` per loop over the default model (``+pack`` adds ``pack_weights=True``,
-``+nofuse`` turns ``fuse_projections`` off, ``+in_out`` sets ``transpose_weights=False``, as
-in ``bench_peer.py``, and ``+ladder`` pads calls to the page-bucket ladder,
-``bucket_pages=True``); every configuration
-decodes the same rows in turn, step by step, so a shared machine's load hits them alike. Prints median step times, the ratio against the first
-loop, and whether every loop sampled the same greedy tokens.
+One ``ModelRunner`` per loop over the default model, with the suffixes of
+``bench/variants.py`` (``+pack``, ``+nofuse``, ``+in_out``, ``+ladder``, ``+bf16``); every
+configuration decodes the same rows in turn, step by step, so a shared machine's load hits
+them alike. Prints median step times, the ratio against the first loop, and whether every
+loop sampled the same greedy tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make the repository's ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.variants import runner_options
 from tokencake.models.hub import resolve_model
 from tokencake.runner import ModelRunner, RowRequest
 from tokencake.runner_config import RunnerConfig
@@ -39,10 +44,7 @@ def main() -> None:
     for loop in loops:
         rc = RunnerConfig(num_pages=2 + max(batches) * per_seq, max_model_len=1024,
                           max_num_seqs=max(batches), max_prefill_chunk=256, max_prefill_seqs=1,
-                          layer_loop=loop.split("+")[0], pack_weights="+pack" in loop,
-                          fuse_projections="+nofuse" not in loop,
-                          transpose_weights=False if "+in_out" in loop else None,
-                          bucket_pages=True if "+ladder" in loop else None)  # fmt: skip
+                          **runner_options(loop))  # fmt: skip
         runners[loop] = r = ModelRunner(cfg, params, rc)
         for b in batches:
             shape = rc.buckets.group_shape([(args.ctx, 1)] * b, False)

@@ -38,6 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make the repository's ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.variants import runner_options
 from tokencake.models.hub import default_model_path, resolve_model
 from tokencake.runner import ModelRunner, RowRequest
 from tokencake.runner_config import RunnerConfig
@@ -96,14 +100,12 @@ class EngineBench:
                 max_num_seqs=max_rows,
                 max_prefill_chunk=prefill,
                 max_prefill_seqs=1,
-                layer_loop=layer_loop.split("+")[0],
-                pack_weights=pack,
-                fuse_projections="+nofuse" not in layer_loop,
-                transpose_weights=False if "+in_out" in layer_loop else None,
                 attention_backend=attention_backend,
                 dtype=dtype,
+                **{"pack_weights": pack, **runner_options(layer_loop)},
             ),  # fmt: skip
         )
+        self.weight_itemsize = self.runner.model(self.runner.state).weight_dtype.itemsize
         self.tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(max_rows)]
         start = 1 + max_rows * per_seq
         self.prefill_table = list(range(start, start + -(-prefill // ps)))
@@ -146,21 +148,25 @@ class EngineBench:
         return dt / steps
 
 
-def f32_gguf(src: Path) -> Path:
-    """``src`` re-quantized to all-F32 by llama.cpp (cached beside it)."""
+PEER_TYPES = {"F32": "LLAMA_FTYPE_ALL_F32", "BF16": "LLAMA_FTYPE_MOSTLY_BF16"}
+
+
+def requantized_gguf(src: Path, kind: str = "F32") -> Path:
+    """``src`` re-quantized by llama.cpp to ``kind`` (a key of :data:`PEER_TYPES`: all F32, or
+    BF16 matrices with F32 norms), cached beside it."""
     import llama_cpp
 
-    dst = src.with_name(src.name.replace(".gguf", "").rsplit(".", 1)[0] + ".F32.gguf")
+    dst = src.with_name(src.name.replace(".gguf", "").rsplit(".", 1)[0] + f".{kind}.gguf")
     if dst.is_file():
         return dst
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+    params.ftype = getattr(llama_cpp, PEER_TYPES[kind])
     params.allow_requantize = True
     params.nthread = os.cpu_count() or 1
     tmp = dst.with_suffix(".part")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({src} -> F32) failed with code {rc}")
+        raise RuntimeError(f"llama_model_quantize({src} -> {kind}) failed with code {rc}")
     os.replace(tmp, dst)
     return dst
 
@@ -169,11 +175,14 @@ class LlamaCppBench:
     """llama.cpp through llama-cpp-python's low-level API: batched decode, one token per
     sequence per ``llama_decode``, logits for every row (as the engine samples every row)."""
 
-    def __init__(self, gguf: Path, flash_attn: bool, threads: int, max_rows: int, prefill: int):
+    def __init__(
+        self, gguf: Path, flash_attn: bool, threads: int, max_rows: int, prefill: int, kind: str
+    ):
         import llama_cpp
 
         self.ll = llama_cpp
-        self.name = "llama.cpp F32" + (" -fa" if flash_attn else "")
+        self.name = f"llama.cpp {kind}" + (" -fa" if flash_attn else "")
+        self.weight_itemsize = 2 if kind == "BF16" else 4
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), mp)
@@ -280,9 +289,15 @@ def main() -> None:
     ap.add_argument(
         "--layer-loop",
         default="auto",
-        help="comma-separated: one engine per layer loop (the first is compared with the peer); "
-        "a '+nofuse' suffix turns RunnerConfig.fuse_projections off for that engine, "
-        "'+in_out' keeps the matrices [in, out] (RunnerConfig.transpose_weights=False)",
+        help="comma-separated: one engine per layer loop (the first is compared with the peer), "
+        "with the suffixes of bench/variants.py: '+nofuse', '+in_out', '+bf16' (bfloat16 "
+        "weights), ...",
+    )
+    ap.add_argument(
+        "--peer-types",
+        default="F32",
+        help="comma-separated llama.cpp weight types, each run with and without -fa: F32 (the "
+        "engine's float32 weights), BF16 (as the engine's '+bf16')",
     )
     ap.add_argument(
         "--attention",
@@ -309,12 +324,15 @@ def main() -> None:
     ]  # fmt: skip
     engines = len(benches)
     if not args.no_peer:
-        try:
-            gguf = f32_gguf(default_model_path())
-        except ImportError:
-            sys.exit('llama-cpp-python is missing: pip install -e ".[bench]" (or pass --no-peer)')
-        for fa in (False, True):
-            benches.append(LlamaCppBench(gguf, fa, args.threads, max(batches), args.prefill))
+        for kind in args.peer_types.split(","):
+            try:
+                gguf = requantized_gguf(default_model_path(), kind)
+            except ImportError:
+                sys.exit('llama-cpp-python is missing: pip install -e ".[bench]" (or --no-peer)')
+            for fa in (False, True):
+                benches.append(
+                    LlamaCppBench(gguf, fa, args.threads, max(batches), args.prefill, kind)
+                )
     bw = [read_bandwidth_gbps()]
     res = interleaved(benches, batches, args.prefill, args.steps, args.rounds, log)
     bw.append(read_bandwidth_gbps())
@@ -344,8 +362,10 @@ def main() -> None:
     print(f"\nread bandwidth (best jitted 1 GiB sum): {read_gbps:.1f} GB/s; batch-1 decode reads "
           f"{decode_bytes(params) / 1e6:.0f} MB -> roofline {roof_b1:.1f} tok/s")  # fmt: skip
     if "decode B=1" in med[first]:
-        for n in names:
-            print(f"  {n}: B=1 at {med[n]['decode B=1'] / roof_b1:.0%} of the roofline")
+        for b in benches:  # a bfloat16 engine or peer reads half the bytes: its own roofline
+            roof = read_gbps * 1e9 / decode_bytes(params, b.weight_itemsize)
+            print(f"  {b.name}: B=1 at {med[b.name]['decode B=1'] / roof:.0%} of the "
+                  f"{roof:.1f} tok/s roofline of {b.weight_itemsize}-byte weights")  # fmt: skip
     if args.out:
         out = {"rounds": res, "median": med, "read_gbps": read_gbps, "roofline_b1": roof_b1,
                "args": vars(args)}  # fmt: skip

@@ -55,10 +55,25 @@ LAYER_LOOPS = ("scan", "switch", "unroll")
 
 def project(h: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
     """``h @ W`` for a matrix stored ``[in, out]``, or stored ``[out, in]`` when ``transposed``
-    (contracting ``h``'s last axis with ``w``'s last: XLA reads ``w`` in place, no transpose)."""
-    if not transposed:
-        return h @ w
-    return jax.lax.dot_general(h, w, (((h.ndim - 1,), (1,)), ((), ())))
+    (contracting ``h``'s last axis with ``w``'s last: XLA reads ``w`` in place, no transpose).
+
+    A matrix narrower than ``h`` (``weight_dtype="bfloat16"`` under float32 compute) is
+    multiplied as llama.cpp's BF16 path does: ``h`` rounded to the matrix's dtype, products
+    summed in ``h``'s dtype; the result has ``h``'s dtype."""
+    if w.dtype == h.dtype:
+        if not transposed:
+            return h @ w
+        return jax.lax.dot_general(h, w, (((h.ndim - 1,), (1,)), ((), ())))
+    lead = h.shape[:-1]
+    x = h.reshape(-1, h.shape[-1]).astype(w.dtype)
+    rows = x.shape[0]
+    if rows == 1:
+        # XLA:CPU runs a one-row dot as its own GEMV, which has no fast bfloat16 path (5-6x
+        # the float32 time); two rows go to YNNPACK's bfloat16 GEMM (bench/RESULTS.md §7).
+        x = jnp.concatenate([x, jnp.zeros_like(x)])
+    dims = (((1,), (1 if transposed else 0,)), ((), ()))
+    y = jax.lax.dot_general(x, w, dims, preferred_element_type=h.dtype)
+    return y[:rows].reshape(*lead, y.shape[-1])
 
 
 class Batch(NamedTuple):
@@ -115,7 +130,11 @@ class DecoderLM(nnx.Module):
     instead of 7; the sums are the same, computed in one dot per group.
     ``transpose_weights`` (one device only) stores every matrix ``[out, in]``, each output's
     weights contiguous: on XLA:CPU a dot of a few rows (a decode batch) streams those rows
-    faster than the ``[in, out]`` columns, and large-M dots (prefill) do not care."""
+    faster than the ``[in, out]`` columns, and large-M dots (prefill) do not care.
+    ``weight_dtype`` (default: ``dtype``) stores the matrices, the embedding and the LM head
+    in that dtype; with ``"bfloat16"`` under float32 compute the dots round their inputs to
+    bfloat16 and sum in float32 (:func:`project`), and the rest (norms, RoPE, attention, the
+    residual stream, the KV cache) stays float32."""
 
     def __init__(
         self,
@@ -127,12 +146,16 @@ class DecoderLM(nnx.Module):
         pack_weights: bool = False,
         fuse_projections: bool = False,
         transpose_weights: bool = False,
+        weight_dtype: str | None = None,
     ):
         validate_params(cfg, params)
         if layer_loop not in LAYER_LOOPS:
             raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
+        self.weight_dtype = jnp.dtype(weight_dtype or dtype)
+        if self.weight_dtype.itemsize > self.dtype.itemsize:
+            raise ValueError(f"weight_dtype {weight_dtype} is wider than the compute dtype {dtype}")
         self.layer_loop = layer_loop
         self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
@@ -153,16 +176,18 @@ class DecoderLM(nnx.Module):
         if pack_weights and mesh is None:
             streamed = [mats[k][i] for i in range(cfg.num_layers) for k in self.matrix_keys]
             arena = HostArena(
-                HostArena.size_of([*(streamed if per_layer else []), head[1]], self.dtype)
+                HostArena.size_of([*(streamed if per_layer else []), head[1]], self.weight_dtype)
             )
+        matrix_like = {*self.matrix_keys, *MATRIX_KEYS, "lm_head", "embed"}
 
         def place(key: str, value, one_layer: bool = False) -> nnx.Param:
+            dtype = self.weight_dtype if key in matrix_like else self.dtype
             if mesh is not None:
                 spec = NamedSharding(mesh, sharding.param_spec(key, one_layer))
-                return nnx.Param(jax.device_put(np.asarray(value, self.dtype), spec))
+                return nnx.Param(jax.device_put(np.asarray(value, dtype), spec))
             if arena is not None and (one_layer or key == head[0]):
-                return nnx.Param(arena.put(value, self.dtype))
-            return nnx.Param(jnp.asarray(value, self.dtype))
+                return nnx.Param(arena.put(value, dtype))
+            return nnx.Param(jnp.asarray(value, dtype))
 
         # Matrices: one array per layer unless the loop is a scan. Norm and bias vectors stay
         # stacked (indexing them by layer costs nothing).
@@ -209,7 +234,7 @@ class DecoderLM(nnx.Module):
         offsets = _packed([o for _, o in slots])
         positions = _packed([g.positions for g in groups])
         scale = 1.0 / float(np.sqrt(d))
-        x = self.embed[...][_packed([g.input_ids for g in groups])]  # [T, H]
+        x = self.embed[...][_packed([g.input_ids for g in groups])].astype(self.dtype)  # [T, H]
 
         def layer(x, kc, vc, w, mm, li):
             """One decoder layer; ``w`` holds this layer's vectors, ``mm(h, key)`` its matmuls."""

@@ -50,6 +50,25 @@ def test_last_position_logits_match_hf(engine, golden):
         assert int(np.argmax(ours)) == int(np.argmax(hf_logits[i]))
 
 
+def test_bfloat16_weights_stay_close_to_hf(default_model, golden):
+    """``weight_dtype="bfloat16"`` (an option, not the default) is not exact: measured, the
+    last-position logits move by 0.14-0.30 (of a range of ~40) and the next token is still
+    Hugging Face's on every golden prompt; greedy continuations may part later (the third
+    golden prompt's does at token 10, bench/RESULTS.md §7)."""
+    meta, hf_logits = golden
+    cfg, params, tok, name = default_model
+    config = EngineConfig(num_pages=64, max_model_len=512, max_num_seqs=1, max_num_batched_tokens=64,
+                          max_prefill_chunk=64, max_prefill_seqs=1, warmup=False,
+                          weight_dtype="bfloat16")  # fmt: skip
+    engine = LLMEngine(config, model_config=cfg, params=params, tokenizer=tok, model_name=name)
+    for i, case in enumerate(meta["prompts"]):
+        ids = case["prompt_ids"]
+        ours = prompt_logits(engine.runner, ids, list(range(1, 1 + -(-len(ids) // 16))))[-1]
+        err = np.max(np.abs(ours - hf_logits[i]))
+        assert 1e-3 < err < 0.5, f"prompt {i}: max |logit diff| {err:.2e}"
+        assert int(np.argmax(ours)) == int(np.argmax(hf_logits[i]))
+
+
 def test_greedy_tokens_match_hf(engine, golden):
     meta, _ = golden
     llm = LLM.from_engine(engine)

@@ -3,14 +3,18 @@ architecture switch (Llama 3 RoPE scaling, Qwen2 q/k/v bias, Qwen3 q/k norm, unt
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 from tests.conftest import lively_params
+from tests.helpers.compiles import recorded_compiles
+from tests.test_engine import PROMPTS, run_batch, run_solo
+from tokencake.config import EngineConfig
 from tokencake.diagnostics import prompt_logits
 from tokencake.models.config import tiny_config
 from tokencake.models.host_arena import HUGE_PAGE, HostArena
-from tokencake.models.llama import LAYER_LOOPS
+from tokencake.models.llama import LAYER_LOOPS, MATRIX_KEYS
 from tokencake.runner import ModelRunner
 from tokencake.runner_config import RunnerConfig
 
@@ -31,8 +35,9 @@ VARIANTS = {
 }
 
 
-def dense_forward(cfg, p, ids):
-    """Textbook HF-style Llama forward in float64 numpy (no paging, no JAX)."""
+def dense_forward(cfg, p, ids, dot_in=lambda a: a):
+    """Textbook HF-style Llama forward in float64 numpy (no paging, no JAX). ``dot_in`` maps
+    every matrix product's activation operand (to model a dot that rounds its input)."""
     x = p["embed"][ids].astype(np.float64)
     t, hq, hkv, d = len(ids), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -72,6 +77,7 @@ def dense_forward(cfg, p, ids):
             return p[k][layer].astype(np.float64)
 
         h = norm(x, w("attn_norm"))
+        h = dot_in(h)
         q, k, v = h @ w("wq"), h @ w("wk"), h @ w("wv")
         if cfg.attention_bias:
             q, k, v = q + w("bq"), k + w("bk"), v + w("bv")
@@ -84,11 +90,11 @@ def dense_forward(cfg, p, ids):
         s = np.where(np.tril(np.ones((t, t), bool))[None], s, -np.inf)
         pr = np.exp(s - s.max(-1, keepdims=True))
         pr /= pr.sum(-1, keepdims=True)
-        x = x + np.einsum("hqk,khd->qhd", pr, v).reshape(t, hq * d) @ w("wo")
-        h = norm(x, w("mlp_norm"))
+        x = x + dot_in(np.einsum("hqk,khd->qhd", pr, v).reshape(t, hq * d)) @ w("wo")
+        h = dot_in(norm(x, w("mlp_norm")))
         g = h @ w("w_gate")
-        x = x + (g / (1 + np.exp(-g)) * (h @ w("w_up"))) @ w("w_down")
-    x = norm(x, p["final_norm"])
+        x = x + dot_in(g / (1 + np.exp(-g)) * (h @ w("w_up"))) @ w("w_down")
+    x = dot_in(norm(x, p["final_norm"]))
     head = p["lm_head"] if "lm_head" in p else p["embed"].T
     return x @ head
 
@@ -170,6 +176,67 @@ def test_weights_are_stored_out_in_by_default_on_cpu_only():
         RunnerConfig(num_pages=4, transpose_weights=False).resolved_transpose_weights("cpu")
         is False
     )
+
+
+def bf16(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to bfloat16 (ml_dtypes, round to nearest even), back in float64."""
+    return np.asarray(a, ml_dtypes.bfloat16).astype(np.float64)
+
+
+@pytest.mark.parametrize(
+    ("loop", "fuse", "transpose"), [("switch", True, True), ("scan", False, False)]
+)
+@pytest.mark.parametrize("name", ["llama", "qwen2-bias"])
+def test_bfloat16_weights_match_a_dense_reference_that_rounds_alike(name, loop, fuse, transpose):
+    """``weight_dtype="bfloat16"``: the matrices, embedding and head stored bfloat16, each dot's
+    input rounded to bfloat16 and summed in float32. The float64 reference rounds the same
+    operands and nothing else. A one-token prompt (one-row dots, padded to two) matches it to
+    float32 precision; over a longer prompt an activation that float32 and float64 put on
+    either side of a bfloat16 rounding boundary moves that element by 2^-8, so there the
+    mean error is compared: a fifth of the distance to the float32 reference, or less."""
+    cfg = tiny_config(num_layers=3, **VARIANTS[name])
+    params = scaled_params(cfg)
+    rounded = {
+        k: bf16(v) if k in (*MATRIX_KEYS, "embed", "lm_head") else v for k, v in params.items()
+    }
+    runner = variant_runner(cfg, params, loop, weight_dtype="bfloat16", fuse_projections=fuse,
+                            transpose_weights=transpose)  # fmt: skip
+    model = runner.model(runner.state)
+    assert model.weight_dtype == np.dtype(ml_dtypes.bfloat16) and model.dtype == np.float32
+    for n in (1, 23):
+        ids = np.random.default_rng(n).integers(8, cfg.vocab_size, n).tolist()
+        ours = prompt_logits(runner, ids, [5, 2, 11])
+        assert ours.dtype == np.float32
+        err = np.abs(ours - dense_forward(cfg, rounded, ids, dot_in=bf16))
+        err_f32 = np.abs(ours - dense_forward(cfg, params, ids))
+        if n == 1:
+            assert err.max() < 1e-6 < 1e-3 < err_f32.max()
+        else:
+            assert err.mean() < 0.2 * err_f32.mean() and err.max() < 5e-3
+
+
+def test_bfloat16_weights_serve_without_compiling_after_warmup(make_engine):
+    engine = make_engine(warmup=True, weight_dtype="bfloat16")
+    assert engine.runner.model(engine.runner.state).weight_dtype == np.dtype(ml_dtypes.bfloat16)
+    with recorded_compiles() as compiles:
+        batched = run_batch(engine, PROMPTS)
+    assert compiles == [], f"compiled after warm-up: {compiles}"
+    # A row's tokens do not depend on its batch (one-row steps pad their dots to two rows).
+    assert batched == run_solo(engine, PROMPTS)
+
+
+def test_weight_dtype_is_checked():
+    with pytest.raises(ValueError, match="weight_dtype must be"):
+        EngineConfig(weight_dtype="int8")
+    with pytest.raises(ValueError, match="wider than compute"):
+        RunnerConfig(num_pages=4, dtype="bfloat16", weight_dtype="float32")
+    assert EngineConfig(weight_dtype="bfloat16").runner_config(8, 64).weight_dtype == "bfloat16"
+    from tokencake.cli import build_parser, engine_config_from_args
+
+    def parsed(*flags: str) -> str | None:
+        return engine_config_from_args(build_parser().parse_args(["serve", *flags])).weight_dtype
+
+    assert parsed() is None and parsed("--weight-dtype", "bfloat16") == "bfloat16"
 
 
 def test_unknown_layer_loop_is_refused():

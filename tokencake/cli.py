@@ -35,6 +35,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV"
     )
     p.add_argument(
+        "--weight-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="the matrices, embedding and LM head (default: --dtype); bfloat16 under float32 "
+        "rounds each dot's input to bfloat16 and sums in float32: ~2x faster batched decode "
+        "and prefill on a CPU with AVX512_BF16, outputs close to but not equal to float32's",
+    )
+    p.add_argument(
         "--attention-backend",
         default="auto",
         help="auto, chunked, reference, pallas-gpu or pallas-tpu",
@@ -68,7 +76,8 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any):
     options = dict(
         model=args.model, policy=args.policy, kv_cache_gib=args.kv_cache_gib, host_kv_gib=args.host_kv_gib,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
-        attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
+        weight_dtype=args.weight_dtype, attention_backend=args.attention_backend,
+        tensor_parallel_size=args.tensor_parallel_size,
         distributed=args.distributed, tokencake=_tokencake_config(args.tokencake_config),
         overlap=args.overlap, fused_steps=args.fused_steps,
     )  # fmt: skip

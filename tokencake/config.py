@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from tokencake.runner_config import RunnerConfig
 
 
+def check_weight_dtype(weight_dtype: str | None, dtype: str) -> None:
+    """ValueError unless ``weight_dtype`` is None, ``dtype`` itself, or bfloat16 weights
+    under float32 compute."""
+    if weight_dtype not in (None, "float32", "bfloat16"):
+        raise ValueError(f"weight_dtype must be float32 or bfloat16, got {weight_dtype!r}")
+    if weight_dtype == "float32" and dtype == "bfloat16":
+        raise ValueError("weight_dtype float32 needs dtype float32 (weights wider than compute)")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine settings. ``num_pages`` wins over ``kv_cache_gib`` when both are given.
@@ -42,6 +51,7 @@ class EngineConfig:
 
     model: str | None = None
     dtype: str = "float32"
+    weight_dtype: str | None = None  # see RunnerConfig.weight_dtype
     page_size: int = 16
     kv_cache_gib: float = 0.25
     num_pages: int | None = None
@@ -67,6 +77,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        check_weight_dtype(self.weight_dtype, self.dtype)
         self.scheduler_config()  # validates the batch limits and the preemption mode
         for name in ("page_size", "tensor_parallel_size"):
             v = getattr(self, name)

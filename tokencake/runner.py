@@ -188,7 +188,7 @@ class ModelRunner:
         model = DecoderLM(
             model_cfg, params, cfg.dtype, cfg.resolved_layer_loop(), self.mesh,
             pack_weights=pack, fuse_projections=cfg.fuse_projections,
-            transpose_weights=cfg.resolved_transpose_weights(),
+            transpose_weights=cfg.resolved_transpose_weights(), weight_dtype=cfg.weight_dtype,
         )  # fmt: skip
         # Split once: the graph definition is static, the state is the only weight argument.
         # The state goes to the step as a flat list of arrays: flattening an nnx.State of the

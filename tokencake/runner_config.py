@@ -12,6 +12,7 @@ from functools import cached_property
 import jax
 
 from tokencake.buckets import StepBuckets
+from tokencake.config import check_weight_dtype
 from tokencake.models.attention.backend import FOLLOWS_LIVE_CONTEXT, resolve_backend_name
 from tokencake.models.llama import LAYER_LOOPS
 
@@ -47,6 +48,8 @@ class RunnerConfig:
     max_prefill_chunk: int = 512
     max_prefill_seqs: int = 4
     dtype: str = "float32"
+    # the matrices, embedding and LM head; None = dtype (models/llama.py DecoderLM)
+    weight_dtype: str | None = None
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
     layer_loop: str = "auto"  # "auto" (switch on CPU, scan elsewhere) or one of LAYER_LOOPS
@@ -66,6 +69,7 @@ class RunnerConfig:
             raise ValueError("RunnerConfig needs page_size >= 1 and num_pages >= 2")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_weight_dtype(self.weight_dtype, self.dtype)
         if self.layer_loop != "auto" and self.layer_loop not in LAYER_LOOPS:
             raise ValueError(
                 f"layer_loop must be 'auto' or one of {LAYER_LOOPS}, got {self.layer_loop!r}"
