@@ -244,14 +244,16 @@ def test_unknown_layer_loop_is_refused():
         RunnerConfig(num_pages=4, layer_loop="while")
 
 
-def test_packed_weights_alias_one_buffer_and_match():
+@pytest.mark.parametrize("weight_dtype", [None, "bfloat16"])
+def test_packed_weights_alias_one_buffer_and_match(weight_dtype):
     """``pack_weights`` puts the matrices back to back in one huge-page host buffer that the
     device arrays alias (no copy), in read order, and changes no logits."""
     cfg = tiny_config(num_layers=3, **VARIANTS["qwen2-bias"])
     params = scaled_params(cfg)
     ids = np.random.default_rng(4).integers(8, cfg.vocab_size, 19).tolist()
-    packed = variant_runner(cfg, params, "switch", pack_weights=True)
+    packed = variant_runner(cfg, params, "switch", pack_weights=True, weight_dtype=weight_dtype)
     model = packed.model(packed.state)
+    assert model.matrices[0]["wo"][...].dtype == model.weight_dtype
     ptrs = [
         model.matrices[i][k][...].unsafe_buffer_pointer()
         for i in range(3)
@@ -260,7 +262,7 @@ def test_packed_weights_alias_one_buffer_and_match():
     ptrs.append(model.lm_head[...].unsafe_buffer_pointer())
     assert ptrs == sorted(ptrs) and ptrs[0] % HUGE_PAGE == 0
     assert ptrs[-1] - ptrs[0] < HostArena.size_of(list(params.values()), np.float32)
-    plain = variant_runner(cfg, params, "switch")
+    plain = variant_runner(cfg, params, "switch", weight_dtype=weight_dtype)
     np.testing.assert_array_equal(
         prompt_logits(packed, ids, [3, 6, 1]), prompt_logits(plain, ids, [3, 6, 1])
     )

@@ -11,8 +11,8 @@ from tests.helpers.device_subprocess import run_device_check
 SCRIPT = Path(__file__).parent / "helpers" / "tp_check.py"
 
 
-def run_check(n: int, which: str, sizes: str | None = None) -> dict:
-    return run_device_check(SCRIPT, n, which, *([sizes] if sizes else []), timeout=900)
+def run_check(n: int, which: str, sizes: str | None = None, *extra: str) -> dict:
+    return run_device_check(SCRIPT, n, which, *([sizes] if sizes else []), *extra, timeout=900)
 
 
 def test_tiny_model_tp_matches_single_device():
@@ -21,6 +21,14 @@ def test_tiny_model_tp_matches_single_device():
     for n in ("2", "4"):
         assert res["1"]["tokens"] == res[n]["tokens"], n
         assert "'tp'" in res[n]["k_sharding"]
+
+
+def test_bfloat16_weights_shard_too():
+    # weight_dtype="bfloat16" under tensor parallelism: the sharded bfloat16 matrices (kept
+    # [in, out] and unfused there) give the single device's tokens.
+    res = run_check(2, "tiny", "1,2", "bfloat16")
+    assert res["1"]["tokens"] == res["2"]["tokens"]
+    assert res["2"]["weight_dtype"] == "bfloat16" and "'tp'" in res["2"]["k_sharding"]
 
 
 def test_indivisible_heads_are_refused():

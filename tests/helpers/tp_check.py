@@ -1,5 +1,5 @@
 """Run greedy generation on N simulated CPU devices at each tensor_parallel_size asked for
-(``tp_check.py N tiny|default [1,2,4]``, default ``1,N``) and print the token lists as JSON, by
+(``tp_check.py N tiny|default [1,2,4] [weight_dtype]``, default ``1,N``) and print the token lists as JSON, by
 size. Invoked in a subprocess by tests/test_tensor_parallel.py because the device count must be
 fixed before JAX starts; one process runs several sizes so they share the 1-device reference."""
 
@@ -12,6 +12,7 @@ import sys
 n = int(sys.argv[1])
 which = sys.argv[2]  # "tiny" or "default"
 sizes = [int(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else [1, n]
+weight_dtype = sys.argv[4] if len(sys.argv) > 4 else None
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
@@ -43,7 +44,7 @@ results = {}
 for tp in sizes:
     try:
         engine = LLMEngine(
-            EngineConfig(**options, tensor_parallel_size=tp),
+            EngineConfig(**options, tensor_parallel_size=tp, weight_dtype=weight_dtype),
             model_config=cfg,
             params=params,
             tokenizer=tok,
@@ -57,5 +58,6 @@ for tp in sizes:
     results[tp] = {
         "tokens": [o.token_ids for o in outs],
         "k_sharding": str(engine.runner.k.sharding),
+        "weight_dtype": str(engine.runner.model(engine.runner.state).weight_dtype),
     }
 print(json.dumps(results))
