@@ -14,6 +14,7 @@ from bench.generators import make_workload
 from bench.presets import a800_qwen25_14b, make_preset
 from bench.report import markdown_table
 from bench.run import run_real, run_sim
+from bench.variants import SUFFIXES, runner_options
 from tests.conftest import TINY_ENGINE
 from tokencake.scheduler.metadata import AgentMetadata
 
@@ -228,3 +229,15 @@ def test_sim_first_application_carries_its_start_time(monkeypatch):
     first = min(wl.applications, key=lambda a: a.arrival_s).app_id
     assert any(rid.startswith(f"{first}/") for rid in seen)
     assert all(start > 0 for start in seen.values()), seen
+
+
+def test_engine_variants_name_runner_options():
+    from tokencake.runner_config import RunnerConfig
+
+    opts = runner_options("switch+nofuse+bf16")
+    assert opts == {"layer_loop": "switch", "fuse_projections": False, "weight_dtype": "bfloat16"}
+    RunnerConfig(num_pages=4, **opts)
+    for suffix in SUFFIXES:  # every suffix names real RunnerConfig fields
+        RunnerConfig(num_pages=4, **runner_options(f"scan+{suffix}"))
+    with pytest.raises(ValueError, match=r"\+fast"):
+        runner_options("switch+fast")
