@@ -47,11 +47,15 @@ class EngineConfig:
     otherwise; same greedy outputs; one device, for now: ``None`` (the default) turns it on
     on a CPU without tensor parallelism or ``distributed``
     (``RunnerConfig.resolved_fused_steps``).
+    ``weight_dtype`` (None: ``dtype``) stores the matrices, embedding and LM head in that
+    dtype; ``"bfloat16"`` under float32 compute rounds each dot's input to bfloat16 and sums in
+    float32 (``models/llama.py`` ``project``): faster prefill and batched decode on a CPU with
+    AVX512_BF16, outputs close to float32's but not equal (``bench/RESULTS.md`` §7).
     """
 
     model: str | None = None
     dtype: str = "float32"
-    weight_dtype: str | None = None  # see RunnerConfig.weight_dtype
+    weight_dtype: str | None = None
     page_size: int = 16
     kv_cache_gib: float = 0.25
     num_pages: int | None = None
