@@ -153,9 +153,8 @@ class DecoderLM(nnx.Module):
             raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
+        # which combinations make sense is checked by tokencake.config.check_weight_dtype
         self.weight_dtype = jnp.dtype(weight_dtype or dtype)
-        if self.weight_dtype.itemsize > self.dtype.itemsize:
-            raise ValueError(f"weight_dtype {weight_dtype} is wider than the compute dtype {dtype}")
         self.layer_loop = layer_loop
         self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 

@@ -1,7 +1,8 @@
 """Run greedy generation on N simulated CPU devices at each tensor_parallel_size asked for
-(``tp_check.py N tiny|default [1,2,4] [weight_dtype]``, default ``1,N``) and print the token lists as JSON, by
-size. Invoked in a subprocess by tests/test_tensor_parallel.py because the device count must be
-fixed before JAX starts; one process runs several sizes so they share the 1-device reference."""
+(``tp_check.py N tiny|default [1,2,4] [weight_dtype]``, sizes default ``1,N``) and print the
+token lists as JSON, by size. Invoked in a subprocess by tests/test_tensor_parallel.py because
+the device count must be fixed before JAX starts; one process runs several sizes so they share
+the 1-device reference."""
 
 from __future__ import annotations
 
