@@ -183,9 +183,13 @@ class Preset:
 
     def cost_model(self) -> CostModel:
         """The cost model the policies see: transfers at ``bandwidth``, recompute from the
-        step model's prefill terms (what a profile of this hardware would fit)."""
+        step model's prefill terms (what a profile of this hardware would fit) and, on a
+        roofline step model, the step's cost floor."""
         s = self.step
-        return CostModel.fixed(self.bytes_per_block, self.bandwidth, 0.0, (s.a, s.c, s.e))
+        cost = CostModel.fixed(self.bytes_per_block, self.bandwidth, 0.0, (s.a, s.c, s.e))
+        if s.roofline:  # a step costs at least its overhead and its weight and KV reads
+            cost.step_floor_s, cost.step_floor_ctx_s = s.a + s.m0, s.d
+        return cost
 
     def executor(self, clock: SimClock, cost: CostModel, vocab_size: int) -> PresetExecutor:
         return PresetExecutor(clock, self, cost, vocab_size)

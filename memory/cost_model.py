@@ -12,6 +12,12 @@ as long as one shard's part and the learned bandwidth is one link's.
 ``recompute_time(tokens, context) = a + b * tokens + c * tokens * context``: prefill cost is
 linear in new tokens plus an attention term over the context they attend to; fitted by least
 squares on a few prefill shapes timed at warm-up.
+
+``step_floor_s`` (+ ``step_floor_ctx_s`` per context token a decode row reads) is what a step
+costs however little it computes: on an accelerator, reading the weights (and the rows' KV)
+once. Where that floor exceeds a step's compute, the step has room for prefill tokens that
+cost nothing (:meth:`CostModel.free_prefill_tokens`, the roofline view of Sarathi-Serve's
+stall-free batching). 0 (unmeasured) means no such room.
 """
 
 from __future__ import annotations
@@ -70,6 +76,10 @@ class CostModel:
     recompute_b: float = 1e-4
     recompute_c: float = 0.0
     shards: int = 1  # devices a block's KV is split over; each copies its share concurrently
+    # A step's cost floor (see the module docstring): seconds, and seconds per context token
+    # of its decode rows. 0: unmeasured, no free prefill.
+    step_floor_s: float = 0.0
+    step_floor_ctx_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.shards < 1:
@@ -111,6 +121,17 @@ class CostModel:
             return 0.0
         t = self.recompute_a + self.recompute_b * n_tokens + self.recompute_c * n_tokens * context
         return max(t, 0.0)
+
+    def free_prefill_tokens(self, decode_rows: int, decode_context: int) -> int:
+        """Prefill tokens a step with ``decode_rows`` decode rows (reading ``decode_context``
+        tokens of KV in all) can carry without costing more than those rows alone: the room
+        between the step's floor and its compute, ``(floor - a) / b - rows`` (each row or
+        prefill token costs ``b`` of compute). 0 when the floor is unmeasured or compute-bound
+        hardware has no room."""
+        if self.recompute_b <= 0 or self.step_floor_s <= 0:
+            return 0
+        floor = self.step_floor_s + self.step_floor_ctx_s * decode_context
+        return max(0, int((floor - self.recompute_a) / self.recompute_b) - decode_rows)
 
     def fit_recompute(self, samples: Sequence[tuple[int, int, float]]) -> None:
         """Least-squares fit of ``(a, b, c)`` from ``(tokens, context, seconds)`` samples;

@@ -286,6 +286,9 @@ class Scheduler:
         plan = StepPlan()
         budget = cfg.max_num_batched_tokens
         prefill_rows = 0
+        # Prefill tokens this step may carry (the policy's cap; never above the budget).
+        cap = self.policy.prefill_cap(self.running)
+        prefill_left = budget if cap is None else min(cap, budget)
 
         # 1. Running requests, oldest first; preempt per policy when blocks run out. Hot loop
         # (256 rows a step): the common case (a decode row whose next token fits its last
@@ -305,9 +308,10 @@ class Scheduler:
             start = req.num_computed_tokens
             left = len(req.prompt_token_ids) + num_out - start
             if left > 1:  # a prefill row takes a chunk
-                n = min(left, chunk, budget)
-                if n > 1 and prefill_rows >= max_prefill_rows:
+                n = min(left, chunk, budget, prefill_left)
+                if n <= 0 or (n > 1 and prefill_rows >= max_prefill_rows):
                     continue
+                prefill_left -= n
             else:
                 n = 1
             if start + n > len(req.block_ids) * bs:
@@ -340,7 +344,7 @@ class Scheduler:
                         continue
                     self._admitting = req
                     if (
-                        budget <= 0
+                        min(budget, prefill_left) <= 0
                         or len(self.running) >= cfg.max_num_seqs
                         or prefill_rows >= cfg.max_prefill_seqs
                     ):
@@ -349,7 +353,7 @@ class Scheduler:
                     if self._admit_with_copy_in(req, now):
                         self.policy.on_admitted(req, now)
                         continue  # admitted; its first chunk runs once the host pages have landed
-                    n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget)
+                    n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget, prefill_left)
                     need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
                     fits = need <= self.pool.num_free - committed
                     if not fits:  # the policy says whether the scan stops here (strict order)
@@ -370,6 +374,7 @@ class Scheduler:
                     self.policy.on_admitted(req, now)
                     plan.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
                     budget -= n
+                    prefill_left -= n
                     prefill_rows += n > 1
         self._admitting = None
         if not self.running and self.waiting and not plan.preempted:

@@ -131,6 +131,11 @@ class Policy:
         """``request`` was preempted (its KV released or swapped) and requeued."""
 
     # ---- the step and request exits -----------------------------------------------------------
+    def prefill_cap(self, running: Sequence[Request]) -> int | None:
+        """Prefill tokens this step may carry at most (running chunks and admissions together;
+        the token budget still applies). None: only the budget (vLLM's chunked prefill)."""
+        return None
+
     def on_step(self, now: float, running: Sequence[Request], waiting: Sequence[Request]) -> None:
         """Called once per schedule() before any decision (periodic housekeeping)."""
 

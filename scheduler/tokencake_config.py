@@ -126,6 +126,14 @@ class SpaceConfig:
     # at 1.0, code-writer 12 +5.7% / +1.5% (bench/RESULTS.md, "Eighth round");
     # ``tokencake-with-second-pass-backfill`` switches it on.
     backfill_second_pass: bool = False
+    # ours (issue 12, fifteenth round): while decode rows run, a step carries only the prefill
+    # tokens that fit under its cost floor (the weight and KV reads its compute hides in:
+    # ``CostModel.free_prefill_tokens``, Sarathi-Serve's stall-free batching on the roofline).
+    # A long prompt then no longer stalls every decoding agent for a compute-bound step, and
+    # the decode steps' idle compute does its prefill. No effect where the floor is unmeasured
+    # or leaves less than one block of room (compute-bound hardware such as the CPU engine).
+    # ``tokencake-no-stall-free-prefill`` switches it off.
+    stall_free_prefill: bool = True
 
     def __post_init__(self) -> None:
         _nonneg("scheduling.score_refresh_s", self.score_refresh_s)

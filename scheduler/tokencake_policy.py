@@ -33,6 +33,7 @@ from tokencake.scheduler.queue_order import SortedQueue
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sharing import Prefills, waits_for_inflight
 from tokencake.scheduler.space import Denial, SpaceScheduler
+from tokencake.scheduler.stall_free import stall_free_cap
 from tokencake.scheduler.time_decisions import (
     Decide,
     continuum_decide,
@@ -93,10 +94,16 @@ class TokencakePolicy(Policy):
             self.handoff = HandOff(ctx.pool, self.config.scheduling.successor_handoff_s)
         self._app_fcfs = SortedQueue()  # program-level FCFS, sorted incrementally
         self._passes = 2 if self.use_space else 1  # pass 1 retries reservation refusals
+        self._stall_free = self.use_space and self.config.scheduling.stall_free_prefill
         self._pass = 0
         self._retry: list[Request] = []
 
     # ---- per step -----------------------------------------------------------------------------
+    def prefill_cap(self, running: Sequence[Request]) -> int | None:
+        if not self._stall_free:
+            return None
+        return stall_free_cap(self.ctx.cost_model, running, self.ctx.pool.block_size)
+
     def on_step(self, now: float, running: Sequence[Request], waiting: Sequence[Request]) -> None:
         if self._prefills is not None:  # inflight_hashes(running), from the few that may prefill
             self._inflight = self._prefills.inflight(self.ctx.pool.block_size)

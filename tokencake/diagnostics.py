@@ -92,6 +92,20 @@ def recompute_samples(runner: ModelRunner, repeats: int = 2) -> list[tuple[int, 
     return samples
 
 
+def step_floor_seconds(runner: ModelRunner, repeats: int = 3) -> float:
+    """Seconds of the cheapest step: one decode row at no context, best of ``repeats`` (the
+    cost floor ``CostModel.step_floor_s`` stands for: the weight read and fixed overhead).
+    The row points at the dummy page, so no live KV is touched. Call after warm-up."""
+    row = RowRequest("_profile", [0], 0, [DUMMY_PAGE], 0.0, 0, 1.0, 0, 0)
+    runner.execute([row])  # first call pays any lazy work; not timed
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.execute([row])
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def prompt_logits(
     runner: ModelRunner, token_ids: Sequence[int], block_ids: Sequence[int]
 ) -> np.ndarray:

@@ -1,0 +1,37 @@
+"""Stall-free prefill: how many prefill tokens a step with decode rows may carry.
+
+A decode step on an accelerator is bound by reading the weights and the rows' KV; its compute
+units idle for most of it. Prefill tokens that fit in that idle compute cost nothing, while a
+whole prompt chunk (up to the token budget, 8,192 in vLLM's default) turns the step
+compute-bound and stalls every decoding request for its length. Sarathi-Serve (Agrawal et al.,
+OSDI 2024) bounds each step's prefill so decodes never stall; this caps it at the room the
+cost model's roofline leaves (:meth:`CostModel.free_prefill_tokens`). A step without decode
+rows takes the whole budget, as before: nothing waits on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokencake.memory.cost_model import CostModel
+from tokencake.scheduler.request import Request
+
+
+def stall_free_cap(cost: CostModel, running: Sequence[Request], block_size: int) -> int | None:
+    """The step's prefill cap: the free room under its decode rows' floor, or None (no cap)
+    when no row decodes or the room is under one block (compute-bound hardware, or an
+    unmeasured floor: capping there would only slow prefill down)."""
+    if cost.step_floor_s <= 0:
+        return None
+    if cost.step_floor_ctx_s <= 0 and cost.free_prefill_tokens(0, 0) < block_size:
+        return None  # no room even for a step of no rows (the CPU engine): skip the pass
+    rows = context = 0
+    for r in running:
+        computed = r.num_computed_tokens
+        if len(r.prompt_token_ids) + len(r.output_token_ids) - computed <= 1:
+            rows += 1
+            context += computed + 1
+    if not rows:
+        return None
+    room = cost.free_prefill_tokens(rows, context)
+    return room if room >= block_size else None

@@ -1,0 +1,100 @@
+"""Stall-free prefill (scheduler/stall_free.py): while decode rows run, a step carries only the
+prefill tokens that fit under its cost floor; outputs never change."""
+
+from __future__ import annotations
+
+from tests.test_engine import GREEDY, PROMPTS, run_batch, run_solo
+from tokencake.memory.block_pool import BlockPool
+from tokencake.memory.cost_model import CostModel
+from tokencake.scheduler.core import Scheduler, SchedulerConfig
+from tokencake.scheduler.request import Request
+from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
+from tokencake.scheduler.stall_free import stall_free_cap
+
+
+def _cost(room: int) -> CostModel:
+    """A cost model whose floor leaves ``room`` free tokens for a step of no rows (powers of
+    two, so the arithmetic is exact): ``a`` = 1/64 s, ``b`` = 1/1024 s per token."""
+    cm = CostModel(bytes_per_block=1024)
+    cm.recompute_a, cm.recompute_b, cm.recompute_c = 1 / 64, 1 / 1024, 0.0
+    cm.step_floor_s = 1 / 64 + room / 1024
+    return cm
+
+
+def test_free_prefill_tokens_by_hand():
+    cm = _cost(200)
+    assert cm.free_prefill_tokens(3, 0) == 197  # 200 tokens of room, 3 taken by the rows
+    cm.step_floor_ctx_s = 1 / (1024 * 8)  # every 8 context tokens read add one token of room
+    assert cm.free_prefill_tokens(3, 80) == 207
+    assert cm.free_prefill_tokens(250, 0) == 0  # compute-bound: the rows alone exceed it
+    assert CostModel(bytes_per_block=1024).free_prefill_tokens(1, 0) == 0  # floor unmeasured
+    # The CPU engine's shape: a prefill call's fixed cost is above a one-row step's, no room.
+    cpu = CostModel(bytes_per_block=1024, recompute_a=0.13, recompute_b=0.0025)
+    cpu.step_floor_s = 0.041
+    assert cpu.free_prefill_tokens(1, 200) == 0
+
+
+def _req(rid: str, prompt: int, max_tokens: int, computed: int = 0, out: int = 0) -> Request:
+    base = 1000 * (ord(rid[0]) + len(rid))
+    r = Request(rid, [base + i for i in range(prompt)], max_tokens, 0.0)
+    r.num_computed_tokens = computed
+    r.output_token_ids = list(range(1, out + 1))
+    return r
+
+
+def test_cap_counts_decode_rows_and_needs_a_block_of_room():
+    cm = _cost(40)
+    decoding = [_req("a", 10, 50, computed=12, out=3), _req("b", 20, 50, computed=21, out=2)]
+    prefilling = _req("p", 300, 10, computed=64)
+    assert stall_free_cap(cm, [prefilling], 16) is None  # no decode row: nothing stalls
+    assert stall_free_cap(cm, [prefilling, *decoding], 16) == 38  # 40 - 2 decode rows
+    assert stall_free_cap(_cost(17), [prefilling, *decoding], 16) is None  # 15 < one block
+    assert stall_free_cap(CostModel(bytes_per_block=1024), decoding, 16) is None  # unmeasured
+
+
+def _chunks(policy: str) -> list[list[tuple[str, int]]]:
+    """A (32-token prompt, 40 outputs) starts alone; B (300 tokens) arrives once A decodes.
+    The cost floor leaves 64 tokens of room. Returns each step's (request, tokens) chunks."""
+    clock = SimClock()
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_prefill_chunk=256,
+                          max_prefill_seqs=4, max_model_len=512)  # fmt: skip
+    s = Scheduler(cfg, BlockPool(65, 16), policy, clock, cost_model=_cost(64))
+    ex = SimExecutor(clock)
+    md = {"agent_type": "coder", "importance": 1.0, "depth": 1}
+    s.add_request(Request("a", list(range(100, 132)), 40, 0.0, metadata=md))
+    steps = []
+    for i in range(12):
+        if i == 2:
+            s.add_request(Request("b", list(range(5000, 5300)), 4, clock(), metadata=md))
+        plan, _ = sim_step(s, ex)
+        steps.append([(c.request.request_id, c.num_tokens) for c in plan.chunks])
+    return steps
+
+
+def test_a_long_prompt_rides_in_the_decode_steps_room():
+    on = _chunks("tokencake")
+    assert on[0] == [("a", 32)]  # A's prompt alone: no decode row, the whole chunk
+    # B's 300 tokens beside A's decode row: 64 - 1 = 63 a step, then the remainder.
+    assert [dict(s).get("b") for s in on[2:7]] == [63, 63, 63, 63, 48]
+    assert all(dict(s).get("a") == 1 for s in on[1:7])  # A decodes in every one of them
+    # Switched off (and for vLLM, which has no cap): B's prompt in budget-sized chunks.
+    for policy in ("tokencake-no-stall-free-prefill", "vllm"):
+        off = _chunks(policy)
+        assert [dict(s).get("b") for s in off[2:4]] == [256, 44], policy
+
+
+def test_engine_outputs_do_not_change(make_engine):
+    """Greedy outputs of a batch whose long prompts prefill beside decoding rows, with a cost
+    floor that caps those chunks at ~20 tokens, equal each prompt run alone uncapped."""
+    solo = run_solo(make_engine(enable_prefix_cache=False), PROMPTS)
+    engine = make_engine(policy="tokencake")
+    cost = engine.scheduler.policy.ctx.cost_model
+    tuned = _cost(24)
+    cost.recompute_a, cost.recompute_b, cost.recompute_c = 1 / 64, 1 / 1024, 0.0
+    cost.step_floor_s = tuned.step_floor_s
+    policy = engine.scheduler.policy
+    caps: list[int | None] = []
+    original = policy.prefill_cap
+    policy.prefill_cap = lambda running: caps.append(original(running)) or caps[-1]
+    assert run_batch(engine, PROMPTS, GREEDY) == solo
+    assert any(c is not None and 16 <= c < 24 for c in caps)  # capped steps did happen
