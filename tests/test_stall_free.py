@@ -98,3 +98,13 @@ def test_engine_outputs_do_not_change(make_engine):
     policy.prefill_cap = lambda running: caps.append(original(running)) or caps[-1]
     assert run_batch(engine, PROMPTS, GREEDY) == solo
     assert any(c is not None and 16 <= c < 24 for c in caps)  # capped steps did happen
+
+
+def test_engine_warmup_measures_the_floor(make_engine):
+    """Warm-up times the one-row floor beside the prefill fit, into the cost model the policy
+    reads (the tiny model's room depends on this machine, so only its presence is checked)."""
+    engine = make_engine(policy="tokencake", warmup=True, max_num_seqs=4, max_model_len=128)
+    cost = engine.scheduler.policy.ctx.cost_model
+    assert cost is engine.cost_model
+    assert cost.step_floor_s > 0 and cost.recompute_b > 0
+    assert engine.scheduler.policy.prefill_cap([]) is None  # no decode row: no cap

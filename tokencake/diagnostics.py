@@ -71,6 +71,18 @@ def time_shapes(
     return {shape: float(np.median(t)) for shape, t in times.items()}
 
 
+def best_call_seconds(runner: ModelRunner, row: RowRequest, repeats: int) -> float:
+    """Best of ``repeats`` timed runs of a one-row step (after one untimed run that pays any
+    lazy work)."""
+    runner.execute([row])
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.execute([row])
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def recompute_samples(runner: ModelRunner, repeats: int = 2) -> list[tuple[int, int, float]]:
     """``(new tokens, context, seconds)`` of prefill chunks of a few bucketed shapes, best of
     ``repeats`` (what ``CostModel.fit_recompute`` fits). Rows point every page at the dummy
@@ -82,13 +94,7 @@ def recompute_samples(runner: ModelRunner, repeats: int = 2) -> list[tuple[int, 
         for ctx in sorted({0, min(4 * n, cfg.max_model_len - n)}):
             pages = -(-(ctx + n) // cfg.page_size)
             row = RowRequest("_profile", [0] * n, ctx, [DUMMY_PAGE] * pages, 0.0, 0, 1.0, 0, 0)
-            runner.execute([row])  # first call pays any lazy work; not timed
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                runner.execute([row])
-                best = min(best, time.perf_counter() - t0)
-            samples.append((n, ctx, best))
+            samples.append((n, ctx, best_call_seconds(runner, row, repeats)))
     return samples
 
 
@@ -97,13 +103,7 @@ def step_floor_seconds(runner: ModelRunner, repeats: int = 3) -> float:
     cost floor ``CostModel.step_floor_s`` stands for: the weight read and fixed overhead).
     The row points at the dummy page, so no live KV is touched. Call after warm-up."""
     row = RowRequest("_profile", [0], 0, [DUMMY_PAGE], 0.0, 0, 1.0, 0, 0)
-    runner.execute([row])  # first call pays any lazy work; not timed
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        runner.execute([row])
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_call_seconds(runner, row, repeats)
 
 
 def prompt_logits(
