@@ -7,6 +7,10 @@ compute-bound and stalls every decoding request for its length. Sarathi-Serve (A
 OSDI 2024) bounds each step's prefill so decodes never stall; this caps it at the room the
 cost model's roofline leaves (:meth:`CostModel.free_prefill_tokens`). A step without decode
 rows takes the whole budget, as before: nothing waits on it.
+
+The room counts each prefill token at the cost model's per-token compute ``b`` and leaves out
+its attention over the context (``c * context``), which the step does not know before it picks
+the rows: beside a long context the capped step runs a little past its floor.
 """
 
 from __future__ import annotations
