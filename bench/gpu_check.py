@@ -290,11 +290,30 @@ def engine_decode(backends: list[str], model: str | None, dtype: str, smoke: boo
                          tokens_per_s=round(generated / elapsed, 1))  # fmt: skip
             print(f"  engine {backend:11s}: {generated} tokens in {elapsed:.2f} s = "
                   f"{generated / elapsed:.1f} tok/s")  # fmt: skip
+            entry["stall_free"] = stall_free_room(llm.engine.runner)
         except Exception as e:  # record and go on: one backend failing must not hide the other
             entry["error"] = f"{type(e).__name__}: {e}"
             print(f"  engine {backend}: FAILED {entry['error']}")
         results.append(entry)
     return results
+
+
+def stall_free_room(runner: Any) -> dict[str, Any]:
+    """What stall-free prefill (scheduler/stall_free.py) would allow on this device: the
+    engine's warm-up profile (one-row floor, prefill fit) and the free prefill tokens beside
+    1 / 8 / 32 decode rows. On the CPU the room is 0; on a GPU it should be large."""
+    from tokencake.diagnostics import recompute_samples, step_floor_seconds
+    from tokencake.memory.cost_model import CostModel
+
+    cost = CostModel(bytes_per_block=1)
+    cost.fit_recompute(recompute_samples(runner))
+    cost.step_floor_s = step_floor_seconds(runner)
+    room = {f"rows={r}": cost.free_prefill_tokens(r, 0) for r in (1, 8, 32)}
+    print(f"  stall-free room: floor {cost.step_floor_s * 1e3:.2f} ms, prefill "
+          f"{cost.recompute_a * 1e3:.2f} ms + {cost.recompute_b * 1e6:.1f} us/token: {room}")  # fmt: skip
+    return {"step_floor_ms": round(cost.step_floor_s * 1e3, 3),
+            "prefill_a_ms": round(cost.recompute_a * 1e3, 3),
+            "prefill_b_us": round(cost.recompute_b * 1e6, 3), "room_tokens": room}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,3 +33,11 @@ def test_cpu_smoke_writes_every_section(tmp_path):
         assert section in data, section
     split = data["transfers"]["copy_out_split"]
     assert split["engine_vs_raw"] > 0 and split["gbps"]["numpy_memcpy"] > 0
+
+
+def test_stall_free_room_reports_the_profile(make_engine):
+    out = gpu_check.stall_free_room(make_engine().runner)
+    assert out["step_floor_ms"] > 0 and out["prefill_b_us"] >= 0
+    rooms = out["room_tokens"]
+    assert set(rooms) == {"rows=1", "rows=8", "rows=32"}
+    assert rooms["rows=1"] >= rooms["rows=8"] >= rooms["rows=32"] >= 0  # rows take room
