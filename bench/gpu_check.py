@@ -302,12 +302,11 @@ def stall_free_room(runner: Any) -> dict[str, Any]:
     """What stall-free prefill (scheduler/stall_free.py) would allow on this device: the
     engine's warm-up profile (one-row floor, prefill fit) and the free prefill tokens beside
     1 / 8 / 32 decode rows. On the CPU the room is 0; on a GPU it should be large."""
-    from tokencake.diagnostics import recompute_samples, step_floor_seconds
+    from tokencake.diagnostics import profile_step_costs
     from tokencake.memory.cost_model import CostModel
 
     cost = CostModel(bytes_per_block=1)
-    cost.fit_recompute(recompute_samples(runner))
-    cost.step_floor_s = step_floor_seconds(runner)
+    profile_step_costs(runner, cost)
     room = {f"rows={r}": cost.free_prefill_tokens(r, 0) for r in (1, 8, 32)}
     print(f"  stall-free room: floor {cost.step_floor_s * 1e3:.2f} ms, prefill "
           f"{cost.recompute_a * 1e3:.2f} ms + {cost.recompute_b * 1e6:.1f} us/token: {room}")  # fmt: skip

@@ -1,6 +1,6 @@
 """Transfer and recompute cost model (paper §5.7): the one cost-model type the scheduler, the
 policies and the simulated executor use. Pure Python; the engine fits the recompute terms from
-prefill shapes it times on its runner (``ModelRunner.profile_recompute``).
+prefill shapes it times on its runner (``tokencake.diagnostics.profile_step_costs``).
 
 ``copy_time(n, dir) = base_dir + n * (bytes_per_block / shards) / bw_dir + n * 3 µs`` with
 ``bw_dir`` starting at a prior (12 GB/s) and learned as an EWMA (α = 0.5) of completed copies'

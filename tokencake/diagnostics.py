@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from tokencake.buckets import CallShape
+from tokencake.memory.cost_model import CostModel
 from tokencake.memory.kv_cache import DUMMY_PAGE
 from tokencake.models.llama import Batch
 from tokencake.runner import ModelRunner, RowRequest, SamplingInputs
@@ -104,6 +105,13 @@ def step_floor_seconds(runner: ModelRunner, repeats: int = 3) -> float:
     The row points at the dummy page, so no live KV is touched. Call after warm-up."""
     row = RowRequest("_profile", [0], 0, [DUMMY_PAGE], 0.0, 0, 1.0, 0, 0)
     return best_call_seconds(runner, row, repeats)
+
+
+def profile_step_costs(runner: ModelRunner, cost: CostModel) -> None:
+    """Fit ``cost``'s recompute terms and time its step floor on ``runner`` (the warm-up
+    profile the agent-aware policies and stall-free prefill read). Call after warm-up."""
+    cost.fit_recompute(recompute_samples(runner))
+    cost.step_floor_s = step_floor_seconds(runner)
 
 
 def prompt_logits(

@@ -19,7 +19,7 @@ import numpy as np
 from tokencake import multihost
 from tokencake.choices import ChoiceGroups
 from tokencake.config import EngineConfig
-from tokencake.diagnostics import recompute_samples, step_floor_seconds
+from tokencake.diagnostics import profile_step_costs
 from tokencake.distributed import init_distributed
 from tokencake.memory.block_pool import BlockPool
 from tokencake.memory.cost_model import CostModel
@@ -148,10 +148,9 @@ class LLMEngine:
         if self.config.policy != "vllm" or self.transfer is not None:
             # Only the agent-aware policies and the host tier consult recompute costs;
             # profiling costs seconds of start-up, so the FCFS baseline skips it.
-            self.cost_model.fit_recompute(recompute_samples(self.runner))
-            # The floor under which prefill tokens ride free (stall-free prefill). On a CPU the
-            # fitted prefill intercept is above it (131 vs 41 ms here): no room, no change.
-            self.cost_model.step_floor_s = step_floor_seconds(self.runner)
+            # With the floor under which prefill tokens ride free (stall-free prefill). On a CPU
+            # the fitted prefill intercept is above it (131 vs 41 ms here): no room, no change.
+            profile_step_costs(self.runner, self.cost_model)
 
     def _build_host_tier(self) -> None:
         """Host block pool, host KV arrays (allocated once; sharded like the device cache, so
