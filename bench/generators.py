@@ -16,6 +16,7 @@ are equally spaced (``i / arrival_rate``, the repository's setup) or a Poisson p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -404,6 +405,7 @@ def multi_turn(
     short_tool_fraction: float = 0.8646,
     long_tool_fraction: float = 0.0488,
     tool_noise: float = 0.0,
+    max_context_tokens: int = 32_768,
 ) -> Workload:
     """Single-agent tool-use sessions: a chain of turns, each a model call then a tool.
 
@@ -416,11 +418,18 @@ def multi_turn(
     (first prompt 2–6k tokens, tool results log-normal median 300 tokens), with small
     outputs (median 150 tokens), so input:output approaches the ≈100:1 of real traces.
 
+    A session ends early at the turn whose context and output would not fit
+    ``max_context_tokens`` (default 32,768: Qwen2.5-14B's window, the a800 preset's
+    ``max_model_len``), as an agent loop stops at its model's window; that turn and the ones
+    after it are dropped and the turn before becomes the last (no tool).
+
     Each application has ``T`` nodes and ``T - 1`` edges (a chain).
     """
     _check_common(num_apps, arrival_rate, context_scale, output_scale, tool_time_scale, tool_noise)
     if not (mean_turns >= 1 and 1 <= min_turns <= max_turns):
         raise ValueError("need mean_turns >= 1 and 1 <= min_turns <= max_turns")
+    if max_context_tokens < 1:
+        raise ValueError(f"max_context_tokens must be >= 1, got {max_context_tokens}")
     if not (short_tool_fraction >= 0 and long_tool_fraction >= 0) or (
         short_tool_fraction + long_tool_fraction > 1
     ):
@@ -433,7 +442,8 @@ def multi_turn(
         rng = _app_rng(seed, i)
         turns = round(math.exp(mu_turns + sigma_turns * rng.standard_normal()))
         turns = min(max_turns, max(min_turns, turns))
-        nodes = []
+        nodes: list[Node] = []
+        context = 0  # tokens of the session so far: prompts, outputs, tool results
         for t in range(turns):
             if t == 0:
                 prompt = _scaled(int(rng.integers(2000, 6001)), context_scale)
@@ -463,6 +473,10 @@ def multi_turn(
                     result_tokens=_scaled(result, context_scale),
                     duration_noise=tool_noise,
                 )
+            if t and context + prompt + out > max_context_tokens:
+                nodes[-1] = dataclasses.replace(nodes[-1], tool=None)  # the session ends here
+                break
+            context += prompt + out + (tool.result_tokens or 0 if tool is not None else 0)
             nodes.append(
                 Node(
                     id=f"turn_{t}",
@@ -497,6 +511,7 @@ def multi_turn(
             short_tool_fraction=short_tool_fraction,
             long_tool_fraction=long_tool_fraction,
             tool_noise=tool_noise,
+            max_context_tokens=max_context_tokens,
         ),
     )
 

@@ -57,8 +57,11 @@ GENERATOR_NAMES = {
 }
 
 
-def build_workload(args: argparse.Namespace, rate: float | None) -> Workload:
-    """The workload for one rate (same seed for every policy)."""
+def build_workload(
+    args: argparse.Namespace, rate: float | None, max_model_len: int | None = None
+) -> Workload:
+    """The workload for one rate (same seed for every policy); multi-turn sessions end at
+    ``max_model_len`` (the preset's) when given."""
     from bench.generators import make_workload
 
     name = args.workload
@@ -86,6 +89,8 @@ def build_workload(args: argparse.Namespace, rate: float | None) -> Workload:
             kw["num_apps"] = args.apps
         if rate:
             kw["arrival_rate"] = rate
+        if gen == "multi_turn" and max_model_len:
+            kw["max_context_tokens"] = max_model_len
         return make_workload(gen, **kw)
     wl = Workload.from_json(name)
     if args.apps:
@@ -301,11 +306,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     executors = [e.strip() for e in args.executor.split(",")]
     rates = _rates(args.rate)
-    workloads = {r: build_workload(args, r) for r in rates}
+    preset = make_preset("local" if "real" in executors else args.preset)
+    workloads = {r: build_workload(args, r, preset.max_model_len) for r in rates}
     n_calls = sum(w.num_llm_calls for w in workloads.values())
     total = n_calls * (1 if executors == ["http"] else len(policies) * len(executors))
     bar = tqdm(total=total, unit="call", disable=args.no_progress, dynamic_ncols=True)
-    preset = make_preset("local" if "real" in executors else args.preset)
     model = None
     rows: list[dict[str, Any]] = []
     timelines: dict[str, list[dict[str, float]]] = {}

@@ -384,6 +384,41 @@ def test_multi_turn_statistics() -> None:
     assert max(durs) >= 10.0
 
 
+def _session_context(app) -> list[int]:
+    """Each turn's context plus its output, as the driver composes it (append-only)."""
+    out, ctx = [], 0
+    for node in app.nodes:
+        ctx += node.prompt_tokens + node.max_tokens
+        out.append(ctx)
+        ctx += node.tool.result_tokens if node.tool is not None else 0
+    return out
+
+
+def test_multi_turn_sessions_end_at_the_context_window() -> None:
+    """Long sessions stop at the turn that would not fit the window (seed 3 has one of 60
+    turns that reaches ~50k tokens uncapped): the kept turns are the uncapped session's
+    first ones, the last has no tool, and every turn fits."""
+    free = multi_turn(num_apps=10, seed=3, max_context_tokens=10**9)
+    capped = multi_turn(num_apps=10, seed=3)
+    assert max(max(_session_context(a)) for a in free.applications) > 32_768
+    cut = 0
+    for f, c in zip(free.applications, capped.applications, strict=True):
+        assert max(_session_context(c)) <= 32_768
+        assert c.nodes[-1].tool is None and c.num_edges == len(c.nodes) - 1
+        if len(c.nodes) < len(f.nodes):
+            cut += 1
+            assert c.nodes[:-1] == f.nodes[: len(c.nodes) - 1]
+            # the next turn would have overflowed the window
+            assert _session_context(f)[len(c.nodes)] > 32_768
+        else:
+            assert c.nodes == f.nodes
+    assert cut == 1
+    small = multi_turn(num_apps=10, seed=3, max_context_tokens=8_000)
+    assert all(max(_session_context(a)) <= 8_000 for a in small.applications)
+    with pytest.raises(ValueError, match="max_context_tokens"):
+        multi_turn(num_apps=1, max_context_tokens=0)
+
+
 def test_make_workload_errors_and_authors() -> None:
     with pytest.raises(ValueError, match="unknown workload generator"):
         make_workload("nope")
