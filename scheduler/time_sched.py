@@ -520,6 +520,14 @@ class TimeScheduler:
         (correctness never depends on them). True if anything was released."""
         freed = False
         for p in self.items.values():
+            if p.inflight is None and p.rec.terminal and p.state is not PState.DROPPED:
+                # An ended call's pages wait for a successor that cannot start. Kept OFFLOADED,
+                # the next tick would upload (re-pin) them for it at once, and every step would
+                # pin and relieve again while the queue head never fits: a livelock. Dropped,
+                # they stay findable in both tiers' prefix caches until evicted.
+                self._drop(p)
+                freed = True
+                continue
             if p.inflight is None and p.pins:
                 self._unpin(p)
                 p.state = PState.DROPPED if not p.host_retained else PState.OFFLOADED

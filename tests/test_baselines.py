@@ -155,3 +155,27 @@ def test_floor_run_has_ten_times_the_kv_and_is_never_slower(tmp_path):
     assert [r["policy"] for r in rows] == ["vllm", "tokencake", FLOOR]
     report = (tmp_path / "report.md").read_text()
     assert "No-pressure floor" in report and "x floor" in report
+
+
+def test_relief_of_ended_calls_does_not_livelock(monkeypatch):
+    """Regression: code-writer 6 @ 1.0 apps/s, seed 1, reached a state where nothing ran,
+    the queue head did not fit beside the pages three ended calls kept for their successors,
+    and relief unpinned them only for the next tick to upload (re-pin) them again: an endless
+    run of empty steps (`infercept`; a server would hang the same way). Relief now drops an
+    ended call's preservation. The watchdog fails the run after 2,000 empty steps in a row."""
+    import bench.driver
+
+    step = bench.driver.SimBackend.step
+    idle = [0]
+
+    def watched(be):
+        s = be.scheduler
+        stuck = not s.running and s.waiting and be.last_plan is not None and be.last_plan.empty
+        idle[0] = idle[0] + 1 if stuck else 0
+        assert idle[0] < 2000, f"{len(s.waiting)} waiting, nothing runs, {s.pool.num_free} free"
+        return step(be)
+
+    monkeypatch.setattr(bench.driver.SimBackend, "step", watched)
+    wl = make_workload("code_writer", num_apps=6, arrival_rate=1.0, seed=1)
+    row, _, _ = run_sim(wl, "infercept", a800_qwen25_14b(), seed=1)
+    assert row["apps"] == 6
