@@ -22,6 +22,7 @@ stall-free batching). 0 (unmeasured) means no such room.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -132,6 +133,28 @@ class CostModel:
             return 0
         floor = self.step_floor_s + self.step_floor_ctx_s * decode_context
         return max(0, int((floor - self.recompute_a) / self.recompute_b) - decode_rows)
+
+    def prefill_in_room(self, room: int, context: int, n_max: int) -> tuple[int, int]:
+        """How many tokens (at most ``n_max``) of a prefill chunk that starts after
+        ``context`` cached tokens fit in ``room`` (counted, as :meth:`free_prefill_tokens`
+        counts it, in tokens of ``b`` compute each), and how much of the room they use.
+
+        Each token also attends to the context before it, ``c * (context + n / 2)`` on
+        average, so a chunk of ``n`` uses ``n * (1 + (c / b) * (context + n / 2))``: beside
+        a long context a chunk gets fewer tokens than the bare room would give it."""
+        n_max = min(n_max, room)
+        if n_max <= 0 or self.recompute_c <= 0 or self.recompute_b <= 0:
+            return max(n_max, 0), max(n_max, 0)
+        k = self.recompute_c / self.recompute_b
+        lin = 1.0 + k * context  # the largest n with (k / 2) n^2 + lin * n <= room
+        n = min(n_max, int((math.sqrt(lin * lin + 2.0 * k * room) - lin) / k))
+
+        def used(m: int) -> int:
+            return math.ceil(m * (lin + k * m / 2))
+
+        while n > 0 and used(n) > room:  # float rounding at the boundary
+            n -= 1
+        return n, used(n)
 
     def fit_recompute(self, samples: Sequence[tuple[int, int, float]]) -> None:
         """Least-squares fit of ``(a, b, c)`` from ``(tokens, context, seconds)`` samples;

@@ -287,8 +287,11 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         prefill_rows = 0
         # Prefill tokens this step may carry (the policy's cap; never above the budget).
+        # The cap counts tokens of bare compute: a capped chunk is priced with its attention
+        # over the context before it (``CostModel.prefill_in_room``).
         cap = self.policy.prefill_cap(self.running)
         prefill_left = budget if cap is None else min(cap, budget)
+        in_room = None if cap is None else self.cost_model.prefill_in_room
 
         # 1. Running requests, oldest first; preempt per policy when blocks run out. Hot loop
         # (256 rows a step): the common case (a decode row whose next token fits its last
@@ -308,10 +311,12 @@ class Scheduler:
             start = req.num_computed_tokens
             left = len(req.prompt_token_ids) + num_out - start
             if left > 1:  # a prefill row takes a chunk
-                n = min(left, chunk, budget, prefill_left)
+                n = used = min(left, chunk, budget, prefill_left)
+                if in_room is not None:
+                    n, used = in_room(prefill_left, start, n)
                 if n <= 0 or (n > 1 and prefill_rows >= max_prefill_rows):
                     continue
-                prefill_left -= n
+                prefill_left -= used
             else:
                 n = 1
             if start + n > len(req.block_ids) * bs:
@@ -353,7 +358,15 @@ class Scheduler:
                     if self._admit_with_copy_in(req, now):
                         self.policy.on_admitted(req, now)
                         continue  # admitted; its first chunk runs once the host pages have landed
-                    n = min(req.remaining_tokens, cfg.max_prefill_chunk, budget, prefill_left)
+                    n = used = min(
+                        req.remaining_tokens, cfg.max_prefill_chunk, budget, prefill_left
+                    )
+                    if in_room is not None:
+                        n, used = in_room(prefill_left, req.num_computed_tokens, n)
+                        if n <= 0:  # its context leaves no room in this step
+                            self._release(req)
+                            req.num_computed_tokens = 0
+                            break
                     need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
                     fits = need <= self.pool.num_free - committed
                     if not fits:  # the policy says whether the scan stops here (strict order)
@@ -374,7 +387,7 @@ class Scheduler:
                     self.policy.on_admitted(req, now)
                     plan.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
                     budget -= n
-                    prefill_left -= n
+                    prefill_left -= used
                     prefill_rows += n > 1
         self._admitting = None
         if not self.running and self.waiting and not plan.preempted:

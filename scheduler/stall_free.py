@@ -8,9 +8,10 @@ OSDI 2024) bounds each step's prefill so decodes never stall; this caps it at th
 cost model's roofline leaves (:meth:`CostModel.free_prefill_tokens`). A step without decode
 rows takes the whole budget, as before: nothing waits on it.
 
-The room counts each prefill token at the cost model's per-token compute ``b`` and leaves out
-its attention over the context (``c * context``), which the step does not know before it picks
-the rows: beside a long context the capped step runs a little past its floor.
+The room is counted in tokens of the cost model's per-token compute ``b``. The core prices
+each capped chunk with its attention over the context before it as well
+(:meth:`CostModel.prefill_in_room`), so a chunk deep into a long prompt gets fewer tokens and
+the step still ends at its floor.
 """
 
 from __future__ import annotations

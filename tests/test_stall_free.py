@@ -108,3 +108,85 @@ def test_engine_warmup_measures_the_floor(make_engine):
     assert cost is engine.cost_model
     assert cost.step_floor_s > 0  # (the prefill fit may clip b to 0 on the tiny model: noise)
     assert engine.scheduler.policy.prefill_cap([]) is None  # no decode row: no cap
+
+
+def test_prefill_in_room_prices_the_attention_by_hand():
+    cm = _cost(100)
+    assert cm.prefill_in_room(100, 5000, 300) == (100, 100)  # c = 0: the bare room
+    assert cm.prefill_in_room(100, 0, 40) == (40, 40)
+    cm.recompute_c = 1 / (1024 * 64)  # attending 64 context tokens costs one token of compute
+    # context 0: n + n^2 / 128 <= 100 -> 65 tokens use 65 * (1 + 32.5 / 64) = 98.01 -> 99
+    assert cm.prefill_in_room(100, 0, 300) == (65, 99)
+    # context 640: n * (11 + n / 128) <= 100 -> 9 tokens use 99.6 -> 100
+    assert cm.prefill_in_room(100, 640, 300) == (9, 100)
+    assert cm.prefill_in_room(100, 640, 4) == (4, 45)  # 4 * (11 + 1/32) = 44.1
+    assert cm.prefill_in_room(10, 6400, 300) == (0, 0)  # one token would use 101
+    assert cm.prefill_in_room(0, 0, 300) == (0, 0)
+
+
+def test_capped_chunks_shrink_as_their_context_grows():
+    """With attention priced (one token of compute per 64 attended), B's chunks beside A's
+    decode row get smaller as B's own context grows: 46 tokens use 46 * (1 + 23 / 64) = 62.5
+    of the 63 of room, then 32 after 46 use 32 * (1 + 62 / 64) = 63.0."""
+    cost = _cost(64)
+    cost.recompute_c = 1 / (1024 * 64)
+    clock = SimClock()
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_prefill_chunk=256,
+                          max_prefill_seqs=4, max_model_len=512)  # fmt: skip
+    s = Scheduler(cfg, BlockPool(65, 16), "tokencake", clock, cost_model=cost)
+    ex = SimExecutor(clock)
+    md = {"agent_type": "coder", "importance": 1.0, "depth": 1}
+    s.add_request(Request("a", list(range(100, 132)), 60, 0.0, metadata=md))
+    b_chunks = []
+    for i in range(40):
+        if i == 2:
+            s.add_request(Request("b", list(range(5000, 5300)), 4, clock(), metadata=md))
+        plan, _ = sim_step(s, ex)
+        b_chunks += [c.num_tokens for c in plan.chunks if c.request.request_id == "b"]
+    assert b_chunks[:2] == [46, 32]
+    prefill = b_chunks[: b_chunks.index(1)] if 1 in b_chunks else b_chunks
+    assert sum(prefill) == 300
+    assert all(x >= y for x, y in zip(prefill, prefill[1:], strict=False))
+
+
+def test_capped_steps_stay_under_their_floor_on_the_a800_preset(monkeypatch):
+    """Independent check against the simulator's roofline step model: every step that the
+    cap limited costs no more than its floor (overhead + weight read + the rows' KV reads),
+    long deep-research contexts included, so the decoding rows never wait on prefill."""
+    import bench.driver
+    from bench.generators import deep_research
+    from bench.presets import make_preset
+    from bench.run import run_sim
+
+    preset = make_preset("a800-qwen2.5-14b")
+    step = preset.step
+    checked: list[tuple[float, float]] = []
+    init = bench.driver.SimBackend.__init__
+
+    def watched(be, *args, **kwargs):
+        """The backend, with each step's cap and plan recorded."""
+        init(be, *args, **kwargs)
+        plan_fn, cap_fn = be.loop.plan, be.scheduler.policy.prefill_cap
+        caps: list[int | None] = []
+
+        def cap(running):
+            caps.append(cap_fn(running))
+            return caps[-1]
+
+        def plan():
+            p = plan_fn()
+            rows = [
+                c for c in p.chunks if c.num_tokens == 1 and c.start >= c.request.num_prompt_tokens
+            ]
+            if caps and caps[-1] is not None and rows:
+                floor = step.a + step.m0 + step.d * sum(c.start + 1 for c in rows)
+                checked.append((step.step_time(p), floor))
+            return p
+
+        be.scheduler.policy.prefill_cap, be.loop.plan = cap, plan
+
+    monkeypatch.setattr(bench.driver.SimBackend, "__init__", watched)
+    run_sim(deep_research(num_apps=3, seed=0, arrival_rate=1.0), "tokencake", preset)
+    assert len(checked) > 50
+    over = [(t, f) for t, f in checked if t > f * (1 + 1e-9)]
+    assert not over, f"{len(over)} of {len(checked)} capped steps past their floor: {over[:3]}"

@@ -1,0 +1,40 @@
+"""bench/seed_sweep.py: seed parsing, the ratio against the best baseline, and one real sweep."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import seed_sweep
+
+
+def test_parse_seeds():
+    assert seed_sweep.parse_seeds("2-5") == [2, 3, 4, 5]
+    assert seed_sweep.parse_seeds("1,4-5,9") == [1, 4, 5, 9]
+    with pytest.raises(ValueError):
+        seed_sweep.parse_seeds("x")
+
+
+def test_ratio_is_against_the_fastest_baseline_of_the_same_cell():
+    def row(w, s, p, e2e):
+        return {"workload": w, "rate": 1.0, "seed": s, "policy": p, "total_e2e_s": e2e}
+
+    rows = [row("multi-turn", 2, "vllm", 200.0), row("multi-turn", 2, "continuum", 160.0),
+            row("multi-turn", 2, "tokencake", 144.0), row("multi-turn", 3, "vllm", 100.0),
+            row("multi-turn", 3, "tokencake", 99.0)]  # fmt: skip
+    assert seed_sweep.ratios(rows, "tokencake") == {
+        ("multi-turn", 1.0, 2): pytest.approx(0.9),
+        ("multi-turn", 1.0, 3): pytest.approx(0.99),
+    }
+    table = seed_sweep.summary_lines(rows, ["tokencake"])
+    assert table[2] == "| tokencake | multi-turn | 1.0 | 2 | 0.945 | 0.990 | 1 / 2 |"
+
+
+def test_a_small_sweep_runs_every_baseline(tmp_path, capsys):
+    seed_sweep.main(["--seeds", "0", "--apps", "2", "--workloads", "deep-research",
+                     "--rates", "1.0", "--jobs", "1", "--out", str(tmp_path)])  # fmt: skip
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert sorted(r["policy"] for r in rows) == sorted([*seed_sweep.BASELINES, "tokencake"])
+    assert all(r["total_e2e_s"] > 0 and r["apps"] == 2 for r in rows)
+    assert "| tokencake | deep-research | 1.0 | 1 |" in capsys.readouterr().out
