@@ -52,18 +52,21 @@ def test_cap_counts_decode_rows_and_needs_a_block_of_room():
     assert stall_free_cap(CostModel(bytes_per_block=1024), decoding, 16) is None  # unmeasured
 
 
-def _chunks(policy: str) -> list[list[tuple[str, int]]]:
-    """A (32-token prompt, 40 outputs) starts alone; B (300 tokens) arrives once A decodes.
-    The cost floor leaves 64 tokens of room. Returns each step's (request, tokens) chunks."""
+def _chunks(
+    policy: str, cost: CostModel | None = None, n_steps: int = 12
+) -> list[list[tuple[str, int]]]:
+    """A (32-token prompt, 60 outputs) starts alone; B (300 tokens) arrives once A decodes.
+    The cost floor (default) leaves 64 tokens of room. Returns each step's (request, tokens)
+    chunks."""
     clock = SimClock()
     cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_prefill_chunk=256,
                           max_prefill_seqs=4, max_model_len=512)  # fmt: skip
-    s = Scheduler(cfg, BlockPool(65, 16), policy, clock, cost_model=_cost(64))
+    s = Scheduler(cfg, BlockPool(65, 16), policy, clock, cost_model=cost or _cost(64))
     ex = SimExecutor(clock)
     md = {"agent_type": "coder", "importance": 1.0, "depth": 1}
-    s.add_request(Request("a", list(range(100, 132)), 40, 0.0, metadata=md))
+    s.add_request(Request("a", list(range(100, 132)), 60, 0.0, metadata=md))
     steps = []
-    for i in range(12):
+    for i in range(n_steps):
         if i == 2:
             s.add_request(Request("b", list(range(5000, 5300)), 4, clock(), metadata=md))
         plan, _ = sim_step(s, ex)
@@ -130,19 +133,7 @@ def test_capped_chunks_shrink_as_their_context_grows():
     of the 63 of room, then 32 after 46 use 32 * (1 + 62 / 64) = 63.0."""
     cost = _cost(64)
     cost.recompute_c = 1 / (1024 * 64)
-    clock = SimClock()
-    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_prefill_chunk=256,
-                          max_prefill_seqs=4, max_model_len=512)  # fmt: skip
-    s = Scheduler(cfg, BlockPool(65, 16), "tokencake", clock, cost_model=cost)
-    ex = SimExecutor(clock)
-    md = {"agent_type": "coder", "importance": 1.0, "depth": 1}
-    s.add_request(Request("a", list(range(100, 132)), 60, 0.0, metadata=md))
-    b_chunks = []
-    for i in range(40):
-        if i == 2:
-            s.add_request(Request("b", list(range(5000, 5300)), 4, clock(), metadata=md))
-        plan, _ = sim_step(s, ex)
-        b_chunks += [c.num_tokens for c in plan.chunks if c.request.request_id == "b"]
+    b_chunks = [n for step in _chunks("tokencake", cost, 40) for rid, n in step if rid == "b"]
     assert b_chunks[:2] == [46, 32]
     prefill = b_chunks[: b_chunks.index(1)] if 1 in b_chunks else b_chunks
     assert sum(prefill) == 300
