@@ -4,6 +4,7 @@ of one workload draw?
     python -m bench.seed_sweep --seeds 2-9 --apps 10 --rates 0.2,1.0 --jobs 2 --out runs/seeds
 
 Runs each generator (``code-writer``, ``deep-research``, ``multi-turn``) at each rate and seed
+(arrivals evenly spaced as in ``bench.run``, or ``--poisson``)
 on the simulator (``--preset``, default ``a800-qwen2.5-14b``) under ``tokencake`` and the
 baselines, one process per cell (``--jobs`` at once), and prints every cell's total E2E,
 ``tokencake`` over the best baseline, and per workload and rate the median and worst ratio
@@ -44,15 +45,16 @@ def parse_seeds(spec: str) -> list[int]:
     return seeds
 
 
-def run_cell(cell: tuple[str, float, int, int, str, str]) -> dict[str, Any]:
-    """One (workload, rate, seed, apps, policy, preset) simulation; its summary row."""
+def run_cell(cell: tuple[str, float, int, int, str, str, bool]) -> dict[str, Any]:
+    """One (workload, rate, seed, apps, policy, preset, poisson) simulation; its summary row."""
     from bench.generators import make_workload
     from bench.presets import make_preset
     from bench.run import run_sim
 
-    workload, rate, seed, apps, policy, preset_name = cell
+    workload, rate, seed, apps, policy, preset_name, poisson = cell
     preset = make_preset(preset_name)
-    params: dict[str, Any] = {"num_apps": apps, "arrival_rate": rate, "seed": seed}
+    params: dict[str, Any] = {"num_apps": apps, "arrival_rate": rate, "seed": seed,
+                              "poisson": poisson}  # fmt: skip
     if workload == "multi-turn":
         params["max_context_tokens"] = preset.max_model_len
     wl = make_workload(WORKLOADS[workload], **params)
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--policies", default="tokencake", help="candidates (baselines always run)")
     ap.add_argument("--preset", default="a800-qwen2.5-14b")
+    ap.add_argument("--poisson", action="store_true", help="Poisson arrivals (else i / rate)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="runs/seeds")
     args = ap.parse_args(argv)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown workloads {unknown}; known: {sorted(WORKLOADS)}")
     candidates = [p.strip() for p in args.policies.split(",") if p.strip()]
     rates = [float(r) for r in args.rates.split(",")]
-    cells = [(w, rate, s, args.apps, p, args.preset)
+    cells = [(w, rate, s, args.apps, p, args.preset, args.poisson)
              for w in workloads for rate in rates for s in parse_seeds(args.seeds)
              for p in (*BASELINES, *candidates)]  # fmt: skip
     rows: list[dict[str, Any]] = []
