@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping
+from functools import partial
 from operator import attrgetter
 
 from tokencake.memory.block_pool import BlockPool
@@ -34,6 +35,7 @@ from tokencake.scheduler.plan import ScheduledChunk, StepPlan
 from tokencake.scheduler.policies import policy_factory
 from tokencake.scheduler.policy import Admission, PolicyContext, PolicyFactory
 from tokencake.scheduler.request import PENDING_TOKEN, Request, RequestStatus
+from tokencake.scheduler.stall_free import capped_chunk
 from tokencake.scheduler.tokencake_config import TokencakeConfig
 from tokencake.scheduler.waiting_queue import WaitingQueue
 
@@ -288,10 +290,12 @@ class Scheduler:
         prefill_rows = 0
         # Prefill tokens this step may carry (the policy's cap; never above the budget).
         # The cap counts tokens of bare compute: a capped chunk is priced with its attention
-        # over the context before it (``CostModel.prefill_in_room``).
+        # over the context before it, and the first gets at least a block (``capped_chunk``).
         cap = self.policy.prefill_cap(self.running)
         prefill_left = budget if cap is None else min(cap, budget)
-        in_room = None if cap is None else self.cost_model.prefill_in_room
+        in_room = None  # capped: (room left, context, n) -> (tokens, room used)
+        if cap is not None:
+            in_room = partial(capped_chunk, self.cost_model, prefill_left, self.pool.block_size)
 
         # 1. Running requests, oldest first; preempt per policy when blocks run out. Hot loop
         # (256 rows a step): the common case (a decode row whose next token fits its last

@@ -40,3 +40,21 @@ def stall_free_cap(cost: CostModel, running: Sequence[Request], block_size: int)
         return None
     room = cost.free_prefill_tokens(rows, context)
     return room if room >= block_size else None
+
+
+def capped_chunk(
+    cost: CostModel, room: int, block_size: int, room_left: int, context: int, n_max: int
+) -> tuple[int, int]:
+    """A capped prefill chunk of at most ``n_max`` tokens after ``context`` cached ones:
+    ``(tokens, room used)`` with ``room_left`` of the step's ``room`` still free.
+
+    The chunk is priced with its attention (:meth:`CostModel.prefill_in_room`), with one
+    guarantee: the step's first capped chunk (the room untouched) gets at least a block, or
+    ``n_max`` if smaller, and uses the whole room. That overruns the floor by at most a block;
+    without it a context whose attention fills the room (a long prompt, or a noisy fit of the
+    attention cost) would crawl a token a step, or stop, while decode rows keep running."""
+    n, used = cost.prefill_in_room(room_left, context, n_max)
+    least = min(n_max, block_size)
+    if n < least and room_left == room:
+        return least, room
+    return n, used

@@ -9,7 +9,7 @@ from tokencake.memory.cost_model import CostModel
 from tokencake.scheduler.core import Scheduler, SchedulerConfig
 from tokencake.scheduler.request import Request
 from tokencake.scheduler.sim_executor import SimClock, SimExecutor, sim_step
-from tokencake.scheduler.stall_free import stall_free_cap
+from tokencake.scheduler.stall_free import capped_chunk, stall_free_cap
 
 
 def _cost(room: int) -> CostModel:
@@ -125,6 +125,30 @@ def test_prefill_in_room_prices_the_attention_by_hand():
     assert cm.prefill_in_room(100, 640, 4) == (4, 45)  # 4 * (11 + 1/32) = 44.1
     assert cm.prefill_in_room(10, 6400, 300) == (0, 0)  # one token would use 101
     assert cm.prefill_in_room(0, 0, 300) == (0, 0)
+
+
+def test_the_first_capped_chunk_gets_at_least_a_block_by_hand():
+    cm = _cost(100)
+    cm.recompute_c = 1 / (1024 * 64)  # attending 64 context tokens costs one token of compute
+    assert capped_chunk(cm, 100, 16, 100, 0, 300) == (65, 99)  # as prefill_in_room
+    # 9 tokens fit beside 640 cached, 0 beside 6,400: the room untouched, a block runs anyway
+    assert capped_chunk(cm, 100, 16, 100, 640, 300) == (16, 100)
+    assert capped_chunk(cm, 100, 16, 100, 6400, 300) == (16, 100)
+    assert capped_chunk(cm, 100, 16, 100, 6400, 5) == (5, 100)  # all that is left
+    # Another chunk already took some of the room: no guarantee for this one.
+    assert capped_chunk(cm, 100, 16, 50, 640, 300) == (4, 45)
+    assert capped_chunk(cm, 100, 16, 50, 6400, 300) == (0, 0)
+
+
+def test_a_prompt_whose_attention_fills_the_room_still_advances():
+    """Attention priced at one token of compute per context token: B's chunks beside A's
+    decode row would shrink to a token a step (10, 4, 3, 3, 2, ...) and stop at 63 tokens of
+    context, for as long as A decodes. With the guarantee B advances a block a step."""
+    cost = _cost(64)
+    cost.recompute_c = 1 / 1024
+    steps = _chunks("tokencake", cost, 24)
+    assert [dict(s).get("b") for s in steps[2:21]] == [16] * 18 + [12]  # 300 tokens
+    assert all(dict(s).get("a") == 1 for s in steps[1:24])  # A decodes in every step
 
 
 def test_capped_chunks_shrink_as_their_context_grows():
