@@ -21,6 +21,7 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "no-write-back": ({}, {"write_back_all": False}),
     "no-inflight-sharing": ({"defer_inflight_prefix": False}, {}),
     "no-backfill": ({"backfill": False}, {}),
+    "no-growth-release": ({}, {"growth_release": False}),
     "no-stall-free-prefill": ({"stall_free_prefill": False}, {}),
     "with-full-future-admission": ({"reserve_generation_tokens": True}, {}),
     "with-resident-affinity": ({"affinity_counts_cached": True}, {}),

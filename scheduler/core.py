@@ -261,6 +261,8 @@ class Scheduler:
             short = self._blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
             if self.host_tier.swap_outs_will_cover(short - self.pool.num_free):
                 return False  # victims' pages free up once their copy-out lands
+            if self.policy.release_for_growth(short - self.pool.num_free):
+                continue  # held pages no running request reads were let go
             victim = self.policy.choose_victim(self.running, req)
             if victim is None or victim is req:
                 self._preempt(req)

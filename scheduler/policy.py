@@ -157,6 +157,12 @@ class Policy:
         Returns True if anything was released."""
         return False
 
+    def release_for_growth(self, blocks: int) -> bool:
+        """A running request is ``blocks`` blocks short of its next chunk and would otherwise
+        preempt (or be preempted): release held capacity that no running request uses (pins
+        kept for agents in a tool call). True if any blocks became free."""
+        return False
+
     def next_due(self) -> float:
         """Clock time at which this policy has timed work (an upload, a TTL) even if no
         request runs; ``math.inf`` when none. An idle engine steps once it is reached."""

@@ -515,6 +515,34 @@ class TimeScheduler:
         p.pins = [*p.pins, *kept]  # after the device hits _upload pinned
         p.state = PState.RESTORED
 
+    def release_pins(self, blocks: int) -> int:
+        """Unpin kept agents' blocks until ``blocks`` of them are evictable again, the call
+        predicted to return last first (then pages restored for a successor that has not
+        arrived); returns how many blocks that freed.
+
+        A running request short of a block would otherwise be preempted (or preempt another):
+        its KV leaves the device while KV that nothing reads until a tool returns stays
+        pinned. On multi-turn seed 3 (10 sessions, 1.0 apps/s) the longest session, running
+        alone, preempted itself at a 16.7k-token context with the rest of the pool pinned, and
+        waited 21 s to come back. Unpinned pages stay in the device prefix cache (and in the
+        host tier when written back) until evicted, so a successor may still hit them."""
+        pool = self.pool
+        held = [p for p in self.items.values()
+                if p.inflight is None and p.pins and p.state in (PState.KEPT, PState.RESTORED)]  # fmt: skip
+        held.sort(key=lambda p: (p.state is PState.RESTORED, -p.rec.predicted_end))
+        freed = 0
+        for p in held:
+            if freed >= blocks:
+                break
+            freed += sum(1 for b in p.pins if pool.ref_count(b) == 1)
+            self._unpin(p)
+            p.state = PState.OFFLOADED if p.host_retained else PState.DROPPED
+            p.upload_at = math.inf  # a successor copies its pages in when it is admitted
+            p.ttl_spent = True  # not pinned again for this call
+        if freed:
+            self._count("growth_released_blocks", freed)
+        return freed
+
     def relieve(self) -> bool:
         """Nothing runs and the queue head cannot start: give back every pin and reservation
         (correctness never depends on them). True if anything was released."""

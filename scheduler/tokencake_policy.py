@@ -338,6 +338,17 @@ class TokencakePolicy(Policy):
     def on_admission_stalled(self) -> bool:
         return self.time.relieve() if self.time is not None else False
 
+    def release_for_growth(self, blocks: int) -> bool:
+        if (
+            self.time is None
+            or not self.config.offload.growth_release
+            or not self.time.release_pins(blocks)
+        ):
+            return False
+        if self.space is not None:  # the unpinned blocks are uncommitted capacity again
+            self.space.recount(self.committed_blocks(self.ctx.clock()))
+        return True
+
     def next_due(self) -> float:
         return self.time.next_due() if self.time is not None else math.inf
 

@@ -420,3 +420,36 @@ def test_default_write_back_serves_the_return_from_either_tier(model, reference)
     assert run.outs["A2"].num_cached_tokens == 6 * BS
     assert _outputs(run) == reference
     _check_clean(run)
+
+
+def test_running_requests_short_of_a_block_unpin_a_kept_agent(model):
+    """Agent A's 6 blocks are pinned for its tool call (KEEP). E and F then run: their
+    prompts fit beside the pins, their decodes outgrow the rest of the pool. They take A's
+    pinned blocks instead of preempting one of them (they used to: a running request's KV
+    left the device while A's, which nothing reads until its tool returns, stayed)."""
+    eng, clock = _engine(model, "tokencake")
+    run = Run(eng, clock)
+    eng.add_request(PROMPT_A, _greedy(8), "A", AGENT)
+    run.step_until(lambda: "A" in run.outs)
+    run.event("stall_started", kind="tool", estimated_duration_s=5.0)
+    run.step()
+    ts = run.ts
+    assert ts.items["A"].state is PState.KEPT and ts.stalled_blocks == 6
+    rng = random.Random(1)
+    prompts = {"E": [rng.randrange(3, 256) for _ in range(8 * BS)],
+               "F": [rng.randrange(3, 256) for _ in range(5 * BS)]}  # fmt: skip
+    for rid, prompt in prompts.items():  # 9 + 6 blocks to start, 11 + 8 at the end: 19 > 16
+        eng.add_request(prompt, _greedy(3 * BS), rid)
+    run.step_until(lambda: "E" in run.outs and "F" in run.outs)
+    assert eng.scheduler.num_preemptions == 0
+    assert ts.items["A"].state is PState.DROPPED and ts.stalled_blocks == 0
+    assert ts.counters.get("growth_released_blocks") == 6
+    solo, solo_clock = _engine(model, "vllm", pressure=False)
+    alone = Run(solo, solo_clock)
+    for rid, prompt in prompts.items():
+        solo.add_request(prompt, _greedy(3 * BS), rid)
+    alone.step_until(lambda: "E" in alone.outs and "F" in alone.outs)
+    assert {k: run.outs[k].token_ids for k in prompts} == _outputs(alone)
+    run.event("stall_finished")
+    _finish_turn(run)
+    _check_clean(run)
