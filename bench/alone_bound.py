@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.presets import make_preset
 from bench.run import run_sim
-from bench.seed_sweep import WORKLOADS, parse_seeds
+from bench.seed_sweep import WORKLOADS, cell_workload, parse_seeds
 from bench.workload import Workload
 
 
@@ -39,8 +39,6 @@ def alone_bound(wl: Workload, policy: str, preset: Any, seed: int = 0) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.generators import make_workload
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="multi-turn", choices=sorted(WORKLOADS))
     ap.add_argument("--apps", type=int, default=10)
@@ -53,11 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     preset = make_preset(args.preset)
     for rate in (float(r) for r in args.rates.split(",")):
         for seed in parse_seeds(args.seeds):
-            params: dict[str, Any] = {"num_apps": args.apps, "arrival_rate": rate,
-                                      "seed": seed, "poisson": args.poisson}  # fmt: skip
-            if args.workload == "multi-turn":
-                params["max_context_tokens"] = preset.max_model_len
-            wl = make_workload(WORKLOADS[args.workload], **params)
+            wl = cell_workload(args.workload, rate, seed, args.apps, preset, args.poisson)
             bound, app = alone_bound(wl, args.policy, preset, seed)
             print(f"{args.workload} rate {rate} seed {seed}: bound {bound:.1f} s (application "
                   f"{app})", flush=True)  # fmt: skip

@@ -45,19 +45,29 @@ def parse_seeds(spec: str) -> list[int]:
     return seeds
 
 
+def cell_workload(
+    workload: str, rate: float, seed: int, apps: int, preset: Any, poisson: bool
+) -> Any:
+    """The generator workload of one cell (multi-turn sessions end at the preset's window).
+    ``poisson`` is always passed: the generators' own defaults differ (``code_writer`` spaces
+    arrivals evenly, the other two draw Poisson arrivals)."""
+    from bench.generators import make_workload
+
+    params: dict[str, Any] = {"num_apps": apps, "arrival_rate": rate, "seed": seed,
+                              "poisson": poisson}  # fmt: skip
+    if workload == "multi-turn":
+        params["max_context_tokens"] = preset.max_model_len
+    return make_workload(WORKLOADS[workload], **params)
+
+
 def run_cell(cell: tuple[str, float, int, int, str, str, bool]) -> dict[str, Any]:
     """One (workload, rate, seed, apps, policy, preset, poisson) simulation; its summary row."""
-    from bench.generators import make_workload
     from bench.presets import make_preset
     from bench.run import run_sim
 
     workload, rate, seed, apps, policy, preset_name, poisson = cell
     preset = make_preset(preset_name)
-    params: dict[str, Any] = {"num_apps": apps, "arrival_rate": rate, "seed": seed,
-                              "poisson": poisson}  # fmt: skip
-    if workload == "multi-turn":
-        params["max_context_tokens"] = preset.max_model_len
-    wl = make_workload(WORKLOADS[workload], **params)
+    wl = cell_workload(workload, rate, seed, apps, preset, poisson)
     row, _, _ = run_sim(wl, policy, preset, seed=seed)
     return {"workload": workload, "rate": rate, "seed": seed, **row}
 

@@ -408,6 +408,13 @@ class TimeScheduler:
             self.pool.free(p.pins)
             p.pins = ()
 
+    def _let_go(self, p: Preservation) -> None:
+        """Unpin ``p`` and cancel its upload: its host copy (if any) stays retained, and a
+        successor copies those pages in when it is admitted."""
+        self._unpin(p)
+        p.state = PState.OFFLOADED if p.host_retained else PState.DROPPED
+        p.upload_at = math.inf
+
     def _drop(self, p: Preservation) -> None:
         self._unpin(p)
         if p.host_retained and self.host is not None:
@@ -535,9 +542,7 @@ class TimeScheduler:
             if freed >= blocks:
                 break
             freed += sum(1 for b in p.pins if pool.ref_count(b) == 1)
-            self._unpin(p)
-            p.state = PState.OFFLOADED if p.host_retained else PState.DROPPED
-            p.upload_at = math.inf  # a successor copies its pages in when it is admitted
+            self._let_go(p)
             p.ttl_spent = True  # not pinned again for this call
         if freed:
             self._count("growth_released_blocks", freed)
@@ -557,8 +562,7 @@ class TimeScheduler:
                 freed = True
                 continue
             if p.inflight is None and p.pins:
-                self._unpin(p)
-                p.state = PState.DROPPED if not p.host_retained else PState.OFFLOADED
+                self._let_go(p)
                 freed = True
             if p.state is PState.OFFLOADED and p.upload_at != math.inf:
                 p.upload_at = math.inf
