@@ -9,7 +9,10 @@ on the simulator (``--preset``, default ``a800-qwen2.5-14b``) under ``tokencake`
 baselines, one process per cell (``--jobs`` at once), and prints every cell's total E2E,
 ``tokencake`` over the best baseline, and per workload and rate the median and worst ratio
 and how many cells meet issue 12's bound (≤ 0.95x the best baseline). Seeds 0 and 1 are the
-ones the development runs used; pick others to check on draws nobody tuned for.
+ones the development runs used; pick others to check on draws nobody tuned for. Two more
+checks nobody tuned for: ``--tool-noise`` jitters every tool's true duration around the
+client's estimate (the Time Scheduler then uploads too early or too late), and
+``--preset h100-llama3.1-8b`` prices another accelerator and model.
 
 A small change to any mechanism moves one cell's total E2E by a few percent either way (a
 request admitted one step earlier reorders what follows), so one seed says little about a
@@ -46,28 +49,39 @@ def parse_seeds(spec: str) -> list[int]:
 
 
 def cell_workload(
-    workload: str, rate: float, seed: int, apps: int, preset: Any, poisson: bool
+    workload: str,
+    rate: float,
+    seed: int,
+    apps: int,
+    preset: Any,
+    poisson: bool,
+    tool_noise: float = 0.0,
 ) -> Any:
     """The generator workload of one cell (multi-turn sessions end at the preset's window).
     ``poisson`` is always passed: the generators' own defaults differ (``code_writer`` spaces
-    arrivals evenly, the other two draw Poisson arrivals)."""
+    arrivals evenly, the other two draw Poisson arrivals). ``tool_noise`` is every tool's
+    relative duration jitter (the client's estimate stays the mean)."""
     from bench.generators import make_workload
 
     params: dict[str, Any] = {"num_apps": apps, "arrival_rate": rate, "seed": seed,
-                              "poisson": poisson}  # fmt: skip
+                              "poisson": poisson, "tool_noise": tool_noise}  # fmt: skip
     if workload == "multi-turn":
         params["max_context_tokens"] = preset.max_model_len
     return make_workload(WORKLOADS[workload], **params)
 
 
-def run_cell(cell: tuple[str, float, int, int, str, str, bool]) -> dict[str, Any]:
-    """One (workload, rate, seed, apps, policy, preset, poisson) simulation; its summary row."""
+Cell = tuple[str, float, int, int, str, str, bool, float]
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """One (workload, rate, seed, apps, policy, preset, poisson, tool_noise) simulation; its
+    summary row."""
     from bench.presets import make_preset
     from bench.run import run_sim
 
-    workload, rate, seed, apps, policy, preset_name, poisson = cell
+    workload, rate, seed, apps, policy, preset_name, poisson, tool_noise = cell
     preset = make_preset(preset_name)
-    wl = cell_workload(workload, rate, seed, apps, preset, poisson)
+    wl = cell_workload(workload, rate, seed, apps, preset, poisson, tool_noise)
     row, _, _ = run_sim(wl, policy, preset, seed=seed)
     return {"workload": workload, "rate": rate, "seed": seed, **row}
 
@@ -112,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--policies", default="tokencake", help="candidates (baselines always run)")
     ap.add_argument("--preset", default="a800-qwen2.5-14b")
     ap.add_argument("--poisson", action="store_true", help="Poisson arrivals (else i / rate)")
+    ap.add_argument("--tool-noise", type=float, default=0.0,
+                    help="relative std of every tool's duration around the client's estimate")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="runs/seeds")
     args = ap.parse_args(argv)
@@ -121,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown workloads {unknown}; known: {sorted(WORKLOADS)}")
     candidates = [p.strip() for p in args.policies.split(",") if p.strip()]
     rates = [float(r) for r in args.rates.split(",")]
-    cells = [(w, rate, s, args.apps, p, args.preset, args.poisson)
+    cells = [(w, rate, s, args.apps, p, args.preset, args.poisson, args.tool_noise)
              for w in workloads for rate in rates for s in parse_seeds(args.seeds)
              for p in (*BASELINES, *candidates)]  # fmt: skip
     rows: list[dict[str, Any]] = []

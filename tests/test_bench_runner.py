@@ -82,11 +82,23 @@ def test_sim_run_two_policies_all_metrics_deterministic():
 
 
 def test_presets_build():
-    for name in ("local", "a800-qwen2.5-14b"):
+    for name in ("local", "a800-qwen2.5-14b", "h100-llama3.1-8b"):
         p = make_preset(name)
         assert p.num_blocks > 0 and p.step.a >= 0
     with pytest.raises(ValueError, match="unknown preset"):
         make_preset("nope")
+
+
+def test_h100_preset_keeps_the_authors_kv_bytes_at_its_own_prices():
+    a800, h100 = a800_qwen25_14b(), make_preset("h100-llama3.1-8b")
+    pool = a800.num_blocks * a800.bytes_per_block
+    assert 0 <= pool - h100.num_blocks * h100.bytes_per_block < h100.bytes_per_block
+    # A smaller model on faster silicon: cheaper weight reads, KV reads and prefill tokens,
+    # while a copied token still costs far less than recomputing it.
+    for k in ("m0", "d", "c", "e"):
+        assert getattr(h100.step, k) < getattr(a800.step, k), k
+    cost = h100.cost_model()
+    assert cost.copy_time(1, "h2d") < 16 * h100.step.c
 
 
 def test_shape_priced_step_time_follows_the_runners_calls():

@@ -38,3 +38,21 @@ def test_a_small_sweep_runs_every_baseline(tmp_path, capsys):
     assert sorted(r["policy"] for r in rows) == sorted([*seed_sweep.BASELINES, "tokencake"])
     assert all(r["total_e2e_s"] > 0 and r["apps"] == 2 for r in rows)
     assert "| tokencake | deep-research | 1.0 | 1 |" in capsys.readouterr().out
+
+
+def test_tool_noise_jitters_the_true_durations_around_the_clients_estimate():
+    from bench.driver import Driver
+    from bench.presets import make_preset
+
+    preset = make_preset("h100-llama3.1-8b")
+    quiet = seed_sweep.cell_workload("code-writer", 1.0, 4, 3, preset, True)
+    noisy = seed_sweep.cell_workload("code-writer", 1.0, 4, 3, preset, True, tool_noise=0.5)
+    apps = zip(quiet.applications, noisy.applications, strict=True)
+    pairs = [(a, n, b.node(n.id)) for a, b in apps for n in a.nodes if n.tool is not None]
+    assert pairs
+    for app, q, n in pairs:
+        assert n.tool.duration_noise == 0.5 and n.tool.estimate_s == q.tool.estimate_s
+        assert Driver.tool_duration_of(4, app.app_id, q) == q.tool.true_duration_s
+    moved = [Driver.tool_duration_of(4, app.app_id, n) / q.tool.true_duration_s
+             for app, q, n in pairs]  # fmt: skip
+    assert len(set(moved)) > 1 and all(m >= 0 for m in moved)
