@@ -1,6 +1,6 @@
 """Simulator presets: pool geometry, scheduler limits, step-time and transfer models.
 
-Three presets:
+Four presets:
 
 * ``local`` — this engine with the default model (SmolLM2-135M, float32) on this machine's
   CPUs. Its step-time coefficients come from ``python -m bench.calibrate``, which times real
@@ -12,6 +12,8 @@ Three presets:
 * ``h100-llama3.1-8b`` — a second accelerator and model the development runs never used
   (a check on hardware nobody tuned for): the same KV bytes as the authors' pool, with the
   prices of an H100 and Llama-3.1-8B from public figures; see :func:`h100_llama31_8b`.
+  ``h100-llama3.1-8b-pressure`` is the same with the authors' 3,049 blocks (the same tokens,
+  so the same pressure).
 
 A step costs (seconds)::
 
@@ -25,6 +27,7 @@ overlap the step (an async copy stream: ``step = max(step, copies)``) or add to 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -287,7 +290,7 @@ def a800_qwen25_14b() -> Preset:
     )
 
 
-def h100_llama31_8b() -> Preset:
+def h100_llama31_8b(same_tokens: bool = False) -> Preset:
     """An H100 / Llama-3.1-8B-Instruct setting: hardware and a model the development runs
     never used, so a check of the policies on prices nobody tuned for.
 
@@ -311,15 +314,20 @@ def h100_llama31_8b() -> Preset:
        sized to put the workload under pressure) at this model's 131,072 B a token: 4,573
        blocks (73k tokens); 100 GiB of host KV; the same scheduler limits (vLLM's defaults,
        an 8,192-token budget, 32,768-token context) and 2 ms of per-step overhead.
+
+    ``same_tokens`` (the ``h100-llama3.1-8b-pressure`` preset) keeps the authors' 3,049
+    blocks instead: the same tokens, so the same memory pressure on the same workload, with
+    only the prices changed. With the same bytes, most generator runs have no pressure left
+    and every policy ties (bench/RESULTS.md, eighteenth round).
     """
     hbm = 3.35e12 * 0.80
     flops = 989e12 * 0.43  # Llama 3's reported BF16 MFU on H100 (see 3.)
     kv_token = 32 * 8 * 128 * 2 * 2
     pool_bytes = 3049 * 16 * 196_608  # the authors' device KV (a800_qwen25_14b)
     return Preset(
-        name="h100-llama3.1-8b",
+        name="h100-llama3.1-8b-pressure" if same_tokens else "h100-llama3.1-8b",
         block_size=16,
-        num_blocks=pool_bytes // (16 * kv_token),
+        num_blocks=3049 if same_tokens else pool_bytes // (16 * kv_token),
         host_blocks=int(100 * 2**30 // (16 * kv_token)),
         bytes_per_token=kv_token,
         bandwidth=24e9,
@@ -424,6 +432,7 @@ PRESETS = {
     "local": local,
     "a800-qwen2.5-14b": a800_qwen25_14b,
     "h100-llama3.1-8b": h100_llama31_8b,
+    "h100-llama3.1-8b-pressure": functools.partial(h100_llama31_8b, same_tokens=True),
 }
 
 

@@ -12,7 +12,7 @@ and how many cells meet issue 12's bound (≤ 0.95x the best baseline). Seeds 0 
 ones the development runs used; pick others to check on draws nobody tuned for. Two more
 checks nobody tuned for: ``--tool-noise`` jitters every tool's true duration around the
 client's estimate (the Time Scheduler then uploads too early or too late), and
-``--preset h100-llama3.1-8b`` prices another accelerator and model.
+``--preset h100-llama3.1-8b-pressure`` prices another accelerator and model.
 
 A small change to any mechanism moves one cell's total E2E by a few percent either way (a
 request admitted one step earlier reorders what follows), so one seed says little about a

@@ -82,7 +82,7 @@ def test_sim_run_two_policies_all_metrics_deterministic():
 
 
 def test_presets_build():
-    for name in ("local", "a800-qwen2.5-14b", "h100-llama3.1-8b"):
+    for name in ("local", "a800-qwen2.5-14b", "h100-llama3.1-8b", "h100-llama3.1-8b-pressure"):
         p = make_preset(name)
         assert p.num_blocks > 0 and p.step.a >= 0
     with pytest.raises(ValueError, match="unknown preset"):
@@ -99,6 +99,8 @@ def test_h100_preset_keeps_the_authors_kv_bytes_at_its_own_prices():
         assert getattr(h100.step, k) < getattr(a800.step, k), k
     cost = h100.cost_model()
     assert cost.copy_time(1, "h2d") < 16 * h100.step.c
+    pressure = make_preset("h100-llama3.1-8b-pressure")
+    assert pressure.num_blocks == a800.num_blocks and pressure.step == h100.step
 
 
 def test_shape_priced_step_time_follows_the_runners_calls():
