@@ -262,31 +262,18 @@ def a800_qwen25_14b() -> Preset:
     """
     hbm = 2.039e12 * 0.80
     flops = 312e12 * 0.72  # FlashAttention-2's measured 72 % MFU on A100 (see 3.)
-    return Preset(
-        name="a800-qwen2.5-14b",
-        block_size=16,
+    return _gpu_preset(
+        "a800-qwen2.5-14b",
         num_blocks=3049,
-        host_blocks=int(100 * 2**30 // (16 * 196_608)),
-        bytes_per_token=196_608,
+        kv_token=196_608,
         bandwidth=12e9,
-        step=StepModel(
-            a=2e-3,
-            b=26.2e9 / flops,
-            c=26.2e9 / flops,
-            d=196_608 / hbm,
-            e=4 * 48 * 5120 / flops,
-            m0=29.5e9 / hbm,
-            roofline=True,
-            idle=2e-3,
-        ),
-        max_num_seqs=256,
-        max_num_batched_tokens=8192,
-        max_prefill_chunk=8192,
-        max_prefill_seqs=64,
-        max_model_len=32768,
-        overlap_copies=True,
+        hbm=hbm,
+        flops=flops,
+        flop_token=26.2e9,
+        attn_flop_pair=4 * 48 * 5120,
+        weight_bytes=29.5e9,
         vocab_size=152_064,
-        notes={"source": "public figures; see a800_qwen25_14b.__doc__"},
+        source="a800_qwen25_14b",
     )
 
 
@@ -324,20 +311,54 @@ def h100_llama31_8b(same_tokens: bool = False) -> Preset:
     flops = 989e12 * 0.43  # Llama 3's reported BF16 MFU on H100 (see 3.)
     kv_token = 32 * 8 * 128 * 2 * 2
     pool_bytes = 3049 * 16 * 196_608  # the authors' device KV (a800_qwen25_14b)
-    return Preset(
-        name="h100-llama3.1-8b-pressure" if same_tokens else "h100-llama3.1-8b",
-        block_size=16,
+    return _gpu_preset(
+        "h100-llama3.1-8b-pressure" if same_tokens else "h100-llama3.1-8b",
         num_blocks=3049 if same_tokens else pool_bytes // (16 * kv_token),
+        kv_token=kv_token,
+        bandwidth=24e9,
+        hbm=hbm,
+        flops=flops,
+        flop_token=15.0e9,
+        attn_flop_pair=4 * 32 * 4096,
+        weight_bytes=16.1e9,
+        vocab_size=128_256,
+        source="h100_llama31_8b",
+    )
+
+
+def _gpu_preset(
+    name: str,
+    *,
+    num_blocks: int,
+    kv_token: int,
+    bandwidth: float,
+    hbm: float,
+    flops: float,
+    flop_token: float,
+    attn_flop_pair: float,
+    weight_bytes: float,
+    vocab_size: int,
+    source: str,
+) -> Preset:
+    """A paper-scale accelerator preset: a roofline step over the achieved ``hbm`` bytes/s
+    and ``flops`` (weights read once a step, ``kv_token`` bytes a context token, ``flop_token``
+    a computed token, ``attn_flop_pair`` a query x key pair), 2 ms of per-step overhead,
+    16-token blocks, 100 GiB of host KV, and vLLM's default scheduler limits. ``source``
+    names the function whose docstring gives every figure."""
+    return Preset(
+        name=name,
+        block_size=16,
+        num_blocks=num_blocks,
         host_blocks=int(100 * 2**30 // (16 * kv_token)),
         bytes_per_token=kv_token,
-        bandwidth=24e9,
+        bandwidth=bandwidth,
         step=StepModel(
             a=2e-3,
-            b=15.0e9 / flops,
-            c=15.0e9 / flops,
+            b=flop_token / flops,
+            c=flop_token / flops,
             d=kv_token / hbm,
-            e=4 * 32 * 4096 / flops,
-            m0=16.1e9 / hbm,
+            e=attn_flop_pair / flops,
+            m0=weight_bytes / hbm,
             roofline=True,
             idle=2e-3,
         ),
@@ -347,8 +368,8 @@ def h100_llama31_8b(same_tokens: bool = False) -> Preset:
         max_prefill_seqs=64,
         max_model_len=32768,
         overlap_copies=True,
-        vocab_size=128_256,
-        notes={"source": "public figures; see h100_llama31_8b.__doc__"},
+        vocab_size=vocab_size,
+        notes={"source": f"public figures; see {source}.__doc__"},
     )
 
 
