@@ -46,6 +46,8 @@ class ScaleDown:
         max_tokens_cap: Cap every LLM node's ``max_tokens`` (``None``: keep 200/400/128).
         arrival_spacing_s: Application ``i`` arrives at ``i * arrival_spacing_s`` (the
             repository's equal spacing, 1/QPS). ``None``: all arrive at ``t = 0``.
+        tool_noise: ``duration_noise`` of every tool (the runner draws each true duration
+            around it, the client's estimate unchanged; 0: the recorded durations).
     """
 
     num_apps: int | None = None
@@ -53,6 +55,7 @@ class ScaleDown:
     tool_time_scale: float = 1.0
     max_tokens_cap: int | None = None
     arrival_spacing_s: float | None = 1.0
+    tool_noise: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_apps", "max_context_chars", "max_tokens_cap"):
@@ -61,6 +64,8 @@ class ScaleDown:
                 raise ValueError(f"ScaleDown.{name} must be None or an int >= 1, got {v!r}")
         if not (math.isfinite(self.tool_time_scale) and self.tool_time_scale >= 0):
             raise ValueError(f"ScaleDown.tool_time_scale must be >= 0, got {self.tool_time_scale}")
+        if not (math.isfinite(self.tool_noise) and self.tool_noise >= 0):
+            raise ValueError(f"ScaleDown.tool_noise must be >= 0, got {self.tool_noise}")
         if self.arrival_spacing_s is not None and not (
             math.isfinite(self.arrival_spacing_s) and self.arrival_spacing_s >= 0
         ):
@@ -112,6 +117,7 @@ def _convert_node(
             true_duration_s=float(t["duration_s"]) * scale.tool_time_scale,
             estimate_s=None if est is None else float(est) * scale.tool_time_scale,
             result_text=scale.text(result),
+            duration_noise=scale.tool_noise,
             preserve_generation=bool(t["preserve_generation"]),
         )
     return Node(
@@ -170,6 +176,7 @@ def load_conversation_tools(
         "tool_time_scale": scale.tool_time_scale,
         "max_tokens_cap": scale.max_tokens_cap,
         "arrival_spacing_s": scale.arrival_spacing_s,
+        "tool_noise": scale.tool_noise,
     }
     return Workload(
         name=str(data["name"]),

@@ -66,7 +66,19 @@ def build_workload(
 
     name = args.workload
     if name == "authors":
-        kw: dict[str, Any] = {"tool_time_scale": args.tool_time_scale}
+        ignored = [flag for flag, used in (("--poisson", args.poisson),
+                                           ("--context-scale", args.context_scale != 1.0),
+                                           ("--output-scale", args.output_scale != 1.0)) if used]  # fmt: skip
+        if ignored:
+            raise SystemExit(
+                f"{', '.join(ignored)}: not defined for the authors' workload (its texts and "
+                "evenly spaced arrivals are the recorded ones; use --max-context-chars, "
+                "--max-tokens-cap or --rate)"
+            )
+        kw: dict[str, Any] = {
+            "tool_time_scale": args.tool_time_scale,
+            "tool_noise": args.tool_noise,
+        }
         if args.apps:
             kw["num_apps"] = args.apps
         if args.max_context_chars:

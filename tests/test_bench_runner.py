@@ -81,6 +81,15 @@ def test_sim_run_two_policies_all_metrics_deterministic():
     assert "tokencake" in table and "E2E vs vllm" in table
 
 
+def test_run_refuses_generator_flags_the_authors_workload_does_not_have(tmp_path):
+    from bench.run import main
+
+    for flags in (["--poisson"], ["--context-scale", "0.5"], ["--output-scale", "2"]):
+        with pytest.raises(SystemExit, match="not defined for the authors' workload"):
+            main(["--workload", "authors", "--apps", "1", "--executor", "sim",
+                  "--preset", "a800-qwen2.5-14b", "--out", str(tmp_path), *flags])  # fmt: skip
+
+
 def test_presets_build():
     for name in ("local", "a800-qwen2.5-14b", "h100-llama3.1-8b", "h100-llama3.1-8b-pressure"):
         p = make_preset(name)

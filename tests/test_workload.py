@@ -427,3 +427,17 @@ def test_make_workload_errors_and_authors() -> None:
     if AUTHORS_FILE.exists():
         wl = make_workload("authors", num_apps=2, max_context_chars=50)
         assert len(wl.applications) == 2
+
+
+def test_authors_tool_noise_reaches_every_tool() -> None:
+    quiet = make_workload("authors", num_apps=2, max_context_chars=50)
+    noisy = make_workload("authors", num_apps=2, max_context_chars=50, tool_noise=0.5)
+    tools = [(q.tool, n.tool) for qa, na in zip(quiet.applications, noisy.applications, strict=True)
+             for q, n in zip(qa.nodes, na.nodes, strict=True) if q.tool is not None]  # fmt: skip
+    assert tools
+    for q, n in tools:
+        assert q.duration_noise == 0.0 and n.duration_noise == 0.5
+        assert (n.true_duration_s, n.estimate_s) == (q.true_duration_s, q.estimate_s)
+    assert noisy.metadata["scale_down"]["tool_noise"] == 0.5
+    with pytest.raises(ValueError, match="tool_noise"):
+        make_workload("authors", num_apps=1, tool_noise=-1.0)
