@@ -10,7 +10,8 @@
 
 ``--workload`` is a generator (``code-writer``, ``deep-research``, ``multi-turn``), ``authors``
 (the authors' file, scaled with ``--apps/--max-context-chars/--max-tokens-cap/
---tool-time-scale``) or a path to a workload JSON (``bench/WORKLOAD_FORMAT.md``). Every policy
+--tool-time-scale/--tool-noise``) or a path to a workload JSON (``bench/WORKLOAD_FORMAT.md``);
+a shaping flag a workload does not use is refused (``SHAPING_FLAGS``). Every policy
 runs the same workload with the same seed (identical prompts, tool durations and noise).
 Several rates make a sweep. Executors:
 
@@ -57,6 +58,30 @@ GENERATOR_NAMES = {
 }
 
 
+#: Workload-shaping flags: (argument name, its default, the kinds of workload that use it).
+#: A flag set on a workload that does not use it is refused, never silently ignored.
+SHAPING_FLAGS = {
+    "--poisson": ("poisson", False, {"generator"}),
+    "--context-scale": ("context_scale", 1.0, {"generator"}),
+    "--output-scale": ("output_scale", 1.0, {"generator"}),
+    "--tool-time-scale": ("tool_time_scale", 1.0, {"generator", "authors"}),
+    "--tool-noise": ("tool_noise", 0.0, {"generator", "authors"}),
+    "--max-context-chars": ("max_context_chars", None, {"authors"}),
+    "--max-tokens-cap": ("max_tokens_cap", None, {"authors"}),
+}
+
+
+def refuse_unused_flags(args: argparse.Namespace, kind: str) -> None:
+    """Exit with a message naming every shaping flag set for a ``kind`` of workload
+    (``generator``, ``authors`` or ``file``) that does not use it."""
+    unused = [flag for flag, (attr, default, kinds) in SHAPING_FLAGS.items()
+              if kind not in kinds and getattr(args, attr) != default]  # fmt: skip
+    if unused:
+        what = {"generator": "a generated workload", "authors": "the authors' workload",
+                "file": "a workload file (its arrivals, texts and tools are the file's)"}[kind]  # fmt: skip
+        raise SystemExit(f"{', '.join(unused)}: not defined for {what}")
+
+
 def build_workload(
     args: argparse.Namespace, rate: float | None, max_model_len: int | None = None
 ) -> Workload:
@@ -66,15 +91,7 @@ def build_workload(
 
     name = args.workload
     if name == "authors":
-        ignored = [flag for flag, used in (("--poisson", args.poisson),
-                                           ("--context-scale", args.context_scale != 1.0),
-                                           ("--output-scale", args.output_scale != 1.0)) if used]  # fmt: skip
-        if ignored:
-            raise SystemExit(
-                f"{', '.join(ignored)}: not defined for the authors' workload (its texts and "
-                "evenly spaced arrivals are the recorded ones; use --max-context-chars, "
-                "--max-tokens-cap or --rate)"
-            )
+        refuse_unused_flags(args, "authors")
         kw: dict[str, Any] = {
             "tool_time_scale": args.tool_time_scale,
             "tool_noise": args.tool_noise,
@@ -88,6 +105,7 @@ def build_workload(
         kw["arrival_spacing_s"] = None if not rate else 1.0 / rate
         return make_workload("authors", **kw)
     if name in GENERATOR_NAMES or name in GENERATOR_NAMES.values():
+        refuse_unused_flags(args, "generator")
         gen = GENERATOR_NAMES.get(name, name)
         kw = {
             "seed": args.seed,
@@ -104,6 +122,7 @@ def build_workload(
         if gen == "multi_turn" and max_model_len:
             kw["max_context_tokens"] = max_model_len
         return make_workload(gen, **kw)
+    refuse_unused_flags(args, "file")
     wl = Workload.from_json(name)
     if args.apps:
         wl = Workload(

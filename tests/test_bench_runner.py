@@ -81,13 +81,21 @@ def test_sim_run_two_policies_all_metrics_deterministic():
     assert "tokencake" in table and "E2E vs vllm" in table
 
 
-def test_run_refuses_generator_flags_the_authors_workload_does_not_have(tmp_path):
+def test_run_refuses_shaping_flags_a_workload_does_not_use(tmp_path):
     from bench.run import main
 
-    for flags in (["--poisson"], ["--context-scale", "0.5"], ["--output-scale", "2"]):
-        with pytest.raises(SystemExit, match="not defined for the authors' workload"):
-            main(["--workload", "authors", "--apps", "1", "--executor", "sim",
+    cases = [("authors", ["--poisson"]), ("authors", ["--context-scale", "0.5"]),
+             ("authors", ["--output-scale", "2"]), ("code-writer", ["--max-tokens-cap", "9"]),
+             ("deep-research", ["--max-context-chars", "50"])]  # fmt: skip
+    for workload, flags in cases:
+        with pytest.raises(SystemExit, match=f"^{flags[0]}: not defined for"):
+            main(["--workload", workload, "--apps", "1", "--executor", "sim",
                   "--preset", "a800-qwen2.5-14b", "--out", str(tmp_path), *flags])  # fmt: skip
+    path = tmp_path / "wl.json"
+    tiny_workload().to_json(path)
+    with pytest.raises(SystemExit, match="^--tool-noise: not defined for a workload file"):
+        main(["--workload", str(path), "--executor", "sim", "--preset", "a800-qwen2.5-14b",
+              "--out", str(tmp_path), "--tool-noise", "0.5"])  # fmt: skip
 
 
 def test_presets_build():
