@@ -12,7 +12,9 @@ and how many cells meet issue 12's bound (≤ 0.95x the best baseline). Seeds 0 
 ones the development runs used; pick others to check on draws nobody tuned for. Two more
 checks nobody tuned for: ``--tool-noise`` jitters every tool's true duration around the
 client's estimate (the Time Scheduler then uploads too early or too late), and
-``--preset h100-llama3.1-8b-pressure`` prices another accelerator and model.
+``--preset h100-llama3.1-8b-pressure`` prices another accelerator and model. ``--floor``
+adds each cell's no-pressure floor (``vllm`` with the KV pool x10, as ``bench.run``) and a
+table of the best baseline's and each candidate's multiple of it.
 
 A small change to any mechanism moves one cell's total E2E by a few percent either way (a
 request admitted one step earlier reorders what follows), so one seed says little about a
@@ -35,6 +37,7 @@ BASELINES = ("vllm", "vllm-offload", "continuum", "infercept")
 WORKLOADS = {"code-writer": "code_writer", "deep-research": "deep_research",
              "multi-turn": "multi_turn"}  # fmt: skip
 BOUND = 0.95  # issue 12: tokencake <= 0.95x the best baseline on every generator run
+FLOOR = "floor"  # --floor: vllm with the KV pool x10 (bench.run's no-pressure floor)
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -77,22 +80,32 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     """One (workload, rate, seed, apps, policy, preset, poisson, tool_noise) simulation; its
     summary row."""
     from bench.presets import make_preset
-    from bench.run import run_sim
+    from bench.run import floor_preset, run_sim
 
     workload, rate, seed, apps, policy, preset_name, poisson, tool_noise = cell
     preset = make_preset(preset_name)
     wl = cell_workload(workload, rate, seed, apps, preset, poisson, tool_noise)
-    row, _, _ = run_sim(wl, policy, preset, seed=seed)
+    if policy == FLOOR:
+        row, _, _ = run_sim(wl, "vllm", floor_preset(preset), seed=seed)
+        row["policy"] = FLOOR
+    else:
+        row, _, _ = run_sim(wl, policy, preset, seed=seed)
     return {"workload": workload, "rate": rate, "seed": seed, **row}
 
 
-def ratios(rows: list[dict[str, Any]], policy: str) -> dict[tuple[str, float, int], float]:
-    """``policy``'s total E2E over the best baseline's, per (workload, rate, seed)."""
+def e2e_by_cell(rows: list[dict[str, Any]]) -> dict[tuple[str, float, int], dict[str, float]]:
+    """Total E2E per (workload, rate, seed) cell, by policy."""
     by_cell: dict[tuple[str, float, int], dict[str, float]] = {}
     for r in rows:
         by_cell.setdefault((r["workload"], r["rate"], r["seed"]), {})[r["policy"]] = r[
             "total_e2e_s"
         ]
+    return by_cell
+
+
+def ratios(rows: list[dict[str, Any]], policy: str) -> dict[tuple[str, float, int], float]:
+    """``policy``'s total E2E over the best baseline's, per (workload, rate, seed)."""
+    by_cell = e2e_by_cell(rows)
     out = {}
     for key, e2e in by_cell.items():
         base = [e2e[b] for b in BASELINES if b in e2e]
@@ -117,6 +130,26 @@ def summary_lines(rows: list[dict[str, Any]], policies: list[str]) -> list[str]:
     return lines
 
 
+def floor_lines(rows: list[dict[str, Any]], policies: list[str]) -> list[str]:
+    """Per workload and rate: the median over seeds of the best baseline's and each
+    candidate's total E2E over the cell's no-pressure floor (how much room a KV policy has)."""
+    by_cell = e2e_by_cell(rows)
+    groups: dict[tuple[str, float], list[list[float]]] = {}
+    for (w, rate, _), e2e in sorted(by_cell.items()):
+        base = [e2e[b] for b in BASELINES if b in e2e]
+        if FLOOR in e2e and base and all(p in e2e for p in policies):
+            xs = [min(base), *(e2e[p] for p in policies)]
+            groups.setdefault((w, rate), []).append([x / e2e[FLOOR] for x in xs])
+    lines = ["| workload | rate | seeds | best baseline x floor | "
+             + " | ".join(f"{p} x floor" for p in policies) + " |",
+             "|---|---|---|---|" + "---|" * len(policies)]  # fmt: skip
+    for (w, rate), cells in groups.items():
+        meds = [statistics.median(col) for col in zip(*cells, strict=True)]
+        lines.append(f"| {w} | {rate} | {len(cells)} | "
+                     + " | ".join(f"{m:.3f}" for m in meds) + " |")  # fmt: skip
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="2-5")
@@ -128,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--poisson", action="store_true", help="Poisson arrivals (else i / rate)")
     ap.add_argument("--tool-noise", type=float, default=0.0,
                     help="relative std of every tool's duration around the client's estimate")  # fmt: skip
+    ap.add_argument("--floor", action="store_true",
+                    help="also run each cell's no-pressure floor (vllm, KV pool x10)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="runs/seeds")
     args = ap.parse_args(argv)
@@ -139,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     rates = [float(r) for r in args.rates.split(",")]
     cells = [(w, rate, s, args.apps, p, args.preset, args.poisson, args.tool_noise)
              for w in workloads for rate in rates for s in parse_seeds(args.seeds)
-             for p in (*BASELINES, *candidates)]  # fmt: skip
+             for p in (*BASELINES, *candidates, *([FLOOR] if args.floor else []))]  # fmt: skip
     rows: list[dict[str, Any]] = []
     # One job runs in this process (no fork: a forked JAX process can deadlock).
     pool = ProcessPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else None
@@ -151,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"app mean {row['app_latency_mean_s']:7.1f} s", flush=True)  # fmt: skip
     print()
     print("\n".join(summary_lines(rows, candidates)))
+    if args.floor:
+        print()
+        print("\n".join(floor_lines(rows, candidates)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

@@ -56,3 +56,27 @@ def test_tool_noise_jitters_the_true_durations_around_the_clients_estimate():
     moved = [Driver.tool_duration_of(4, app.app_id, n) / q.tool.true_duration_s
              for app, q, n in pairs]  # fmt: skip
     assert len(set(moved)) > 1 and all(m >= 0 for m in moved)
+
+
+def test_floor_lines_give_each_group_its_room_over_the_no_pressure_floor():
+    def row(s, p, e2e):
+        return {"workload": "deep-research", "rate": 1.0, "seed": s, "policy": p,
+                "total_e2e_s": e2e}  # fmt: skip
+
+    rows = [row(1, "vllm", 120.0), row(1, "continuum", 110.0), row(1, "tokencake", 99.0),
+            row(1, seed_sweep.FLOOR, 100.0), row(2, "vllm", 90.0), row(2, "tokencake", 81.0),
+            row(2, seed_sweep.FLOOR, 90.0), row(3, "vllm", 50.0), row(3, "tokencake", 40.0)]  # fmt: skip
+    lines = seed_sweep.floor_lines(rows, ["tokencake"])
+    # seed 3 has no floor row and is left out; medians of (1.10, 1.00) and (0.99, 0.90)
+    assert lines[2] == "| deep-research | 1.0 | 2 | 1.050 | 0.945 |"
+
+
+def test_a_sweep_with_the_floor_runs_it_once_per_cell(tmp_path, capsys):
+    seed_sweep.main(["--seeds", "0", "--apps", "2", "--workloads", "deep-research", "--floor",
+                     "--rates", "1.0", "--jobs", "1", "--out", str(tmp_path)])  # fmt: skip
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    floor = [r for r in rows if r["policy"] == seed_sweep.FLOOR]
+    assert len(floor) == 1 and floor[0]["kv_capacity_blocks"] == 10 * next(
+        r["kv_capacity_blocks"] for r in rows if r["policy"] == "vllm"
+    )
+    assert "| deep-research | 1.0 | 1 |" in capsys.readouterr().out.split("x floor")[-1]
