@@ -12,7 +12,9 @@ and how many cells meet issue 12's bound (≤ 0.95x the best baseline). Seeds 0 
 ones the development runs used; pick others to check on draws nobody tuned for. Two more
 checks nobody tuned for: ``--tool-noise`` jitters every tool's true duration around the
 client's estimate (the Time Scheduler then uploads too early or too late), and
-``--preset h100-llama3.1-8b-pressure`` prices another accelerator and model. ``--floor``
+``--preset h100-llama3.1-8b-pressure`` prices another accelerator and model; and
+``--context-scale``, ``--output-scale``, ``--tool-time-scale`` reshape every application
+(longer or shorter prompts, answers and tools than any development run used). ``--floor``
 adds each cell's no-pressure floor (``vllm`` with the KV pool x10, as ``bench.run``) and a
 table of the best baseline's and each candidate's multiple of it.
 
@@ -38,6 +40,12 @@ WORKLOADS = {"code-writer": "code_writer", "deep-research": "deep_research",
              "multi-turn": "multi_turn"}  # fmt: skip
 BOUND = 0.95  # issue 12: tokencake <= 0.95x the best baseline on every generator run
 FLOOR = "floor"  # --floor: vllm with the KV pool x10 (bench.run's no-pressure floor)
+#: command-line flag -> the generators' shaping parameter (every generator takes each one;
+#: the default, 0 noise or scale 1, leaves the workload as the development runs had it)
+SHAPE_FLAGS = {"--tool-noise": "tool_noise", "--context-scale": "context_scale",
+               "--output-scale": "output_scale", "--tool-time-scale": "tool_time_scale"}  # fmt: skip
+SHAPE_DEFAULTS = {"tool_noise": 0.0, "context_scale": 1.0, "output_scale": 1.0,
+                  "tool_time_scale": 1.0}  # fmt: skip
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -58,33 +66,40 @@ def cell_workload(
     apps: int,
     preset: Any,
     poisson: bool,
-    tool_noise: float = 0.0,
+    **shape: float,
 ) -> Any:
     """The generator workload of one cell (multi-turn sessions end at the preset's window).
     ``poisson`` is always passed: the generators' own defaults differ (``code_writer`` spaces
-    arrivals evenly, the other two draw Poisson arrivals). ``tool_noise`` is every tool's
-    relative duration jitter (the client's estimate stays the mean)."""
+    arrivals evenly, the other two draw Poisson arrivals). ``shape`` holds the generators'
+    common shaping parameters (:data:`SHAPE_FLAGS`): ``tool_noise`` (every tool's relative
+    duration jitter; the client's estimate stays the mean) and the context, output and tool
+    time scales."""
     from bench.generators import make_workload
 
+    unknown = sorted(set(shape) - set(SHAPE_FLAGS.values()))
+    if unknown:
+        raise ValueError(f"unknown shaping parameters {unknown}; known: "
+                         f"{sorted(SHAPE_FLAGS.values())}")  # fmt: skip
     params: dict[str, Any] = {"num_apps": apps, "arrival_rate": rate, "seed": seed,
-                              "poisson": poisson, "tool_noise": tool_noise}  # fmt: skip
+                              "poisson": poisson, **shape}  # fmt: skip
     if workload == "multi-turn":
         params["max_context_tokens"] = preset.max_model_len
     return make_workload(WORKLOADS[workload], **params)
 
 
-Cell = tuple[str, float, int, int, str, str, bool, float]
+#: (workload, rate, seed, apps, policy, preset, poisson, shape): ``shape`` is the
+#: non-default shaping parameters as ``(name, value)`` pairs (see :func:`cell_workload`).
+Cell = tuple[str, float, int, int, str, str, bool, tuple[tuple[str, float], ...]]
 
 
 def run_cell(cell: Cell) -> dict[str, Any]:
-    """One (workload, rate, seed, apps, policy, preset, poisson, tool_noise) simulation; its
-    summary row."""
+    """One cell's simulation (see :data:`Cell`); its summary row."""
     from bench.presets import make_preset
     from bench.run import floor_preset, run_sim
 
-    workload, rate, seed, apps, policy, preset_name, poisson, tool_noise = cell
+    workload, rate, seed, apps, policy, preset_name, poisson, shape = cell
     preset = make_preset(preset_name)
-    wl = cell_workload(workload, rate, seed, apps, preset, poisson, tool_noise)
+    wl = cell_workload(workload, rate, seed, apps, preset, poisson, **dict(shape))
     if policy == FLOOR:
         row, _, _ = run_sim(wl, "vllm", floor_preset(preset), seed=seed)
         row["policy"] = FLOOR
@@ -161,6 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--poisson", action="store_true", help="Poisson arrivals (else i / rate)")
     ap.add_argument("--tool-noise", type=float, default=0.0,
                     help="relative std of every tool's duration around the client's estimate")  # fmt: skip
+    ap.add_argument("--context-scale", type=float, default=1.0,
+                    help="every prompt part's length x this")  # fmt: skip
+    ap.add_argument("--output-scale", type=float, default=1.0,
+                    help="every answer's length x this")  # fmt: skip
+    ap.add_argument("--tool-time-scale", type=float, default=1.0,
+                    help="every tool's duration x this")  # fmt: skip
     ap.add_argument("--floor", action="store_true",
                     help="also run each cell's no-pressure floor (vllm, KV pool x10)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=2)
@@ -172,7 +193,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown workloads {unknown}; known: {sorted(WORKLOADS)}")
     candidates = [p.strip() for p in args.policies.split(",") if p.strip()]
     rates = [float(r) for r in args.rates.split(",")]
-    cells = [(w, rate, s, args.apps, p, args.preset, args.poisson, args.tool_noise)
+    shape = tuple((name, getattr(args, name)) for name in SHAPE_FLAGS.values()
+                  if getattr(args, name) != SHAPE_DEFAULTS[name])  # fmt: skip
+    cells = [(w, rate, s, args.apps, p, args.preset, args.poisson, shape)
              for w in workloads for rate in rates for s in parse_seeds(args.seeds)
              for p in (*BASELINES, *candidates, *([FLOOR] if args.floor else []))]  # fmt: skip
     rows: list[dict[str, Any]] = []

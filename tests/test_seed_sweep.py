@@ -80,3 +80,30 @@ def test_a_sweep_with_the_floor_runs_it_once_per_cell(tmp_path, capsys):
         r["kv_capacity_blocks"] for r in rows if r["policy"] == "vllm"
     )
     assert "| deep-research | 1.0 | 1 |" in capsys.readouterr().out.split("x floor")[-1]
+
+
+def test_shape_flags_reshape_every_application_of_the_sweep(tmp_path):
+    from bench.presets import make_preset
+
+    def totals(wl):
+        nodes = [n for app in wl.applications for n in app.nodes]
+        return (sum(n.prompt_tokens or 0 for n in nodes), sum(n.max_tokens for n in nodes),
+                sum(n.tool.true_duration_s for n in nodes if n.tool is not None))  # fmt: skip
+
+    preset = make_preset("a800-qwen2.5-14b")
+    plain = totals(seed_sweep.cell_workload("deep-research", 1.0, 3, 2, preset, True))
+    shaped = totals(seed_sweep.cell_workload("deep-research", 1.0, 3, 2, preset, True,
+                                             context_scale=2.0, output_scale=0.5,
+                                             tool_time_scale=3.0))  # fmt: skip
+    # the same draws, each prompt doubled and each answer halved (rounded per node)
+    assert abs(shaped[0] / plain[0] - 2.0) < 0.01 and abs(shaped[1] / plain[1] - 0.5) < 0.02
+    assert shaped[2] == pytest.approx(3.0 * plain[2])
+    with pytest.raises(ValueError, match="unknown shaping parameters"):
+        seed_sweep.cell_workload("multi-turn", 1.0, 0, 2, preset, True, num_turns=3)
+
+    seed_sweep.main(["--seeds", "0", "--apps", "2", "--workloads", "deep-research",
+                     "--rates", "1.0", "--jobs", "1", "--context-scale", "2",
+                     "--out", str(tmp_path)])  # fmt: skip
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    base = seed_sweep.run_cell(("deep-research", 1.0, 0, 2, "vllm", "a800-qwen2.5-14b", False, ()))
+    assert next(r for r in rows if r["policy"] == "vllm")["input_tokens"] > base["input_tokens"]
