@@ -35,17 +35,18 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.run import SHAPING_FLAGS
+
 BASELINES = ("vllm", "vllm-offload", "continuum", "infercept")
 WORKLOADS = {"code-writer": "code_writer", "deep-research": "deep_research",
              "multi-turn": "multi_turn"}  # fmt: skip
 BOUND = 0.95  # issue 12: tokencake <= 0.95x the best baseline on every generator run
 FLOOR = "floor"  # --floor: vllm with the KV pool x10 (bench.run's no-pressure floor)
-#: command-line flag -> the generators' shaping parameter (every generator takes each one;
-#: the default, 0 noise or scale 1, leaves the workload as the development runs had it)
-SHAPE_FLAGS = {"--tool-noise": "tool_noise", "--context-scale": "context_scale",
-               "--output-scale": "output_scale", "--tool-time-scale": "tool_time_scale"}  # fmt: skip
-SHAPE_DEFAULTS = {"tool_noise": 0.0, "context_scale": 1.0, "output_scale": 1.0,
-                  "tool_time_scale": 1.0}  # fmt: skip
+#: The generators' shaping flags, as ``bench.run`` defines them (``--poisson`` aside, which
+#: every cell passes): flag -> (generator parameter, default). The default (no noise, scale
+#: 1) leaves the workload as the development runs had it.
+SHAPE_FLAGS = {flag: (param, default) for flag, (param, default, kinds) in SHAPING_FLAGS.items()
+               if "generator" in kinds and param != "poisson"}  # fmt: skip
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -76,10 +77,10 @@ def cell_workload(
     time scales."""
     from bench.generators import make_workload
 
-    unknown = sorted(set(shape) - set(SHAPE_FLAGS.values()))
+    known = sorted(param for param, _ in SHAPE_FLAGS.values())
+    unknown = sorted(set(shape) - set(known))
     if unknown:
-        raise ValueError(f"unknown shaping parameters {unknown}; known: "
-                         f"{sorted(SHAPE_FLAGS.values())}")  # fmt: skip
+        raise ValueError(f"unknown shaping parameters {unknown}; known: {known}")
     params: dict[str, Any] = {"num_apps": apps, "arrival_rate": rate, "seed": seed,
                               "poisson": poisson, **shape}  # fmt: skip
     if workload == "multi-turn":
@@ -174,14 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--policies", default="tokencake", help="candidates (baselines always run)")
     ap.add_argument("--preset", default="a800-qwen2.5-14b")
     ap.add_argument("--poisson", action="store_true", help="Poisson arrivals (else i / rate)")
-    ap.add_argument("--tool-noise", type=float, default=0.0,
-                    help="relative std of every tool's duration around the client's estimate")  # fmt: skip
-    ap.add_argument("--context-scale", type=float, default=1.0,
-                    help="every prompt part's length x this")  # fmt: skip
-    ap.add_argument("--output-scale", type=float, default=1.0,
-                    help="every answer's length x this")  # fmt: skip
-    ap.add_argument("--tool-time-scale", type=float, default=1.0,
-                    help="every tool's duration x this")  # fmt: skip
+    for flag, (param, default) in SHAPE_FLAGS.items():
+        ap.add_argument(flag, type=float, default=default,
+                        help=f"the generators' {param} (default {default})")  # fmt: skip
     ap.add_argument("--floor", action="store_true",
                     help="also run each cell's no-pressure floor (vllm, KV pool x10)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=2)
@@ -193,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown workloads {unknown}; known: {sorted(WORKLOADS)}")
     candidates = [p.strip() for p in args.policies.split(",") if p.strip()]
     rates = [float(r) for r in args.rates.split(",")]
-    shape = tuple((name, getattr(args, name)) for name in SHAPE_FLAGS.values()
-                  if getattr(args, name) != SHAPE_DEFAULTS[name])  # fmt: skip
+    shape = tuple((param, getattr(args, param)) for param, default in SHAPE_FLAGS.values()
+                  if getattr(args, param) != default)  # fmt: skip
     cells = [(w, rate, s, args.apps, p, args.preset, args.poisson, shape)
              for w in workloads for rate in rates for s in parse_seeds(args.seeds)
              for p in (*BASELINES, *candidates, *([FLOOR] if args.floor else []))]  # fmt: skip
