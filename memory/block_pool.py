@@ -15,7 +15,10 @@ knows better than LRU ranks them: :meth:`demote` marks blocks nobody is expected
 finished leaf agent's own tokens: evicted first), :meth:`expect_reuse` marks blocks a known
 future request will want at a given time (an agent waiting on a tool: evicted last, latest
 expected reuse first, Belady-style). Unranked blocks sit in between in LRU order; a block's
-rank is forgotten when it is taken again or evicted.
+rank is forgotten when it is taken again or evicted. With no caller ranking (Tokencake's
+default since the twentieth round, ``offload.reuse_aware_eviction``) this is plain LRU: the
+unranked blocks turned out to hold the hottest ones (a preempted request's own), which the
+ranking evicted first (``bench/RESULTS.md``).
 
 Prefix hashes are chained: the hash of block ``i`` covers the hash of block ``i-1`` plus this
 block's token ids, so equal hashes mean equal whole prefixes, not just equal blocks.

@@ -17,7 +17,6 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "no-reservations": ({"reserve_ratio_min": 0.0, "reserve_ratio_max": 0.0}, {}),
     "no-scoring": ({"admission_order": "arrival"}, {}),
     "no-keep": ({}, {"keep": False}),
-    "no-reuse-eviction": ({}, {"reuse_aware_eviction": False}),
     "no-write-back": ({}, {"write_back_all": False}),
     "no-inflight-sharing": ({"defer_inflight_prefix": False}, {}),
     "no-backfill": ({"backfill": False}, {}),
@@ -28,6 +27,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "with-successor-handoff": ({"successor_handoff_s": 0.5}, {}),
     "with-restore-time-victims": ({"victim_by_restore_time": True}, {}),
     "with-second-pass-backfill": ({"backfill_second_pass": True}, {}),
+    # reuse-ranked eviction is off by default (twentieth round)
+    "with-reuse-eviction": ({}, {"reuse_aware_eviction": True}),
     # selective offload is off by default (issue 12); predictive upload acts only with it
     "with-offload": ({}, {"selective_offload": True}),
     "with-offload-no-predictive-upload": (

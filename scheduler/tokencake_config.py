@@ -222,8 +222,14 @@ class TimeConfig:
     overrun_grace_s: float = 1.0
     handoff_grace_s: float = 5.0
     # ours: cached-block eviction ranked by expected reuse (a tool-waiting agent's dropped
-    # blocks by predicted return, a finished leaf agent's own blocks first)
-    reuse_aware_eviction: bool = True
+    # blocks by predicted return, a queued request's prefix as wanted since its arrival, a
+    # finished leaf agent's own blocks first). Off by default since the twentieth round: on
+    # the authors' workload it made total E2E longer in 12 of 13 cells (every rate, and tool
+    # noise seeds), x1.014 in all; on 60 generator cells (seeds, reshaped) it was within
+    # noise (with it on: x1.000 total E2E, x0.996 application mean). The blocks no ranking
+    # covers (mostly a preempted request's own) are the hottest in the pool, yet they go
+    # first (bench/RESULTS.md, "Twentieth round"); ``tokencake-with-reuse-eviction``
+    reuse_aware_eviction: bool = False
     # ours (issue 12): write every computed full block back to the host tier when its request
     # finishes, and swap (not recompute) preempted requests, so a later miss is a copy-in
     # (~16 us/token on the a800 preset) rather than a recompute (~120 us/token)
