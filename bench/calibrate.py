@@ -106,6 +106,33 @@ def run_pass(engine: Any, rng: random.Random) -> list[tuple[list[float], list, f
     return samples
 
 
+def calibration_engine(eng_kw: dict[str, Any], model: Any = None) -> Any:
+    """The engine the mix runs on: ``eng_kw``'s settings with a pool of at least 400 pages
+    (the batches above must not preempt) and synchronous steps (each step's wall time must
+    be its own plan's; with overlap it is the plan before's). ``model`` is
+    ``(model_config, params, tokenizer)`` to reuse loaded weights."""
+    from tokencake.config import EngineConfig
+    from tokencake.engine import LLMEngine
+
+    cfg = EngineConfig(**{**eng_kw, "num_pages": max(eng_kw["num_pages"], 400), "overlap": False})
+    if model is None:
+        return LLMEngine(cfg)
+    mc, params, tok = model
+    return LLMEngine(cfg, model_config=mc, params=params, tokenizer=tok)
+
+
+def scramble_pool(engine: Any, rng: random.Random) -> None:
+    """Shuffle the idle engine's free list. A serving pool hands out pages in no particular
+    order after a while (prefix caching, frees at random times); a fresh one hands them out
+    in sequence, which gathers faster. A timed pass after this reads pages the way a busy
+    engine does."""
+    pool = engine.pool
+    pool.evict_cached()
+    held = pool.allocate(pool.num_free)
+    rng.shuffle(held)
+    pool.free(held)
+
+
 def time_copies(engine: Any, n_blocks: int = 32, repeats: int = 3) -> float:
     """Bytes/s of device->host copies of ``n_blocks`` pages (the engine must be idle)."""
     if engine.transfer is None:
@@ -128,30 +155,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--num-pages", type=int, default=None)
     args = ap.parse_args(argv)
 
-    from tokencake.config import EngineConfig
     from tokencake.diagnostics import time_shapes
-    from tokencake.engine import LLMEngine
 
     cfg = load_local()
     eng_kw = dict(cfg["engine"])
     if args.num_pages:
         eng_kw["num_pages"] = args.num_pages
-    # A larger pool while calibrating: the batches above must not preempt. Synchronous steps:
-    # each step's wall time must be its own plan's (with overlap it is the plan before's).
-    pages = max(eng_kw["num_pages"], 400)
-    engine = LLMEngine(EngineConfig(**{**eng_kw, "num_pages": pages, "overlap": False}))
+    engine = calibration_engine(eng_kw)
     mc = engine.model_config
     rng = random.Random(0)
     t0 = time.time()
     run_pass(engine, rng)  # compiles every bucket this mix reaches
-    # A serving pool hands out pages in no particular order after a while (prefix caching,
-    # frees at random times); a fresh one hands them out in sequence, which gathers faster.
-    # Scramble the free list once so the timed pass reads pages the way a busy engine does.
-    pool = engine.pool
-    pool.evict_cached()
-    held = pool.allocate(pool.num_free)
-    rng.shuffle(held)
-    pool.free(held)
+    scramble_pool(engine, rng)
     samples = run_pass(engine, rng)
     x = np.array([f for f, _, _ in samples])
     y = np.array([t for _, _, t in samples])

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,17 +102,34 @@ class StepModel:
         if not plan.chunks:
             return self.idle
         if self.shape_s and self.buckets is not None:
-            spans = plan_spans(plan)
-            return (
-                self.overhead
-                + self.overhead_row * len(spans)
-                + self.overhead_ctx * sum(start + n for start, n in spans)
-                + self.calls_time(spans)
-            )
+            return self.spans_time(plan_spans(plan))
         _, rows, prefill, ctx, pctx = linear_features(plan)
         mem = self.m0 + self.d * ctx
         compute = self.b * rows + self.c * prefill + self.e * pctx
         return self.a + (max(mem, compute) if self.roofline else mem + compute)
+
+    def scaled(self, factor: float) -> StepModel:
+        """The same model with every price multiplied by ``factor`` (a machine that runs the
+        same calls ``factor`` times slower); the empty step's ``idle`` is not a price."""
+        return replace(
+            self,
+            a=self.a * factor, b=self.b * factor, c=self.c * factor, d=self.d * factor,
+            e=self.e * factor, m0=self.m0 * factor,
+            shape_s={k: v * factor for k, v in self.shape_s.items()},
+            shape_full_s={k: v * factor for k, v in self.shape_full_s.items()},
+            overhead=self.overhead * factor, overhead_row=self.overhead_row * factor,
+            overhead_ctx=self.overhead_ctx * factor,
+        )  # fmt: skip
+
+    def spans_time(self, spans: list[tuple[int, int]]) -> float:
+        """Seconds of a non-empty step over ``spans`` (``(start, num_tokens)`` per row) under
+        the shape-priced model: its calls plus the fitted overheads."""
+        return (
+            self.overhead
+            + self.overhead_row * len(spans)
+            + self.overhead_ctx * sum(start + n for start, n in spans)
+            + self.calls_time(spans)
+        )
 
     def calls_time(self, spans: list[tuple[int, int]]) -> float:
         """Seconds of the runner's calls for a step over ``spans`` (see :func:`price_calls`)."""
@@ -173,6 +190,13 @@ class Preset:
     overlap_copies: bool = True
     vocab_size: int = 32000
     notes: dict[str, Any] = field(default_factory=dict)
+
+    def at_speed(self, factor: float) -> Preset:
+        """This preset on a machine whose steps take ``factor`` times their calibrated prices
+        (``bench.speed_check``); copies keep their bandwidth."""
+        if not factor > 0:
+            raise ValueError(f"speed factor must be > 0, got {factor}")
+        return replace(self, step=self.step.scaled(factor), name=f"{self.name} (x{factor:.3f})")
 
     @property
     def bytes_per_block(self) -> int:

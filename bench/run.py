@@ -21,7 +21,11 @@ Several rates make a sweep. Executors:
 * ``http`` — a running server (``--url``) through :mod:`tokencake.runtime` (client-side
   latencies only; the server's policy is whatever it was started with);
 * ``real,sim`` — both, plus the simulator's error against the engine per policy (how the
-  ``local`` preset is validated).
+  ``local`` preset is validated). Before and after each real run the calibration's mix of
+  steps is timed again (``bench.speed_check``, ~16 s each, plus about a minute once to
+  compile it) and that policy's simulation is priced at the machine's speed of the moment,
+  not the calibration day's (``--no-speed-check``: as calibrated). The report gives both
+  errors.
 
 Writes ``results.json``, ``report.md`` and PNG plots to ``--out``.
 
@@ -44,6 +48,7 @@ from typing import Any
 from bench.driver import Driver, EngineBackend, RunResult, SimBackend, filler_tokens
 from bench.presets import describe, local_engine_kwargs, make_preset
 from bench.report import Collector, summarize, write_reports
+from bench.speed_check import SpeedCheck
 from bench.workload import CLIENTS, Workload
 
 #: The authors' native vLLM and combined (agent_offload) total E2E per rate (digest §7.2).
@@ -330,12 +335,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         action="store_true",
         help="skip the no-pressure floor run (vllm with the KV pool x10) of simulator reports",
     )
+    ap.add_argument(
+        "--no-speed-check",
+        action="store_true",
+        help="real,sim: price the simulation as calibrated, not at the machine's speed measured "
+        "after each real run",
+    )
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     executors = [e.strip() for e in args.executor.split(",")]
+    speed_check = {"real", "sim"} <= set(executors) and not args.no_speed_check
+    if speed_check:  # each policy's real run first: its simulation is priced at that speed
+        executors.sort(key=lambda e: e != "real")
     rates = _rates(args.rate)
     preset = make_preset("local" if "real" in executors else args.preset)
     workloads = {r: build_workload(args, r, preset.max_model_len) for r in rates}
@@ -343,6 +357,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     total = n_calls * (1 if executors == ["http"] else len(policies) * len(executors))
     bar = tqdm(total=total, unit="call", disable=args.no_progress, dynamic_ncols=True)
     model = None
+    checker: SpeedCheck | None = None
     rows: list[dict[str, Any]] = []
     timelines: dict[str, list[dict[str, float]]] = {}
     timed_out: list[str] = []
@@ -354,17 +369,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             continue
         for spec in policies:
             policy, client = split_policy(spec)
+            speed: float | None = None
             for ex in executors:
                 bar.set_description(f"rate={rate} {spec} {ex}")
                 if ex == "sim":
-                    row, _, col = run_sim(wl, policy, preset, seed=args.seed, progress=bar,
+                    priced = preset if speed is None else preset.at_speed(speed)
+                    row, _, col = run_sim(wl, policy, priced, seed=args.seed, progress=bar,
                                           client=client)  # fmt: skip
+                    if speed is not None:
+                        row["speed_factor"] = speed
+                        row["total_e2e_calibrated_s"] = run_sim(
+                            wl, policy, preset, seed=args.seed, client=client
+                        )[0]["total_e2e_s"]
                 elif ex == "real":
                     if model is None:
                         from tokencake.models.hub import resolve_model
 
                         mc, params, tok, _ = resolve_model(None)
                         model = (mc, params, tok)
+                    if speed_check and checker is None:
+                        checker = SpeedCheck(preset, local_engine_kwargs(), model)
+                    before = checker.measure() if checker else None
                     try:
                         row, _, col = run_real(wl, policy, model=model, seed=args.seed,
                                                progress=bar, max_wall_s=args.max_wall_s,
@@ -373,6 +398,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         bar.write(f"rate={rate} {spec:16s} {ex:4s} TIMED OUT: {e}")
                         timed_out.append(f"rate={rate} {spec} {ex}: {e}")
                         continue
+                    if checker is not None:  # the machine's speed around this run
+                        after = checker.measure()
+                        speed = math.sqrt(before * after)
+                        row.update(speed_factor=speed, speed_before=before, speed_after=after)
                 else:
                     raise SystemExit(f"unknown executor {ex!r}; use sim, real, http or real,sim")
                 rows.append({"rate": rate, "executor": ex, **row, "policy": spec})
@@ -389,6 +418,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             rows.append({"rate": rate, "executor": "sim", **row, "policy": FLOOR})
             bar.write(f"rate={rate} {FLOOR}: total E2E {row['total_e2e_s']:8.1f} s")
     bar.close()
+    if checker is not None:
+        checker.close()
     extra = comparison_notes(rows, executors, preset.name, args)
     if timed_out:
         extra += "\n## Timed out (no row)\n\n" + "\n".join(f"- {t}" for t in timed_out) + "\n"
@@ -505,16 +536,25 @@ def comparison_notes(
     out += starvation_notes(rows)
     if "real" in executors and "sim" in executors:
         out += ["## Simulator (local preset) vs real engine", "",
-                "| rate | policy | real E2E (s) | sim E2E (s) | error | real app mean | sim app mean |"
-                " real steps (s) | model for them (s) |",
-                "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                "Speed: the calibration's mix of steps timed again before and after the real run, "
+                "now / calibrated (`bench.speed_check`, geometric mean of the two); the simulation "
+                "is priced at it. \"As calibrated\": the same simulation at the calibration "
+                "day's prices.", "",
+                "| rate | policy | real E2E (s) | sim E2E (s) | error | speed | as calibrated (s) |"
+                " error | real app mean | sim app mean | real steps (s) | model for them (s) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for (rate, pol, ex), r in by.items():
             s = by.get((rate, pol, "sim"))
             if ex == "real" and s:
-                err = (s["total_e2e_s"] - r["total_e2e_s"]) / r["total_e2e_s"]
+                real = r["total_e2e_s"]
+                cal = s.get("total_e2e_calibrated_s", s["total_e2e_s"])
+                speed = s.get("speed_factor")
                 out.append(
-                    f"| {rate} | {pol} | {r['total_e2e_s']:.1f} | {s['total_e2e_s']:.1f} | "
-                    f"{err:+.1%} | {r['app_latency_mean_s']:.1f} | {s['app_latency_mean_s']:.1f} | "
+                    f"| {rate} | {pol} | {real:.1f} | {s['total_e2e_s']:.1f} | "
+                    f"{s['total_e2e_s'] / real - 1:+.1%} | "
+                    f"{'-' if speed is None else f'x{speed:.3f}'} | {cal:.1f} | "
+                    f"{cal / real - 1:+.1%} | "
+                    f"{r['app_latency_mean_s']:.1f} | {s['app_latency_mean_s']:.1f} | "
                     f"{r.get('step_wall_s', math.nan):.1f} | {r.get('step_pred_s', math.nan):.1f} |"
                 )
         out.append("")
