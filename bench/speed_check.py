@@ -45,7 +45,7 @@ class SpeedCheck:
         if not ratio or not preset.step.shape_s:
             raise ValueError(
                 "the preset records no calibration of its step model to compare with "
-                "(run python -m bench.calibrate)"
+                "(run python -m bench.calibrate, or bench.run with --no-speed-check)"
             )
         self.preset = preset
         self.calibrated_pred_vs_meas = float(ratio)
