@@ -37,6 +37,7 @@ from bench.presets import (
     LOCAL_PRESET_PATH,
     linear_features,
     load_local,
+    make_real_engine,
     plan_spans,
     price_calls,
     shape_key,
@@ -109,16 +110,10 @@ def run_pass(engine: Any, rng: random.Random) -> list[tuple[list[float], list, f
 def calibration_engine(eng_kw: dict[str, Any], model: Any = None) -> Any:
     """The engine the mix runs on: ``eng_kw``'s settings with a pool of at least 400 pages
     (the batches above must not preempt) and synchronous steps (each step's wall time must
-    be its own plan's; with overlap it is the plan before's). ``model`` is
-    ``(model_config, params, tokenizer)`` to reuse loaded weights."""
-    from tokencake.config import EngineConfig
-    from tokencake.engine import LLMEngine
-
-    cfg = EngineConfig(**{**eng_kw, "num_pages": max(eng_kw["num_pages"], 400), "overlap": False})
-    if model is None:
-        return LLMEngine(cfg)
-    mc, params, tok = model
-    return LLMEngine(cfg, model_config=mc, params=params, tokenizer=tok)
+    be its own plan's; with overlap it is the plan before's). ``model`` as for
+    :func:`bench.presets.make_real_engine`."""
+    kw = {**eng_kw, "num_pages": max(eng_kw["num_pages"], 400), "overlap": False}
+    return make_real_engine("vllm", model, kw)
 
 
 def scramble_pool(engine: Any, rng: random.Random) -> None:

@@ -433,6 +433,19 @@ def local_engine_kwargs(path: Path = LOCAL_PRESET_PATH) -> dict[str, Any]:
     return _with_layout_defaults(load_local(path)["engine"])
 
 
+def make_real_engine(policy: str, model: Any = None, engine_kwargs: dict | None = None) -> Any:
+    """An in-process engine for ``policy`` with the local preset's configuration; ``model`` is
+    ``(model_config, params, tokenizer)`` to reuse loaded weights (default: the default model)."""
+    from tokencake.config import EngineConfig
+    from tokencake.engine import LLMEngine
+
+    cfg = EngineConfig(**{**(engine_kwargs or local_engine_kwargs()), "policy": policy})
+    if model is None:
+        return LLMEngine(cfg)
+    mc, params, tok = model
+    return LLMEngine(cfg, model_config=mc, params=params, tokenizer=tok)
+
+
 def _with_layout_defaults(engine: dict[str, Any]) -> dict[str, Any]:
     """A copy of a preset's engine settings with the call layout of its time filled in."""
     return {"bucket_pages": True, "fused_steps": False, **engine}

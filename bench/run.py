@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.driver import Driver, EngineBackend, RunResult, SimBackend, filler_tokens
-from bench.presets import describe, local_engine_kwargs, make_preset
+from bench.presets import describe, local_engine_kwargs, make_preset, make_real_engine
 from bench.report import Collector, summarize, write_reports
 from bench.speed_check import SpeedCheck
 from bench.workload import CLIENTS, Workload
@@ -165,19 +165,6 @@ def run_sim(
     res = drv.run()
     col.observe(be.now())
     return summarize(res, col), res, col
-
-
-def make_real_engine(policy: str, model: Any = None, engine_kwargs: dict | None = None) -> Any:
-    """An in-process engine for ``policy`` with the local preset's configuration; ``model`` is
-    ``(model_config, params, tokenizer)`` to reuse loaded weights (default: the default model)."""
-    from tokencake.config import EngineConfig
-    from tokencake.engine import LLMEngine
-
-    cfg = EngineConfig(**{**(engine_kwargs or local_engine_kwargs()), "policy": policy})
-    if model is None:
-        return LLMEngine(cfg)
-    mc, params, tok = model
-    return LLMEngine(cfg, model_config=mc, params=params, tokenizer=tok)
 
 
 def run_real(
